@@ -1,0 +1,37 @@
+"""gradscope: diagnose gradient flow in PyTorch models before training.
+
+The pipeline, one module per stage: ``loading`` (target -> model, inputs) ->
+``tracing`` (model -> networkx graph) -> ``estimate`` (static gradient
+estimate) -> ``probe`` (one real forward/backward) -> ``rules`` (findings and
+fixes) -> ``report`` (plain data) -> ``render`` (JSON, HTML, SARIF, terminal).
+
+Importing this package does not import torch: ``analyze`` loads it on first
+use, so ``gradscope --help`` and CI tooling that only reads reports stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gradscope._version import __version__
+from gradscope.errors import GradscopeError
+
+if TYPE_CHECKING:
+    from gradscope.api import analyze as analyze
+    from gradscope.report import Finding as Finding
+    from gradscope.report import Report as Report
+
+__all__ = ["Finding", "GradscopeError", "Report", "__version__", "analyze"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy attributes keep torch out of ``import gradscope``.
+    if name == "analyze":
+        from gradscope.api import analyze
+
+        return analyze
+    if name in ("Report", "Finding"):
+        from gradscope import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")

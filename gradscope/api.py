@@ -1,0 +1,198 @@
+"""``gradscope.analyze``: the pipeline end to end, for Python callers and the CLI.
+
+loading is the caller's (a model and inputs arrive here) -> tracing ->
+static estimate -> probe -> rules -> report. The model is restored whatever
+happens (``gradscope.state.preserved``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.errors import DeviceError, InputError
+from gradscope.estimate.propagate import StaticEstimate, estimate
+from gradscope.probe import ProbeResult, run_probe
+from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
+from gradscope.rules.checks import Analysis, Thresholds, probe_health, run_checks
+from gradscope.state import preserved
+from gradscope.tracing import TracedModel, trace_model
+
+Progress = Callable[[str], None]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu; a device that is not there is an error."""
+    text = device.strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} is not available: this torch build or machine "
+                              "has no CUDA GPU", "use --device cpu or --device auto")
+        index = text.partition(":")[2]
+        if index:
+            if not index.isdigit():
+                raise DeviceError(f"bad device {device!r}", "write cuda or cuda:N")
+            if int(index) >= torch.cuda.device_count():
+                raise DeviceError(f"device {device!r} does not exist: "
+                                  f"{torch.cuda.device_count()} CUDA device(s) present",
+                                  f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return text
+    if text == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError("device 'mps' is not available on this machine",
+                              "use --device cpu or --device auto")
+        return "mps"
+    raise DeviceError(f"unknown device {device!r}", "choose auto, cpu, cuda, cuda:N or mps")
+
+
+def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, not "
+                     f"{type(example_inputs).__name__}", "pass (x,) or (x, y)")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None else float(x)
+
+
+def _layers(traced: TracedModel, est: StaticEstimate, probe: ProbeResult | None) -> list[Layer]:
+    graph = traced.graph
+    layers = []
+    for name in traced.compute_nodes():
+        d = graph.nodes[name]
+        layers.append(Layer(
+            name=name, op=d["op"], depth=d["depth"], module=d["module"],
+            module_class=d["module_class"], kind=d["kind"], inputs=list(d["inputs"]),
+            shape=d["shape"], dtype=d["dtype"], num_params=d["num_params"], file=d["file"],
+            line=d["line"], understood=est.understood.get(name, True),
+            static_grad_rms=_num(est.grad_rms.get(name)),
+            probe_grad_rms=_num(probe.grad_rms.get(name)) if probe else None,
+            param_grad_ratio=_num(probe.param_grad_ratio.get(name)) if probe else None,
+            param_grad_norm=_num(probe.param_grad_norm.get(name)) if probe else None,
+            update_ratio=_num(probe.update_ratio.get(name)) if probe else None,
+            dead_fraction=probe.dead_fraction.get(name) if probe else None,
+            saturated_fraction=probe.saturated_fraction.get(name) if probe else None,
+            nonfinite_forward=bool(probe and name in probe.nonfinite_forward),
+            nonfinite_backward=bool(probe and name in probe.nonfinite_backward),
+        ))
+    return layers
+
+
+def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
+    from gradscope.rules.checks import _extreme, trainable_nodes
+
+    nodes = trainable_nodes(analysis)
+    summary: dict[str, float | int | str | None] = {"trainable_nodes": len(nodes)}
+    static = _extreme(analysis.estimate.health, nodes)
+    if static:
+        summary.update(static_min_ratio=static[1], static_min_node=static[0],
+                       static_max_ratio=static[3], static_max_node=static[2])
+    if analysis.probe is not None:
+        measured = _extreme(probe_health(analysis), nodes)
+        if measured:
+            summary.update(probe_min_ratio=measured[1], probe_min_node=measured[0],
+                           probe_max_ratio=measured[3], probe_max_node=measured[2])
+    return summary
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    device: str = "cpu",
+    probe: bool = True,
+    *,
+    output: str | None = None,
+    thresholds: Thresholds | None = None,
+    tracer: str | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    source: str | None = None,
+    notes: list[str] | None = None,
+    progress: Progress | None = None,
+    lr: float | None = None,
+    optimizer: str = "sgd",
+    weight_decay: float = 0.0,
+) -> Report:
+    """Analyse ``model`` on ``example_inputs`` and return the report.
+
+    ``device`` is where the probe runs (``auto`` picks CUDA when available);
+    ``probe=False`` gives the static estimate only. ``output`` names the
+    output entry to differentiate (``logits``, ``0``, ...). The model is left
+    exactly as it was found. ``lr`` (with ``optimizer`` sgd/adam/adamw) adds
+    each layer's first-update/weight ratio and the learning-rate check.
+    """
+    say = progress or (lambda _msg: None)
+    inputs = _as_inputs(example_inputs)
+    target_device = resolve_device(device)
+    report_notes = list(notes or [])
+    thresholds = thresholds or Thresholds()
+    with preserved(model, report_notes):
+        # Trace where the model lives; the probe moves it (and its inputs) when asked to.
+        home = _model_device(model)
+        trace_inputs = tuple(t.to(home) if isinstance(t, torch.Tensor) else t for t in inputs)
+        model.train()
+        say("tracing")
+        traced = trace_model(model, trace_inputs, output_key=output, allow_run=probe,
+                             method=tracer)
+        say(f"traced with {traced.method}: {traced.graph.number_of_nodes()} nodes")
+        say("static estimate")
+        est = estimate(traced, trace_inputs)
+        result: ProbeResult | None = None
+        if probe:
+            say(f"probe on {target_device}")
+            if torch.device(target_device) != home:
+                model.to(target_device)
+            result = run_probe(model, traced, trace_inputs, target_device, seed=seed, lr=lr,
+                               optimizer=optimizer, weight_decay=weight_decay)
+            report_notes.extend(result.notes)
+    report_notes.extend(traced.notes)
+    analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds)
+    findings = run_checks(analysis)
+    params = list(dict.fromkeys(model.parameters()))
+    trace = TraceInfo(
+        method=traced.method, ok=True,
+        message="; ".join(f"{a.method} failed: {a.message}" for a in traced.attempts
+                          if not a.ok) or None,
+        attempts=traced.attempts, num_nodes=traced.graph.number_of_nodes(),
+        coverage=est.coverage, unknown_ops=est.unknown_ops)
+    info = ModelInfo(
+        name=name or type(model).__name__,
+        num_parameters=sum(p.numel() for p in params),
+        num_trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+        device=target_device if probe else str(home), trace=trace, output=traced.output_desc,
+        inputs=[{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                if isinstance(t, torch.Tensor) else {"shape": None, "dtype": type(t).__name__}
+                for t in inputs],
+        source=source)
+    probe_info = ProbeInfo(enabled=probe)
+    if result is not None:
+        probe_info = ProbeInfo(
+            enabled=True, device=result.device, batch_size=result.batch_size, loss=result.loss,
+            seed=result.seed, mode=result.mode, output_grad_rms=result.output_grad_rms,
+            lr=result.lr, optimizer=result.optimizer,
+            nonfinite_forward=result.nonfinite_forward[0] if result.nonfinite_forward else None,
+            nonfinite_backward=result.nonfinite_backward[-1] if result.nonfinite_backward
+            else None)
+    summary = _summary(analysis)
+    summary = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+               for k, v in summary.items()}
+    return Report(model=info, layers=_layers(traced, est, result), findings=findings,
+                  probe=probe_info, summary=summary, notes=report_notes)

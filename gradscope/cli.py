@@ -1,0 +1,219 @@
+"""The command line: options in, one call of the library, reports and an exit code out.
+
+This module must not import torch at import time: ``gradscope --help``,
+``--version`` and ``rules`` run in pre-commit hooks on every commit. Torch is
+imported inside ``analyze`` only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gradscope._version import __version__
+from gradscope.config import FAIL_ON, Settings, load_settings, validate
+from gradscope.errors import ExitCode, GradscopeError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Progress:
+    """Stage messages on stderr, printed only for stages that last over a second."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled = enabled
+        self.label = label
+        self._timer: threading.Timer | None = None
+        self._start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        self.stop()
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self._start
+        self._timer = threading.Timer(1.0, lambda: click.echo(
+            f"gradscope: {self.label}: {message}... ({elapsed:.0f}s)", err=True))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _fail(error: GradscopeError, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(error)
+    click.echo(f"gradscope: error: {error.one_line()}", err=True)
+    sys.exit(int(error.exit_code))
+
+
+def _per_target(path: str | None, stem: str, many: bool) -> str | None:
+    """With several targets, ``out.json`` becomes ``out.<target>.json`` for each."""
+    if path is None or path == "-" or not many:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{stem}{p.suffix}"))
+
+
+@click.group(context_settings=CONTEXT, invoke_without_command=False)
+@click.version_option(__version__, "--version", "-V", prog_name="gradscope")
+def main() -> None:
+    """gradscope: diagnose gradient flow in PyTorch models before training.
+
+    \b
+    gradscope analyze model.py               terminal summary of one model
+    gradscope analyze model.py --html r.html --json r.json
+    gradscope rules                          every rule code
+    gradscope rules GS101                    what a rule means and how to fix it
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--input-shape", "input_shape", multiple=True, metavar="N,C,H,W",
+              help="Shape of one positional input; repeat for several inputs.")
+@click.option("--dtype", multiple=True, metavar="DTYPE",
+              help="Input dtype (float32, int64, ...): one for all inputs or one per input.")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="auto|cpu|cuda|cuda:N|mps: where the probe runs (default auto).")
+@click.option("--no-probe", "no_probe", is_flag=True, default=None,
+              help="Static analysis only: no backward pass is run.")
+@click.option("--output", "output", default=None, metavar="KEY",
+              help="Output entry to differentiate (logits, 0, hidden_states.1 ...).")
+@click.option("--tracer", type=click.Choice(["symbolic_trace", "export", "runtime"]),
+              default=None, help="Force one tracer instead of trying them in order.")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate: turn on the per-layer update/weight checks.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=None,
+              help="Optimizer for --lr (default sgd).")
+@click.option("--html", default=None, metavar="PATH", help="Write the HTML report.")
+@click.option("--json", "json_path", default=None, metavar="PATH",
+              help="Write the JSON report ('-' for stdout).")
+@click.option("--sarif", default=None, metavar="PATH", help="Write a SARIF 2.1.0 report.")
+@click.option("--fail-on", "fail_on", type=click.Choice(FAIL_ON), default=None,
+              help="Exit 1 when a finding at or above this severity exists (default error).")
+@click.option("--seed", type=int, default=None, help="Seed of the probe (default 0).")
+@click.option("--color/--no-color", default=None, help="Colour the terminal output.")
+@click.option("--quiet", "-q", is_flag=True, help="No terminal summary and no progress.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple[str, ...],
+            device: str | None, no_probe: bool | None, output: str | None, tracer: str | None,
+            lr: float | None, optimizer: str | None, html: str | None, json_path: str | None,
+            sarif: str | None, fail_on: str | None, seed: int | None, color: bool | None,
+            quiet: bool, debug: bool) -> None:
+    """Analyse the gradient flow of one or more models.
+
+    TARGET is path/to/file.py, path/to/file.py:NAME or package.module:NAME.
+    Exit status: 0 no finding at or above --fail-on, 1 at least one, 2 the
+    run could not be done.
+    """
+    try:
+        settings = load_settings().merged(
+            input_shape=input_shape, dtype=dtype, device=device,
+            probe=False if no_probe else None, output=output, tracer=tracer, lr=lr,
+            optimizer=optimizer, html=html, json=json_path, sarif=sarif, fail_on=fail_on,
+            seed=seed)
+        validate(settings)
+        _check_outputs(settings, len(targets))
+        failed = False
+        for target in targets:
+            failed |= _analyze_one(target, settings, many=len(targets) > 1, color=color,
+                                   quiet=quiet)
+    except GradscopeError as error:
+        _fail(error, debug)
+    except KeyboardInterrupt:
+        click.echo("gradscope: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(int(ExitCode.FINDINGS if failed else ExitCode.OK))
+
+
+def _check_outputs(settings: Settings, count: int) -> None:
+    """Fail before the analysis, not after it, when a report cannot be written."""
+    from gradscope._io import ensure_parent_writable
+
+    for path in (settings.html, settings.json, settings.sarif):
+        if path is not None:
+            ensure_parent_writable(path)
+
+
+def _analyze_one(target: str, settings: Settings, *, many: bool, color: bool | None,
+                 quiet: bool) -> bool:
+    progress = Progress(enabled=not quiet, label=target)
+    try:
+        progress("loading")
+        from gradscope.api import analyze as run_analysis
+        from gradscope.loading import load_target
+        from gradscope.rules.checks import Thresholds
+
+        loaded = load_target(target, list(settings.input_shape), list(settings.dtype))
+        thresholds = Thresholds(
+            vanishing_warning=settings.vanishing_warning,
+            vanishing_error=settings.vanishing_error,
+            exploding_warning=settings.exploding_warning,
+            exploding_error=settings.exploding_error, min_coverage=settings.min_coverage)
+        report = run_analysis(
+            loaded.model, loaded.inputs, device=settings.device, probe=settings.probe,
+            output=settings.output, thresholds=thresholds, tracer=settings.tracer,
+            name=loaded.name, seed=settings.seed, source=loaded.source, notes=loaded.notes,
+            progress=progress, lr=settings.lr, optimizer=settings.optimizer)
+        progress("writing reports")
+        doc = report.to_dict()
+    finally:
+        progress.stop()
+    from gradscope.render.html import write_html
+    from gradscope.render.json_report import write_json
+    from gradscope.render.sarif import write_sarif
+
+    stem = Path(target.split(":")[0]).stem if ":" in target and not target.endswith(".py") \
+        else Path(target).stem
+    stem = stem.replace(":", "_")
+    json_to = _per_target(settings.json, stem, many)
+    if json_to is not None:
+        write_json(doc, json_to)
+    html_to = _per_target(settings.html, stem, many)
+    if html_to is not None:
+        write_html(doc, html_to)
+    sarif_to = _per_target(settings.sarif, stem, many)
+    if sarif_to is not None:
+        write_sarif(doc, sarif_to)
+    if not quiet and json_to != "-":
+        from gradscope.render.terminal import render_terminal
+
+        use_color = color if color is not None else (sys.stdout.isatty()
+                                                     and "NO_COLOR" not in os.environ)
+        click.echo(render_terminal(doc, color=use_color), nl=False)
+        for label, path in (("HTML", html_to), ("JSON", json_to), ("SARIF", sarif_to)):
+            if path is not None and path != "-":
+                click.echo(f"{label} report: {path}")
+    return report.fails(settings.fail_on)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("code", required=False)
+def rules(code: str | None) -> None:
+    """List every rule code, or explain one (gradscope rules GS101)."""
+    from gradscope.rules.registry import get_rule, iter_rules
+
+    if code:
+        try:
+            click.echo(get_rule(code).explain(), nl=False)
+        except KeyError:
+            _fail(GradscopeError(f"unknown rule {code!r}", "run 'gradscope rules' for the list"),
+                  False)
+        return
+    for rule in iter_rules():
+        click.echo(f"{rule.code}  {rule.severity:<7}  {rule.category:<18}  {rule.summary}")
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """Entry point for ``python -m gradscope`` and the console script."""
+    return main(args=argv, prog_name="gradscope")

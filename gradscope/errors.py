@@ -1,0 +1,68 @@
+"""Errors gradscope raises on purpose, and the exit codes the CLI maps them to.
+
+Every failure that is the user's to fix (a bad target, an input shape the
+model rejects, a device that is not there) is a :class:`GradscopeError`: the
+CLI prints its one-line message and hint and exits 2 without a traceback.
+Anything else escaping the pipeline is a bug in gradscope and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of the CLI (CONTRACT section 2)."""
+
+    OK = 0
+    FINDINGS = 1
+    USAGE = 2
+
+
+class GradscopeError(Exception):
+    """Base class of every error gradscope raises deliberately.
+
+    ``hint`` says what to do about it; the CLI prints ``message (hint)`` on one
+    line.
+    """
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and hint flattened to a single line for stderr."""
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        return " ".join(text.split())
+
+
+class TargetError(GradscopeError):
+    """The target cannot be found, imported or turned into a model."""
+
+
+class InputError(GradscopeError):
+    """No example inputs can be had, or the model rejects the ones given."""
+
+
+class DeviceError(GradscopeError):
+    """The requested device does not exist on this machine."""
+
+
+class OutputError(GradscopeError):
+    """A report cannot be written, or the model's output cannot be probed."""
+
+
+class ConfigError(GradscopeError):
+    """An option or a ``[tool.gradscope]`` setting is invalid."""
+
+
+class TraceError(GradscopeError):
+    """No tracer, symbolic or runtime, could record the model's graph."""
+
+
+class ModelRunError(GradscopeError):
+    """The model raised while gradscope ran it."""

@@ -1,0 +1,1 @@
+"""Static estimate: per-op gains from weights and activations, no backward pass."""

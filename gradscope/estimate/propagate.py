@@ -1,0 +1,1115 @@
+"""Static estimate: forward second moments and backward gradient gains over the graph.
+
+Mean-field propagation (SIGNAL_PROPAGATION.md): a forward sweep carries each
+node's output mean m and second moment q (over units and samples); a
+backward sweep carries S, the expected squared norm of dLoss/d(node output)
+relative to the model output. Working in squared norms rather than
+per-element variances makes routing ops (reshape, slicing, concat,
+broadcasting) exactly gain 1, so only ops that really scale the gradient
+have a gain. Per-element RMS, the contract's ``static_grad_rms``, is derived
+at the end.
+
+A second backward sweep, the *structural* gain, applies only the gains of
+averaging ops (mean, average pooling): they shrink the gradient norm by
+design without starving any weight. ``health = S / structural`` is what the
+vanishing and exploding rules judge, so global average pooling or a width
+change is never mistaken for attenuation.
+
+Each op's rule lives in ``FORWARD``/``BACKWARD`` by the node's canonical key
+(``gradscope.tracing.ops``); an unknown op passes the signal through with
+gain 1 and is counted as not understood.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+from gradscope.estimate.activations import activation_moments
+from gradscope.tracing.graph import Ref, TracedModel
+
+EPS = 1e-12
+
+#: (mean, second moment) of a node's output; None where unknown or not floating.
+Mom = tuple[float, float]
+
+
+@dataclass
+class StaticEstimate:
+    """Per-node forward moments and backward gains, and what they imply."""
+
+    moments: dict[str, Mom | None] = field(default_factory=dict)
+    sq_norm: dict[str, float] = field(default_factory=dict)
+    structural: dict[str, float] = field(default_factory=dict)
+    understood: dict[str, bool] = field(default_factory=dict)
+    grad_rms: dict[str, float | None] = field(default_factory=dict)
+    health: dict[str, float | None] = field(default_factory=dict)
+    coverage: float = 1.0
+    unknown_ops: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+
+
+def numel(shape: list[int] | None) -> int | None:
+    if shape is None:
+        return None
+    return math.prod(shape) if shape else 1
+
+
+def tensor_stats(t: torch.Tensor) -> Mom | None:
+    """(mean, second moment) of a real tensor; None for meta tensors (no values)."""
+    if t.is_meta or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return None
+    with torch.no_grad():
+        x = t.detach().to(torch.float64)
+        return float(x.mean()), float((x * x).mean())
+
+
+def var_of(m: Mom) -> float:
+    return max(m[1] - m[0] * m[0], 0.0)
+
+
+class Ctx:
+    """What an op rule may read about its node: args, moments, weights, shapes."""
+
+    def __init__(self, est: _Estimator, name: str) -> None:
+        self.est = est
+        self.name = name
+        self.data = est.graph.nodes[name]
+        self.args: tuple[Any, ...] = tuple(self.data["args"])
+        self.kwargs: dict[str, Any] = dict(self.data["kwargs"])
+        self.module = est.traced.modules.get(self.data["module"] or "") \
+            if self.data["kind"] == "call_module" else None
+
+    # arguments -----------------------------------------------------------
+    def arg(self, index: int, key: str | None = None, default: Any = None) -> Any:
+        if key is not None and key in self.kwargs:
+            return self.kwargs[key]
+        return self.args[index] if index < len(self.args) else default
+
+    def tensor_refs(self) -> list[str]:
+        """Referenced float nodes in argument order (weights included)."""
+        return [r for r in self.data["inputs"] if self.est.graph.nodes[r]["is_float"]]
+
+    def activations_in(self) -> list[str]:
+        """Referenced float nodes that are not weights: the signal inputs."""
+        return [r for r in self.tensor_refs() if self.est.graph.nodes[r]["role"] != "param"]
+
+    def first(self) -> str | None:
+        ins = self.activations_in()
+        return ins[0] if ins else None
+
+    def mom(self, value: Any) -> Mom | None:
+        """Moments of an argument: a node reference or a Python number."""
+        if isinstance(value, Ref):
+            return self.est.moments.get(value.name)
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)):
+            return float(value), float(value) ** 2
+        return None
+
+    def shape(self, ref: str | None = None) -> list[int] | None:
+        return self.est.graph.nodes[ref or self.name]["shape"]
+
+    # weights -------------------------------------------------------------
+    def weight(self, attr: str = "weight", index: int | None = None) -> torch.Tensor | None:
+        """A weight tensor: the module's attribute, else the ``index``-th argument's tensor."""
+        if self.module is not None:
+            w = getattr(self.module, attr, None)
+            return w if isinstance(w, torch.Tensor) else None
+        if index is not None:
+            ref = self.arg(index, attr)
+            if isinstance(ref, Ref):
+                return self.est.tensor_of(ref.name)
+        return None
+
+    def param_by_suffix(self, suffix: str) -> torch.Tensor | None:
+        """A weight among the referenced parameters whose name ends with ``suffix``."""
+        if self.module is not None:
+            w = getattr(self.module, suffix, None)
+            return w if isinstance(w, torch.Tensor) else None
+        for ref in self.data["inputs"]:
+            node = self.est.graph.nodes[ref]
+            if node["role"] == "param" and str(node["module"] or ref).endswith(suffix):
+                return self.est.tensor_of(ref)
+        return None
+
+
+def _wstats(t: torch.Tensor | None, default: Mom) -> Mom:
+    if t is None:
+        return default
+    stats = tensor_stats(t)
+    return stats if stats is not None else default
+
+
+# ---------------------------------------------------------------------------
+# Op rules: forward returns the output moments; backward returns S-gains per input.
+
+Forward = Callable[[Ctx], "Mom | None"]
+Backward = Callable[[Ctx], "dict[str, float]"]
+FORWARD: dict[str, Forward] = {}
+BACKWARD: dict[str, Backward] = {}
+
+
+def rule(*keys: str) -> Callable[[Any], Any]:
+    def deco(cls: Any) -> Any:
+        for key in keys:
+            FORWARD[key] = cls.forward
+            BACKWARD[key] = cls.backward
+        return cls
+
+    return deco
+
+
+def _pass_forward(ctx: Ctx) -> Mom | None:
+    first = ctx.first()
+    return ctx.est.moments.get(first) if first else None
+
+
+def _pass_backward(ctx: Ctx) -> dict[str, float]:
+    return {r: 1.0 for r in ctx.activations_in()}
+
+
+def _dense(ctx: Ctx, w: torch.Tensor | None, fan_in: int, bias: torch.Tensor | None,
+           x: str | None, default_var: float | None = None) -> tuple[Mom | None, float]:
+    """Moments out and S-gain back of y = W x + b with ``fan_in`` weights per output unit."""
+    if default_var is None:
+        default_var = 1.0 / (3.0 * max(fan_in, 1))  # PyTorch's default (kaiming_uniform a=sqrt 5)
+    wm, w2 = _wstats(w, (0.0, default_var))
+    bm, b2 = _wstats(bias, (0.0, 0.0)) if bias is not None else (0.0, 0.0)
+    xm = ctx.est.moments.get(x) if x else None
+    gain = fan_in * w2
+    if xm is None:
+        return None, gain
+    mean = fan_in * wm * xm[0] + bm
+    var = max(fan_in * (w2 * xm[1] - wm * wm * xm[0] * xm[0]), 0.0) + max(b2 - bm * bm, 0.0)
+    return (mean, var + mean * mean), gain
+
+
+@rule("linear")
+class _Linear:
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        w = ctx.weight("weight", 1)
+        b = ctx.weight("bias", 2)
+        if w is not None:
+            fan_in = int(w.shape[-1])
+        else:
+            shape = ctx.shape(ctx.first())
+            fan_in = int(shape[-1]) if shape else 1
+        return w, b, fan_in
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        w, b, fan_in = _Linear._parts(ctx)
+        return _dense(ctx, w, fan_in, b, ctx.first())[0]
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        w, b, fan_in = _Linear._parts(ctx)
+        first = ctx.first()
+        return {first: _dense(ctx, w, fan_in, b, first)[1]} if first else {}
+
+
+@rule("addmm")
+class _Addmm:
+    """``addmm(bias, x, W)`` with W of shape (in, out): Hugging Face's Conv1D."""
+
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None, int]:
+        w = ctx.weight("mat2", 2)
+        b = ctx.weight("input", 0)
+        x_ref = ctx.arg(1, "mat1")
+        x = x_ref.name if isinstance(x_ref, Ref) else None
+        if w is not None:
+            fan_in = int(w.shape[0])
+        else:
+            shape = ctx.shape(x) if x else None
+            fan_in = int(shape[-1]) if shape else 1
+        return w, b, x, fan_in
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        w, b, x, fan_in = _Addmm._parts(ctx)
+        return _dense(ctx, w, fan_in, b, x)[0]
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        w, b, x, fan_in = _Addmm._parts(ctx)
+        return {x: _dense(ctx, w, fan_in, b, x)[1]} if x else {}
+
+
+@rule("conv")
+class _Conv:
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[torch.Tensor | None, torch.Tensor | None, int, bool]:
+        w = ctx.weight("weight", 1)
+        b = ctx.weight("bias", 2)
+        transposed = bool(ctx.arg(6, "transposed", False)) if ctx.module is None and \
+            ctx.data["op"] in ("convolution", "_convolution") else False
+        fan_in = int(w[0].numel()) if w is not None else 1
+        return w, b, fan_in, transposed
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        w, b, fan_in, transposed = _Conv._parts(ctx)
+        if transposed:
+            return _ConvTranspose.forward(ctx)
+        return _dense(ctx, w, fan_in, b, ctx.first())[0]
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        w, b, fan_in, transposed = _Conv._parts(ctx)
+        if transposed:
+            return _ConvTranspose.backward(ctx)
+        first = ctx.first()
+        return {first: _dense(ctx, w, fan_in, b, first)[1]} if first else {}
+
+
+@rule("conv_transpose")
+class _ConvTranspose:
+    """Weight (in, out/groups, *k): each input feeds ``out/groups * prod(k)`` outputs."""
+
+    @staticmethod
+    def _fans(ctx: Ctx) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float]:
+        w = ctx.weight("weight", 1)
+        b = ctx.weight("bias", 2)
+        first = ctx.first()
+        n_in, n_out = numel(ctx.shape(first)) if first else None, numel(ctx.shape())
+        if w is None:
+            return None, b, 1.0, 1.0
+        fan_back = float(w[0].numel())  # outputs each input element reaches
+        ratio = (n_in / n_out) if n_in and n_out else 1.0
+        # per output: (weights reaching it) = fan_back * n_in / n_out
+        return w, b, fan_back * ratio, fan_back
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        w, b, fan_fwd, _ = _ConvTranspose._fans(ctx)
+        return _dense(ctx, w, max(int(round(fan_fwd)), 1), b, ctx.first())[0]
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        w, _, fan_fwd, _ = _ConvTranspose._fans(ctx)
+        first = ctx.first()
+        if not first:
+            return {}
+        _, w2 = _wstats(w, (0.0, 1.0 / (3.0 * max(fan_fwd, 1.0))))
+        # S_in / S_out = (n_in * fan_back * w2) / n_out = fan_fwd * w2
+        return {first: fan_fwd * w2}
+
+
+@rule("embedding")
+class _Embedding:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        w = ctx.weight("weight", 0)
+        return _wstats(w, (0.0, 1.0))
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        return {}  # integer indices carry no gradient
+
+
+_ACT_PARAMS = ("negative_slope", "alpha", "min_val", "max_val", "beta", "threshold",
+               "approximate", "lambd", "scale")
+_ACT_POSITIONAL = {"leaky_relu": "negative_slope", "elu": "alpha", "celu": "alpha",
+                   "hardtanh": "min_val", "softplus": "beta", "hardshrink": "lambd",
+                   "softshrink": "lambd"}
+
+
+def _activation_params(ctx: Ctx, name: str) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if ctx.module is not None:
+        for attr in _ACT_PARAMS:
+            value = getattr(ctx.module, attr, None)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                params[attr] = value
+        if name == "prelu" and isinstance(getattr(ctx.module, "weight", None), torch.Tensor):
+            params["negative_slope"] = float(ctx.module.weight.detach().float().mean())
+        return params
+    for attr in _ACT_PARAMS:
+        if attr in ctx.kwargs and isinstance(ctx.kwargs[attr], (int, float, str)):
+            params[attr] = ctx.kwargs[attr]
+    positional = _ACT_POSITIONAL.get(name)
+    if positional and len(ctx.args) > 1 and isinstance(ctx.args[1], (int, float)) \
+            and not isinstance(ctx.args[1], bool):
+        params[positional] = float(ctx.args[1])
+    if name == "hardtanh" and len(ctx.args) > 2 and isinstance(ctx.args[2], (int, float)):
+        params["max_val"] = float(ctx.args[2])
+    if name == "prelu":
+        w = ctx.weight("weight", 1)
+        if w is not None and not w.is_meta:
+            params["negative_slope"] = float(w.detach().float().mean())
+    return params
+
+
+def _act(ctx: Ctx) -> tuple[Any, str | None]:
+    name = ctx.data["key"].split(":", 1)[1]
+    first = ctx.first()
+    xm = ctx.est.moments.get(first) if first else None
+    if xm is None:
+        return None, first
+    return activation_moments(name, xm[0], var_of(xm), **_activation_params(ctx, name)), first
+
+
+class _Activation:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        moments, _ = _act(ctx)
+        return (moments.mean, moments.second) if moments is not None else None
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        moments, first = _act(ctx)
+        if first is None:
+            return {}
+        return {first: moments.grad_second if moments is not None else 1.0}
+
+
+def _dropout_p(ctx: Ctx) -> float:
+    if ctx.module is not None:
+        return float(ctx.module.p) if ctx.module.training else 0.0
+    p = ctx.arg(1, "p", 0.5)
+    train = ctx.arg(2, "training", ctx.kwargs.get("train", True))
+    if ctx.data["op"] == "native_dropout":
+        train = ctx.arg(2, "train", True)
+    if not isinstance(p, (int, float)) or train is False:
+        return 0.0
+    return float(p)
+
+
+@rule("dropout")
+class _Dropout:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        p = _dropout_p(ctx)
+        return None if xm is None else (xm[0], xm[1] / max(1.0 - p, EPS))
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        p = _dropout_p(ctx)
+        return {r: 1.0 / max(1.0 - p, EPS) for r in ctx.activations_in()[:1]}
+
+
+def _norm_affine(ctx: Ctx) -> tuple[Mom, Mom]:
+    gamma = ctx.param_by_suffix("weight")
+    beta = ctx.param_by_suffix("bias")
+    return _wstats(gamma, (1.0, 1.0)), _wstats(beta, (0.0, 0.0))
+
+
+def _bn_training(ctx: Ctx) -> bool:
+    if ctx.module is not None:
+        running = getattr(ctx.module, "running_var", None)
+        return bool(ctx.module.training or running is None)
+    op = ctx.data["op"]
+    if op in ("_native_batch_norm_legit_no_training", "_batch_norm_no_update"):
+        return False
+    flag = ctx.arg(5, "training")
+    return flag if isinstance(flag, bool) else True
+
+
+@rule("batch_norm", "layer_norm", "group_norm", "instance_norm")
+class _Norm:
+    """Normalisation divides the signal, and so the gradient, by the input's std."""
+
+    @staticmethod
+    def _gain(ctx: Ctx) -> tuple[float, Mom] | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        (gm, g2), (bm, b2) = _norm_affine(ctx)
+        eps = 1e-5
+        if ctx.data["key"] == "batch_norm" and not _bn_training(ctx):
+            rv = ctx.param_by_suffix("running_var")
+            rm = ctx.param_by_suffix("running_mean")
+            rv_mean = _wstats(rv, (1.0, 1.0))[0]
+            rm_mean = _wstats(rm, (0.0, 0.0))[0]
+            ratio = g2 / (rv_mean + eps)
+            q_out = ratio * (var_of(xm) + (xm[0] - rm_mean) ** 2) + b2
+            return ratio, (bm, q_out)
+        return g2 / (var_of(xm) + eps), (bm, g2 + b2)
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        got = _Norm._gain(ctx)
+        return got[1] if got else None
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        got = _Norm._gain(ctx)
+        first = ctx.first()
+        return {first: got[0] if got else 1.0} if first else {}
+
+
+@rule("rms_norm")
+class _RMSNorm:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        (gm, g2), _ = _norm_affine(ctx)
+        return gm * xm[0] / math.sqrt(xm[1] + EPS), g2
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        xm = _pass_forward(ctx)
+        (_, g2), _ = _norm_affine(ctx)
+        first = ctx.first()
+        return {first: g2 / (xm[1] + 1e-6) if xm else 1.0} if first else {}
+
+
+def _reduction_factor(ctx: Ctx) -> float:
+    """How many input elements each output element averages or sums over."""
+    first = ctx.first()
+    n_in = numel(ctx.shape(first)) if first else None
+    n_out = numel(ctx.shape())
+    if not n_in or not n_out:
+        return 1.0
+    return max(n_in / n_out, 1.0)
+
+
+@rule("avg_pool", "mean")
+class _Average:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        n = _reduction_factor(ctx)
+        return xm[0], xm[0] ** 2 + var_of(xm) / n
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        n = _reduction_factor(ctx)
+        return {r: 1.0 / n for r in ctx.activations_in()[:1]}
+
+
+@rule("sum")
+class _Sum:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        n = _reduction_factor(ctx)
+        return n * xm[0], (n * xm[0]) ** 2 + n * var_of(xm)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        n = _reduction_factor(ctx)
+        return {r: n for r in ctx.activations_in()[:1]}
+
+
+def _softmax_size(ctx: Ctx) -> int:
+    first = ctx.first()
+    shape = ctx.shape(first) if first else None
+    if not shape:
+        return 1
+    dim = ctx.module.dim if ctx.module is not None and getattr(ctx.module, "dim", None) \
+        is not None else ctx.arg(1, "dim", -1)
+    if not isinstance(dim, int):
+        dim = -1
+    return int(shape[dim]) if -len(shape) <= dim < len(shape) else 1
+
+
+def _softmax_p2(var: float, t: int) -> float:
+    """E[p^2] of a softmax over ``t`` Gaussian logits of variance ``var``."""
+    return min(math.exp(min(var, 50.0)) / (t * t), 1.0 / t if t > 1 else 1.0) if t > 1 else 1.0
+
+
+@rule("softmax")
+class _Softmax:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        t = _softmax_size(ctx)
+        var = var_of(xm) if xm else 0.0
+        return 1.0 / t, _softmax_p2(var, t)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        xm = _pass_forward(ctx)
+        t = _softmax_size(ctx)
+        p2 = _softmax_p2(var_of(xm) if xm else 0.0, t)
+        # dx = p * (dy - <p, dy>): per element E[p^2] (1 - 1/T), numel unchanged
+        return {r: p2 * (1.0 - 1.0 / t) for r in ctx.activations_in()[:1]}
+
+
+@rule("log_softmax")
+class _LogSoftmax:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        t = _softmax_size(ctx)
+        return -math.log(t), math.log(t) ** 2 + (var_of(xm) if xm else 0.0)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        return {r: 1.0 for r in ctx.activations_in()[:1]}
+
+
+def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
+               causal: bool) -> tuple[Mom, float, float, float]:
+    """Output moments and S-gains to (q, k, v) of softmax(q k^T * scale) v."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(max(d, 1))
+    logit_var = scale * scale * d * qm[1] * km[1]
+    if causal and t > 1:
+        t_eff = max(t / max(sum(1.0 / i for i in range(1, t + 1)), 1.0), 1.0)
+    else:
+        t_eff = float(max(t, 1))
+    p2 = min(math.exp(min(logit_var, 50.0)) / (t_eff * t_eff), 1.0 / t_eff)
+    concentration = p2 * t_eff  # E[sum_j p_j^2]
+    out = (vm[0], vm[0] ** 2 + var_of(vm) * concentration)
+    s_v = concentration
+    s_qk = scale * scale * t_eff * p2 * (1.0 - 1.0 / t_eff) * d * vm[1]
+    return out, s_qk * km[1], s_qk * qm[1], s_v
+
+
+@rule("sdpa")
+class _SDPA:
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[Mom, float, float, float, list[str]] | None:
+        refs = [ctx.arg(i) for i in range(3)]
+        if not all(isinstance(r, Ref) for r in refs):
+            return None
+        names = [r.name for r in refs]
+        moms = [ctx.est.moments.get(n) for n in names]
+        if any(m is None for m in moms):
+            return None
+        kshape = ctx.shape(names[1]) or [1, 1]
+        qshape = ctx.shape(names[0]) or [1]
+        causal = bool(ctx.arg(5, "is_causal", False))
+        scale = ctx.kwargs.get("scale")
+        out, sq, sk, sv = _attention(int(kshape[-2]) if len(kshape) > 1 else 1,
+                                     int(qshape[-1]), scale if isinstance(scale, float) else None,
+                                     moms[0], moms[1], moms[2], causal)  # type: ignore[arg-type]
+        return out, sq, sk, sv, names
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        parts = _SDPA._parts(ctx)
+        return parts[0] if parts else _pass_forward(ctx)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        parts = _SDPA._parts(ctx)
+        if not parts:
+            return _pass_backward(ctx)
+        _, sq, sk, sv, names = parts
+        gains: dict[str, float] = {}
+        for name, gain in zip(names, (sq, sk, sv), strict=True):
+            gains[name] = gains.get(name, 0.0) + gain
+        return gains
+
+
+@rule("mha")
+class _MHA:
+    """nn.MultiheadAttention: in-projections, scaled dot-product attention, out-projection."""
+
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[Mom, dict[str, float]] | None:
+        m = ctx.module
+        if m is None:
+            return None
+        refs = [ctx.arg(i, k) for i, k in enumerate(("query", "key", "value"))]
+        if not all(isinstance(r, Ref) for r in refs):
+            return None
+        names = [r.name for r in refs]
+        moms = [ctx.est.moments.get(n) for n in names]
+        if any(x is None for x in moms):
+            return None
+        e = int(m.embed_dim)
+        if m.in_proj_weight is not None:
+            ws = m.in_proj_weight.chunk(3) if not m.in_proj_weight.is_meta else [None] * 3
+        else:
+            ws = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+        kd, vd = (m.kdim, m.vdim)
+        fans = (e, kd, vd)
+        proj = []
+        w2s = []
+        for w, fan, mom in zip(ws, fans, moms, strict=True):
+            _, w2 = _wstats(w, (0.0, 1.0 / (2.0 * fan)))  # xavier_uniform_ default
+            w2s.append(w2)
+            proj.append((0.0, fan * w2 * mom[1]))  # type: ignore[index]
+        kshape = ctx.shape(names[1]) or [1, 1, 1]
+        t = int(kshape[1] if m.batch_first else kshape[0]) if len(kshape) == 3 else \
+            int(kshape[0])
+        d = e // m.num_heads
+        out, sq, sk, sv = _attention(t, d, None, proj[0], proj[1], proj[2], False)
+        _, wo2 = _wstats(m.out_proj.weight, (0.0, 1.0 / (3.0 * e)))
+        bm, b2 = _wstats(m.out_proj.bias, (0.0, 0.0))
+        q_out = e * wo2 * out[1] + b2
+        s_attn = e * wo2
+        gains: dict[str, float] = {}
+        for name, fan, w2, s in zip(names, fans, w2s, (sq, sk, sv), strict=True):
+            gains[name] = gains.get(name, 0.0) + s_attn * s * fan * w2 * e / max(fan, 1)
+        return (bm, q_out), gains
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        parts = _MHA._parts(ctx)
+        return parts[0] if parts else _pass_forward(ctx)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        parts = _MHA._parts(ctx)
+        return parts[1] if parts else _pass_backward(ctx)
+
+
+def _binary(ctx: Ctx) -> tuple[Any, Any]:
+    return ctx.arg(0, "input"), ctx.arg(1, "other")
+
+
+@rule("add", "sub", "rsub")
+class _Add:
+    """Variances add (independent branches, as in x + f(x)); each input gets the full gradient."""
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        a, b = _binary(ctx)
+        ma, mb = ctx.mom(a), ctx.mom(b)
+        alpha = ctx.kwargs.get("alpha", 1.0)
+        alpha = float(alpha) if isinstance(alpha, (int, float)) else 1.0
+        sign = -1.0 if ctx.data["key"] in ("sub", "rsub") else 1.0
+        if ma is None and mb is None:
+            return None
+        ma = ma or (0.0, 0.0)
+        mb = mb or (0.0, 0.0)
+        mean = ma[0] + sign * alpha * mb[0]
+        var = var_of(ma) + alpha * alpha * var_of(mb)
+        return mean, var + mean * mean
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        a, b = _binary(ctx)
+        alpha = ctx.kwargs.get("alpha", 1.0)
+        alpha = float(alpha) if isinstance(alpha, (int, float)) else 1.0
+        gains: dict[str, float] = {}
+        for ref, g in ((a, 1.0), (b, alpha * alpha)):
+            if isinstance(ref, Ref) and ref.name in ctx.activations_in():
+                gains[ref.name] = gains.get(ref.name, 0.0) + g
+        return gains
+
+
+@rule("mul")
+class _Mul:
+    """Gates: each factor's gradient is scaled by the other factor's second moment."""
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        ma, mb = (ctx.mom(v) for v in _binary(ctx))
+        if ma is None or mb is None:
+            return None
+        return ma[0] * mb[0], ma[1] * mb[1]
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        a, b = _binary(ctx)
+        ma, mb = ctx.mom(a), ctx.mom(b)
+        gains: dict[str, float] = {}
+        for ref, other in ((a, mb), (b, ma)):
+            if isinstance(ref, Ref) and ref.name in ctx.activations_in():
+                gains[ref.name] = gains.get(ref.name, 0.0) + (other[1] if other else 1.0)
+        return gains
+
+
+@rule("div")
+class _Div:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        ma, mb = (ctx.mom(v) for v in _binary(ctx))
+        if ma is None or mb is None or mb[1] <= 0:
+            return ma
+        return ma[0] / (mb[0] if abs(mb[0]) > EPS else math.sqrt(mb[1])), ma[1] / mb[1]
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        a, b = _binary(ctx)
+        ma, mb = ctx.mom(a), ctx.mom(b)
+        gains: dict[str, float] = {}
+        if mb is None or mb[1] <= 0:
+            return _pass_backward(ctx)
+        if isinstance(a, Ref) and a.name in ctx.activations_in():
+            gains[a.name] = 1.0 / mb[1]
+        if isinstance(b, Ref) and b.name in ctx.activations_in() and ma is not None:
+            gains[b.name] = gains.get(b.name, 0.0) + ma[1] / (mb[1] * mb[1])
+        return gains
+
+
+@rule("neg", "abs", "masked_fill", "max_pool", "max_reduce", "view", "getitem", "split")
+class _Route:
+    """Ops that move or select values: moments pass, the gradient's squared norm is kept."""
+
+    forward = staticmethod(_pass_forward)
+    backward = staticmethod(lambda ctx: {r: 1.0 for r in ctx.activations_in()[:1]})
+
+
+@rule("cat")
+class _Cat:
+    @staticmethod
+    def _shares(ctx: Ctx) -> dict[str, float]:
+        refs = ctx.activations_in()
+        sizes = {r: numel(ctx.shape(r)) or 0 for r in refs}
+        total = numel(ctx.shape()) or sum(sizes.values()) or 1
+        return {r: (sizes[r] / total if sizes[r] else 1.0 / max(len(refs), 1)) for r in refs}
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        shares = _Cat._shares(ctx)
+        moms = [(s, ctx.est.moments.get(r)) for r, s in shares.items()]
+        moms = [(s, m) for s, m in moms if m is not None]
+        if not moms:
+            return None
+        total = sum(s for s, _ in moms) or 1.0
+        return (sum(s * m[0] for s, m in moms) / total,  # type: ignore[index]
+                sum(s * m[1] for s, m in moms) / total)  # type: ignore[index]
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        shares = _Cat._shares(ctx)
+        return dict(shares)
+
+
+@rule("matmul")
+class _Matmul:
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[str | None, str | None, Mom | None, Mom | None, int]:
+        refs = [r for r in ctx.tensor_refs()]
+        a = refs[0] if refs else None
+        b = refs[1] if len(refs) > 1 else None
+        if ctx.data["op"] == "baddbmm":
+            a, b = (refs[1] if len(refs) > 1 else None), (refs[2] if len(refs) > 2 else None)
+        ma = ctx.est.moments.get(a) if a else None
+        mb = ctx.est.moments.get(b) if b else None
+        shape = ctx.shape(a) if a else None
+        k = int(shape[-1]) if shape else 1
+        return a, b, ma, mb, k
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        a, b, ma, mb, k = _Matmul._parts(ctx)
+        if ma is None or mb is None:
+            return ma
+        mean = k * ma[0] * mb[0]
+        var = k * max(ma[1] * mb[1] - (ma[0] * mb[0]) ** 2, 0.0)
+        return mean, var + mean * mean
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        a, b, ma, mb, k = _Matmul._parts(ctx)
+        gains: dict[str, float] = {}
+        if a and mb is not None:
+            gains[a] = k * mb[1]
+        if b and ma is not None:
+            gains[b] = gains.get(b, 0.0) + k * ma[1]
+        return gains
+
+
+def _power(ctx: Ctx) -> float:
+    key = ctx.data["key"]
+    if key == "square":
+        return 2.0
+    if key == "sqrt":
+        return 0.5
+    if key == "rsqrt":
+        return -0.5
+    if key == "reciprocal":
+        return -1.0
+    exponent = ctx.arg(1, "exponent", 2.0)
+    return float(exponent) if isinstance(exponent, (int, float)) else 2.0
+
+
+@rule("pow", "square", "sqrt", "rsqrt", "reciprocal")
+class _Pow:
+    """x**e by the delta method around |x| = sqrt(q); exact second moment for e = 2."""
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        e = _power(ctx)
+        if e == 2.0:
+            m, v = xm[0], var_of(xm)
+            return xm[1], m ** 4 + 6 * m * m * v + 3 * v * v
+        q = max(xm[1], EPS)
+        return (q ** (e / 2.0)) * (1.0 if xm[0] >= 0 else -1.0), q ** e
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        xm = _pass_forward(ctx)
+        first = ctx.first()
+        if first is None or xm is None:
+            return _pass_backward(ctx)
+        e = _power(ctx)
+        return {first: e * e * max(xm[1], EPS) ** (e - 1.0)}
+
+
+@rule("exp")
+class _Exp:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        m, v = xm[0], var_of(xm)
+        return math.exp(min(m + v / 2, 700.0)), math.exp(min(2 * m + 2 * v, 700.0))
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        out = _Exp.forward(ctx)
+        first = ctx.first()
+        return {first: out[1] if out else 1.0} if first else {}
+
+
+@rule("log")
+class _Log:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        mid = math.log(max(math.sqrt(xm[1]), EPS))
+        return mid, mid * mid
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        xm = _pass_forward(ctx)
+        first = ctx.first()
+        return {first: 1.0 / max(xm[1], EPS) if xm else 1.0} if first else {}
+
+
+@rule("clamp")
+class _Clamp:
+    @staticmethod
+    def _moments(ctx: Ctx) -> Any:
+        xm = _pass_forward(ctx)
+        lo = ctx.arg(1, "min")
+        hi = ctx.arg(2, "max")
+        if ctx.data["op"] == "clamp_max":
+            lo, hi = None, ctx.arg(1, "max")
+        if xm is None:
+            return None
+        lo = float(lo) if isinstance(lo, (int, float)) else None
+        hi = float(hi) if isinstance(hi, (int, float)) else None
+        if lo is not None and hi is not None:
+            return activation_moments("hardtanh", xm[0], var_of(xm), min_val=lo, max_val=hi)
+        if lo is not None:
+            mom = activation_moments("relu", xm[0] - lo, var_of(xm))
+            return type(mom)(mom.mean + lo, mom.second + 2 * lo * mom.mean + lo * lo,
+                             mom.grad_second)
+        if hi is not None:
+            mom = activation_moments("relu", hi - xm[0], var_of(xm))
+            return type(mom)(hi - mom.mean, hi * hi - 2 * hi * mom.mean + mom.second,
+                             mom.grad_second)
+        return None
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        mom = _Clamp._moments(ctx)
+        return (mom.mean, mom.second) if mom is not None else _pass_forward(ctx)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        mom = _Clamp._moments(ctx)
+        first = ctx.first()
+        return {first: mom.grad_second if mom is not None else 1.0} if first else {}
+
+
+@rule("where")
+class _Where:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        moms = [ctx.mom(ctx.arg(i)) for i in (1, 2)]
+        known = [m for m in moms if m is not None]
+        if not known:
+            return None
+        return sum(m[0] for m in known) / len(known), sum(m[1] for m in known) / len(known)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        return {r: 0.5 for r in ctx.activations_in()}
+
+
+@rule("detach", "constant")
+class _NoGrad:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        if ctx.data["op"] == "zeros_like":
+            return 0.0, 0.0
+        if ctx.data["op"] == "ones_like":
+            return 1.0, 1.0
+        return _pass_forward(ctx)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        return {}
+
+
+@rule("l2_normalize")
+class _L2Normalize:
+    @staticmethod
+    def _size(ctx: Ctx) -> int:
+        first = ctx.first()
+        shape = ctx.shape(first) if first else None
+        dim = ctx.arg(2, "dim", 1)
+        if not shape or not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
+            return 1
+        return int(shape[dim])
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        return 0.0, 1.0 / _L2Normalize._size(ctx)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        xm = _pass_forward(ctx)
+        first = ctx.first()
+        n = _L2Normalize._size(ctx)
+        return {first: 1.0 / (n * max(xm[1], EPS)) if xm else 1.0} if first else {}
+
+
+#: Keys the estimator models; anything else is "unknown" (gain 1, not understood).
+def understands(key: str) -> bool:
+    if key.startswith("activation:"):
+        return True
+    return key in FORWARD
+
+
+# ---------------------------------------------------------------------------
+# The sweeps
+
+
+class _Estimator:
+    def __init__(self, traced: TracedModel, inputs: tuple[Any, ...]) -> None:
+        self.traced = traced
+        self.graph: nx.DiGraph = traced.graph
+        self.inputs = inputs
+        self.moments: dict[str, Mom | None] = {}
+
+    def tensor_of(self, node: str) -> torch.Tensor | None:
+        return self.traced.tensors.get(node)
+
+    def run(self) -> StaticEstimate:
+        order = self.traced.order()
+        est = StaticEstimate()
+        input_index = 0
+        for name in order:
+            data = self.graph.nodes[name]
+            role = data["role"]
+            if not data["is_float"]:
+                self.moments[name] = None
+                if role == "input":
+                    input_index += 1
+                continue
+            if role == "input":
+                value = self.inputs[input_index] if input_index < len(self.inputs) else None
+                input_index += 1
+                self.moments[name] = tensor_stats(value) if isinstance(value, torch.Tensor) \
+                    else (0.0, 1.0)
+                continue
+            if role == "param":
+                tensor = self.tensor_of(name)
+                self.moments[name] = tensor_stats(tensor) if tensor is not None else None
+                continue
+            key = data["key"]
+            ctx = Ctx(self, name)
+            known = understands(key)
+            est.understood[name] = known
+            fwd = FORWARD.get(key, _Activation.forward if key.startswith("activation:")
+                              else _pass_forward)
+            try:
+                mom = fwd(ctx)
+            except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+                mom, est.understood[name] = _pass_forward(ctx), False
+            self.moments[name] = _finite_moments(mom)
+        est.moments = dict(self.moments)
+
+        out = self.traced.output_node
+        ancestors = nx.ancestors(self.graph, out) | {out}
+        sq: dict[str, float] = {n: 0.0 for n in order}
+        structural: dict[str, float] = {n: 0.0 for n in order}
+        sq[out] = 1.0
+        structural[out] = 1.0
+        for name in reversed(order):
+            if name not in ancestors or self.graph.nodes[name]["role"] != "compute":
+                continue
+            data = self.graph.nodes[name]
+            key = data["key"]
+            ctx = Ctx(self, name)
+            bwd = BACKWARD.get(key, _Activation.backward if key.startswith("activation:")
+                               else _pass_backward)
+            try:
+                gains = bwd(ctx)
+            except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+                gains = _pass_backward(ctx)
+            structural_gains = _structural_gains(ctx, gains)
+            for src, gain in gains.items():
+                if not self.graph.nodes[src]["is_float"] or \
+                        self.graph.nodes[src]["role"] == "param":
+                    continue
+                sq[src] += sq[name] * _finite(gain)
+                structural[src] = max(structural[src],
+                                      structural[name] * structural_gains.get(src, 1.0))
+        est.sq_norm = sq
+        est.structural = structural
+
+        out_numel = numel(self.graph.nodes[out]["shape"]) or 1
+        for name in order:
+            data = self.graph.nodes[name]
+            if data["role"] == "param" or not data["is_float"] or name not in ancestors:
+                est.grad_rms[name] = None
+                est.health[name] = None
+                continue
+            n = numel(data["shape"]) or out_numel
+            est.grad_rms[name] = math.sqrt(sq[name] * out_numel / n)
+            est.health[name] = math.sqrt(sq[name] / structural[name]) \
+                if structural[name] > 0 else None
+        float_compute = [n for n in order if self.graph.nodes[n]["role"] == "compute"
+                         and self.graph.nodes[n]["is_float"]]
+        known_count = sum(1 for n in float_compute if est.understood.get(n, False))
+        est.coverage = known_count / len(float_compute) if float_compute else 1.0
+        est.unknown_ops = sorted({self.graph.nodes[n]["op"] for n in float_compute
+                                  if not est.understood.get(n, False)})
+        return est
+
+
+def _structural_gains(ctx: Ctx, gains: dict[str, float]) -> dict[str, float]:
+    """The part of each gain that averaging ops impose by design (see module docstring)."""
+    key = ctx.data["key"]
+    if key in ("avg_pool", "mean"):
+        return dict(gains)
+    if key == "sum":
+        return dict(gains)
+    if key == "cat":
+        return dict(gains)
+    return {}
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 1e300
+
+
+def _finite_moments(m: Mom | None) -> Mom | None:
+    if m is None:
+        return None
+    mean, second = m
+    if not (math.isfinite(mean) and math.isfinite(second)):
+        return None
+    return mean, max(second, 0.0)
+
+
+def estimate(traced: TracedModel, inputs: tuple[Any, ...]) -> StaticEstimate:
+    """Run the forward and backward sweeps over ``traced``'s graph."""
+    return _Estimator(traced, inputs).run()

@@ -1,0 +1,450 @@
+"""The HTML report (CONTRACT section 5): one self-contained file for people.
+
+It is opened from CI artifacts and ``file://`` URLs, often on machines with no
+network, and it displays strings that come from arbitrary user code (module
+names, file paths, exception messages). Hence: no external resources of any
+kind, a Content-Security-Policy that forbids them anyway, Jinja's autoescaping
+on every value, and ``StrictUndefined`` so a template typo fails the tests
+instead of silently rendering an empty cell.
+
+All arithmetic and formatting happens here in Python and the template only
+lays it out, so the template stays readable and the numbers are testable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+
+from gradscope._io import atomic_write_text
+from gradscope.rules.registry import RULES
+
+TEMPLATE_NAME = "report.html.j2"
+
+_STATUS_LABELS = {"healthy": "Healthy", "warning": "Warnings", "unhealthy": "Unhealthy"}
+_SEVERITY_ORDER = ("error", "warning", "info")
+_SEVERITY_LABELS = {"error": "Errors", "warning": "Warnings", "info": "Info"}
+
+# Depth-profile geometry, in SVG user units (the SVG scales to the page width).
+_W, _H = 760.0, 280.0
+_LEFT, _RIGHT, _TOP, _BOTTOM = 66.0, 16.0, 16.0, 40.0
+
+
+def template_dirs() -> list[Path]:
+    """Where the template may live: inside an installed wheel first, then a source checkout.
+
+    The wheel build copies the top-level ``templates/`` into the package; in a
+    checkout or editable install it sits next to the package instead.
+    """
+    here = Path(__file__).resolve()
+    candidates = [here.parents[1] / "templates", here.parents[2] / "templates"]
+    return [d for d in candidates if (d / TEMPLATE_NAME).is_file()]
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Environment:
+    dirs = template_dirs()
+    if not dirs:
+        raise RuntimeError(
+            f"gradscope's HTML template {TEMPLATE_NAME} is missing; the installation is "
+            "incomplete (reinstall gradscope)"
+        )
+    return Environment(
+        loader=FileSystemLoader([str(d) for d in dirs]),
+        # default=True: escape even if the template is ever renamed.
+        autoescape=select_autoescape(
+            enabled_extensions=("html", "htm", "xml", "j2"), default_for_string=True, default=True
+        ),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_num(value: Any) -> str:
+    """``1.23e-04`` for floats (gradients span many decades), plain digits for ints."""
+    if value is None:
+        return "\u2013"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0.0:
+            return "0"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def fmt_pct(value: Any) -> str:
+    """Shares (dead, saturated, coverage) read better as percentages."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value * 100:.1f}%"
+    return fmt_num(value)
+
+
+def fmt_any(value: Any) -> str:
+    """A readable one-line rendering of free-form values (inputs, evidence, summary)."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={fmt_any(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt_any(v) for v in value) + "]"
+    return fmt_num(value)
+
+
+def fmt_count(value: Any) -> str:
+    """Parameter counts with thousands separators: 11,689,512 is easier than 11689512."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return fmt_num(value)
+
+
+def fmt_shape(shape: Any) -> str:
+    if isinstance(shape, (list, tuple)):
+        return "\u00d7".join(str(s) for s in shape) if shape else "scalar"
+    return "\u2013"
+
+
+def fmt_location(file: Any, line: Any) -> str:
+    if not file:
+        return ""
+    return f"{file}:{line}" if line else str(file)
+
+
+def script_json(doc: Any) -> Markup:
+    """JSON that can sit inside ``<script type="application/json">`` without ending it.
+
+    Script content is raw text to the HTML parser, so entity escaping does not
+    work there; escaping ``<``, ``>`` and ``&`` as JSON unicode escapes does,
+    and ``JSON.parse`` restores them. U+2028/9 are escaped for old JS parsers.
+    This is the one place that produces Markup from data, and only after that
+    escaping.
+    """
+    text = json.dumps(doc, ensure_ascii=True, allow_nan=False, sort_keys=False)
+    for raw, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(raw, esc)
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return Markup(text)
+
+
+# ------------------------------------------------------------------- views
+
+
+def _positive_log10(value: Any) -> float | None:
+    if _is_real(value) and math.isfinite(value) and value > 0:
+        return math.log10(value)
+    return None
+
+
+def _is_real(value: Any) -> bool:
+    """int or float but not bool (which JSON keeps distinct and Python does not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _decade_label(k: int) -> str:
+    return "1" if k == 0 else f"1e{k}"
+
+
+def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Coordinates for the inline SVG of log10 gradient RMS against layer index.
+
+    Gaps (null, zero or negative values, which have no logarithm) break the
+    static line instead of being bridged, so a missing estimate never looks
+    like a measured trend.
+    """
+    n = len(layers)
+    static = [_positive_log10(layer.get("static_grad_rms")) for layer in layers]
+    probe = [_positive_log10(layer.get("probe_grad_rms")) for layer in layers]
+    values = [v for v in static + probe if v is not None]
+    skipped = sum(
+        1
+        for layer in layers
+        for key in ("static_grad_rms", "probe_grad_rms")
+        if layer.get(key) is not None and _positive_log10(layer.get(key)) is None
+    )
+    base: dict[str, Any] = {
+        "width": int(_W),
+        "height": int(_H),
+        "has_data": bool(values),
+        "skipped": skipped,
+        "has_static": any(v is not None for v in static),
+        "has_probe": any(v is not None for v in probe),
+    }
+    if not values:
+        return base
+
+    lo = math.floor(min(values))
+    hi = math.ceil(max(values))
+    if lo == hi:
+        lo, hi = lo - 1, hi + 1
+    plot_w = _W - _LEFT - _RIGHT
+    plot_h = _H - _TOP - _BOTTOM
+
+    def x_of(i: int) -> float:
+        return _LEFT + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
+
+    def y_of(v: float) -> float:
+        return _TOP + plot_h * (hi - v) / (hi - lo)
+
+    def r(v: float) -> str:
+        return f"{v:.1f}"
+
+    segments: list[str] = []
+    current: list[str] = []
+    static_points: list[dict[str, str]] = []
+    for i, v in enumerate(static):
+        if v is None:
+            if current:
+                segments.append(" ".join(current))
+            current = []
+            continue
+        x, y = r(x_of(i)), r(y_of(v))
+        current.append(("M" if not current else "L") + f"{x},{y}")
+        value = fmt_num(layers[i].get("static_grad_rms"))
+        title = f"{i}: {layers[i].get('name')} static {value}"
+        static_points.append({"x": x, "y": y, "title": title})
+    if current:
+        segments.append(" ".join(current))
+
+    probe_points = [
+        {
+            "x": r(x_of(i)),
+            "y": r(y_of(v)),
+            "title": f"{i}: {layers[i].get('name')} probe "
+            + fmt_num(layers[i].get("probe_grad_rms")),
+        }
+        for i, v in enumerate(probe)
+        if v is not None
+    ]
+
+    step = max(1, math.ceil((hi - lo) / 8))
+    yticks = [
+        {"y": r(y_of(k)), "label": _decade_label(k)}
+        for k in range(lo, hi + 1)
+        if (k - lo) % step == 0
+    ]
+    xstep = max(1, math.ceil(n / 10))
+    xticks = [{"x": r(x_of(i)), "label": str(i)} for i in range(0, n, xstep)]
+    base.update(
+        {
+            "static_path": " ".join(segments),
+            "static_points": static_points,
+            "probe_points": probe_points,
+            "yticks": yticks,
+            "xticks": xticks,
+            "unity_y": r(y_of(0.0)) if lo <= 0 <= hi else None,
+            "left": r(_LEFT),
+            "right": r(_W - _RIGHT),
+            "top": r(_TOP),
+            "bottom": r(_H - _BOTTOM),
+            "xmid": r(_LEFT + plot_w / 2),
+            "xlabel_y": r(_H - 6),
+            "ylabel_x": r(14),
+            "ylabel_y": r(_TOP + plot_h / 2),
+        }
+    )
+    return base
+
+
+def _finding_view(f: Mapping[str, Any]) -> dict[str, Any]:
+    loc: Mapping[str, Any] = f.get("location") or {}
+    code = str(f.get("rule", ""))
+    rule = RULES.get(code)
+    return {
+        "rule": code,
+        "rule_name": rule.name if rule else "",
+        "rule_summary": rule.summary if rule else "",
+        "rule_why": rule.why if rule else "",
+        "rule_references": list(rule.references) if rule else [],
+        "category": str(f.get("category", "")),
+        "severity": str(f.get("severity", "")),
+        "message": str(f.get("message", "")),
+        "file_line": fmt_location(loc.get("file"), loc.get("line")),
+        "module": loc.get("module") or "",
+        "node": loc.get("node") or "",
+        "evidence": [(str(k), fmt_any(v)) for k, v in (f.get("evidence") or {}).items()],
+        "recommendations": [
+            {"kind": str(rec.get("kind", "")), "text": str(rec.get("text", "")),
+             "code": rec.get("code") or ""}
+            for rec in f.get("recommendations") or []
+        ],
+    }
+
+
+def _finding_groups(findings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    by_sev: dict[str, list[dict[str, Any]]] = {}
+    for f in findings:
+        view = _finding_view(f)
+        by_sev.setdefault(view["severity"], []).append(view)
+    order = list(_SEVERITY_ORDER) + sorted(s for s in by_sev if s not in _SEVERITY_ORDER)
+    return [
+        {
+            "severity": sev,
+            "css": sev if sev in _SEVERITY_ORDER else "info",
+            "label": _SEVERITY_LABELS.get(sev, sev),
+            "findings": by_sev[sev],
+        }
+        for sev in order
+        if by_sev.get(sev)
+    ]
+
+
+def _layer_rows(
+    layers: Sequence[Mapping[str, Any]], findings: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    flagged_nodes = {(f.get("location") or {}).get("node") for f in findings} - {None}
+    flagged_modules = {(f.get("location") or {}).get("module") for f in findings} - {None}
+    rows = []
+    for i, layer in enumerate(layers):
+        classes = []
+        if layer.get("name") in flagged_nodes or (
+            layer.get("module") is not None and layer.get("module") in flagged_modules
+        ):
+            classes.append("flagged")
+        if layer.get("nonfinite_forward") or layer.get("nonfinite_backward"):
+            classes.append("nonfinite")
+        rows.append(
+            {
+                "index": i,
+                "name": str(layer.get("name", "")),
+                "module": layer.get("module") or "",
+                "op": str(layer.get("op", "")),
+                "understood": layer.get("understood", True) is not False,
+                "depth": fmt_num(layer.get("depth")),
+                "shape": fmt_shape(layer.get("shape")),
+                "static": fmt_num(layer.get("static_grad_rms")),
+                "probe": fmt_num(layer.get("probe_grad_rms")),
+                "ratio": fmt_num(layer.get("param_grad_ratio")),
+                "dead": fmt_pct(layer.get("dead_fraction")),
+                "saturated": fmt_pct(layer.get("saturated_fraction")),
+                "params": fmt_count(layer.get("num_params", 0)),
+                "location": fmt_location(layer.get("file"), layer.get("line")),
+                "css": " ".join(classes),
+            }
+        )
+    return rows
+
+
+def _fact(label: str, value: Any = "", items: Sequence[str] = ()) -> dict[str, Any]:
+    return {"label": label, "value": value if isinstance(value, str) else fmt_any(value),
+            "entries": list(items)}
+
+
+def _facts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    model: Mapping[str, Any] = doc.get("model") or {}
+    trace: Mapping[str, Any] = model.get("trace") or {}
+    probe: Mapping[str, Any] | None = doc.get("probe")
+    facts = []
+    if model.get("source"):
+        facts.append(_fact("Source", str(model["source"])))
+    params = fmt_count(model.get("num_parameters"))
+    trainable = model.get("num_trainable_parameters")
+    if trainable is not None and trainable != model.get("num_parameters"):
+        params += f" ({fmt_count(model['num_trainable_parameters'])} trainable)"
+    facts.append(_fact("Parameters", params))
+    facts.append(_fact("Device", str(model.get("device", ""))))
+    method = str(trace.get("method", ""))
+    facts.append(_fact("Trace method", method + ("" if trace.get("ok", True) else " (failed)")))
+    if trace.get("message"):
+        facts.append(_fact("Trace message", str(trace["message"])))
+    attempts = trace.get("attempts") or []
+    if attempts:
+        facts.append(
+            _fact(
+                "Trace attempts",
+                items=[
+                    f"{a.get('method')}: "
+                    + ("ok" if a.get("ok") else f"failed \u2013 {a.get('message') or 'no message'}")
+                    for a in attempts
+                ],
+            )
+        )
+    if "coverage" in trace:
+        cov = fmt_pct(trace.get("coverage"))
+        if "num_nodes" in trace:
+            cov += f" of {fmt_count(trace['num_nodes'])} nodes"
+        facts.append(_fact("Op coverage", cov))
+    if trace.get("unknown_ops"):
+        facts.append(_fact("Unknown ops", ", ".join(str(o) for o in trace["unknown_ops"])))
+    if "output" in model:
+        facts.append(_fact("Output probed", str(model.get("output") or "\u2013")))
+    inputs = model.get("inputs") or []
+    if inputs:
+        facts.append(_fact("Inputs", items=[f"#{i}: {fmt_any(x)}" for i, x in enumerate(inputs)]))
+    if probe is None:
+        facts.append(_fact("Probe", "not recorded"))
+    elif not probe.get("enabled"):
+        facts.append(_fact("Probe", "disabled (static analysis only)"))
+    else:
+        settings = [
+            f"{key.replace('_', ' ')}: {fmt_any(probe[key])}"
+            for key in ("device", "batch_size", "loss", "seed", "mode", "output_grad_rms")
+            if probe.get(key) is not None
+        ]
+        facts.append(_fact("Probe", "enabled", items=settings))
+        for key, label in (("nonfinite_forward", "Non-finite forward"),
+                           ("nonfinite_backward", "Non-finite backward")):
+            if probe.get(key):
+                facts.append(_fact(label, str(probe[key])))
+    facts.append(_fact("gradscope version", str(doc.get("gradscope_version", ""))))
+    facts.append(_fact("Schema version", doc.get("schema_version")))
+    return facts
+
+
+def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything the template shows, already formatted; tolerant of optional fields."""
+    model: Mapping[str, Any] = doc.get("model") or {}
+    layers: list[Mapping[str, Any]] = list(doc.get("layers") or [])
+    findings: list[Mapping[str, Any]] = list(doc.get("findings") or [])
+    status = str(doc.get("status", ""))
+    counts = [
+        {"severity": sev, "count": sum(1 for f in findings if f.get("severity") == sev)}
+        for sev in _SEVERITY_ORDER
+    ]
+    return {
+        "model_name": str(model.get("name", "model")),
+        "status": status,
+        "status_css": status if status in _STATUS_LABELS else "unknown",
+        "status_label": _STATUS_LABELS.get(status, status or "Unknown"),
+        "counts": counts,
+        "groups": _finding_groups(findings),
+        "num_findings": len(findings),
+        "profile": depth_profile(layers),
+        "rows": _layer_rows(layers, findings),
+        "facts": _facts(doc),
+        "summary": [(str(k), fmt_any(v)) for k, v in (doc.get("summary") or {}).items()],
+        "notes": [str(n) for n in doc.get("notes") or []],
+        "version": str(doc.get("gradscope_version", "")),
+        "report_json": script_json(doc),
+    }
+
+
+def render_html(doc: dict[str, Any]) -> str:
+    """The report as one HTML5 page; deterministic (no timestamps) so reruns diff cleanly."""
+    template = _environment().get_template(TEMPLATE_NAME)
+    return template.render(v=build_view(doc))
+
+
+def write_html(doc: dict[str, Any], path: str | Path) -> None:
+    """Write the page atomically (``-`` writes to stdout, for piping)."""
+    text = render_html(doc)
+    if str(path) == "-":
+        import sys
+
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    atomic_write_text(path, text)

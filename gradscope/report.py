@@ -1,0 +1,345 @@
+"""The report model: plain data between the analysis and the renderers.
+
+Nothing here imports torch, so renderers, ``gradscope diff`` and CI tooling
+can read and write reports on machines without it. The analysis fills these
+records once; renderers only read them (computing and rendering never mix).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gradscope._version import __version__
+
+SCHEMA_VERSION = 1
+
+Severity = Literal["error", "warning", "info"]
+Status = Literal["healthy", "warning", "unhealthy"]
+
+#: Severities from most to least serious; ``--fail-on`` compares against it.
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+
+CATEGORIES = (
+    "vanishing_gradient",
+    "exploding_gradient",
+    "saturation",
+    "dead_units",
+    "nonfinite",
+    "learning_rate",
+    "architecture",
+    "trace",
+)
+
+RECOMMENDATION_KINDS = (
+    "gradient_clipping",
+    "residual_connection",
+    "learning_rate",
+    "warmup",
+    "activation",
+    "normalization",
+    "initialization",
+)
+
+
+def severity_rank(severity: str) -> int:
+    """0 for error, 1 for warning, 2 for info: lower is more serious."""
+    return SEVERITIES.index(severity)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One fix, with its numbers already filled in."""
+
+    kind: str
+    text: str
+    code: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "text": self.text, "code": self.code}
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a finding points: graph node, module path and the user's source line."""
+
+    module: str | None = None
+    node: str | None = None
+    file: str | None = None
+    line: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "node": self.node, "file": self.file, "line": self.line}
+
+    def short(self) -> str:
+        """``file:line (module)`` or whatever part of it is known."""
+        parts = []
+        if self.file:
+            parts.append(f"{self.file}:{self.line}" if self.line else self.file)
+        if self.module:
+            parts.append(self.module if not parts else f"({self.module})")
+        elif self.node and not parts:
+            parts.append(self.node)
+        return " ".join(parts) if parts else "<model>"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule's verdict at one place; frozen so rules cannot edit each other's output."""
+
+    rule: str
+    category: str
+    severity: Severity
+    message: str
+    location: Location = Location()
+    recommendations: tuple[Recommendation, ...] = ()
+    #: The figures the verdict rests on (ratios, thresholds), for reports and diffs.
+    evidence: Mapping[str, float | int | str | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "category": self.category,
+            "severity": self.severity,
+            "message": self.message,
+            "location": self.location.to_dict(),
+            "recommendations": [r.to_dict() for r in self.recommendations],
+            "evidence": dict(self.evidence),
+        }
+
+
+@dataclass
+class Layer:
+    """One graph node as reported: what it is, and what the estimate and probe saw."""
+
+    name: str
+    op: str
+    depth: int
+    module: str | None = None
+    module_class: str | None = None
+    kind: str = "call_function"
+    inputs: Sequence[str] = ()
+    shape: Sequence[int] | None = None
+    dtype: str | None = None
+    num_params: int = 0
+    file: str | None = None
+    line: int | None = None
+    understood: bool = True
+    static_grad_rms: float | None = None
+    probe_grad_rms: float | None = None
+    param_grad_ratio: float | None = None
+    param_grad_norm: float | None = None
+    update_ratio: float | None = None
+    dead_fraction: float | None = None
+    saturated_fraction: float | None = None
+    nonfinite_forward: bool = False
+    nonfinite_backward: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "op": self.op,
+            "depth": self.depth,
+            "static_grad_rms": self.static_grad_rms,
+            "probe_grad_rms": self.probe_grad_rms,
+            "param_grad_ratio": self.param_grad_ratio,
+            "dead_fraction": self.dead_fraction,
+            "saturated_fraction": self.saturated_fraction,
+            "module_class": self.module_class,
+            "kind": self.kind,
+            "inputs": list(self.inputs),
+            "shape": list(self.shape) if self.shape is not None else None,
+            "dtype": self.dtype,
+            "num_params": self.num_params,
+            "file": self.file,
+            "line": self.line,
+            "understood": self.understood,
+            "param_grad_norm": self.param_grad_norm,
+            "update_ratio": self.update_ratio,
+            "nonfinite_forward": self.nonfinite_forward,
+            "nonfinite_backward": self.nonfinite_backward,
+        }
+
+
+@dataclass(frozen=True)
+class TraceAttempt:
+    """One tracer tried, and why it failed if it did."""
+
+    method: str
+    ok: bool
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "ok": self.ok, "message": self.message}
+
+
+@dataclass
+class TraceInfo:
+    """How the graph was obtained: the method used, the ones that failed first, coverage."""
+
+    method: str
+    ok: bool
+    message: str | None
+    attempts: Sequence[TraceAttempt] = ()
+    num_nodes: int = 0
+    coverage: float = 1.0
+    unknown_ops: Sequence[str] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "ok": self.ok,
+            "message": self.message,
+            "attempts": [a.to_dict() for a in self.attempts],
+            "num_nodes": self.num_nodes,
+            "coverage": self.coverage,
+            "unknown_ops": list(self.unknown_ops),
+        }
+
+
+@dataclass
+class ModelInfo:
+    """Facts about the model and how it was fed."""
+
+    name: str
+    num_parameters: int
+    device: str
+    trace: TraceInfo
+    num_trainable_parameters: int = 0
+    output: str | None = None
+    inputs: Sequence[Mapping[str, Any]] = ()
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_parameters": self.num_parameters,
+            "num_trainable_parameters": self.num_trainable_parameters,
+            "device": self.device,
+            "trace": self.trace.to_dict(),
+            "output": self.output,
+            "inputs": [dict(i) for i in self.inputs],
+            "source": self.source,
+        }
+
+
+@dataclass
+class ProbeInfo:
+    """How the probe ran, or why it did not."""
+
+    enabled: bool
+    device: str | None = None
+    batch_size: int | None = None
+    loss: str | None = None
+    seed: int | None = None
+    mode: str | None = None
+    output_grad_rms: float | None = None
+    nonfinite_forward: str | None = None
+    nonfinite_backward: str | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "loss": self.loss,
+            "seed": self.seed,
+            "mode": self.mode,
+            "output_grad_rms": self.output_grad_rms,
+            "nonfinite_forward": self.nonfinite_forward,
+            "nonfinite_backward": self.nonfinite_backward,
+        }
+
+
+@dataclass
+class Report:
+    """Everything one analysis found; ``to_dict`` is the JSON report of CONTRACT section 4."""
+
+    model: ModelInfo
+    layers: list[Layer]
+    findings: list[Finding]
+    probe: ProbeInfo
+    summary: dict[str, float | int | str | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    gradscope_version: str = __version__
+
+    @property
+    def status(self) -> Status:
+        """unhealthy iff an error finding, warning iff a warning finding (CONTRACT 4)."""
+        severities = {f.severity for f in self.findings}
+        if "error" in severities:
+            return "unhealthy"
+        if "warning" in severities:
+            return "warning"
+        return "healthy"
+
+    def count(self, severity: Severity) -> int:
+        return sum(1 for f in self.findings if f.severity == severity)
+
+    def fails(self, fail_on: str) -> bool:
+        """Whether a finding at or above ``fail_on`` exists (``never`` never fails)."""
+        if fail_on == "never":
+            return False
+        limit = severity_rank(fail_on)
+        return any(severity_rank(f.severity) <= limit for f in self.findings)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document; non-finite floats become ``null`` plus a note saying where."""
+        doc: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "gradscope_version": self.gradscope_version,
+            "status": self.status,
+            "model": self.model.to_dict(),
+            "probe": self.probe.to_dict(),
+            "summary": dict(self.summary),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "findings": [f.to_dict() for f in self.findings],
+            "notes": list(self.notes),
+        }
+        extra_notes: list[str] = []
+        doc = _finite_only(doc, "", extra_notes)
+        doc["notes"].extend(extra_notes)
+        return doc
+
+    def write_json(self, path: str | Path) -> None:
+        from gradscope.render.json_report import write_json
+
+        write_json(self.to_dict(), path)
+
+    def write_html(self, path: str | Path) -> None:
+        from gradscope.render.html import write_html
+
+        write_html(self.to_dict(), path)
+
+    def write_sarif(self, path: str | Path) -> None:
+        from gradscope.render.sarif import write_sarif
+
+        write_sarif(self.to_dict(), path)
+
+
+def _finite_only(value: Any, where: str, notes: list[str]) -> Any:
+    """Replace NaN/Inf by None (JSON has neither) and record each replacement."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        notes.append(f"{where or 'value'} was {value!r}, written as null")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_only(v, f"{where}.{k}" if where else str(k), notes) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_only(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
+    return value

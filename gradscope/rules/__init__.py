@@ -1,0 +1,1 @@
+"""Rules: the registry of codes (no torch) and the checks that produce findings."""

@@ -1,0 +1,306 @@
+"""The checks: static estimate and probe measurements in, findings out.
+
+Each check reads the analysis (graph, estimate, probe) and returns frozen
+:class:`~gradscope.report.Finding` records whose rule metadata comes from the
+registry. Checks never compute gradients themselves and never render.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gradscope.report import Finding, Location, Recommendation, Severity
+from gradscope.rules.registry import get_rule
+
+if TYPE_CHECKING:
+    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.probe import ProbeResult
+    from gradscope.tracing.graph import TracedModel
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits on the gradient ratio (earliest trainable layers / output), after pooling.
+
+    Ratios are of gradient norms, discounting averaging ops (see
+    ``gradscope.estimate.propagate``). Defaults follow SIGNAL_PROPAGATION.md:
+    a plain stack whose product of gains leaves [1e-2, 1e2] needs attention.
+    """
+
+    vanishing_warning: float = 1e-2
+    vanishing_error: float = 1e-3
+    exploding_warning: float = 1e2
+    exploding_error: float = 1e3
+    min_coverage: float = 0.9
+
+
+@dataclass
+class Analysis:
+    """Everything the checks may read."""
+
+    traced: TracedModel
+    estimate: StaticEstimate
+    probe: ProbeResult | None
+    thresholds: Thresholds
+
+
+def _location(analysis: Analysis, node: str) -> Location:
+    data = analysis.traced.graph.nodes[node]
+    return Location(module=data["module"], node=node, file=data["file"], line=data["line"])
+
+
+def _finding(code: str, message: str, location: Location, severity: Severity | None = None,
+             recommendations: Iterable[Recommendation] = (),
+             evidence: dict[str, float | int | str | None] | None = None) -> Finding:
+    rule = get_rule(code)
+    return Finding(rule=code, category=rule.category, severity=severity or rule.severity,
+                   message=message, location=location,
+                   recommendations=tuple(recommendations), evidence=evidence or {})
+
+
+def trainable_nodes(analysis: Analysis) -> list[str]:
+    """Nodes whose own weights train: where a starved gradient actually hurts."""
+    graph = analysis.traced.graph
+    return [n for n in analysis.traced.order()
+            if graph.nodes[n]["role"] == "compute" and graph.nodes[n]["num_params"] > 0
+            and graph.nodes[n]["is_float"]]
+
+
+def _extreme(values: dict[str, float | None], nodes: list[str]) -> tuple[str, float, str, float] | None:
+    """(argmin, min, argmax, max) of finite values over ``nodes``."""
+    finite = [(n, values[n]) for n in nodes if values.get(n) is not None
+              and math.isfinite(values[n])]  # type: ignore[arg-type]
+    if not finite:
+        return None
+    lo = min(finite, key=lambda item: item[1])  # type: ignore[arg-type,return-value]
+    hi = max(finite, key=lambda item: item[1])  # type: ignore[arg-type,return-value]
+    return lo[0], float(lo[1]), hi[0], float(hi[1])  # type: ignore[arg-type]
+
+
+def probe_health(analysis: Analysis) -> dict[str, float | None]:
+    """Measured gradient norm ratio per node, discounting averaging ops like the estimate."""
+    if analysis.probe is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for node, sq in analysis.probe.sq_norm.items():
+        structural = analysis.estimate.structural.get(node, 1.0) or 1.0
+        out[node] = math.sqrt(sq / structural) if math.isfinite(sq) else None
+    return out
+
+
+def _op_of(analysis: Analysis, node: str) -> str:
+    data = analysis.traced.graph.nodes[node]
+    return f"{data['module'] or node} ({data['op']})"
+
+
+def _activations(analysis: Analysis) -> set[str]:
+    graph = analysis.traced.graph
+    return {graph.nodes[n]["key"].split(":", 1)[1] for n in graph.nodes
+            if graph.nodes[n]["key"].startswith("activation:")}
+
+
+def _vanishing_fixes(analysis: Analysis) -> list[Recommendation]:
+    acts = _activations(analysis)
+    fixes = []
+    if acts & {"sigmoid", "tanh", "softsign", "hardsigmoid"}:
+        fixes.append(Recommendation(
+            "activation",
+            "Replace saturating hidden activations (sigmoid/tanh) with ReLU or GELU: "
+            "E[sigmoid'(z)^2] is 0.045 at unit variance, so each layer keeps ~4.5% of the "
+            "gradient's squared norm.",
+            "nn.ReLU()  # instead of nn.Sigmoid() between hidden layers"))
+    fixes.append(Recommendation(
+        "initialization",
+        "Initialise weights for the activation so each layer's gain is 1: Kaiming normal "
+        "(fan_in) for ReLU-family activations (Var W = 2/fan_in), the critical sigma_w for tanh.",
+        "for m in model.modules():\n"
+        "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):\n"
+        "        nn.init.kaiming_normal_(m.weight, mode=\"fan_in\", nonlinearity=\"relu\")\n"
+        "        if m.bias is not None:\n"
+        "            nn.init.zeros_(m.bias)"))
+    fixes.append(Recommendation(
+        "residual_connection",
+        "Add identity skips around the long plain stack (x = x + block(x)), so the gradient has "
+        "a path that no layer attenuates.",
+        "def forward(self, x):\n    return x + self.block(x)"))
+    return fixes
+
+
+def _exploding_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommendation]:
+    fixes = []
+    if grad_norm is not None and math.isfinite(grad_norm) and grad_norm > 0:
+        max_norm = float(f"{grad_norm:.2g}")
+        fixes.append(Recommendation(
+            "gradient_clipping",
+            f"Clip the global gradient norm at {max_norm:g} (the probe's measured norm; 0.5x to "
+            "10x the typical norm is safe, Pascanu et al. 2013) while the cause is fixed.",
+            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})"))
+    fixes.append(Recommendation(
+        "initialization",
+        "Reduce the initial weight scale to the activation's critical value (Kaiming fan_in "
+        "for ReLU, Var W = 2/fan_in).",
+        "nn.init.kaiming_normal_(layer.weight, mode=\"fan_in\", nonlinearity=\"relu\")"))
+    fixes.append(Recommendation(
+        "normalization",
+        "Put a normalisation layer (LayerNorm/BatchNorm) after each weight layer so the scale "
+        "cannot compound with depth.",
+        None))
+    return fixes
+
+
+def _gradient_extremes(analysis: Analysis, values: dict[str, float | None], *, measured: bool,
+                       ) -> list[Finding]:
+    t = analysis.thresholds
+    nodes = trainable_nodes(analysis)
+    ext = _extreme(values, nodes)
+    if ext is None:
+        return []
+    lo_node, lo, hi_node, hi = ext
+    findings = []
+    source = "measured" if measured else "predicted"
+    code_v, code_e = ("GS102", "GS202") if measured else ("GS101", "GS201")
+    if lo < t.vanishing_warning:
+        severity: Severity = "error" if lo < t.vanishing_error else "warning"
+        amount = "no gradient at all" if lo == 0 else f"{lo:.2e} of the gradient at the output"
+        findings.append(_finding(
+            code_v,
+            f"Vanishing gradient ({source}): {_op_of(analysis, lo_node)} receives {amount} "
+            f"(threshold {t.vanishing_warning:g}); its weights will barely train.",
+            _location(analysis, lo_node), severity, _vanishing_fixes(analysis),
+            {"gradient_ratio": lo, "threshold": t.vanishing_warning,
+             "depth": analysis.traced.graph.nodes[lo_node]["depth"]}))
+    if hi > t.exploding_warning:
+        severity = "error" if hi > t.exploding_error else "warning"
+        norm = None
+        if analysis.probe is not None:
+            norms = [v for v in analysis.probe.param_grad_norm.values()
+                     if v is not None and math.isfinite(v)]
+            norm = math.sqrt(sum(v * v for v in norms)) if norms else None
+        findings.append(_finding(
+            code_e,
+            f"Exploding gradient ({source}): {_op_of(analysis, hi_node)} receives {hi:.2e} "
+            f"times the gradient at the output (threshold {t.exploding_warning:g}).",
+            _location(analysis, hi_node), severity, _exploding_fixes(analysis, norm),
+            {"gradient_ratio": hi, "threshold": t.exploding_warning,
+             "depth": analysis.traced.graph.nodes[hi_node]["depth"]}))
+    return findings
+
+
+def check_static_gradients(analysis: Analysis) -> list[Finding]:
+    return _gradient_extremes(analysis, analysis.estimate.health, measured=False)
+
+
+def check_measured_gradients(analysis: Analysis) -> list[Finding]:
+    probe = analysis.probe
+    if probe is None or probe.nonfinite_forward or probe.nonfinite_backward:
+        return []  # meaningless once NaN has appeared; GS501/GS502 report that instead
+    return _gradient_extremes(analysis, probe_health(analysis), measured=True)
+
+
+def check_nonfinite(analysis: Analysis) -> list[Finding]:
+    probe = analysis.probe
+    if probe is None:
+        return []
+    findings = []
+    if probe.nonfinite_forward:
+        first = probe.nonfinite_forward[0]
+        findings.append(_finding(
+            "GS501",
+            f"NaN/Inf first appears in the forward pass at {_op_of(analysis, first)}; "
+            f"{len(probe.nonfinite_forward)} node(s) downstream are non-finite too.",
+            _location(analysis, first),
+            evidence={"first_node": first, "nonfinite_nodes": len(probe.nonfinite_forward)}))
+    else:
+        bad = [n for n in probe.nonfinite_backward]
+        if bad:
+            start = bad[-1]  # closest to the output in forward order: where backward breaks
+            findings.append(_finding(
+                "GS502",
+                f"The gradient turns NaN/Inf at {_op_of(analysis, start)} although the forward "
+                f"pass is finite; {len(bad)} node(s) upstream receive non-finite gradients.",
+                _location(analysis, start),
+                evidence={"first_node": start, "nonfinite_nodes": len(bad)}))
+    return findings
+
+
+def check_trace(analysis: Analysis) -> list[Finding]:
+    traced = analysis.traced
+    findings = []
+    if traced.method != "symbolic_trace":
+        failed = [a for a in traced.attempts if not a.ok]
+        why = "; ".join(f"{a.method} failed: {a.message}" for a in failed)
+        findings.append(_finding(
+            "GS801",
+            f"Graph recorded with {traced.method} ({why}).",
+            Location(), evidence={"method": traced.method}))
+    est = analysis.estimate
+    if est.coverage < analysis.thresholds.min_coverage:
+        findings.append(_finding(
+            "GS802",
+            f"The static estimate understands {est.coverage:.0%} of the graph's operations; "
+            f"unknown ops pass the signal through unchanged: {', '.join(est.unknown_ops)}.",
+            Location(), evidence={"coverage": est.coverage,
+                                  "unknown_ops": ", ".join(est.unknown_ops)}))
+    return findings
+
+
+CHECKS: tuple[Callable[[Analysis], list[Finding]], ...] = (
+    check_trace,
+    check_nonfinite,
+    check_static_gradients,
+    check_measured_gradients,
+)
+
+
+def run_checks(analysis: Analysis) -> list[Finding]:
+    """All findings, most serious first, in a stable order."""
+    from gradscope.report import severity_rank
+
+    findings = [f for check in CHECKS for f in check(analysis)]
+    return sorted(findings, key=lambda f: (severity_rank(f.severity), f.rule,
+                                           f.location.node or ""))
+
+
+#: The healthy band of update/weight ratios for the learning-rate check.
+UPDATE_RATIO_BAND = (1e-4, 1e-2)
+UPDATE_RATIO_TARGET = 1e-3
+
+
+def check_learning_rate(analysis: Analysis) -> list[Finding]:
+    probe = analysis.probe
+    if probe is None or probe.lr is None:
+        return []
+    ratios = sorted(v for v in probe.update_ratio.values()
+                    if v is not None and math.isfinite(v) and v > 0)
+    if not ratios:
+        return []
+    median = ratios[len(ratios) // 2]
+    lo, hi = UPDATE_RATIO_BAND
+    if lo <= median <= hi:
+        return []
+    factor = UPDATE_RATIO_TARGET / median
+    new_lr = probe.lr * factor
+    worst = max(probe.update_ratio, key=lambda n: abs(math.log10(
+        probe.update_ratio[n] or UPDATE_RATIO_TARGET) - math.log10(UPDATE_RATIO_TARGET)))
+    direction = "large" if median > hi else "small"
+    return [_finding(
+        "GS601",
+        f"Learning rate {probe.lr:g} with {probe.optimizer} is too {direction}: the median "
+        f"layer's first update is {median:.1e} of its weight norm (healthy band "
+        f"[{lo:g}, {hi:g}]).",
+        _location(analysis, worst), None,
+        [Recommendation("learning_rate",
+                        f"Multiply the learning rate by {factor:.3g} (lr = {new_lr:.3g}) to bring "
+                        f"the median update/weight ratio to {UPDATE_RATIO_TARGET:g}.",
+                        f"optimizer = torch.optim.{'SGD' if probe.optimizer == 'sgd' else 'AdamW' if probe.optimizer == 'adamw' else 'Adam'}(model.parameters(), lr={new_lr:.3g})"),
+         Recommendation("warmup", "Warm the learning rate up linearly over the first 1000 "
+                        "steps so early large updates cannot destroy the initialisation.",
+                        "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, "
+                        "start_factor=0.01, total_iters=1000)")],
+        {"median_update_ratio": median, "lr": probe.lr, "factor": factor})]
+
+
+CHECKS = (*CHECKS, check_learning_rate)

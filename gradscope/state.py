@@ -1,0 +1,124 @@
+"""Leave the user's model exactly as it was found (CONTRACT section 3).
+
+Everything gradscope might touch is recorded on entry and put back in a
+``finally``, also when the forward raises midway or the user presses Ctrl-C:
+parameter and buffer values, ``.grad`` fields, ``requires_grad`` flags, the
+train/eval flag of every submodule, every hook dictionary, the device of
+every tensor, and the torch CPU and CUDA RNG states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Parameters are copied for a bit-exact restore up to this size; above it only
+#: their identity and version counters are kept (no forward gradscope runs
+#: writes to parameters; a model whose own forward does is noted).
+CLONE_LIMIT_BYTES = 1 << 30
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+@dataclass
+class _Snapshot:
+    tensors: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = \
+        field(default_factory=list)
+    grads: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    requires_grad: list[tuple[torch.Tensor, bool]] = field(default_factory=list)
+    training: list[tuple[nn.Module, bool]] = field(default_factory=list)
+    hooks: list[tuple[dict[Any, Any], dict[Any, Any]]] = field(default_factory=list)
+    cpu_rng: torch.Tensor | None = None
+    cuda_rng: list[torch.Tensor] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _take(model: nn.Module) -> _Snapshot:
+    snap = _Snapshot()
+    params = list(dict.fromkeys(model.parameters()))
+    buffers = list(dict.fromkeys(b for b in model.buffers()))
+    clone_params = sum(p.numel() * p.element_size() for p in params) <= CLONE_LIMIT_BYTES
+    with torch.no_grad():
+        for p in params:
+            copy = p.detach().clone() if clone_params and not p.is_meta else None
+            snap.tensors.append((p, p.data, p.data._version, copy))
+            snap.grads.append((p, p.grad))
+            snap.requires_grad.append((p, p.requires_grad))
+        for b in buffers:
+            copy = b.detach().clone() if not b.is_meta else None
+            snap.tensors.append((b, b.data, b.data._version, copy))
+    for module in model.modules():
+        snap.training.append((module, module.training))
+        for attr in _HOOK_DICTS:
+            hooks = getattr(module, attr, None)
+            if isinstance(hooks, dict):
+                snap.hooks.append((hooks, dict(hooks)))
+    global_hooks = nn.modules.module
+    for attr in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks"):
+        hooks = getattr(global_hooks, attr, None)
+        if isinstance(hooks, dict):
+            snap.hooks.append((hooks, dict(hooks)))
+    snap.cpu_rng = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snap.cuda_rng = torch.cuda.get_rng_state_all()
+    return snap
+
+
+def _restore(snap: _Snapshot) -> None:
+    with torch.no_grad():
+        for tensor, data, version, copy in snap.tensors:
+            if tensor.data is not data:
+                tensor.data = data  # moved to another device: the original storage is intact
+            if data._version != version:
+                if copy is not None:
+                    data.copy_(copy)
+                else:
+                    snap.notes.append("a parameter was modified in place by the model's forward "
+                                      "and is too large to have been copied")
+    for p, grad in snap.grads:
+        if p.grad is not grad:
+            p.grad = grad
+    for p, flag in snap.requires_grad:
+        if p.requires_grad != flag:
+            p.requires_grad_(flag)
+    for module, flag in snap.training:
+        if module.training != flag:
+            module.training = flag
+    for hooks, saved in snap.hooks:
+        if hooks.keys() != saved.keys():
+            hooks.clear()
+            hooks.update(saved)
+    if snap.cpu_rng is not None:
+        torch.set_rng_state(snap.cpu_rng)
+    if snap.cuda_rng is not None:
+        torch.cuda.set_rng_state_all(snap.cuda_rng)
+
+
+@contextmanager
+def preserved(model: nn.Module, notes: list[str] | None = None) -> Iterator[None]:
+    """Run the block, then restore the model and the RNG states, whatever happened."""
+    snap = _take(model)
+    try:
+        yield
+    finally:
+        _restore(snap)
+        if notes is not None:
+            notes.extend(snap.notes)

@@ -1,0 +1,74 @@
+"""Tracing: model -> networkx graph, trying tracers from most to least static.
+
+1. ``torch.fx.symbolic_trace`` (module-level graph, the user's source lines);
+2. ``torch.export.export`` (aten-level; handles Hugging Face models and
+   ``nn.TransformerEncoder``; module paths from ``nn_module_stack``);
+3. a runtime graph recorded during one forward (data-dependent control flow).
+
+Each failure is kept with its reason, so the report can say why the method
+used was needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from gradscope.errors import GradscopeError, InputError, TraceError
+from gradscope.report import TraceAttempt
+from gradscope.tracing.graph import TracedModel
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | None = None,
+                allow_run: bool = True, method: str | None = None) -> TracedModel:
+    """Trace ``model`` on ``inputs``; ``method`` forces one tracer (tests and ``--tracer``).
+
+    ``allow_run=False`` (``--no-probe``) still permits the runtime recorder,
+    which runs one forward without gradients, because otherwise a model with
+    data-dependent control flow could not be analysed at all; the report says so.
+    """
+    from gradscope.tracing.fx_tracers import trace_export, trace_symbolic
+    from gradscope.tracing.runtime import trace_runtime
+
+    tracers = [("symbolic_trace", trace_symbolic), ("export", trace_export),
+               ("runtime", trace_runtime)]
+    if method is not None:
+        tracers = [t for t in tracers if t[0] == method]
+        if not tracers:
+            raise TraceError(f"unknown tracer {method!r}",
+                             "choose symbolic_trace, export or runtime")
+    attempts: list[TraceAttempt] = []
+    last_error: BaseException | None = None
+    for name, tracer in tracers:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = tracer(model, inputs, output_key, attempts)
+        except GradscopeError:
+            raise
+        except Exception as exc:
+            attempts.append(TraceAttempt(name, False, _reason(exc)))
+            last_error = exc
+            continue
+        if not allow_run and name == "runtime":
+            traced.notes.append("--no-probe: the model was still run forward once, without "
+                                "gradients, to record its graph")
+        return traced
+    shapes = ", ".join(str(list(t.shape)) if hasattr(t, "shape") else repr(t) for t in inputs)
+    assert last_error is not None
+    raise InputError(
+        f"the model could not be run on inputs of shape {shapes}: {_reason(last_error)}",
+        "check --input-shape/--dtype or example_inputs() against what forward expects",
+    ) from last_error
+
+
+__all__ = ["TracedModel", "trace_model"]

@@ -1,0 +1,265 @@
+"""The two symbolic tracers: ``torch.fx.symbolic_trace`` first, ``torch.export`` second.
+
+Both yield fx graphs, so both share the conversion to the common networkx
+form and the Interpreter-based runner the probe uses. Shapes come from fake
+tensors (nothing real is computed), falling back to one real forward under
+``no_grad`` only when fake execution cannot follow an op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from gradscope.outputs import select_output
+from gradscope.report import TraceAttempt
+from gradscope.tracing import ops
+from gradscope.tracing.graph import Observer, Runner, TracedModel, graph_from_fx
+
+META_KEY = "gradscope"
+
+
+class NodeExecutionError(RuntimeError):
+    """An op failed while a pass ran the graph; carries the fx node, like ShapeProp's errors."""
+
+    def __init__(self, node: fx.Node, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__} at node {node.name} ({node.format_node()}): {error}")
+        self.node = node
+        self.error = error
+
+
+class ValuePropagation(fx.Interpreter):
+    """Runs the graph once and stores each node's value in ``node.meta["gradscope"]``.
+
+    Under a FakeTensorMode the values are fake tensors (shapes and dtypes only);
+    errors are re-raised with the node attached.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except Exception as exc:
+            raise NodeExecutionError(n, exc) from exc
+        self.values[n.name] = out
+        n.meta.setdefault(META_KEY, {})["value"] = out
+        return out
+
+
+class FxRunner(Runner):
+    """Runs an fx graph with real tensors, reporting each analysed node's output."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: set[str], output_node: str,
+                 template: list[tuple[str, Any]] | None = None) -> None:
+        self.gm = gm
+        self.nodes = nodes
+        self.output_node = output_node
+        #: Placeholder order: ("tensor", t) for lifted weights, ("input", i) for user inputs.
+        self.template = template
+
+    def arguments(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Placeholder values: user inputs, and lifted weights read from the model *now*.
+
+        Weights are looked up at run time because the probe may have moved the
+        model to another device since tracing (buffers are replaced on ``.to``).
+        """
+        if self.template is None:
+            return tuple(inputs)
+        device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None)
+        args: list[Any] = []
+        for kind, value in self.template:
+            if kind == "input":
+                args.append(inputs[value])
+            elif kind == "attr":
+                root, target, is_param = value
+                args.append(root.get_parameter(target) if is_param else root.get_buffer(target))
+            else:
+                args.append(value.to(device) if device is not None else value)
+        return tuple(args)
+
+    def run(self, inputs: tuple[Any, ...], observe: Observer) -> torch.Tensor:
+        runner = self
+        result: dict[str, Any] = {}
+        if self.template is None:
+            device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None)
+            if device is not None:
+                self.gm.to(device)  # the GraphModule's own copies of get_attr tensors
+
+        class _Observing(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                try:
+                    out = super().run_node(n)
+                except Exception as exc:
+                    raise NodeExecutionError(n, exc) from exc
+                if n.name in runner.nodes:
+                    observe(n.name, out)
+                if n.name == runner.output_node:
+                    result["out"] = out
+                return out
+
+        _Observing(self.gm, garbage_collect_values=True).run(*self.arguments(inputs))
+        return result["out"]
+
+
+class _Tracer(fx.Tracer):
+    """symbolic_trace's tracer, recording stack traces and keeping only modeled modules whole.
+
+    torch.nn modules without children (Linear, ReLU, LSTM, ...) and
+    MultiheadAttention stay single nodes; everything else, torch.nn containers
+    such as TransformerEncoderLayer included, is traced into so the estimator
+    sees its parts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        cls = type(m)
+        if cls.__name__ in ops.LEAF_WITH_CHILDREN:
+            return True
+        in_torch = cls.__module__.startswith(("torch.nn", "torch.ao.nn"))
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return in_torch and next(m.children(), None) is None
+
+
+def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...]
+                      ) -> tuple[dict[str, Any], str | None]:
+    """Node values from fake tensors, or from one real no-grad forward when fake fails.
+
+    Returns the values and a note when the real forward was needed.
+    """
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                                for t in inputs)
+            prop = ValuePropagation(gm)
+            prop.run(*fake_inputs)
+        return prop.values, None
+    except NodeExecutionError as exc:
+        fake_error = exc
+    prop = ValuePropagation(gm)
+    with torch.no_grad():
+        prop.run(*inputs)  # a real failure here is the model's own error
+    return prop.values, (
+        f"shapes were taken from one real forward without gradients: fake tensors could not "
+        f"run node {fake_error.node.name} ({type(fake_error.error).__name__})"
+    )
+
+
+def _is_float_node(values: dict[str, Any]) -> Any:
+    def check(item: Any) -> bool:
+        if isinstance(item, fx.Node):
+            value = values.get(item.name)
+            return isinstance(value, torch.Tensor) and value.is_floating_point()
+        return False
+
+    return check
+
+
+def trace_symbolic(model: nn.Module, inputs: tuple[Any, ...], output_key: str | None,
+                   attempts: list[TraceAttempt]) -> TracedModel:
+    """``torch.fx.symbolic_trace`` with stack traces, then fake-tensor shape propagation."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        raise TypeError(
+            f"forward takes {len(placeholders)} tensor arguments, {len(inputs)} inputs given"
+        )
+    values, note = _propagate_values(gm, inputs)
+    tensors: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            attr: Any = gm
+            for part in str(node.target).split("."):
+                attr = getattr(attr, part)
+            if isinstance(attr, torch.Tensor):
+                tensors[node.name] = attr
+    nxg, _ = graph_from_fx(gm, values=values, roles={}, tensors=tensors, root=model)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    selected, desc = select_output(output.args[0], output_key, _is_float_node(values))
+    attempts.append(TraceAttempt("symbolic_trace", True, None))
+    compute = {n for n, d in nxg.nodes(data=True) if d["role"] in ("input", "compute")}
+    traced = TracedModel(
+        graph=nxg, method="symbolic_trace", attempts=attempts, output_node=selected.name,
+        output_desc=desc, runner=FxRunner(gm, compute, selected.name), tensors=tensors,
+        modules={str(n.target): gm.get_submodule(str(n.target))
+                 for n in gm.graph.nodes if n.op == "call_module"},
+    )
+    if note:
+        traced.notes.append(note)
+    return traced
+
+
+class _SelectingWrapper(nn.Module):
+    """Returns only the probed tensor, so export never sees caches or custom output types."""
+
+    def __init__(self, model: nn.Module, output_key: str | None) -> None:
+        super().__init__()
+        self.gradscope_model = model
+        self.output_key = output_key
+        self.output_desc = "output"
+
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        out = self.gradscope_model(*inputs)
+        selected, self.output_desc = select_output(
+            out, self.output_key,
+            lambda v: isinstance(v, torch.Tensor) and v.is_floating_point(),
+        )
+        return selected  # type: ignore[no-any-return]
+
+
+PREFIX = "gradscope_model."
+
+
+def trace_export(model: nn.Module, inputs: tuple[Any, ...], output_key: str | None,
+                 attempts: list[TraceAttempt]) -> TracedModel:
+    """``torch.export.export`` (non-strict) of the model behind a selecting wrapper."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    wrapper = _SelectingWrapper(model, output_key)
+    ep = torch.export.export(wrapper, tuple(inputs), strict=False)
+    gm = ep.graph_module
+    roles: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    param_names: dict[str, str] = {}
+    template: list[tuple[str, Any]] = []
+    for spec in ep.graph_signature.input_specs:
+        name = spec.arg.name  # type: ignore[union-attr]
+        if spec.kind == InputKind.USER_INPUT:
+            roles[name] = "input"
+            template.append(("input", sum(1 for k, _ in template if k == "input")))
+            continue
+        target = spec.target or name
+        roles[name] = "param"
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            is_param = spec.kind == InputKind.PARAMETER
+            tensor = wrapper.get_parameter(target) if is_param else wrapper.get_buffer(target)
+            template.append(("attr", (wrapper, target, is_param)))
+        else:
+            tensor = ep.constants[target]  # type: ignore[assignment]
+            template.append(("const", tensor))
+        tensors[name] = tensor
+        param_names[name] = target[len(PREFIX):] if target.startswith(PREFIX) else target
+    user_outputs = [s.arg.name for s in ep.graph_signature.output_specs  # type: ignore[union-attr]
+                    if s.kind == OutputKind.USER_OUTPUT]
+    values = {n.name: n.meta.get("val") for n in gm.graph.nodes}
+    nxg, _ = graph_from_fx(gm, values=values, roles=roles, tensors=tensors, root=model,
+                           module_prefix=PREFIX, param_names=param_names)
+    attempts.append(TraceAttempt("export", True, None))
+    compute = {n for n, d in nxg.nodes(data=True) if d["role"] in ("input", "compute")}
+    output_node = user_outputs[0]
+    return TracedModel(
+        graph=nxg, method="export", attempts=attempts, output_node=output_node,
+        output_desc=wrapper.output_desc,
+        runner=FxRunner(gm, compute, output_node, template), tensors=tensors,
+    )

@@ -1,0 +1,307 @@
+"""Naming of graph operations, shared by every tracer.
+
+Three tracers produce three vocabularies: ``symbolic_trace`` gives modules,
+torch functions and tensor methods; ``torch.export`` gives aten overloads
+(``aten.relu.default``); the runtime recorder gives modules and torch
+functions. The estimator and the probe should not care which one ran, so
+every node gets a display ``op`` (module class or function name, as users know
+it) and a canonical ``key`` that the estimator dispatches on.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+#: Module classes whose forward the estimator models as one unit. Everything
+#: else with children is traced through; a childless module of another class
+#: is kept whole and treated as an unknown op.
+MODULE_KEYS: dict[str, str] = {
+    "Linear": "linear",
+    "LazyLinear": "linear",
+    "NonDynamicallyQuantizableLinear": "linear",
+    "Bilinear": "bilinear",
+    "Conv1d": "conv",
+    "Conv2d": "conv",
+    "Conv3d": "conv",
+    "LazyConv1d": "conv",
+    "LazyConv2d": "conv",
+    "LazyConv3d": "conv",
+    "ConvTranspose1d": "conv_transpose",
+    "ConvTranspose2d": "conv_transpose",
+    "ConvTranspose3d": "conv_transpose",
+    "Embedding": "embedding",
+    "EmbeddingBag": "embedding_bag",
+    "BatchNorm1d": "batch_norm",
+    "BatchNorm2d": "batch_norm",
+    "BatchNorm3d": "batch_norm",
+    "SyncBatchNorm": "batch_norm",
+    "LayerNorm": "layer_norm",
+    "GroupNorm": "group_norm",
+    "RMSNorm": "rms_norm",
+    "InstanceNorm1d": "instance_norm",
+    "InstanceNorm2d": "instance_norm",
+    "InstanceNorm3d": "instance_norm",
+    "LocalResponseNorm": "local_response_norm",
+    "Dropout": "dropout",
+    "Dropout1d": "dropout",
+    "Dropout2d": "dropout",
+    "Dropout3d": "dropout",
+    "AlphaDropout": "dropout",
+    "FeatureAlphaDropout": "dropout",
+    "MaxPool1d": "max_pool",
+    "MaxPool2d": "max_pool",
+    "MaxPool3d": "max_pool",
+    "AdaptiveMaxPool1d": "max_pool",
+    "AdaptiveMaxPool2d": "max_pool",
+    "AdaptiveMaxPool3d": "max_pool",
+    "AvgPool1d": "avg_pool",
+    "AvgPool2d": "avg_pool",
+    "AvgPool3d": "avg_pool",
+    "AdaptiveAvgPool1d": "avg_pool",
+    "AdaptiveAvgPool2d": "avg_pool",
+    "AdaptiveAvgPool3d": "avg_pool",
+    "Flatten": "view",
+    "Unflatten": "view",
+    "Identity": "view",
+    "Softmax": "softmax",
+    "Softmax2d": "softmax",
+    "LogSoftmax": "log_softmax",
+    "MultiheadAttention": "mha",
+    "LSTM": "rnn",
+    "GRU": "rnn",
+    "RNN": "rnn",
+    "LSTMCell": "rnn_cell",
+    "GRUCell": "rnn_cell",
+    "RNNCell": "rnn_cell",
+}
+
+#: Modules with children that are still kept whole (tracing into them fails or
+#: loses nothing the estimator could use).
+LEAF_WITH_CHILDREN = frozenset({"MultiheadAttention"})
+
+#: Function, method and aten names (overload stripped, trailing ``_`` of in-place
+#: variants stripped) to canonical keys. Activations are resolved separately.
+FUNCTION_KEYS: dict[str, str] = {
+    # weight layers
+    "linear": "linear",
+    "addmm": "addmm",
+    "conv1d": "conv",
+    "conv2d": "conv",
+    "conv3d": "conv",
+    "convolution": "conv",
+    "_convolution": "conv",
+    "conv_transpose1d": "conv_transpose",
+    "conv_transpose2d": "conv_transpose",
+    "conv_transpose3d": "conv_transpose",
+    "embedding": "embedding",
+    # normalisation
+    "batch_norm": "batch_norm",
+    "native_batch_norm": "batch_norm",
+    "_native_batch_norm_legit": "batch_norm",
+    "_native_batch_norm_legit_functional": "batch_norm",
+    "_native_batch_norm_legit_no_training": "batch_norm",
+    "_batch_norm_with_update": "batch_norm",
+    "_batch_norm_no_update": "batch_norm",
+    "cudnn_batch_norm": "batch_norm",
+    "layer_norm": "layer_norm",
+    "native_layer_norm": "layer_norm",
+    "group_norm": "group_norm",
+    "native_group_norm": "group_norm",
+    "instance_norm": "instance_norm",
+    "rms_norm": "rms_norm",
+    "_fused_rms_norm": "rms_norm",
+    "normalize": "l2_normalize",
+    # regularisation
+    "dropout": "dropout",
+    "native_dropout": "dropout",
+    "feature_dropout": "dropout",
+    "alpha_dropout": "dropout",
+    "dropout1d": "dropout",
+    "dropout2d": "dropout",
+    "dropout3d": "dropout",
+    # pooling and reductions
+    "max_pool1d": "max_pool",
+    "max_pool2d": "max_pool",
+    "max_pool3d": "max_pool",
+    "max_pool1d_with_indices": "max_pool",
+    "max_pool2d_with_indices": "max_pool",
+    "max_pool3d_with_indices": "max_pool",
+    "adaptive_max_pool1d": "max_pool",
+    "adaptive_max_pool2d": "max_pool",
+    "adaptive_max_pool3d": "max_pool",
+    "avg_pool1d": "avg_pool",
+    "avg_pool2d": "avg_pool",
+    "avg_pool3d": "avg_pool",
+    "adaptive_avg_pool1d": "avg_pool",
+    "adaptive_avg_pool2d": "avg_pool",
+    "adaptive_avg_pool3d": "avg_pool",
+    "_adaptive_avg_pool2d": "avg_pool",
+    "_adaptive_avg_pool3d": "avg_pool",
+    "mean": "mean",
+    "sum": "sum",
+    "amax": "max_reduce",
+    "max": "max_reduce",
+    "amin": "max_reduce",
+    "min": "max_reduce",
+    "logsumexp": "max_reduce",
+    # attention and softmax
+    "softmax": "softmax",
+    "_softmax": "softmax",
+    "_safe_softmax": "softmax",
+    "log_softmax": "log_softmax",
+    "_log_softmax": "log_softmax",
+    "scaled_dot_product_attention": "sdpa",
+    "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
+    "_scaled_dot_product_efficient_attention": "sdpa",
+    "_scaled_dot_product_flash_attention": "sdpa",
+    # arithmetic
+    "add": "add",
+    "iadd": "add",
+    "radd": "add",
+    "sub": "sub",
+    "isub": "sub",
+    "rsub": "rsub",
+    "mul": "mul",
+    "imul": "mul",
+    "rmul": "mul",
+    "truediv": "div",
+    "div": "div",
+    "itruediv": "div",
+    "neg": "neg",
+    "matmul": "matmul",
+    "mm": "matmul",
+    "bmm": "matmul",
+    "baddbmm": "matmul",
+    "einsum": "einsum",
+    "pow": "pow",
+    "square": "square",
+    "sqrt": "sqrt",
+    "rsqrt": "rsqrt",
+    "reciprocal": "reciprocal",
+    "exp": "exp",
+    "log": "log",
+    "abs": "abs",
+    "clamp": "clamp",
+    "clip": "clamp",
+    "clamp_min": "clamp",
+    "clamp_max": "clamp",
+    "where": "where",
+    "masked_fill": "masked_fill",
+    # routing: values move, the gradient's squared norm is kept
+    "view": "view",
+    "_unsafe_view": "view",
+    "reshape": "view",
+    "flatten": "view",
+    "unflatten": "view",
+    "squeeze": "view",
+    "unsqueeze": "view",
+    "permute": "view",
+    "transpose": "view",
+    "t": "view",
+    "contiguous": "view",
+    "clone": "view",
+    "alias": "view",
+    "view_as": "view",
+    "reshape_as": "view",
+    "expand": "view",
+    "expand_as": "view",
+    "repeat": "view",
+    "repeat_interleave": "view",
+    "tile": "view",
+    "flip": "view",
+    "roll": "view",
+    "movedim": "view",
+    "swapaxes": "view",
+    "lift_fresh_copy": "view",
+    "to": "view",
+    "type": "view",
+    "type_as": "view",
+    "float": "view",
+    "double": "view",
+    "half": "view",
+    "bfloat16": "view",
+    "_to_copy": "view",
+    "copy": "view",
+    "getitem": "getitem",
+    "slice": "view",
+    "select": "view",
+    "narrow": "view",
+    "index": "view",
+    "index_select": "view",
+    "gather": "view",
+    "pad": "view",
+    "constant_pad_nd": "view",
+    "cat": "cat",
+    "concat": "cat",
+    "concatenate": "cat",
+    "stack": "cat",
+    "hstack": "cat",
+    "vstack": "cat",
+    "split": "split",
+    "split_with_sizes": "split",
+    "chunk": "split",
+    "unbind": "split",
+    "tensor_split": "split",
+    "detach": "detach",
+    "zeros_like": "constant",
+    "ones_like": "constant",
+    "full_like": "constant",
+    "empty_like": "constant",
+    "rand_like": "constant",
+    "randn_like": "constant",
+}
+
+#: Nodes that never carry a gradient and are not analysed: shape queries,
+#: asserts and the like.
+IGNORED = frozenset(
+    {
+        "size",
+        "dim",
+        "numel",
+        "sym_size",
+        "sym_numel",
+        "sym_stride",
+        "_assert_tensor_metadata",
+        "_assert_scalar",
+        "_assert_async",
+        "sym_constrain_range_for_size",
+        "_set_grad_enabled",
+    }
+)
+
+
+def function_name(target: Any) -> str:
+    """The bare name of a call target: ``aten.relu.default`` -> ``relu``, ``operator.add`` -> ``add``.
+
+    In-place suffixes are dropped (``relu_`` -> ``relu``) because the gradient
+    treats them alike.
+    """
+    if isinstance(target, str):
+        name = target
+    else:
+        text = str(target)
+        if text.startswith("aten.") or text.startswith("prims."):
+            name = text.split(".")[1]
+        else:
+            name = getattr(target, "__name__", None) or text
+    if target in (operator.getitem,):
+        return "getitem"
+    name = name.strip("_") if name.startswith("__") and name.endswith("__") else name
+    if name.endswith("_") and not name.startswith("_"):
+        name = name[:-1]
+    return name
+
+
+def canonical_key(name: str, activation: str | None) -> str:
+    """The estimator's key for a function or method name; ``activation:<name>`` for activations."""
+    if activation is not None:
+        return f"activation:{activation}"
+    return FUNCTION_KEYS.get(name, "unknown")
+
+
+def module_key(class_name: str, activation: str | None) -> str:
+    """The estimator's key for a module kept whole in the graph."""
+    if activation is not None:
+        return f"activation:{activation}"
+    return MODULE_KEYS.get(class_name, "unknown")

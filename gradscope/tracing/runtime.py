@@ -1,0 +1,230 @@
+"""The last-resort tracer: record the graph while the model really runs.
+
+When neither symbolic tracer can follow the model (data-dependent branches,
+``.item()`` in forward), one real forward is watched: module hooks mark the
+modules kept whole, and a ``TorchFunctionMode`` sees every torch function and
+tensor method called between them. Edges follow tensor identity. The graph is
+the path the example inputs took; other branches are not in it, which the
+report says. The same recorder runs again during the probe, naming nodes the
+same way, so measurements land on the recorded nodes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from gradscope.outputs import select_output
+from gradscope.report import TraceAttempt
+from gradscope.tracing import ops
+from gradscope.tracing.graph import (
+    Observer,
+    Ref,
+    Runner,
+    TracedModel,
+    add_node,
+    compute_depths,
+    describe_value,
+    is_library_file,
+    tensor_leaves,
+)
+
+
+def _is_whole(module: nn.Module) -> bool:
+    """Same rule as the symbolic tracer: childless torch.nn modules and MHA stay whole."""
+    cls = type(module)
+    if cls.__name__ in ops.LEAF_WITH_CHILDREN:
+        return True
+    in_torch = cls.__module__.startswith(("torch.nn", "torch.ao.nn"))
+    return in_torch and next(module.children(), None) is None
+
+
+def _caller_location() -> tuple[str | None, int | None]:
+    """The innermost frame of the running stack that is the user's code."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if not is_library_file(path) and not path.startswith("<"):
+            return path, frame.f_lineno
+        frame = frame.f_back  # type: ignore[assignment]
+    return None, None
+
+
+class _Recorder(TorchFunctionMode):
+    """Builds (or replays) the graph of one forward."""
+
+    def __init__(self, model: nn.Module, graph: nx.DiGraph | None, observe: Observer | None,
+                 ) -> None:
+        super().__init__()
+        self.model = model
+        self.building = graph is None
+        self.graph = graph if graph is not None else nx.DiGraph()
+        self.observe = observe
+        self.producer: dict[int, str] = {}
+        self.keep: list[Any] = []  # keeps recorded tensors alive so ids stay unique
+        self.counts: dict[str, int] = {}
+        self.inside_whole = 0
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.param_ids = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.param_ids.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
+        self.paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+        self.modules: dict[str, nn.Module] = {}
+
+    # naming ---------------------------------------------------------------
+    def _fresh(self, base: str) -> str:
+        base = base.replace(".", "_") or "node"
+        count = self.counts.get(base, 0)
+        self.counts[base] = count + 1
+        return base if count == 0 else f"{base}_{count}"
+
+    def _refs(self, value: Any) -> Any:
+        """Arguments with recorded tensors replaced by references to their producers."""
+        if isinstance(value, torch.Tensor):
+            name = self.producer.get(id(value))
+            if name is None and id(value) in self.param_ids:
+                name = self._param_node(value)
+            return Ref(name) if name is not None else ("<tensor>", tuple(value.shape))
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._refs(v) for v in value) if not hasattr(value, "_fields") \
+                else tuple(self._refs(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._refs(v) for k, v in value.items()}
+        return value
+
+    def _param_node(self, tensor: torch.Tensor) -> str:
+        pname = self.param_ids[id(tensor)]
+        node = "p_" + pname.replace(".", "_")
+        if node not in self.graph and self.building:
+            add_node(self.graph, node, kind="get_attr", role="param", target=pname,
+                     value=tensor, module_path=pname)
+            self.graph.nodes[node]["num_params"] = tensor.numel()
+        self.tensors[node] = tensor
+        self.producer[id(tensor)] = node
+        self.keep.append(tensor)
+        return node
+
+    def _record(self, name: str, value: Any, **attrs: Any) -> None:
+        if self.building:
+            add_node(self.graph, name, value=value, **attrs)
+        elif name not in self.graph:
+            return  # a branch the recorded graph does not have: measured nowhere
+        for leaf in tensor_leaves(value):
+            self.producer[id(leaf)] = name
+            self.keep.append(leaf)
+        if self.observe is not None:
+            self.observe(name, value)
+
+    # inputs ---------------------------------------------------------------
+    def add_inputs(self, inputs: tuple[Any, ...]) -> None:
+        for i, value in enumerate(inputs):
+            self._record(f"input_{i}", value, kind="placeholder", role="input",
+                         target=f"input_{i}")
+
+    # modules --------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.inside_whole += 1
+
+    def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.inside_whole -= 1
+        if self.inside_whole:
+            return
+        path = self.paths.get(id(module), type(module).__name__)
+        file, line = _caller_location()
+        params = [f"{path}.{n}" for n, _ in module.named_parameters()]
+        self.modules[path] = module
+        self._record(self._fresh(path), output, kind="call_module", role="compute",
+                     target=path, args=self._refs(args), module_path=path, module=module,
+                     file=file, line=line, params=params,
+                     num_params=sum(p.numel() for p in module.parameters()))
+
+    # functions ------------------------------------------------------------
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.inside_whole:
+            return out
+        name = ops.function_name(func)
+        if name in ops.IGNORED or name.startswith("__get") or name == "__set__":
+            return out
+        _, _, is_tensor = describe_value(out)
+        if not is_tensor:
+            return out
+        file, line = _caller_location()
+        ref_args = self._refs(tuple(args))
+        ref_kwargs = self._refs(dict(kwargs))
+        params = []
+        num = 0
+        for leaf in tensor_leaves((args, kwargs)):
+            if id(leaf) in self.param_ids:
+                params.append(self.param_ids[id(leaf)])
+                num += leaf.numel()
+        self._record(self._fresh(name), out, kind="call_function", role="compute", target=func,
+                     args=ref_args, kwargs=ref_kwargs, file=file, line=line, params=params,
+                     num_params=num)
+        return out
+
+
+@contextmanager
+def _recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
+    """Hooks on the modules kept whole and the function mode, removed whatever happens."""
+    handles = []
+    try:
+        for module in model.modules():
+            if _is_whole(module):
+                handles.append(module.register_forward_pre_hook(recorder.pre_hook))
+                handles.append(module.register_forward_hook(recorder.post_hook))
+        with recorder:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class RuntimeRunner(Runner):
+    """Replays the recorder during the probe so each node's output is observed."""
+
+    def __init__(self, model: nn.Module, graph: nx.DiGraph, output_key: str | None) -> None:
+        self.model = model
+        self.graph = graph
+        self.output_key = output_key
+
+    def run(self, inputs: tuple[Any, ...], observe: Observer) -> torch.Tensor:
+        recorder = _Recorder(self.model, self.graph, observe)
+        with _recording(self.model, recorder):
+            recorder.add_inputs(inputs)
+            out = self.model(*inputs)
+        selected, _ = select_output(out, self.output_key, _is_float_tensor)
+        return selected  # type: ignore[no-any-return]
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def trace_runtime(model: nn.Module, inputs: tuple[Any, ...], output_key: str | None,
+                  attempts: list[TraceAttempt]) -> TracedModel:
+    """Record the graph of one real forward (no gradients)."""
+    recorder = _Recorder(model, None, None)
+    with torch.no_grad(), _recording(model, recorder):
+        recorder.add_inputs(inputs)
+        out = model(*inputs)
+    selected, desc = select_output(out, output_key, _is_float_tensor)
+    output_node = recorder.producer.get(id(selected))
+    if output_node is None:
+        raise RuntimeError("the selected output tensor was not produced by a recorded op")
+    compute_depths(recorder.graph)
+    attempts.append(TraceAttempt("runtime", True, None))
+    return TracedModel(
+        graph=recorder.graph, method="runtime", attempts=attempts, output_node=output_node,
+        output_desc=desc, runner=RuntimeRunner(model, recorder.graph, output_key),
+        tensors=recorder.tensors, modules=recorder.modules,
+        notes=["the graph was recorded from one real forward: branches the example inputs "
+               "did not take are not in it"],
+    )
