@@ -32,6 +32,7 @@ class Progress:
         self.label = label
         self._timer: threading.Timer | None = None
         self._start = time.monotonic()
+        self._stream = sys.stderr  # tracers redirect sys.stderr while they run
 
     def __call__(self, message: str) -> None:
         self.stop()
@@ -39,7 +40,7 @@ class Progress:
             return
         elapsed = time.monotonic() - self._start
         self._timer = threading.Timer(1.0, lambda: click.echo(
-            f"gradscope: {self.label}: {message}... ({elapsed:.0f}s)", err=True))
+            f"gradscope: {self.label}: {message}... ({elapsed:.0f}s)", file=self._stream))
         self._timer.daemon = True
         self._timer.start()
 

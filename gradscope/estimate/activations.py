@@ -31,7 +31,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -224,6 +224,13 @@ class _Activation:
     kinks: tuple[float, ...]
     scale: float | None
     closed: ClosedForm | None = None
+    kink_array: FloatArray = field(init=False, repr=False, compare=False)
+    geo_array: FloatArray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        geo = np.empty(0) if self.scale is None else self.scale * np.concatenate((-_GEO, _GEO))
+        object.__setattr__(self, "kink_array", np.asarray(self.kinks, dtype=np.float64))
+        object.__setattr__(self, "geo_array", geo)
 
 
 @dataclass(frozen=True)
@@ -537,21 +544,36 @@ def _degenerate_rule(act: _Activation, m: float) -> tuple[FloatArray, FloatArray
     return np.array([m]), np.array([1.0])
 
 
-def _composite_rule(act: _Activation, m: float, s: float) -> tuple[FloatArray, FloatArray]:
-    pieces = [_GAUSS_GRID]
-    if act.kinks:
-        kinks_u = (np.asarray(act.kinks) - m) / s
-        pieces.append(kinks_u[np.abs(kinks_u) < _U])
-    if act.scale is not None:
-        points = act.scale * _GEO
-        geo_u = (np.concatenate((-points, points)) - m) / s
-        pieces.append(geo_u[np.abs(geo_u) < _U])
-    breaks = np.unique(np.concatenate(pieces))
-    half = 0.5 * np.diff(breaks)
-    mid = breaks[:-1] + half
-    u = (mid[:, None] + half[:, None] * _LEG_X).ravel()
-    w = (half[:, None] * _LEG_W).ravel() * np.exp(-0.5 * u * u) * _INV_SQRT_2PI
-    return m + s * u, w
+def _composite_rules(act: _Activation, m: FloatArray, s: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Composite Gauss-Legendre nodes and weights, one row per (m, s), all rows the same length.
+
+    Breakpoints (in standard deviations) are the 2-sigma grid, the kinks and the geometric grid
+    around the activation's transition region; points outside +-10 sigma are clipped onto the
+    ends, which only adds empty pieces with zero weight. Equal-length rows let a whole batch go
+    through torch in one call.
+    """
+    mc, sc = m[:, None], s[:, None]
+    parts = [np.broadcast_to(_GAUSS_GRID, (m.shape[0], _GAUSS_GRID.shape[0]))]
+    for points in (act.kink_array, act.geo_array):
+        if points.shape[0]:
+            u = (points - mc) / sc
+            inside = np.abs(u) < _U
+            keep = inside.any(axis=0)
+            parts.append(np.where(inside[:, keep], u[:, keep], _U))
+    breaks = np.sort(np.concatenate(parts, axis=1), axis=1)
+    half = 0.5 * (breaks[:, 1:] - breaks[:, :-1])
+    mid = breaks[:, :-1] + half
+    u = (mid[:, :, None] + half[:, :, None] * _LEG_X).reshape(m.shape[0], -1)
+    w = (half[:, :, None] * _LEG_W).reshape(m.shape[0], -1) * np.exp(-0.5 * u * u)
+    return mc + sc * u, w * _INV_SQRT_2PI
+
+
+def _use_hermite(act: _Activation, m: float, s: float) -> bool:
+    # Gauss-Hermite only when nothing non-smooth lies within the Gaussian's reach and the
+    # Gaussian is no wider than the activation's transition region.
+    if act.scale is not None and s > _GH_MAX_SIGMA * act.scale:
+        return False
+    return not any(abs(k - m) < _U * s for k in act.kinks)
 
 
 def _rule(
@@ -560,13 +582,10 @@ def _rule(
     """Nodes in z and weights (summing to ~1) for E[f(z)], z ~ N(m, s^2)."""
     if _is_degenerate(m, s):
         return _degenerate_rule(act, m)
-    if not force_composite:
-        lo, hi = m - _U * s, m + _U * s
-        kink_inside = any(lo < k < hi for k in act.kinks)
-        too_wide = act.scale is not None and s > _GH_MAX_SIGMA * act.scale
-        if not kink_inside and not too_wide:
-            return m + s * _GH_U, _GH_W
-    return _composite_rule(act, m, s)
+    if not force_composite and _use_hermite(act, m, s):
+        return m + s * _GH_U, _GH_W
+    z, w = _composite_rules(act, np.array([m]), np.array([s]))
+    return z[0], w[0]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,12 @@ used was needed.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -26,6 +31,26 @@ def _reason(exc: BaseException) -> str:
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's own loggers while tracers fail on purpose.
+
+    ``torch.export`` logs whole graphs and guard warnings at WARNING level when
+    it gives up on data-dependent code; the report already says why it failed.
+    """
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    loggers.append(logging.getLogger("torch"))
+    levels = [(lg, lg.level) for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        yield
+    finally:
+        for lg, level in levels:
+            lg.setLevel(level)
 
 
 def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | None = None,
@@ -50,7 +75,9 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
     last_error: BaseException | None = None
     for name, tracer in tracers:
         try:
-            with warnings.catch_warnings():
+            # torch.export prints partial graphs straight to sys.stderr when it fails.
+            with warnings.catch_warnings(), quiet_torch_logs(), \
+                    contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 traced = tracer(model, inputs, output_key, attempts)
         except GradscopeError:
