@@ -171,9 +171,9 @@ def resolve_model(module: ModuleType, name: str | None, where: str) -> tuple[nn.
         raise TargetError(f"{where} defines several models: {names}",
                           f"choose one as {where}:NAME")
     listed = ", ".join(sorted(c.__name__ for c in classes))
-    found = f"nn.Module classes that need arguments: {listed}" if classes else \
+    what = f"nn.Module classes that need arguments: {listed}" if classes else \
         "no build_model(), no module-level `model`, no nn.Module subclass"
-    raise TargetError(f"no model found in {where} ({found})",
+    raise TargetError(f"no model found in {where} ({what})",
                       "define build_model() or name one as file.py:NAME")
 
 

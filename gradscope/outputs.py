@@ -29,7 +29,7 @@ def _items(value: Any) -> list[tuple[str, Any]] | None:
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return [(f"[{i}]", v) for i, v in enumerate(value)]
     if isinstance(value, tuple):  # namedtuple
-        return [(f".{k}", getattr(value, k)) for k in value._fields]
+        return [(f".{k}", getattr(value, k)) for k in value._fields]  # type: ignore[attr-defined]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [(f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
     return None

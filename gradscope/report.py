@@ -339,7 +339,8 @@ def _finite_only(value: Any, where: str, notes: list[str]) -> Any:
         notes.append(f"{where or 'value'} was {value!r}, written as null")
         return None
     if isinstance(value, dict):
-        return {k: _finite_only(v, f"{where}.{k}" if where else str(k), notes) for k, v in value.items()}
+        return {k: _finite_only(v, f"{where}.{k}" if where else str(k), notes)
+                for k, v in value.items()}
     if isinstance(value, list):
         return [_finite_only(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
     return value

@@ -85,7 +85,8 @@ class Ctx:
         self.data = est.graph.nodes[name]
         self.args: tuple[Any, ...] = tuple(self.data["args"])
         self.kwargs: dict[str, Any] = dict(self.data["kwargs"])
-        self.module = est.traced.modules.get(self.data["module"] or "") \
+        # Any: nn.Module's __getattr__ types every attribute as Tensor | Module.
+        self.module: Any = est.traced.modules.get(self.data["module"] or "") \
             if self.data["kind"] == "call_module" else None
 
     # arguments -----------------------------------------------------------
@@ -294,7 +295,7 @@ class _ConvTranspose:
     @staticmethod
     def forward(ctx: Ctx) -> Mom | None:
         w, b, fan_fwd, _ = _ConvTranspose._fans(ctx)
-        return _dense(ctx, w, max(int(round(fan_fwd)), 1), b, ctx.first())[0]
+        return _dense(ctx, w, max(round(fan_fwd), 1), b, ctx.first())[0]
 
     @staticmethod
     def backward(ctx: Ctx) -> dict[str, float]:
@@ -427,7 +428,7 @@ class _Norm:
         xm = _pass_forward(ctx)
         if xm is None:
             return None
-        (gm, g2), (bm, b2) = _norm_affine(ctx)
+        (_, g2), (bm, b2) = _norm_affine(ctx)
         eps = 1e-5
         if ctx.data["key"] == "batch_norm" and not _bn_training(ctx):
             rv = ctx.param_by_suffix("running_var")
@@ -772,8 +773,8 @@ class _Cat:
         if not moms:
             return None
         total = sum(s for s, _ in moms) or 1.0
-        return (sum(s * m[0] for s, m in moms) / total,  # type: ignore[index]
-                sum(s * m[1] for s, m in moms) / total)  # type: ignore[index]
+        return (sum(s * m[0] for s, m in moms if m is not None) / total,
+                sum(s * m[1] for s, m in moms if m is not None) / total)
 
     @staticmethod
     def backward(ctx: Ctx) -> dict[str, float]:
@@ -798,7 +799,7 @@ class _Matmul:
 
     @staticmethod
     def forward(ctx: Ctx) -> Mom | None:
-        a, b, ma, mb, k = _Matmul._parts(ctx)
+        _, _, ma, mb, k = _Matmul._parts(ctx)
         if ma is None or mb is None:
             return ma
         mean = k * ma[0] * mb[0]

@@ -69,7 +69,8 @@ def trainable_nodes(analysis: Analysis) -> list[str]:
             and graph.nodes[n]["is_float"]]
 
 
-def _extreme(values: dict[str, float | None], nodes: list[str]) -> tuple[str, float, str, float] | None:
+def _extreme(values: dict[str, float | None], nodes: list[str],
+             ) -> tuple[str, float, str, float] | None:
     """(argmin, min, argmax, max) of finite values over ``nodes``."""
     finite = [(n, values[n]) for n in nodes if values.get(n) is not None
               and math.isfinite(values[n])]  # type: ignore[arg-type]
@@ -267,6 +268,7 @@ def run_checks(analysis: Analysis) -> list[Finding]:
 #: The healthy band of update/weight ratios for the learning-rate check.
 UPDATE_RATIO_BAND = (1e-4, 1e-2)
 UPDATE_RATIO_TARGET = 1e-3
+_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 
 
 def check_learning_rate(analysis: Analysis) -> list[Finding]:
@@ -295,7 +297,8 @@ def check_learning_rate(analysis: Analysis) -> list[Finding]:
         [Recommendation("learning_rate",
                         f"Multiply the learning rate by {factor:.3g} (lr = {new_lr:.3g}) to bring "
                         f"the median update/weight ratio to {UPDATE_RATIO_TARGET:g}.",
-                        f"optimizer = torch.optim.{'SGD' if probe.optimizer == 'sgd' else 'AdamW' if probe.optimizer == 'adamw' else 'Adam'}(model.parameters(), lr={new_lr:.3g})"),
+                        f"optimizer = torch.optim.{_OPTIMIZERS.get(probe.optimizer or '', 'SGD')}"
+                        f"(model.parameters(), lr={new_lr:.3g})"),
          Recommendation("warmup", "Warm the learning rate up linearly over the first 1000 "
                         "steps so early large updates cannot destroy the initialisation.",
                         "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, "

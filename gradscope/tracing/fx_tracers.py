@@ -26,7 +26,8 @@ class NodeExecutionError(RuntimeError):
     """An op failed while a pass ran the graph; carries the fx node, like ShapeProp's errors."""
 
     def __init__(self, node: fx.Node, error: BaseException) -> None:
-        super().__init__(f"{type(error).__name__} at node {node.name} ({node.format_node()}): {error}")
+        super().__init__(
+            f"{type(error).__name__} at node {node.name} ({node.format_node()}): {error}")
         self.node = node
         self.error = error
 

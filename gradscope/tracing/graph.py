@@ -126,7 +126,7 @@ def is_float_dtype(dtype: str | None) -> bool:
 
 def map_refs(value: Any) -> Any:
     """fx arguments with Nodes replaced by :class:`Ref`, so graphs hold no fx objects."""
-    return fx.node.map_arg(value, lambda n: Ref(n.name))
+    return fx.node.map_arg(value, lambda n: Ref(n.name))  # type: ignore[arg-type,return-value]
 
 
 def iter_refs(value: Any) -> Iterator[str]:

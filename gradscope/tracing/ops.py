@@ -272,7 +272,8 @@ IGNORED = frozenset(
 
 
 def function_name(target: Any) -> str:
-    """The bare name of a call target: ``aten.relu.default`` -> ``relu``, ``operator.add`` -> ``add``.
+    """The bare name of a call target: ``aten.relu.default`` -> ``relu``, ``operator.add``
+    -> ``add``.
 
     In-place suffixes are dropped (``relu_`` -> ``relu``) because the gradient
     treats them alike.
