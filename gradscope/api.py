@@ -97,10 +97,11 @@ def _layers(traced: TracedModel, est: StaticEstimate, probe: ProbeResult | None)
 
 
 def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
-    from gradscope.rules.checks import _extreme, trainable_nodes
+    from gradscope.rules.checks import _extreme, entry_nodes, trainable_nodes
 
-    nodes = trainable_nodes(analysis)
-    summary: dict[str, float | int | str | None] = {"trainable_nodes": len(nodes)}
+    nodes = entry_nodes(analysis)
+    summary: dict[str, float | int | str | None] = {
+        "trainable_nodes": len(trainable_nodes(analysis)), "entry_nodes": len(nodes)}
     static = _extreme(analysis.estimate.health, nodes)
     if static:
         summary.update(static_min_ratio=static[1], static_min_node=static[0],

@@ -65,6 +65,30 @@ def _per_target(path: str | None, stem: str, many: bool) -> str | None:
     return str(p.with_name(f"{p.stem}.{stem}{p.suffix}"))
 
 
+def _target_stem(target: str) -> str:
+    """``models/a.py`` -> ``a``; ``a.py:Net`` -> ``a_Net``; ``pkg.mod:Net`` -> ``pkg.mod_Net``."""
+    head, name = target, None
+    if ":" in target:
+        h, _, tail = target.rpartition(":")
+        if h and tail and not tail.startswith(("\\", "/")):  # not a Windows drive letter
+            head, name = h, tail
+    is_file = head.endswith(".py") or "/" in head or "\\" in head
+    base = Path(head).stem if is_file else head
+    return f"{base}_{name}" if name else base
+
+
+def _target_stems(targets: tuple[str, ...]) -> list[str]:
+    """One distinct stem per target, so no report overwrites another."""
+    stems: list[str] = []
+    for target in targets:
+        stem = base = _target_stem(target)
+        n = 2
+        while stem in stems:
+            stem, n = f"{base}_{n}", n + 1
+        stems.append(stem)
+    return stems
+
+
 @click.group(context_settings=CONTEXT, invoke_without_command=False)
 @click.version_option(__version__, "--version", "-V", prog_name="gradscope")
 def main() -> None:
@@ -86,8 +110,8 @@ def main() -> None:
               help="Input dtype (float32, int64, ...): one for all inputs or one per input.")
 @click.option("--device", default=None, metavar="DEVICE",
               help="auto|cpu|cuda|cuda:N|mps: where the probe runs (default auto).")
-@click.option("--no-probe", "no_probe", is_flag=True, default=None,
-              help="Static analysis only: no backward pass is run.")
+@click.option("--probe/--no-probe", "probe", default=None,
+              help="--no-probe: static analysis only, nothing is run on the model.")
 @click.option("--output", "output", default=None, metavar="KEY",
               help="Output entry to differentiate (logits, 0, hidden_states.1 ...).")
 @click.option("--tracer", type=click.Choice(["symbolic_trace", "export", "runtime"]),
@@ -107,7 +131,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No terminal summary and no progress.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple[str, ...],
-            device: str | None, no_probe: bool | None, output: str | None, tracer: str | None,
+            device: str | None, probe: bool | None, output: str | None, tracer: str | None,
             lr: float | None, optimizer: str | None, html: str | None, json_path: str | None,
             sarif: str | None, fail_on: str | None, seed: int | None, color: bool | None,
             quiet: bool, debug: bool) -> None:
@@ -120,35 +144,54 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
     try:
         settings = load_settings().merged(
             input_shape=input_shape, dtype=dtype, device=device,
-            probe=False if no_probe else None, output=output, tracer=tracer, lr=lr,
+            probe=probe, output=output, tracer=tracer, lr=lr,
             optimizer=optimizer, html=html, json=json_path, sarif=sarif, fail_on=fail_on,
             seed=seed)
         validate(settings)
         _check_outputs(settings, len(targets))
         failed = False
-        for target in targets:
-            failed |= _analyze_one(target, settings, many=len(targets) > 1, color=color,
-                                   quiet=quiet)
+        for target, stem in zip(targets, _target_stems(targets), strict=True):
+            failed |= _analyze_one(target, settings, stem=stem, many=len(targets) > 1,
+                                   color=color, quiet=quiet)
     except GradscopeError as error:
         _fail(error, debug)
     except KeyboardInterrupt:
         click.echo("gradscope: interrupted", err=True)
         sys.exit(130)
+    except Exception as error:
+        # A bug in gradscope, not the user's to fix: keep the traceback for the report,
+        # but exit 2 ("could not be done"), never 1, which CI reads as "findings".
+        traceback.print_exception(error)
+        click.echo(f"gradscope: internal error: {type(error).__name__}: "
+                   f"{' '.join(str(error).split())} (this is a bug in gradscope; please "
+                   "report it with the traceback above)", err=True)
+        sys.exit(int(ExitCode.USAGE))
     sys.exit(int(ExitCode.FINDINGS if failed else ExitCode.OK))
 
 
 def _check_outputs(settings: Settings, count: int) -> None:
     """Fail before the analysis, not after it, when a report cannot be written."""
     from gradscope._io import ensure_parent_writable
+    from gradscope.errors import ConfigError
 
+    to_stdout = [flag for flag, path in (("--html", settings.html), ("--json", settings.json),
+                                         ("--sarif", settings.sarif)) if path == "-"]
+    if len(to_stdout) > 1:
+        raise ConfigError(f"{' and '.join(to_stdout)} both write to stdout ('-')",
+                          "send at most one report to stdout")
+    if to_stdout and count > 1:
+        raise ConfigError(f"{to_stdout[0]} - with {count} targets would mix their reports on "
+                          "stdout", "give a file path; each target gets its own file")
     for path in (settings.html, settings.json, settings.sarif):
         if path is not None:
             ensure_parent_writable(path)
 
 
-def _analyze_one(target: str, settings: Settings, *, many: bool, color: bool | None,
-                 quiet: bool) -> bool:
-    progress = Progress(enabled=not quiet, label=target)
+def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
+                 color: bool | None, quiet: bool) -> bool:
+    # Progress is for people watching a terminal; in CI logs and pre-commit hooks it would
+    # come before (and blur) the one-line error of a run that fails.
+    progress = Progress(enabled=not quiet and sys.stderr.isatty(), label=target)
     try:
         progress("loading")
         from gradscope.api import analyze as run_analysis
@@ -174,9 +217,6 @@ def _analyze_one(target: str, settings: Settings, *, many: bool, color: bool | N
     from gradscope.render.json_report import write_json
     from gradscope.render.sarif import write_sarif
 
-    stem = Path(target.split(":")[0]).stem if ":" in target and not target.endswith(".py") \
-        else Path(target).stem
-    stem = stem.replace(":", "_")
     json_to = _per_target(settings.json, stem, many)
     if json_to is not None:
         write_json(doc, json_to)
@@ -186,7 +226,7 @@ def _analyze_one(target: str, settings: Settings, *, many: bool, color: bool | N
     sarif_to = _per_target(settings.sarif, stem, many)
     if sarif_to is not None:
         write_sarif(doc, sarif_to)
-    if not quiet and json_to != "-":
+    if not quiet and "-" not in (json_to, html_to, sarif_to):
         from gradscope.render.terminal import render_terminal
 
         use_color = color if color is not None else (sys.stdout.isatty()

@@ -12,11 +12,18 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from gradscope.errors import ConfigError
 
 FAIL_ON = ("error", "warning", "info", "never")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+TRACERS = ("symbolic_trace", "export", "runtime")
+THRESHOLDS = ("vanishing_warning", "vanishing_error", "exploding_warning", "exploding_error",
+              "min_coverage")
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ def load_settings(start: Path | None = None) -> Settings:
         if key == "thresholds" and isinstance(value, dict):
             for sub, sub_value in value.items():
                 sub_key = sub.replace("-", "_")
-                if sub_key not in _KEYS:
+                if sub_key not in THRESHOLDS:
                     raise ConfigError(f"unknown key thresholds.{sub} in [tool.gradscope] of "
                                       f"{path}", "see the README for the settings")
                 values[sub_key] = sub_value
@@ -89,20 +96,82 @@ def load_settings(start: Path | None = None) -> Settings:
             raise ConfigError(f"unknown key {raw_key!r} in [tool.gradscope] of {path}",
                               "see the README for the settings")
         if key in ("input_shape", "dtype"):
-            value = tuple([value] if isinstance(value, str) else value)
+            value = _string_list(key, value, path)
+        elif key == "output" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # output = 0: the first element of a tuple output
         values[key] = value
     settings = Settings(source=str(path)).merged(**values)
     validate(settings)
     return settings
 
 
+def _shape_text(item: Any) -> str | None:
+    """``"8,3,32,32"`` or ``[8, 3, 32, 32]`` -> ``"8,3,32,32"``; anything else -> None."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, list) and item and all(
+            isinstance(d, int) and not isinstance(d, bool) for d in item):
+        return ",".join(str(d) for d in item)
+    return None
+
+
+def _string_list(key: str, value: Any, path: Path) -> tuple[str, ...]:
+    """``input-shape``/``dtype`` as one entry or a list of entries (a shape may be a list)."""
+    raw: list[Any] = value if isinstance(value, list) else [value]
+    items: list[str | None]
+    if key == "input_shape":
+        one = _shape_text(value)
+        if one is not None:
+            return (one,)
+        items = [_shape_text(v) for v in raw]
+    else:
+        items = [v if isinstance(v, str) else None for v in raw]
+    if not items or any(v is None for v in items):
+        name = key.replace("_", "-")
+        example = '"8,3,32,32" or [[8, 3, 32, 32], [8, 10]]' if key == "input_shape" \
+            else '"int64" or ["float32", "int64"]'
+        raise ConfigError(f"{name} in [tool.gradscope] of {path} must be like {example}, "
+                          f"not {value!r}", "fix the setting")
+    return tuple(v for v in items if v is not None)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate(settings: Settings) -> None:
+    """Check every setting's type and range: a bad value is a one-line error, not a crash."""
+    where = f" (from {settings.source})" if settings.source else ""
     if settings.fail_on not in FAIL_ON:
         raise ConfigError(f"fail-on must be one of {', '.join(FAIL_ON)}, not "
-                          f"{settings.fail_on!r}", "fix the setting")
-    for name in ("vanishing_warning", "vanishing_error", "exploding_warning", "exploding_error",
-                 "min_coverage"):
+                          f"{settings.fail_on!r}{where}", "fix the setting")
+    if settings.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not "
+                          f"{settings.optimizer!r}{where}", "fix the setting")
+    if settings.tracer is not None and settings.tracer not in TRACERS:
+        raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not "
+                          f"{settings.tracer!r}{where}", "fix the setting")
+    for name in ("device", "output", "html", "json", "sarif"):
         value = getattr(settings, name)
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{name} must be a non-negative number, not {value!r}",
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, not {value!r}{where}",
+                              "fix the setting")
+    if not isinstance(settings.probe, bool):
+        raise ConfigError(f"probe must be true or false, not {settings.probe!r}{where}",
+                          "fix the setting")
+    if not isinstance(settings.seed, int) or isinstance(settings.seed, bool):
+        raise ConfigError(f"seed must be an integer, not {settings.seed!r}{where}",
+                          "fix the setting")
+    if settings.lr is not None and (not _is_number(settings.lr) or not settings.lr > 0):
+        raise ConfigError(f"lr must be a positive number, not {settings.lr!r}{where}",
+                          "fix the setting")
+    for name in ("input_shape", "dtype"):
+        value = getattr(settings, name)
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name.replace('_', '-')} must be a list of strings, not "
+                              f"{value!r}{where}", "fix the setting")
+    for name in THRESHOLDS:
+        value = getattr(settings, name)
+        if not _is_number(value) or not value >= 0:
+            raise ConfigError(f"{name} must be a non-negative number, not {value!r}{where}",
                               "fix the setting")

@@ -178,12 +178,20 @@ def resolve_model(module: ModuleType, name: str | None, where: str) -> tuple[nn.
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
+    """``"8,3,32,32"`` or ``"8x3x32x32"`` -> ``(8, 3, 32, 32)``; every size a positive integer.
+
+    A part that is empty or not a number (``"4,x"``, ``"4,,16"``) is an error, never
+    silently dropped: a shape with a dimension missing would fail later with a confusing
+    message from the model, or worse, run.
+    """
+    parts = [part.strip() for part in text.strip().replace("x", ",").split(",")]
     try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        dims = tuple(int(part) for part in parts)
     except ValueError:
         raise InputError(f"bad --input-shape {text!r}", "write sizes like 8,3,32,32") from None
-    if not dims or any(d < 0 for d in dims):
-        raise InputError(f"bad --input-shape {text!r}", "write sizes like 8,3,32,32")
+    if not dims or any(d < 1 for d in dims):
+        raise InputError(f"bad --input-shape {text!r}",
+                         "write positive sizes like 8,3,32,32")
     return dims
 
 
@@ -254,6 +262,19 @@ def infer_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], str] | Non
     return None
 
 
+def _with_dtypes(inputs: tuple[Any, ...], dtypes: list[str] | None) -> tuple[Any, ...]:
+    """``--dtype`` without ``--input-shape``: cast the floating inputs (one or one per input)."""
+    if not dtypes:
+        return inputs
+    if len(dtypes) not in (1, len(inputs)):
+        raise InputError(f"{len(dtypes)} --dtype values for {len(inputs)} inputs",
+                         "give one --dtype for all inputs or one per input")
+    parsed = [parse_dtype(d) for d in dtypes]
+    return tuple(t.to(parsed[i] if len(parsed) > 1 else parsed[0])
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for i, t in enumerate(inputs))
+
+
 def load_target(target: str, input_shapes: list[str] | None = None,
                 dtypes: list[str] | None = None) -> LoadedTarget:
     """Resolve a CLI target to a model and inputs, or raise a one-line error."""
@@ -284,11 +305,7 @@ def load_target(target: str, input_shapes: list[str] | None = None,
         except Exception as exc:
             raise InputError(f"example_inputs() raised {_short_error(exc)}",
                              "fix example_inputs() or pass --input-shape") from exc
-        loaded.inputs = as_input_tuple(value, "example_inputs()")
-        if dtypes:
-            dtype = parse_dtype(dtypes[0])
-            loaded.inputs = tuple(t.to(dtype) if isinstance(t, torch.Tensor)
-                                  and t.is_floating_point() else t for t in loaded.inputs)
+        loaded.inputs = _with_dtypes(as_input_tuple(value, "example_inputs()"), dtypes)
         return loaded
     guessed = infer_inputs(model)
     if guessed is None:
@@ -297,6 +314,7 @@ def load_target(target: str, input_shapes: list[str] | None = None,
             "pass --input-shape 8,3,32,32 (one per positional input) or define "
             "example_inputs() in the file")
     loaded.inputs, how = guessed
+    loaded.inputs = _with_dtypes(loaded.inputs, dtypes)
     loaded.notes.append(f"example inputs were not given: using {how}; pass --input-shape to "
                         "choose them")
     return loaded

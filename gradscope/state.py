@@ -39,9 +39,17 @@ _HOOK_DICTS = (
 
 @dataclass
 class _Snapshot:
-    tensors: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = \
+    #: (tensor, alias of its original storage, tensor version, alias version, copy).
+    #: ``tensor.data`` is a fresh alias with its own version counter on every access,
+    #: so in-place writes are detected on the tensor's own counter.
+    tensors: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]] = \
         field(default_factory=list)
-    grads: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    #: (parameter, its .grad, alias of the grad's original storage).
+    grads: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = \
+        field(default_factory=list)
+    #: Each module's ``_parameters`` and ``_buffers`` dicts and their entries
+    #: (``Module.to`` replaces buffer objects rather than their data).
+    slots: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
     requires_grad: list[tuple[torch.Tensor, bool]] = field(default_factory=list)
     training: list[tuple[nn.Module, bool]] = field(default_factory=list)
     hooks: list[tuple[dict[Any, Any], dict[Any, Any]]] = field(default_factory=list)
@@ -58,14 +66,20 @@ def _take(model: nn.Module) -> _Snapshot:
     with torch.no_grad():
         for p in params:
             copy = p.detach().clone() if clone_params and not p.is_meta else None
-            snap.tensors.append((p, p.data, p.data._version, copy))
-            snap.grads.append((p, p.grad))
+            data = p.data
+            snap.tensors.append((p, data, p._version, data._version, copy))
+            snap.grads.append((p, p.grad, p.grad.data if p.grad is not None else None))
             snap.requires_grad.append((p, p.requires_grad))
         for b in buffers:
             copy = b.detach().clone() if not b.is_meta else None
-            snap.tensors.append((b, b.data, b.data._version, copy))
+            data = b.data
+            snap.tensors.append((b, data, b._version, data._version, copy))
     for module in model.modules():
         snap.training.append((module, module.training))
+        for attr in ("_parameters", "_buffers"):
+            slots = getattr(module, attr, None)
+            if isinstance(slots, dict):
+                snap.slots.append((slots, dict(slots)))
         for attr in _HOOK_DICTS:
             hooks = getattr(module, attr, None)
             if isinstance(hooks, dict):
@@ -83,17 +97,24 @@ def _take(model: nn.Module) -> _Snapshot:
 
 
 def _restore(snap: _Snapshot) -> None:
+    for slots, saved in snap.slots:
+        for key, value in saved.items():
+            if slots.get(key) is not value:
+                slots[key] = value  # e.g. a buffer that Module.to replaced by a moved copy
     with torch.no_grad():
-        for tensor, data, version, copy in snap.tensors:
-            if tensor.data is not data:
+        for tensor, data, version, data_version, copy in snap.tensors:
+            if not _same_storage(tensor, data):
                 tensor.data = data  # moved to another device: the original storage is intact
-            if data._version != version:
+            if tensor._version != version or data._version != data_version:
                 if copy is not None:
-                    data.copy_(copy)
+                    if not torch.equal(data, copy):
+                        data.copy_(copy)
                 else:
                     snap.notes.append("a parameter was modified in place by the model's forward "
                                       "and is too large to have been copied")
-    for p, grad in snap.grads:
+    for p, grad, grad_data in snap.grads:
+        if grad is not None and grad_data is not None and not _same_storage(grad, grad_data):
+            grad.data = grad_data  # Module.to moves .grad in place too
         if p.grad is not grad:
             p.grad = grad
     for p, flag in snap.requires_grad:
@@ -110,6 +131,15 @@ def _restore(snap: _Snapshot) -> None:
         torch.set_rng_state(snap.cpu_rng)
     if snap.cuda_rng is not None:
         torch.cuda.set_rng_state_all(snap.cuda_rng)
+
+
+def _same_storage(tensor: torch.Tensor, data: torch.Tensor) -> bool:
+    """Whether ``tensor`` still views the storage ``data`` was taken from (same device too)."""
+    if tensor.device != data.device or tensor.dtype != data.dtype or tensor.shape != data.shape:
+        return False
+    if tensor.is_meta:
+        return True
+    return bool(tensor.data_ptr() == data.data_ptr())
 
 
 @contextmanager

@@ -37,6 +37,7 @@ EPS = 1e-12
 
 #: (mean, second moment) of a node's output; None where unknown or not floating.
 Mom = tuple[float, float]
+UNIT: Mom = (0.0, 1.0)
 
 
 @dataclass
@@ -110,7 +111,10 @@ class Ctx:
     def mom(self, value: Any) -> Mom | None:
         """Moments of an argument: a node reference or a Python number."""
         if isinstance(value, Ref):
-            return self.est.moments.get(value.name)
+            found = self.est.moments.get(value.name)
+            if found is None and self.est.graph.nodes[value.name]["is_float"]:
+                return UNIT  # unknown float values: the unit-variance prior
+            return found
         if isinstance(value, bool):
             return None
         if isinstance(value, (int, float)):
@@ -585,9 +589,7 @@ class _SDPA:
         if not all(isinstance(r, Ref) for r in refs):
             return None
         names = [r.name for r in refs]
-        moms = [ctx.est.moments.get(n) for n in names]
-        if any(m is None for m in moms):
-            return None
+        moms = [ctx.mom(r) or UNIT for r in refs]
         kshape = ctx.shape(names[1]) or [1, 1]
         qshape = ctx.shape(names[0]) or [1]
         causal = bool(ctx.arg(5, "is_causal", False))
@@ -743,7 +745,8 @@ class _Div:
             return _pass_backward(ctx)
         if isinstance(a, Ref) and a.name in ctx.activations_in():
             gains[a.name] = 1.0 / mb[1]
-        if isinstance(b, Ref) and b.name in ctx.activations_in() and ma is not None:
+        if isinstance(b, Ref) and b.name in ctx.activations_in() and ma is not None \
+                and not is_norm_statistic(ctx, b.name):
             gains[b.name] = gains.get(b.name, 0.0) + ma[1] / (mb[1] * mb[1])
         return gains
 
@@ -831,6 +834,37 @@ def _power(ctx: Ctx) -> float:
     return float(exponent) if isinstance(exponent, (int, float)) else 2.0
 
 
+_STAT_PASS = frozenset({"add", "view", "clamp", "sqrt", "rsqrt", "reciprocal", "pow"})
+
+
+def is_norm_statistic(ctx: Ctx, ref: str, depth: int = 5) -> bool:
+    """Whether ``ref`` is a normaliser's statistic: mean of squares (+eps, sqrt ...).
+
+    In a hand-written RMSNorm/LayerNorm, ``x * rsqrt(mean(x**2) + eps)``, the
+    gradient through the statistic only removes the radial component of the
+    direct path's gradient (it is anti-correlated with it); adding its squared
+    norm as an independent path would overestimate the gradient at ``x``.
+    """
+    graph = ctx.est.graph
+    node = ref
+    for _ in range(depth):
+        data = graph.nodes[node]
+        if data["key"] in ("mean", "sum") or data["op"] in ("var", "std", "var_mean"):
+            preds = [p for p in data["inputs"] if graph.nodes[p]["role"] != "param"]
+            if data["op"] in ("var", "std", "var_mean"):
+                return True
+            return any(graph.nodes[p]["key"] in ("pow", "square") or
+                       (graph.nodes[p]["key"] == "mul" and len(set(
+                           graph.nodes[p]["inputs"])) == 1) for p in preds)
+        if data["key"] not in _STAT_PASS and data["op"] not in ("var", "std"):
+            return False
+        preds = [p for p in data["inputs"] if graph.nodes[p]["is_float"]]
+        if not preds:
+            return False
+        node = preds[0]
+    return False
+
+
 @rule("pow", "square", "sqrt", "rsqrt", "reciprocal")
 class _Pow:
     """x**e by the delta method around |x| = sqrt(q); exact second moment for e = 2."""
@@ -854,6 +888,8 @@ class _Pow:
         if first is None or xm is None:
             return _pass_backward(ctx)
         e = _power(ctx)
+        if e < 0 and is_norm_statistic(ctx, first):
+            return {first: 0.0}
         return {first: e * e * max(xm[1], EPS) ** (e - 1.0)}
 
 
@@ -1002,6 +1038,24 @@ class _Estimator:
     def tensor_of(self, node: str) -> torch.Tensor | None:
         return self.traced.tensors.get(node)
 
+    def _needs_grad(self, order: list[str]) -> dict[str, bool]:
+        """Which nodes carry a gradient: downstream of a trainable weight or a float input."""
+        needs: dict[str, bool] = {}
+        for name in order:
+            data = self.graph.nodes[name]
+            if not data["is_float"]:
+                needs[name] = False
+            elif data["role"] == "input":
+                needs[name] = True
+            elif data["role"] == "param":
+                tensor = self.tensor_of(name)
+                needs[name] = bool(tensor is not None and tensor.requires_grad)
+            elif data["key"] in _no_grad_keys():
+                needs[name] = False
+            else:
+                needs[name] = any(needs.get(p, False) for p in self.graph.predecessors(name))
+        return needs
+
     def run(self) -> StaticEstimate:
         order = self.traced.order()
         est = StaticEstimate()
@@ -1036,6 +1090,7 @@ class _Estimator:
                 mom, est.understood[name] = _pass_forward(ctx), False
             self.moments[name] = _finite_moments(mom)
         est.moments = dict(self.moments)
+        needs_grad = self._needs_grad(order)
 
         out = self.traced.output_node
         ancestors = nx.ancestors(self.graph, out) | {out}
@@ -1044,7 +1099,8 @@ class _Estimator:
         sq[out] = 1.0
         structural[out] = 1.0
         for name in reversed(order):
-            if name not in ancestors or self.graph.nodes[name]["role"] != "compute":
+            if name not in ancestors or self.graph.nodes[name]["role"] != "compute" \
+                    or not needs_grad[name]:
                 continue
             data = self.graph.nodes[name]
             key = data["key"]
@@ -1057,8 +1113,7 @@ class _Estimator:
                 gains = _pass_backward(ctx)
             structural_gains = _structural_gains(ctx, gains)
             for src, gain in gains.items():
-                if not self.graph.nodes[src]["is_float"] or \
-                        self.graph.nodes[src]["role"] == "param":
+                if not needs_grad.get(src) or self.graph.nodes[src]["role"] == "param":
                     continue
                 sq[src] += sq[name] * _finite(gain)
                 structural[src] = max(structural[src],
@@ -1069,7 +1124,7 @@ class _Estimator:
         out_numel = numel(self.graph.nodes[out]["shape"]) or 1
         for name in order:
             data = self.graph.nodes[name]
-            if data["role"] == "param" or not data["is_float"] or name not in ancestors:
+            if data["role"] == "param" or not needs_grad[name] or name not in ancestors:
                 est.grad_rms[name] = None
                 est.health[name] = None
                 continue
@@ -1084,6 +1139,10 @@ class _Estimator:
         est.unknown_ops = sorted({self.graph.nodes[n]["op"] for n in float_compute
                                   if not est.understood.get(n, False)})
         return est
+
+
+def _no_grad_keys() -> frozenset[str]:
+    return frozenset({"detach", "constant"})
 
 
 def _structural_gains(ctx: Ctx, gains: dict[str, float]) -> dict[str, float]:

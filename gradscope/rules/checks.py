@@ -69,6 +69,25 @@ def trainable_nodes(analysis: Analysis) -> list[str]:
             and graph.nodes[n]["is_float"]]
 
 
+def entry_nodes(analysis: Analysis) -> list[str]:
+    """The first trainable layers on each path from the inputs: where vanishing is judged.
+
+    The gradient has to travel the whole depth to reach them. Side paths that are
+    weak by design at initialisation (attention's query/key projections under a
+    near-uniform softmax) are not entry layers, so they do not raise alarms.
+    """
+    graph = analysis.traced.graph
+    trainable = set(trainable_nodes(analysis))
+    behind: dict[str, bool] = {}
+    entries = []
+    for node in analysis.traced.order():
+        preds = list(graph.predecessors(node))
+        behind[node] = any(p in trainable or behind.get(p, False) for p in preds)
+        if node in trainable and not behind[node]:
+            entries.append(node)
+    return entries
+
+
 def _extreme(values: dict[str, float | None], nodes: list[str],
              ) -> tuple[str, float, str, float] | None:
     """(argmin, min, argmax, max) of finite values over ``nodes``."""
@@ -155,7 +174,7 @@ def _exploding_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recomm
 def _gradient_extremes(analysis: Analysis, values: dict[str, float | None], *, measured: bool,
                        ) -> list[Finding]:
     t = analysis.thresholds
-    nodes = trainable_nodes(analysis)
+    nodes = entry_nodes(analysis)
     ext = _extreme(values, nodes)
     if ext is None:
         return []
