@@ -141,6 +141,7 @@ def analyze(
     each layer's first-update/weight ratio and the learning-rate check.
     """
     say = progress or (lambda _msg: None)
+    output = None if output is None else str(output)
     inputs = _as_inputs(example_inputs)
     target_device = resolve_device(device)
     report_notes = list(notes or [])

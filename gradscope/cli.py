@@ -19,7 +19,7 @@ import click
 
 from gradscope._version import __version__
 from gradscope.config import FAIL_ON, Settings, load_settings, validate
-from gradscope.errors import ExitCode, GradscopeError
+from gradscope.errors import ConfigError, ExitCode, GradscopeError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -172,7 +172,6 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
 def _check_outputs(settings: Settings, count: int) -> None:
     """Fail before the analysis, not after it, when a report cannot be written."""
     from gradscope._io import ensure_parent_writable
-    from gradscope.errors import ConfigError
 
     to_stdout = [flag for flag, path in (("--html", settings.html), ("--json", settings.json),
                                          ("--sarif", settings.sarif)) if path == "-"]
@@ -231,7 +230,9 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
 
         use_color = color if color is not None else (sys.stdout.isatty()
                                                      and "NO_COLOR" not in os.environ)
-        click.echo(render_terminal(doc, color=use_color), nl=False)
+        # color= explicitly: click.echo strips ANSI codes from a pipe unless told not to,
+        # which would make --color a no-op in CI logs.
+        click.echo(render_terminal(doc, color=use_color), nl=False, color=use_color)
         for label, path in (("HTML", html_to), ("JSON", json_to), ("SARIF", sarif_to)):
             if path is not None and path != "-":
                 click.echo(f"{label} report: {path}")

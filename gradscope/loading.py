@@ -89,7 +89,9 @@ def import_file(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     folder = str(resolved.parent)
-    sys.path.insert(0, folder)
+    inserted = folder not in sys.path
+    if inserted:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
@@ -101,9 +103,12 @@ def import_file(path: Path) -> ModuleType:
         where = _user_line(exc, str(resolved))
         raise TargetError(f"importing {path} failed{where}: {_short_error(exc)}",
                           "fix the model file or install what it imports") from exc
-    finally:
-        if sys.path and sys.path[0] == folder:
-            sys.path.pop(0)
+    except BaseException:
+        if inserted and folder in sys.path:
+            sys.path.remove(folder)
+        raise
+    # The folder stays on sys.path: build_model(), example_inputs() and forward may
+    # import sibling modules lazily, after the file itself has run.
     return module
 
 

@@ -56,7 +56,7 @@ def select_output(
     the same rule works on real tensors, fake tensors and fx nodes. ``key`` may
     be dotted (``hidden_states.0``) to reach into nested outputs.
     """
-    if key:
+    if key is not None and key != "":
         current, path = value, prefix
         for part in key.split("."):
             found = _lookup(current, part)

@@ -40,8 +40,9 @@ _HOOK_DICTS = (
 @dataclass
 class _Snapshot:
     #: (tensor, alias of its original storage, tensor version, alias version, copy).
-    #: ``tensor.data`` is a fresh alias with its own version counter on every access,
-    #: so in-place writes are detected on the tensor's own counter.
+    #: ``tensor.data`` is a fresh alias with its own version counter on every access, and
+    #: batch_norm writes running statistics without bumping any counter: copies are
+    #: compared by value; versions only flag changes to tensors too large to copy.
     tensors: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]] = \
         field(default_factory=list)
     #: (parameter, its .grad, alias of the grad's original storage).
@@ -105,13 +106,14 @@ def _restore(snap: _Snapshot) -> None:
         for tensor, data, version, data_version, copy in snap.tensors:
             if not _same_storage(tensor, data):
                 tensor.data = data  # moved to another device: the original storage is intact
-            if tensor._version != version or data._version != data_version:
-                if copy is not None:
-                    if not torch.equal(data, copy):
-                        data.copy_(copy)
-                else:
-                    snap.notes.append("a parameter was modified in place by the model's forward "
-                                      "and is too large to have been copied")
+            if copy is not None:
+                # Compared by value: kernels such as batch_norm update running statistics
+                # in place without bumping any version counter.
+                if not torch.equal(data, copy):
+                    data.copy_(copy)
+            elif tensor._version != version or data._version != data_version:
+                snap.notes.append("a parameter was modified in place by the model's forward "
+                                  "and is too large to have been copied")
     for p, grad, grad_data in snap.grads:
         if grad is not None and grad_data is not None and not _same_storage(grad, grad_data):
             grad.data = grad_data  # Module.to moves .grad in place too

@@ -90,10 +90,17 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
             traced.notes.append("--no-probe: the model was still run forward once, without "
                                 "gradients, to record its graph")
         return traced
+    from gradscope.tracing.runtime import ModelForwardError
+
     shapes = ", ".join(str(list(t.shape)) if hasattr(t, "shape") else repr(t) for t in inputs)
     assert last_error is not None
+    if not isinstance(last_error, ModelForwardError):
+        raise TraceError(
+            f"no tracer could record the graph: {_reason(last_error)}",
+            "rerun with --debug and report it, or try --tracer runtime",
+        ) from last_error
     raise InputError(
-        f"the model could not be run on inputs of shape {shapes}: {_reason(last_error)}",
+        f"the model could not be run on inputs of shape {shapes}: {_reason(last_error.error)}",
         "check --input-shape/--dtype or example_inputs() against what forward expects",
     ) from last_error
 

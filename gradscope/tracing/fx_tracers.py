@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from gradscope.errors import OutputError
 from gradscope.outputs import select_output
 from gradscope.report import TraceAttempt
 from gradscope.tracing import ops
@@ -146,9 +147,14 @@ def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...]
         return prop.values, None
     except NodeExecutionError as exc:
         fake_error = exc
+    from gradscope.tracing.runtime import ModelForwardError
+
     prop = ValuePropagation(gm)
     with torch.no_grad():
-        prop.run(*inputs)  # a real failure here is the model's own error
+        try:
+            prop.run(*inputs)
+        except NodeExecutionError as exc:  # a real failure here is the model's own error
+            raise ModelForwardError(exc.error) from exc
     return prop.values, (
         f"shapes were taken from one real forward without gradients: fake tensors could not "
         f"run node {fake_error.node.name} ({type(fake_error.error).__name__})"
@@ -163,6 +169,34 @@ def _is_float_node(values: dict[str, Any]) -> Any:
         return False
 
     return check
+
+
+def _select_fx_output(arg: Any, output_key: str | None, values: dict[str, Any],
+                      gm: fx.GraphModule) -> tuple[fx.Node, str]:
+    """The fx node holding the probed output, and its path.
+
+    Selection runs on the output's node structure first; when a node's value is
+    itself a container (fx records ``MyOutput(logits=...)`` dataclass construction
+    as one call), it runs on the propagated values and maps the chosen tensor back
+    to the node that produced it.
+    """
+    try:
+        return select_output(arg, output_key, _is_float_node(values))  # type: ignore[no-any-return]
+    except OutputError as exc:
+        first_error = exc
+    structure = fx.node.map_arg(arg, lambda n: values.get(n.name))
+    try:
+        value, desc = select_output(
+            structure, output_key,
+            lambda v: isinstance(v, torch.Tensor) and v.is_floating_point())
+    except OutputError:
+        raise first_error from None
+    producers = {id(v): n for n in gm.graph.nodes
+                 if isinstance(v := values.get(n.name), torch.Tensor)}
+    node = producers.get(id(value))
+    if node is None:
+        raise first_error
+    return node, desc
 
 
 def trace_symbolic(model: nn.Module, inputs: tuple[Any, ...], output_key: str | None,
@@ -187,7 +221,7 @@ def trace_symbolic(model: nn.Module, inputs: tuple[Any, ...], output_key: str | 
                 tensors[node.name] = attr
     nxg, _ = graph_from_fx(gm, values=values, roles={}, tensors=tensors, root=model)
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    selected, desc = select_output(output.args[0], output_key, _is_float_node(values))
+    selected, desc = _select_fx_output(output.args[0], output_key, values, gm)
     attempts.append(TraceAttempt("symbolic_trace", True, None))
     compute = {n for n, d in nxg.nodes(data=True) if d["role"] in ("input", "compute")}
     traced = TracedModel(
@@ -208,14 +242,24 @@ class _SelectingWrapper(nn.Module):
         super().__init__()
         self.gradscope_model = model
         self.output_key = output_key
-        self.output_desc = "output"
+        # torch.export reverts attribute writes made during tracing (module __dict__
+        # contents included), so the chosen path is recorded through a closure.
+        descs: list[str] = []
+        self._record_desc = lambda desc: descs.append(desc)
+        self._descs = lambda: list(descs)
+
+    @property
+    def output_desc(self) -> str:
+        descs = self._descs()
+        return descs[-1] if descs else "output"
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         out = self.gradscope_model(*inputs)
-        selected, self.output_desc = select_output(
+        selected, desc = select_output(
             out, self.output_key,
             lambda v: isinstance(v, torch.Tensor) and v.is_floating_point(),
         )
+        self._record_desc(desc)
         return selected  # type: ignore[no-any-return]
 
 

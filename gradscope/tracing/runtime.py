@@ -37,6 +37,18 @@ from gradscope.tracing.graph import (
 )
 
 
+class ModelForwardError(RuntimeError):
+    """The model's own forward raised while the runtime tracer watched it.
+
+    Kept apart from gradscope's failures so that only the model's errors are
+    reported as "the model rejects these inputs".
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 def _is_whole(module: nn.Module) -> bool:
     """Same rule as the symbolic tracer: childless torch.nn modules and MHA stay whole."""
     cls = type(module)
@@ -214,7 +226,10 @@ def trace_runtime(model: nn.Module, inputs: tuple[Any, ...], output_key: str | N
     recorder = _Recorder(model, None, None)
     with torch.no_grad(), _recording(model, recorder):
         recorder.add_inputs(inputs)
-        out = model(*inputs)
+        try:
+            out = model(*inputs)
+        except Exception as exc:  # noqa: BLE001 - the model's own failure, told apart below
+            raise ModelForwardError(exc) from exc
     selected, desc = select_output(out, output_key, _is_float_tensor)
     output_node = recorder.producer.get(id(selected))
     if output_node is None:
