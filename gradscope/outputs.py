@@ -24,7 +24,7 @@ def _items(value: Any) -> list[tuple[str, Any]] | None:
                                       and not isinstance(value, (list, tuple))):
         try:
             return [(f"[{k!r}]", value[k]) for k in list(value.keys())]
-        except Exception:
+        except Exception:  # noqa: BLE001 - an object that only looks like a mapping
             return None
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return [(f"[{i}]", v) for i, v in enumerate(value)]

@@ -207,7 +207,7 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                 continue
             result.sq_norm[name] = sq / out_sq
             n = acc.numel.get(name, 1)
-            result.grad_rms[name] = math.sqrt(sq / max(n - 1, 1)) / result.output_grad_rms
+            result.grad_rms[name] = math.sqrt(sq / n) / result.output_grad_rms
     by_id = {id(p): p for p in params.values()}
     for name in traced.graph.nodes:
         names = traced.graph.nodes[name]["params"]

@@ -99,9 +99,10 @@ def _take(model: nn.Module) -> _Snapshot:
 
 def _restore(snap: _Snapshot) -> None:
     for slots, saved in snap.slots:
-        for key, value in saved.items():
-            if slots.get(key) is not value:
-                slots[key] = value  # e.g. a buffer that Module.to replaced by a moved copy
+        if slots.keys() != saved.keys() or any(slots[k] is not v for k, v in saved.items()):
+            # e.g. a buffer that Module.to replaced by a moved copy
+            slots.clear()
+            slots.update(saved)
     with torch.no_grad():
         for tensor, data, version, data_version, copy in snap.tensors:
             if not _same_storage(tensor, data):
@@ -139,8 +140,8 @@ def _same_storage(tensor: torch.Tensor, data: torch.Tensor) -> bool:
     """Whether ``tensor`` still views the storage ``data`` was taken from (same device too)."""
     if tensor.device != data.device or tensor.dtype != data.dtype or tensor.shape != data.shape:
         return False
-    if tensor.is_meta:
-        return True
+    if tensor.is_meta or tensor.layout != torch.strided:
+        return True  # no single storage pointer to compare (sparse gradients, meta)
     return bool(tensor.data_ptr() == data.data_ptr())
 
 

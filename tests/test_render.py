@@ -394,8 +394,9 @@ def test_contract_only_document_validates() -> None:
 class _Structure(HTMLParser):
     """Checks that non-void elements nest and close: a cheap stand-in for a validator."""
 
-    VOID: ClassVar[frozenset[str]] = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
-            "source", "track", "wbr"})
+    VOID: ClassVar[frozenset[str]] = frozenset({
+        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+        "track", "wbr"})
     SELF_CLOSING_OK: ClassVar[frozenset[str]] = frozenset(
         {"line", "path", "circle", "rect", "polyline"}
     )

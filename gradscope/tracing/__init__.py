@@ -82,7 +82,7 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
                 traced = tracer(model, inputs, output_key, attempts)
         except GradscopeError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every tracer failure is reported, then next
             attempts.append(TraceAttempt(name, False, _reason(exc)))
             last_error = exc
             continue

@@ -228,7 +228,7 @@ def trace_runtime(model: nn.Module, inputs: tuple[Any, ...], output_key: str | N
         recorder.add_inputs(inputs)
         try:
             out = model(*inputs)
-        except Exception as exc:  # noqa: BLE001 - the model's own failure, told apart below
+        except Exception as exc:
             raise ModelForwardError(exc) from exc
     selected, desc = select_output(out, output_key, _is_float_tensor)
     output_node = recorder.producer.get(id(selected))
