@@ -4,8 +4,9 @@ Model: ``nn.Linear(32, 64)`` + ReLU, then, chosen by ``if x.mean() > 0`` on
 the raw input batch, one of two Kaiming-initialised ReLU branches
 (``BRANCH_DEPTH`` = 3 Linear(64, 64) layers each), then ``nn.Linear(64, 10)``.
 Branching on the *value* of a tensor (rather than its shape) cannot be
-captured by a graph tracer: torch.fx's symbolic tracing has no value to compare (``TraceError: symbolically traced
-variables cannot be used as inputs to control flow``), and torch.export
+captured by a graph tracer: torch.fx's symbolic tracing has no value to
+compare (``TraceError: symbolically traced variables cannot be used as
+inputs to control flow``), and torch.export
 refuses to guard on data-dependent values. A tool must fall back to
 eager-mode hooks (or report the trace failure) for this model.
 
