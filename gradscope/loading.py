@@ -299,6 +299,9 @@ def load_target(target: str, input_shapes: list[str] | None = None,
         where = head
         source = getattr(module, "__file__", None)
     model, display = resolve_model(module, name, where)
+    stem = Path(head).stem if source and head.endswith(".py") else head.rsplit(".", 1)[-1]
+    if name is None and display != stem:
+        display = f"{stem} ({display})"  # "deep_mlp (Sequential)" says more than "Sequential"
     loaded = LoadedTarget(name=display, model=model, inputs=(), source=source, module=module)
     if input_shapes:
         loaded.inputs = make_inputs(model, list(input_shapes), list(dtypes or []))

@@ -423,7 +423,7 @@ def test_json_to_stdout_is_the_only_thing_on_stdout() -> None:
     doc = json_stdout(result)  # the whole of stdout parses
     validate_report(doc)
     assert doc["schema_version"] == 1
-    assert doc["model"]["name"] == "TupleOutputMLP"
+    assert doc["model"]["name"] == "tuple_output_mlp (TupleOutputMLP)"
     assert doc["status"] == "healthy"
 
 
@@ -451,7 +451,7 @@ def test_report_files_are_written(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     doc = json.loads((tmp_path / "r.json").read_text())
     validate_report(doc)
-    assert doc["model"]["name"] == "TupleOutputMLP"
+    assert doc["model"]["name"] == "tuple_output_mlp (TupleOutputMLP)"
     html = (tmp_path / "out" / "r.html").read_text()
     assert "<html" in html.lower() and "TupleOutputMLP" in html
     sarif = json.loads((tmp_path / "r.sarif").read_text())
@@ -467,8 +467,8 @@ def test_two_targets_write_one_json_each(tmp_path: Path) -> None:
     assert not (tmp_path / "out.json").exists()
     first = json.loads((tmp_path / "out.tuple_output_mlp.json").read_text())
     second = json.loads((tmp_path / "out.two_input_model.json").read_text())
-    assert first["model"]["name"] == "TupleOutputMLP"
-    assert second["model"]["name"] == "ImageVectorModel"
+    assert first["model"]["name"] == "tuple_output_mlp (TupleOutputMLP)"
+    assert second["model"]["name"] == "two_input_model (ImageVectorModel)"
 
 
 def test_two_targets_exit_1_when_either_fails(tmp_path: Path) -> None:
@@ -489,7 +489,7 @@ def test_targets_with_the_same_file_name_do_not_overwrite_each_other(tmp_path: P
     written = sorted(tmp_path.glob("out.*.json"))
     assert len(written) == 4, [p.name for p in written]
     names = sorted(json.loads(p.read_text())["model"]["name"] for p in written)
-    assert names == ["Alpha", "Beta", "Delta", "Gamma"]
+    assert names == ["Alpha", "Beta", "model (Delta)", "model (Gamma)"]
 
 
 def test_json_to_stdout_with_two_targets_is_refused() -> None:

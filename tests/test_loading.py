@@ -70,7 +70,7 @@ def test_split_target(target: str, expected: tuple[str, str | None]) -> None:
 def test_sample_with_build_model_and_two_example_inputs() -> None:
     loaded = load_target(str(SAMPLES / "two_input_model.py"))
     assert type(loaded.model).__name__ == "ImageVectorModel"
-    assert loaded.name == "ImageVectorModel"
+    assert loaded.name == "two_input_model (ImageVectorModel)"
     assert [tuple(t.shape) for t in loaded.inputs] == [(8, 3, 8, 8), (8, 12)]
     assert loaded.source == str((SAMPLES / "two_input_model.py").resolve())
     assert loaded.notes == []
@@ -79,7 +79,7 @@ def test_sample_with_build_model_and_two_example_inputs() -> None:
 def test_single_no_argument_subclass_is_picked() -> None:
     loaded = load_target(str(SAMPLES / "tuple_output_mlp.py"))
     assert type(loaded.model).__name__ == "TupleOutputMLP"
-    assert loaded.name == "TupleOutputMLP"
+    assert loaded.name == "tuple_output_mlp (TupleOutputMLP)"
     assert len(loaded.inputs) == 1 and tuple(loaded.inputs[0].shape) == (16, 32)
 
 
@@ -115,7 +115,7 @@ def example_inputs():
 """)
     loaded = load_target(str(path))
     assert loaded.model is sys.modules[type(loaded.model).__module__].model
-    assert loaded.name == "model"
+    assert loaded.name == "m (model)"
     assert loaded.model.fc.in_features == 7
 
 
