@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
+from helpers import cli_runner
 
 import gradscope
 from gradscope.cli import main
@@ -103,15 +104,8 @@ def write_model(folder: Path, name: str, source: str) -> Path:
     return path
 
 
-def _runner() -> CliRunner:
-    try:  # click 8.1 mixes stderr into stdout unless told not to; 8.2 keeps them apart
-        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
-    except TypeError:
-        return CliRunner()
-
-
 def invoke(*args: Any) -> Result:
-    return _runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return cli_runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def analyze(*args: Any) -> Result:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
+from helpers import cli_runner
 
 from gradscope.cli import main
 from gradscope.config import Settings, find_pyproject, load_settings, validate
@@ -42,15 +43,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def _runner() -> CliRunner:
-    try:  # click 8.1 mixes stderr into stdout unless told not to; 8.2 keeps them apart
-        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
-    except TypeError:
-        return CliRunner()
-
-
 def analyze(*args: Any) -> Result:
-    return _runner().invoke(main, ["analyze", *[str(a) for a in args]], catch_exceptions=False)
+    return cli_runner().invoke(main, ["analyze", *[str(a) for a in args]], catch_exceptions=False)
 
 
 def assert_config_error(result: Result, *fragments: str) -> str:

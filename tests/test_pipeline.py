@@ -29,28 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import SAMPLE_DIR, SAMPLES
 
 import gradscope
 from gradscope.loading import load_target
 from gradscope.schema import validate_report
-
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_models"
-
-SAMPLES = (
-    "deep_sigmoid_mlp",
-    "relu_mlp_kaiming",
-    "plain_deep_cnn",
-    "resnet_bn",
-    "post_ln_transformer",
-    "pre_ln_transformer",
-    "large_init_mlp",
-    "dead_relu_mlp",
-    "nan_model",
-    "data_dependent",
-    "lstm",
-    "two_input_model",
-    "tuple_output_mlp",
-)
 
 VANISHING = ("deep_sigmoid_mlp", "plain_deep_cnn", "dead_relu_mlp")
 EXPLODING = ("large_init_mlp",)

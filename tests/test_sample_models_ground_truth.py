@@ -19,34 +19,19 @@ import inspect
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 import torch.fx
+from helpers import SAMPLE_DIR, SAMPLES
 from torch import nn
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_models"
 DIRECTION_SEED = 123
 DROPOUT_SEED = 0
 
-ALL_SAMPLES = (
-    "deep_sigmoid_mlp",
-    "relu_mlp_kaiming",
-    "plain_deep_cnn",
-    "resnet_bn",
-    "post_ln_transformer",
-    "pre_ln_transformer",
-    "large_init_mlp",
-    "dead_relu_mlp",
-    "nan_model",
-    "data_dependent",
-    "lstm",
-    "two_input_model",
-    "tuple_output_mlp",
-)
+ALL_SAMPLES = SAMPLES
 # The one sample that must load by the "single nn.Module subclass" rule.
 CLASS_ONLY_SAMPLE = "tuple_output_mlp"
 
