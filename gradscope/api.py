@@ -16,6 +16,7 @@ from torch import nn
 
 from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.propagate import StaticEstimate, estimate
+from gradscope.meta import is_meta_model
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.rules.checks import Analysis, Thresholds, probe_health, run_checks
@@ -52,6 +53,26 @@ def resolve_device(device: str) -> str:
                               "use --device cpu or --device auto")
         return "mps"
     raise DeviceError(f"unknown device {device!r}", "choose auto, cpu, cuda, cuda:N or mps")
+
+
+def _build(factory: Callable[[], nn.Module], meta: bool,
+           declared: dict[int, tuple[float, float]]) -> nn.Module:
+    """Call a model factory, on the meta device with init recording when asked."""
+    from gradscope.meta import recording_init
+
+    try:
+        if meta:
+            with recording_init(declared):
+                built = factory()
+        else:
+            built = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+        raise InputError(f"the model factory raised {type(exc).__name__}: {exc}",
+                         "fix the factory") from exc
+    if not isinstance(built, nn.Module):
+        raise InputError(f"the model factory returned {type(built).__name__}, not an nn.Module",
+                         "return the model from the factory")
+    return built
 
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -115,7 +136,7 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
 
 
 def analyze(
-    model: nn.Module,
+    model: nn.Module | Callable[[], nn.Module],
     example_inputs: Any,
     device: str = "cpu",
     probe: bool = True,
@@ -131,6 +152,8 @@ def analyze(
     lr: float | None = None,
     optimizer: str = "sgd",
     weight_decay: float = 0.0,
+    meta: bool = False,
+    declared: dict[int, tuple[float, float]] | None = None,
 ) -> Report:
     """Analyse ``model`` on ``example_inputs`` and return the report.
 
@@ -139,24 +162,52 @@ def analyze(
     output entry to differentiate (``logits``, ``0``, ...). The model is left
     exactly as it was found. ``lr`` (with ``optimizer`` sgd/adam/adamw) adds
     each layer's first-update/weight ratio and the learning-rate check.
+
+    ``meta=True``: with a zero-argument factory for ``model``, the model is built
+    under ``torch.device("meta")`` (no weight allocated) and each weight's declared
+    initialisation is recorded for the estimate; a model already on the meta
+    device is used as it is (module default inits). Either way nothing runs:
+    static estimate only. ``declared`` passes init moments recorded elsewhere
+    (``gradscope.loading.load_target(..., meta=True)``).
     """
     say = progress or (lambda _msg: None)
     output = None if output is None else str(output)
     inputs = _as_inputs(example_inputs)
-    target_device = resolve_device(device)
     report_notes = list(notes or [])
     thresholds = thresholds or Thresholds()
+    declared = dict(declared or {})
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise InputError(f"model must be an nn.Module or a factory, not "
+                             f"{type(model).__name__}", "pass the model or a function building it")
+        model = _build(model, meta, declared)
+    on_meta = is_meta_model(model)
+    if meta and not on_meta:
+        report_notes.append("meta=True, but the model was already built with real weights: "
+                            "their measured scales were used")
+    if on_meta and probe:
+        probe = False
+        report_notes.append("the model is on the meta device (no weights): static estimate "
+                            "only, from each weight's declared initialisation")
+    target_device = resolve_device(device) if probe else "cpu"
     with preserved(model, report_notes):
         # Trace where the model lives; the probe moves it (and its inputs) when asked to.
         home = _model_device(model)
         trace_inputs = tuple(t.to(home) if isinstance(t, torch.Tensor) else t for t in inputs)
         model.train()
         say("tracing")
-        traced = trace_model(model, trace_inputs, output_key=output, allow_run=probe,
-                             method=tracer)
+        try:
+            traced = trace_model(model, trace_inputs, output_key=output, allow_run=probe,
+                                 method=tracer)
+        except InputError as exc:
+            if not on_meta:
+                raise
+            raise InputError(f"{exc.message} (on the meta device)",
+                             "the forward needs tensor values, which meta tensors do not "
+                             "have: analyse it without --meta") from exc
         say(f"traced with {traced.method}: {traced.graph.number_of_nodes()} nodes")
         say("static estimate")
-        est = estimate(traced, trace_inputs)
+        est = estimate(traced, inputs if on_meta else trace_inputs, declared)
         result: ProbeResult | None = None
         if probe:
             say(f"probe on {target_device}")

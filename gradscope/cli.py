@@ -127,14 +127,17 @@ def main() -> None:
 @click.option("--fail-on", "fail_on", type=click.Choice(FAIL_ON), default=None,
               help="Exit 1 when a finding at or above this severity exists (default error).")
 @click.option("--seed", type=int, default=None, help="Seed of the probe (default 0).")
+@click.option("--meta", "meta", is_flag=True, default=None,
+              help="Build the model on the meta device (no weights allocated) and estimate "
+                   "from declared initialisations; implies --no-probe.")
 @click.option("--color/--no-color", default=None, help="Colour the terminal output.")
 @click.option("--quiet", "-q", is_flag=True, help="No terminal summary and no progress.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple[str, ...],
             device: str | None, probe: bool | None, output: str | None, tracer: str | None,
             lr: float | None, optimizer: str | None, html: str | None, json_path: str | None,
-            sarif: str | None, fail_on: str | None, seed: int | None, color: bool | None,
-            quiet: bool, debug: bool) -> None:
+            sarif: str | None, fail_on: str | None, seed: int | None, meta: bool | None,
+            color: bool | None, quiet: bool, debug: bool) -> None:
     """Analyse the gradient flow of one or more models.
 
     TARGET is path/to/file.py, path/to/file.py:NAME or package.module:NAME.
@@ -146,7 +149,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             input_shape=input_shape, dtype=dtype, device=device,
             probe=probe, output=output, tracer=tracer, lr=lr,
             optimizer=optimizer, html=html, json=json_path, sarif=sarif, fail_on=fail_on,
-            seed=seed)
+            seed=seed, meta=meta)
         validate(settings)
         _check_outputs(settings, len(targets))
         failed = False
@@ -197,7 +200,8 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
         from gradscope.loading import load_target
         from gradscope.rules.checks import Thresholds
 
-        loaded = load_target(target, list(settings.input_shape), list(settings.dtype))
+        loaded = load_target(target, list(settings.input_shape), list(settings.dtype),
+                             meta=settings.meta)
         thresholds = Thresholds(
             vanishing_warning=settings.vanishing_warning,
             vanishing_error=settings.vanishing_error,
@@ -207,7 +211,8 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
             loaded.model, loaded.inputs, device=settings.device, probe=settings.probe,
             output=settings.output, thresholds=thresholds, tracer=settings.tracer,
             name=loaded.name, seed=settings.seed, source=loaded.source, notes=loaded.notes,
-            progress=progress, lr=settings.lr, optimizer=settings.optimizer)
+            progress=progress, lr=settings.lr, optimizer=settings.optimizer,
+            meta=settings.meta, declared=loaded.declared)
         progress("writing reports")
         doc = report.to_dict()
     finally:

@@ -33,6 +33,7 @@ class Settings:
     fail_on: str = "error"
     device: str = "auto"
     probe: bool = True
+    meta: bool = False
     output: str | None = None
     tracer: str | None = None
     input_shape: tuple[str, ...] = ()
@@ -156,9 +157,10 @@ def validate(settings: Settings) -> None:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, not {value!r}{where}",
                               "fix the setting")
-    if not isinstance(settings.probe, bool):
-        raise ConfigError(f"probe must be true or false, not {settings.probe!r}{where}",
-                          "fix the setting")
+    for flag in ("probe", "meta"):
+        if not isinstance(getattr(settings, flag), bool):
+            raise ConfigError(f"{flag} must be true or false, not "
+                              f"{getattr(settings, flag)!r}{where}", "fix the setting")
     if not isinstance(settings.seed, int) or isinstance(settings.seed, bool):
         raise ConfigError(f"seed must be an integer, not {settings.seed!r}{where}",
                           "fix the setting")

@@ -58,6 +58,8 @@ class LoadedTarget:
     source: str | None = None
     module: ModuleType | None = None
     notes: list[str] = field(default_factory=list)
+    #: With ``meta=True``: declared init moments of the meta weights, by ``id``.
+    declared: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def split_target(target: str) -> tuple[str, str | None]:
@@ -281,8 +283,13 @@ def _with_dtypes(inputs: tuple[Any, ...], dtypes: list[str] | None) -> tuple[Any
 
 
 def load_target(target: str, input_shapes: list[str] | None = None,
-                dtypes: list[str] | None = None) -> LoadedTarget:
-    """Resolve a CLI target to a model and inputs, or raise a one-line error."""
+                dtypes: list[str] | None = None, meta: bool = False) -> LoadedTarget:
+    """Resolve a CLI target to a model and inputs, or raise a one-line error.
+
+    ``meta=True`` builds the model under ``torch.device("meta")`` (no weight is
+    allocated) and records how each weight was initialised (gradscope.meta).
+    Inputs are still made on the CPU: the estimate needs their statistics.
+    """
     head, name = split_target(target)
     if head.endswith(".py") or Path(head).suffix == ".py" or "/" in head or "\\" in head:
         path = Path(head)
@@ -298,11 +305,19 @@ def load_target(target: str, input_shapes: list[str] | None = None,
                               ) from exc
         where = head
         source = getattr(module, "__file__", None)
-    model, display = resolve_model(module, name, where)
+    declared: dict[int, tuple[float, float]] = {}
+    if meta:
+        from gradscope.meta import recording_init
+
+        with recording_init(declared):
+            model, display = resolve_model(module, name, where)
+    else:
+        model, display = resolve_model(module, name, where)
     stem = Path(head).stem if source and head.endswith(".py") else head.rsplit(".", 1)[-1]
     if name is None and display != stem:
         display = f"{stem} ({display})"  # "deep_mlp (Sequential)" says more than "Sequential"
-    loaded = LoadedTarget(name=display, model=model, inputs=(), source=source, module=module)
+    loaded = LoadedTarget(name=display, model=model, inputs=(), source=source, module=module,
+                          declared=declared)
     if input_shapes:
         loaded.inputs = make_inputs(model, list(input_shapes), list(dtypes or []))
         return loaded

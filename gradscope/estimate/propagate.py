@@ -22,6 +22,7 @@ gain 1 and is counted as not understood.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,9 +65,21 @@ def numel(shape: list[int] | None) -> int | None:
     return math.prod(shape) if shape else 1
 
 
+#: Declared init moments of meta tensors, by id, for the estimate being run
+#: (see gradscope.meta); a context variable so concurrent estimates stay apart.
+_DECLARED: contextvars.ContextVar[dict[int, Mom]] = contextvars.ContextVar("declared",
+                                                                           default={})
+
+
 def tensor_stats(t: torch.Tensor) -> Mom | None:
-    """(mean, second moment) of a real tensor; None for meta tensors (no values)."""
-    if t.is_meta or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+    """(mean, second moment) of a tensor: measured, or declared for meta tensors.
+
+    None for meta tensors whose initialisation was not seen: callers then use
+    the module's documented default.
+    """
+    if t.is_meta:
+        return _DECLARED.get().get(id(t))
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return None
     with torch.no_grad():
         x = t.detach().to(torch.float64)
@@ -1170,6 +1183,16 @@ def _finite_moments(m: Mom | None) -> Mom | None:
     return mean, max(second, 0.0)
 
 
-def estimate(traced: TracedModel, inputs: tuple[Any, ...]) -> StaticEstimate:
-    """Run the forward and backward sweeps over ``traced``'s graph."""
-    return _Estimator(traced, inputs).run()
+def estimate(traced: TracedModel, inputs: tuple[Any, ...],
+             declared: dict[int, Mom] | None = None) -> StaticEstimate:
+    """Run the forward and backward sweeps over ``traced``'s graph.
+
+    ``inputs`` give the input moments (real tensors, even when the graph was
+    traced on meta ones); ``declared`` maps ``id(tensor)`` of meta weights to
+    their declared init moments.
+    """
+    token = _DECLARED.set(declared or {})
+    try:
+        return _Estimator(traced, inputs).run()
+    finally:
+        _DECLARED.reset(token)
