@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import DeviceError, InputError
+from gradscope.estimate.depth import summarize_depth
 from gradscope.estimate.propagate import StaticEstimate, estimate
 from gradscope.meta import is_meta_model
 from gradscope.probe import ProbeResult, run_probe
@@ -132,6 +133,12 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
         if measured:
             summary.update(probe_min_ratio=measured[1], probe_min_node=measured[0],
                            probe_max_ratio=measured[3], probe_max_node=measured[2])
+    depth = summarize_depth(analysis.traced, analysis.estimate, nodes)
+    summary.update(
+        longest_plain_run=depth.longest_plain_run, plain_run_end=depth.plain_run_end,
+        residual_skips=depth.skips, static_chi_product=depth.chi_product,
+        static_path_layers=depth.path_layers, static_chi_per_layer=depth.chi_per_layer,
+        static_depth_scale=depth.depth_scale, static_coverage=analysis.estimate.coverage)
     return summary
 
 

@@ -1,0 +1,127 @@
+"""Depth figures of the static estimate: plain runs, the product of gains, the depth scale.
+
+Schoenholz et al. (2017): in a plain stack the gradient scales as chi^L, so
+what matters is the longest stretch of weight layers that no skip bypasses,
+the per-layer gain chi along the worst path, and the depth scale
+xi = -1 / ln(chi) (how many layers until the signal changes by a factor e).
+A skip is a real ``add`` node one of whose inputs is an ancestor of the
+other (x + f(x)), found in the graph, never guessed from class names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+
+from gradscope.estimate.propagate import StaticEstimate
+from gradscope.tracing.graph import TracedModel
+
+
+@dataclass(frozen=True)
+class DepthSummary:
+    """Per-model depth figures of the static estimate."""
+
+    #: Weight layers on the longest path that no residual skip bypasses.
+    longest_plain_run: int
+    #: Node where that run ends (closest to the output).
+    plain_run_end: str | None
+    #: Residual additions found in the graph.
+    skips: int
+    #: Product of squared-norm gains from the output back to the worst entry layer.
+    chi_product: float | None
+    #: Weight layers along that path.
+    path_layers: int
+    #: Geometric-mean gain per weight layer along it.
+    chi_per_layer: float | None
+    #: Depth scale -1/ln(chi); None when chi is 1 (no decay either way).
+    depth_scale: float | None
+
+
+def _weight_depth(traced: TracedModel) -> dict[str, int]:
+    """Most weight layers on any path from an input to each node."""
+    depth: dict[str, int] = {}
+    for name in traced.order():
+        upstream = max((depth.get(p, 0) for p in traced.graph.predecessors(name)), default=0)
+        depth[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
+    return depth
+
+
+def residual_adds(traced: TracedModel) -> list[str]:
+    """``add`` nodes joining two branches of one fork that cross unequal numbers of weights.
+
+    x + f(x), and the projection shortcuts of ResNets (1 conv against 2), give
+    the gradient a shorter path around the longer branch; two independent
+    inputs summed, or two equal branches, do not.
+    """
+    graph = traced.graph
+    wdepth = _weight_depth(traced)
+    found = []
+    for name in traced.order():
+        data = graph.nodes[name]
+        if data["key"] not in ("add", "sub") or data["role"] != "compute":
+            continue
+        ins = [r for r in data["inputs"] if graph.nodes[r]["role"] != "param"
+               and graph.nodes[r]["is_float"]]
+        for i, a in enumerate(ins):
+            up_a = (nx.ancestors(graph, a) | {a})
+            for b in ins[i + 1:]:
+                common = [n for n in up_a & (nx.ancestors(graph, b) | {b})
+                          if graph.nodes[n]["role"] != "param"]
+                if not common:
+                    continue
+                fork = max(common, key=lambda n: (graph.nodes[n]["depth"], n))
+                if wdepth[a] - wdepth[fork] != wdepth[b] - wdepth[fork]:
+                    found.append(name)
+                    break
+            if found and found[-1] == name:
+                break
+    return found
+
+
+def _is_weight_layer(traced: TracedModel, name: str) -> bool:
+    data = traced.graph.nodes[name]
+    return data["role"] == "compute" and data["num_params"] > 0 and data["is_float"]
+
+
+def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str],
+                    ) -> DepthSummary:
+    """Compute the depth figures; ``entries`` are the first trainable layers (the rules')."""
+    graph = traced.graph
+    order = traced.order()
+    skips = set(residual_adds(traced))
+    run: dict[str, int] = {}
+    best, best_end = 0, None
+    for name in order:
+        preds = list(graph.predecessors(name))
+        upstream = max((run.get(p, 0) for p in preds), default=0)
+        if name in skips:
+            run[name] = 0  # a skip gives the gradient a path around the run
+            continue
+        run[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
+        if run[name] > best:
+            best, best_end = run[name], name
+
+    # Worst entry layer: the one whose static health is lowest (or highest, if exploding).
+    candidates = [(n, est.health.get(n)) for n in entries]
+    finite = [(n, h) for n, h in candidates if h is not None and math.isfinite(h)]
+    if not finite:
+        return DepthSummary(best, best_end, len(skips), None, 0, None, None)
+    worst, health = max(finite, key=lambda item: abs(math.log(item[1])) if item[1] > 0
+                        else math.inf)
+    # Weight layers on the longest path from the worst entry to the output.
+    layers_to: dict[str, int] = {worst: 1}
+    for name in order:
+        if name not in layers_to:
+            continue
+        for succ in graph.successors(name):
+            count = layers_to[name] + (1 if _is_weight_layer(traced, succ) else 0)
+            layers_to[succ] = max(layers_to.get(succ, 0), count)
+    path_layers = layers_to.get(traced.output_node, 1)
+    chi_product = health * health
+    chi = chi_product ** (1.0 / path_layers) if chi_product > 0 else 0.0
+    xi = None
+    if 0 < chi and abs(math.log(chi)) > 1e-9:
+        xi = -1.0 / math.log(chi)
+    return DepthSummary(best, best_end, len(skips), chi_product, path_layers, chi, xi)
