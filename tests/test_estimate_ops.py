@@ -262,13 +262,7 @@ add("batchnorm1d-eval", lambda: _bn_eval(nn.BatchNorm1d(64), 0.4),
 add("batchnorm2d-eval", lambda: _bn_eval(nn.BatchNorm2d(16), 0.4),
     lambda: (_g(16, 16, 8, 8, seed=6),), eval_mode=True)
 add("batchnorm2d-eval-widespread", lambda: _bn_eval(nn.BatchNorm2d(16), 1.5),
-    lambda: (_g(16, 16, 8, 8, seed=6),), eval_mode=True, xfail={
-        "x": "estimate 0.147 vs measured 1.75: _Norm (eval) uses mean(gamma^2) / "
-             "(mean(running_var) + eps); the gain is mean_c(gamma_c^2 / (running_var_c + eps)) "
-             "(1.74 here), and 1/mean(rv) is far below mean(1/rv) when rv is spread",
-        "fwd": "estimate 0.159 vs measured 2.38: _Norm (eval) uses channel-averaged running "
-               "stats; E[y^2] = mean_c((gamma_c (m - rm_c) / sqrt(rv_c + eps) + beta_c)^2 "
-               "+ gamma_c^2 v / (rv_c + eps)) (2.40 here)"})
+    lambda: (_g(16, 16, 8, 8, seed=6),), eval_mode=True, )
 add("layernorm", lambda: nn.LayerNorm(128), lambda: (_g(256, 128, seed=6, std=2.0, mean=0.5),))
 add("layernorm-var0.25", lambda: nn.LayerNorm(128), lambda: (_g(256, 128, seed=6, std=0.5),))
 add("groupnorm", lambda: nn.GroupNorm(4, 16), lambda: (_g(16, 16, 8, 8, seed=6, std=2.0),))
@@ -286,9 +280,7 @@ for _p in (0.1, 0.5):
 _IMG = (16, 8, 16, 16)
 add("maxpool2d-k2", lambda: nn.MaxPool2d(2), lambda: (_g(*_IMG, seed=8),))
 add("maxpool2d-k3s2", lambda: nn.MaxPool2d(3, stride=2, padding=1), lambda: (_g(*_IMG, seed=8),),
-    xfail={"fwd": "estimate 0.986 vs measured 2.35: max_pool is a _Route op, so its output "
-                  "keeps the input's moments; the max of n window values has the order-statistic "
-                  "moments (n = 9: E[M^2] = 2.56 sigma^2; n = 4: 1.55, now -0.19 off)"})
+    )
 add("avgpool2d-k2", lambda: nn.AvgPool2d(2), lambda: (_g(*_IMG, seed=8),))
 add("adaptiveavgpool2d-1x1", lambda: nn.AdaptiveAvgPool2d((1, 1)), lambda: (_g(*_IMG, seed=8),))
 add("global-mean", lambda: Fn(lambda x: x.mean((2, 3))), lambda: (_g(*_IMG, seed=8),))
@@ -317,44 +309,21 @@ for _var in (1.0, 4.0):
                           _g(256, 128, seed=13, std=math.sqrt(var))), srcs=("a", "b"))
 
 # Softmax over T
-SOFTMAX_WHY = ("the rule's gain E[p^2] (1 - 1/T) is the near-uniform limit of the exact "
-               "E[sum p^2 - 2 sum p^3 + (sum p^2)^2] / T over a row, and its "
-               "E[p^2] = e^v / T^2 is the large-T limit")
 for _t in (4, 16, 64):
     add(f"softmax-T{_t}", lambda: nn.Softmax(dim=-1),
-        lambda t=_t: (_g(16384 // t, t, seed=14),),
-        xfail={"x": "estimate 0.126 vs measured 0.0414 (exact formula 0.0414): " + SOFTMAX_WHY}
-        if _t == 4 else {})
-add("softmax-T16-var4", lambda: nn.Softmax(dim=-1), lambda: (_g(1024, 16, seed=14, std=2.0),),
-    xfail={"x": "estimate 0.0586 vs measured 0.00719 (exact formula 0.00730): " + SOFTMAX_WHY,
-           "fwd": "estimate 0.0625 vs measured 0.0194: E[p^2] = min(e^v / T^2, 1 / T) is the "
-                  "large-T limit; E[sum p^2] / T over Gaussian logits is 0.0198"})
+        lambda t=_t: (_g(16384 // t, t, seed=14),))
+add("softmax-T16-var4", lambda: nn.Softmax(dim=-1), lambda: (_g(1024, 16, seed=14, std=2.0),))
 
 # Attention
-CAUSAL_WHY = ("_attention plugs t_eff = T / H_T into the non-causal formula; the q/k gain is "
-              "scale^2 d E[k^2] E[v^2] times the per-row softmax term E[sum p^2 - 2 sum p^3 + "
-              "(sum p^2)^2] averaged over rows with 1..T keys (0.097 here): row i = 1 has "
-              "sum p^2 = 1 but no logit gradient at all")
-SATURATED_WHY = ("logit variance 4: p2 = min(e^v / T^2, 1 / T) hits the 1 / T cap, so "
-                 "concentration = 1 and the q/k term p2 T (1 - 1/T) stays large; exactly, "
-                 "E[sum p^2] = {v} and the q/k softmax term E[sum p^2 - 2 sum p^3 + (sum p^2)^2] "
-                 "shrinks as attention sharpens")
 for _causal in (False, True):
     add(f"sdpa{'-causal' if _causal else ''}",
         lambda causal=_causal: Fn(lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=causal)),
-        lambda: tuple(_g(8, 4, 32, 16, seed=15 + i) for i in range(3)), srcs=("q", "k", "v"),
-        xfail={src: f"estimate {est} vs measured {true}: " + CAUSAL_WHY
-               for src, est, true in (("q", 0.290, 0.0873), ("k", 0.297, 0.0929))}
-        if _causal else {})
+        lambda: tuple(_g(8, 4, 32, 16, seed=15 + i) for i in range(3)), srcs=("q", "k", "v"))
 add("sdpa-logitvar4", lambda: Fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
     lambda: tuple(_g(8, 4, 32, 16, seed=15 + i, std=math.sqrt(2.0) if i < 2 else 1.0)
                   for i in range(3)),
-    srcs=("q", "k", "v"), xfail={
-        "q": "estimate 1.88 vs measured 0.184: " + SATURATED_WHY.format(v=0.23),
-        "k": "estimate 1.92 vs measured 0.196: " + SATURATED_WHY.format(v=0.23),
-        "v": "estimate 1.00 vs measured 0.231: " + SATURATED_WHY.format(v=0.23),
-        "fwd": "estimate 0.98 vs measured 0.221: " + SATURATED_WHY.format(v=0.23)})
+    srcs=("q", "k", "v"))
 add("mha-self", lambda: SelfAttention(64, 4), lambda: (_g(8, 32, 64, seed=18),))
 
 # Matmul of two activations

@@ -23,6 +23,7 @@ gain 1 and is counted as not understood.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -531,6 +532,32 @@ def _bn_training(ctx: Ctx) -> bool:
     return flag if isinstance(flag, bool) else True
 
 
+def _bn_eval(ctx: Ctx, xm: Mom, eps: float) -> tuple[float, Mom]:
+    """BatchNorm with running statistics: a fixed per-channel affine map.
+
+    Averaged per channel, not with channel-averaged statistics: 1/mean(rv) is
+    far from mean(1/rv) when running variances differ between channels.
+    """
+    rv = ctx.param_by_suffix("running_var")
+    rm = ctx.param_by_suffix("running_mean")
+    gamma = ctx.param_by_suffix("weight")
+    beta = ctx.param_by_suffix("bias")
+    known = [t for t in (rv, rm, gamma, beta) if t is not None]
+    if rv is None or any(t.is_meta for t in known):
+        (_, g2), (bm, b2) = _norm_affine(ctx)
+        ratio = g2 / (1.0 + eps)
+        return ratio, (bm, ratio * xm[1] + b2)
+    with torch.no_grad():
+        var_c = rv.detach().double() + eps
+        mean_c = rm.detach().double() if rm is not None else torch.zeros_like(var_c)
+        g = gamma.detach().double() if gamma is not None else torch.ones_like(var_c)
+        b = beta.detach().double() if beta is not None else torch.zeros_like(var_c)
+        scale2 = g * g / var_c
+        shift = g * (xm[0] - mean_c) / var_c.sqrt() + b
+        q_out = float((shift * shift + scale2 * var_of(xm)).mean())
+        return float(scale2.mean()), (float(shift.mean()), q_out)
+
+
 @rule("batch_norm", "layer_norm", "group_norm", "instance_norm")
 class _Norm:
     """Normalisation divides the signal, and so the gradient, by the input's std."""
@@ -543,13 +570,7 @@ class _Norm:
         (_, g2), (bm, b2) = _norm_affine(ctx)
         eps = 1e-5
         if ctx.data["key"] == "batch_norm" and not _bn_training(ctx):
-            rv = ctx.param_by_suffix("running_var")
-            rm = ctx.param_by_suffix("running_mean")
-            rv_mean = _wstats(rv, (1.0, 1.0))[0]
-            rm_mean = _wstats(rm, (0.0, 0.0))[0]
-            ratio = g2 / (rv_mean + eps)
-            q_out = ratio * (var_of(xm) + (xm[0] - rm_mean) ** 2) + b2
-            return ratio, (bm, q_out)
+            return _bn_eval(ctx, xm, eps)
         var = var_of(xm)
         if ctx.data["key"] == "batch_norm":
             # BatchNorm normalises each channel by its own variance: the spread of
@@ -644,9 +665,36 @@ def _softmax_size(ctx: Ctx) -> int:
     return int(shape[dim]) if -len(shape) <= dim < len(shape) else 1
 
 
-def _softmax_p2(var: float, t: int) -> float:
-    """E[p^2] of a softmax over ``t`` Gaussian logits of variance ``var``."""
-    return min(math.exp(min(var, 50.0)) / (t * t), 1.0 / t if t > 1 else 1.0) if t > 1 else 1.0
+@functools.lru_cache(maxsize=4096)
+def _softmax_row_terms(n: int, var: float) -> tuple[float, float]:
+    """(A, B) for one softmax row over ``n`` Gaussian logits of variance ``var``.
+
+    A = E[sum p^2] (how concentrated the row is); B = E[sum p^2 - 2 sum p^3 +
+    (sum p^2)^2], the squared norm of the softmax Jacobian applied to a random
+    direction. Closed forms exist only in limits (near-uniform, large n), which
+    are off by 3x for short rows or sharp attention, so both are computed by a
+    seeded Monte Carlo over rows and cached.
+    """
+    if n <= 1:
+        return 1.0, 0.0
+    rows = max(64, 32768 // n)
+    generator = torch.Generator().manual_seed(n * 7919 + int(var * 1000))
+    logits = torch.randn(rows, n, generator=generator, dtype=torch.float64) * math.sqrt(var)
+    p = torch.softmax(logits, dim=-1)
+    p2 = (p * p).sum(-1)
+    p3 = (p * p * p).sum(-1)
+    return float(p2.mean()), float((p2 - 2 * p3 + p2 * p2).mean())
+
+
+def softmax_terms(n: int, var: float, causal: bool = False) -> tuple[float, float]:
+    """Row terms (A, B), averaged over the rows of a causal mask (row i sees i+1 keys)."""
+    var = round(min(max(var, 0.0), 50.0), 3)
+    if not causal or n <= 1:
+        return _softmax_row_terms(max(n, 1), var)
+    sizes = sorted({max(1, round(x)) for x in
+                    [1 + (n - 1) * k / 47 for k in range(48)]}) if n > 48 else range(1, n + 1)
+    terms = [_softmax_row_terms(size, var) for size in sizes]
+    return (sum(a for a, _ in terms) / len(terms), sum(b for _, b in terms) / len(terms))
 
 
 @rule("softmax")
@@ -655,16 +703,16 @@ class _Softmax:
     def forward(ctx: Ctx) -> Mom | None:
         xm = _pass_forward(ctx)
         t = _softmax_size(ctx)
-        var = var_of(xm) if xm else 0.0
-        return 1.0 / t, _softmax_p2(var, t)
+        a, _ = softmax_terms(t, var_of(xm) if xm else 0.0)
+        return 1.0 / t, a / t
 
     @staticmethod
     def backward(ctx: Ctx) -> dict[str, float]:
         xm = _pass_forward(ctx)
         t = _softmax_size(ctx)
-        p2 = _softmax_p2(var_of(xm) if xm else 0.0, t)
-        # dx = p * (dy - <p, dy>): per element E[p^2] (1 - 1/T), numel unchanged
-        return {r: p2 * (1.0 - 1.0 / t) for r in ctx.activations_in()[:1]}
+        _, b = softmax_terms(t, var_of(xm) if xm else 0.0)
+        # dx = p * (dy - <p, dy>): per row E||dx||^2 = B E[dy^2], over t elements
+        return {r: b / t for r in ctx.activations_in()[:1]}
 
 
 @rule("log_softmax")
@@ -682,19 +730,19 @@ class _LogSoftmax:
 
 def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
                causal: bool) -> tuple[Mom, float, float, float]:
-    """Output moments and S-gains to (q, k, v) of softmax(q k^T * scale) v."""
+    """Output moments and S-gains to (q, k, v) of softmax(q k^T * scale) v.
+
+    Value path: each value row is averaged with weights p, so S_v = A. Query and
+    key paths: the softmax Jacobian (B) times the logits' sensitivity
+    scale^2 d E[k^2] E[v^2] (resp. E[q^2]). Causal rows see 1..T keys; the
+    first sees one and passes no gradient to q or k at all.
+    """
     scale = scale if scale is not None else 1.0 / math.sqrt(max(d, 1))
     logit_var = scale * scale * d * qm[1] * km[1]
-    if causal and t > 1:
-        t_eff = max(t / max(sum(1.0 / i for i in range(1, t + 1)), 1.0), 1.0)
-    else:
-        t_eff = float(max(t, 1))
-    p2 = min(math.exp(min(logit_var, 50.0)) / (t_eff * t_eff), 1.0 / t_eff)
-    concentration = p2 * t_eff  # E[sum_j p_j^2]
-    out = (vm[0], vm[0] ** 2 + var_of(vm) * concentration)
-    s_v = concentration
-    s_qk = scale * scale * t_eff * p2 * (1.0 - 1.0 / t_eff) * d * vm[1]
-    return out, s_qk * km[1], s_qk * qm[1], s_v
+    a, b = softmax_terms(max(t, 1), logit_var, causal)
+    out = (vm[0], vm[0] ** 2 + var_of(vm) * a)
+    s_qk = scale * scale * d * vm[1] * b
+    return out, s_qk * km[1], s_qk * qm[1], a
 
 
 @rule("sdpa")
@@ -867,7 +915,52 @@ class _Div:
         return gains
 
 
-@rule("neg", "abs", "masked_fill", "max_pool", "max_reduce", "view", "getitem", "split")
+@functools.lru_cache(maxsize=256)
+def _max_order_stats(k: int) -> tuple[float, float]:
+    """(E[M], E[M^2]) of the maximum of k standard normals (seeded Monte Carlo, cached)."""
+    if k <= 1:
+        return 0.0, 1.0
+    generator = torch.Generator().manual_seed(k)
+    draws = torch.randn(max(2048, 262144 // k), k, generator=generator, dtype=torch.float64)
+    top = draws.max(dim=-1).values
+    return float(top.mean()), float((top * top).mean())
+
+
+def _pool_window(ctx: Ctx) -> int:
+    """Values each max-pool output is the maximum of."""
+    kernel: Any = None
+    if ctx.module is not None:
+        kernel = getattr(ctx.module, "kernel_size", None)
+    elif "adaptive" not in ctx.data["op"]:
+        kernel = ctx.arg(1, "kernel_size")
+    first = ctx.first()
+    shape = ctx.shape(first) if first else None
+    n = len(shape) - 2 if shape and len(shape) > 2 else 1
+    if isinstance(kernel, int):
+        return kernel ** n
+    if isinstance(kernel, (list, tuple)) and kernel and all(isinstance(k, int) for k in kernel):
+        return math.prod(kernel) if len(kernel) > 1 else kernel[0] ** n
+    return max(round(_reduction_factor(ctx)), 1)
+
+
+@rule("max_pool")
+class _MaxPool:
+    """Max pooling: the output is an order statistic; the gradient is routed, norm kept."""
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = _pass_forward(ctx)
+        if xm is None:
+            return None
+        e1, e2 = _max_order_stats(_pool_window(ctx))
+        sd = math.sqrt(var_of(xm))
+        mean = xm[0] + sd * e1
+        return mean, xm[0] ** 2 + 2 * xm[0] * sd * e1 + var_of(xm) * e2
+
+    backward = staticmethod(lambda ctx: {r: 1.0 for r in ctx.activations_in()[:1]})
+
+
+@rule("neg", "abs", "masked_fill", "max_reduce", "view", "getitem", "split")
 class _Route:
     """Ops that move or select values: moments pass, the gradient's squared norm is kept."""
 

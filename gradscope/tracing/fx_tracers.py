@@ -33,22 +33,136 @@ class NodeExecutionError(RuntimeError):
         self.error = error
 
 
+class _Unkeyable(Exception):
+    """A value that cannot be part of a memo key (its result might depend on more)."""
+
+
+#: nn.Module bookkeeping attributes: hooks and state dicts, not configuration.
+_MODULE_BOOKKEEPING = frozenset(nn.Module().__dict__) - {"training"}
+_KEY_SCALARS = (bool, int, float, complex, str, type(None), torch.dtype, torch.device,
+                torch.layout, torch.memory_format)
+#: call_function targets from these modules compute from their arguments alone.
+_PURE_MODULES = ("_operator", "operator", "builtins", "math")
+_MUTATING_OPERATORS = frozenset({"setitem", "delitem"})
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for a node argument: tensors by metadata, never by value.
+
+    Under fake tensors only metadata exists, so two calls whose arguments freeze
+    equal return equal metadata. Fake constants (which do carry values) and
+    anything else not listed here make the node unkeyable.
+    """
+    if isinstance(value, torch.Tensor):
+        if getattr(value, "constant", None) is not None:
+            raise _Unkeyable
+        try:
+            return (type(value), tuple(value.shape), tuple(value.stride()), value.dtype,
+                    value.device, value.layout, value.requires_grad, value.storage_offset())
+        except Exception as exc:  # noqa: BLE001 - sparse, nested, symbolic: not keyed
+            raise _Unkeyable from exc
+    if isinstance(value, _KEY_SCALARS):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((_freeze(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return (slice, _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    if value is Ellipsis:
+        return (type(value),)
+    raise _Unkeyable
+
+
+def _module_key(module: nn.Module) -> Any:
+    """Class, configuration, parameter/buffer metadata and children of a leaf module."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise _Unkeyable
+    config = tuple((k, _freeze(v)) for k, v in module.__dict__.items()
+                   if k not in _MODULE_BOOKKEEPING)
+    return (type(module), config,
+            tuple((k, _freeze(p)) for k, p in module._parameters.items()),
+            tuple((k, _freeze(b)) for k, b in module._buffers.items()),
+            tuple((k, None if c is None else _module_key(c)) for k, c in module._modules.items()))
+
+
+def _target_name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+
+def _mutates_metadata(n: fx.Node) -> bool:
+    """In-place ops (``x.unsqueeze_``, ``requires_grad_``, ``out=``) can change a value's shape."""
+    name = _target_name(n)
+    return n.op in ("call_function", "call_method") and (
+        (name.endswith("_") and not name.endswith("__")) or "out" in n.kwargs)
+
+
 class ValuePropagation(fx.Interpreter):
     """Runs the graph once and stores each node's value in ``node.meta["gradscope"]``.
 
     Under a FakeTensorMode the values are fake tensors (shapes and dtypes only);
     errors are re-raised with the node attached.
+
+    ``memo=True`` (fake tensors only): a node whose op and arguments match an
+    earlier node's by metadata (the same layer config on the same input shape,
+    as in every block of a deep stack) reuses that node's output instead of
+    dispatching again; fake dispatch costs about a millisecond per op, which made
+    this pass most of the static analysis time. Outputs are then shared objects,
+    so the memo is off for graphs with in-place metadata changes and values must
+    not be told apart by identity (see ``_select_fx_output``).
     """
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, memo: bool = False) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.values: dict[str, Any] = {}
+        from torch.nn.modules import module as module_impl
+
+        self.memo: dict[Any, Any] | None = {} if memo and not any(
+            _mutates_metadata(n) for n in gm.graph.nodes) else None
+        self.memo_modules = not (module_impl._global_forward_hooks or
+                                 module_impl._global_forward_pre_hooks)
+        self._module_keys: dict[str, Any] = {}
+        self.memo_hits = 0
+
+    def _key(self, n: fx.Node) -> Any:
+        if n.op == "call_module":
+            if not self.memo_modules:
+                return None
+            target: Any = self._module_keys.get(str(n.target))
+            if target is None:
+                target = self._module_keys[str(n.target)] = \
+                    _module_key(self.fetch_attr(str(n.target)))
+        elif n.op == "call_method":
+            target = n.target
+        elif n.op == "call_function":
+            module = getattr(n.target, "__module__", None) or ""
+            if not (module.startswith("torch") or module in _PURE_MODULES) \
+                    or _target_name(n) in _MUTATING_OPERATORS:
+                return None
+            target = n.target
+        else:
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        return (n.op, target, _freeze(args), _freeze(kwargs))
 
     def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except Exception as exc:
-            raise NodeExecutionError(n, exc) from exc
+        key = None
+        if self.memo is not None:
+            try:
+                key = self._key(n)
+                hash(key)
+            except (_Unkeyable, TypeError):
+                key = None
+        if key is not None and key in self.memo:  # type: ignore[operator]
+            out = self.memo[key]  # type: ignore[index]
+            self.memo_hits += 1
+        else:
+            try:
+                out = super().run_node(n)
+            except Exception as exc:
+                raise NodeExecutionError(n, exc) from exc
+            if key is not None:
+                self.memo[key] = out  # type: ignore[index]
         self.values[n.name] = out
         n.meta.setdefault(META_KEY, {})["value"] = out
         return out
@@ -132,17 +246,18 @@ class _Tracer(fx.Tracer):
         return in_torch and next(m.children(), None) is None
 
 
-def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...]
+def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...], memo: bool = True
                       ) -> tuple[dict[str, Any], str | None]:
     """Node values from fake tensors, or from one real no-grad forward when fake fails.
 
-    Returns the values and a note when the real forward was needed.
+    Returns the values and a note when the real forward was needed. ``memo``:
+    see :class:`ValuePropagation` (values may be shared between nodes).
     """
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
                                 for t in inputs)
-            prop = ValuePropagation(gm)
+            prop = ValuePropagation(gm, memo=memo)
             prop.run(*fake_inputs)
         return prop.values, None
     except NodeExecutionError as exc:
@@ -172,18 +287,23 @@ def _is_float_node(values: dict[str, Any]) -> Any:
 
 
 def _select_fx_output(arg: Any, output_key: str | None, values: dict[str, Any],
-                      gm: fx.GraphModule) -> tuple[fx.Node, str]:
+                      gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
+                      ) -> tuple[fx.Node, str]:
     """The fx node holding the probed output, and its path.
 
     Selection runs on the output's node structure first; when a node's value is
     itself a container (fx records ``MyOutput(logits=...)`` dataclass construction
     as one call), it runs on the propagated values and maps the chosen tensor back
-    to the node that produced it.
+    to the node that produced it. That mapping goes by object identity, so the
+    values are propagated again from ``inputs`` without the memo (which shares
+    output objects between nodes).
     """
     try:
         return select_output(arg, output_key, _is_float_node(values))  # type: ignore[no-any-return]
     except OutputError as exc:
         first_error = exc
+    if inputs is not None:
+        values = _propagate_values(gm, inputs, memo=False)[0]
     structure = fx.node.map_arg(arg, lambda n: values.get(n.name))
     try:
         value, desc = select_output(
@@ -221,7 +341,7 @@ def trace_symbolic(model: nn.Module, inputs: tuple[Any, ...], output_key: str | 
                 tensors[node.name] = attr
     nxg, _ = graph_from_fx(gm, values=values, roles={}, tensors=tensors, root=model)
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    selected, desc = _select_fx_output(output.args[0], output_key, values, gm)
+    selected, desc = _select_fx_output(output.args[0], output_key, values, gm, inputs)
     attempts.append(TraceAttempt("symbolic_trace", True, None))
     compute = {n for n, d in nxg.nodes(data=True) if d["role"] in ("input", "compute")}
     traced = TracedModel(
