@@ -122,6 +122,6 @@ def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str]
     chi_product = health * health
     chi = chi_product ** (1.0 / path_layers) if chi_product > 0 else 0.0
     xi = None
-    if 0 < chi and abs(math.log(chi)) > 1e-9:
+    if chi > 0 and abs(math.log(chi)) > 1e-9:
         xi = -1.0 / math.log(chi)
     return DepthSummary(best, best_end, len(skips), chi_product, path_layers, chi, xi)

@@ -2,41 +2,46 @@
 
 A recurrent layer is one op in the traced graph but a deep network in time: the gradient that
 enters at the last step reaches step ``t`` only after ``T - 1 - t`` applications of the step
-Jacobian. This module unrolls that recursion on moments instead of tensors, with the same
-bookkeeping as ``propagate.py`` (SIGNAL_PROPAGATION.md):
+Jacobian. This module unrolls that recursion on moments, with the bookkeeping of
+``propagate.py`` (SIGNAL_PROPAGATION.md).
 
-* forward, per step: each gate's pre-activation is ``W_ih x_t + W_hh h_{t-1} + b``; its mean
-  comes from the bias (and the inputs' means) and its variance from ``sum_k W_ik^2 Var x_k +
-  sum_k W_hh,ik^2 Var h_k``; the hidden (and cell) state moments are stepped from
-  ``h_0 = c_0 = 0``, as PyTorch starts them, so short sequences see the transient and long ones
-  the fixed point;
-* backward, per step: expected squared gradients (per element) flow back through every path
-  of the cell and are added as independent contributions, the mean-field "gradient
-  independence" assumption. This gives ``input_gain`` and the per-position profile.
+Forward (mean field). Each gate's pre-activation is ``W_ih x_t + W_hh h_{t-1} + b``: mean from
+the bias (and the inputs' means), variance ``sum_k W_ik^2 Var x_k + sum_k W_hh,ik^2 Var h_k``.
+Gate moments are Gaussian integrals; the state moments are stepped from ``h_0 = c_0 = 0`` as
+PyTorch starts them, so short sequences see the transient and long ones the fixed point.
 
-Why per unit, with the actual weight matrices, when the weights have values: the biases are
-drawn per unit and are fixed in time, so each unit's gates and cell state carry a mean of their
-own. The cell state integrates it (``c_i ~ i_i g_i / (1 - f_i)``), and averaging units first
-underestimates an LSTM's output second moment by up to 3x at forget bias 3 (measured). With
-meta tensors there are no units to resolve: every block then gets PyTorch's declared default
-init, ``U(-1/sqrt(H), 1/sqrt(H))`` (mean 0, variance ``1/(3H)``), and the bias spread counts as
-pre-activation variance.
+Why per unit, with the actual weight matrices, when the weights have values: PyTorch draws the
+biases per unit and they are fixed in time, so each unit's gates and cell state carry a mean of
+their own, which the cell state integrates (``c_i ~ i_i g_i / (1 - f_i)``). Averaging the units
+first underestimated an LSTM's output second moment 3x at forget bias 3 (measured). On the meta
+device there are no units to resolve: every weight and bias block gets PyTorch's declared
+default init, ``U(-1/sqrt(H), 1/sqrt(H))`` (mean 0, variance ``1/(3H)``), and the bias spread
+counts as pre-activation variance.
 
-Why ``step_gain`` is not the mean-field chi: the same ``W_hh`` is applied at every step. A GRU's
-or LSTM's step Jacobian is ``diag(a) + W^T diag(p)`` (``a`` = update or forget gate), and with a
-tied ``W`` the gradient aligns with the direction where the two add up coherently: the
-asymptotic rate is set by the spectral radius ``(a + b)^2`` (``b^2`` the circular-law radius of
-``W^T diag(p)``), not by ``a^2 + b^2``. Measured on a default-init LSTM (H=64): mean field
-0.27 per step, brute force 0.39, this estimate 0.40. The spectral radius comes from the circular
-law (free probability); the gates' fluctuations, which do not align, are added through the
-resolvent of that coherent part. The profile and ``input_gain`` stay mean-field: the "last"
-entry's total is dominated by the first few steps back, before the gradient has aligned.
+Backward. The per-step Jacobian is ``J_t = M + N_t``: ``M`` built from the gates' per-unit
+means and the (tied) recurrent weights, ``N_t`` the gates' fluctuations, independent from step
+to step. Plain mean field ("gradient independence": squared norms of all paths add, step by
+step) treats ``W_hh`` as redrawn at every step. That is wrong in a way that matters here: the
+step Jacobian of a GRU or LSTM is ``diag(a) + W^T diag(p)`` (``a`` = update or forget gate),
+and with a tied ``W`` the gradient aligns with the directions where the two terms add
+coherently, so the squared norm decays as ``(a + b)^2`` per step rather than ``a^2 + b^2``
+(``b`` the circular-law radius of ``W^T diag(p)``). Measured on a default-init LSTM (H=64):
+independent-step mean field 0.27 per step, brute force 0.39. Temporally correlated gradients
+coming down from an upper layer add up coherently the same way (a two-layer LSTM's input
+gradient came out 2x low, 60x at forget bias 3, under plain mean field).
+
+So the backward pass is a *surrogate simulation*: a few probe gradients are propagated through
+the actual recurrent matrices (sampled from the default init on the meta device), with every
+gate replaced by its mean-field mean plus independent Gaussian noise of its mean-field variance.
+It is linear, deterministic (fixed seed), and costs ``O(T * gates * H^2 * probes)``; beyond a
+budget it falls back to the step-by-step mean field, noted as such. ``step_gain`` is analytic:
+the spectral radius of ``M`` from the circular law, with the fluctuations added through the
+resolvent (see :meth:`_Cell.step_gain`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,15 +62,24 @@ __all__ = [
 Vec = npt.NDArray[np.float64]
 Entry = Literal["last", "uniform"]
 
-#: Relative change below which the forward recursion counts as stationary: later steps reuse
-#: the last one, so a 10 000-step sequence costs no more than its transient.
-_STATIONARY_TOL = 1e-9
-#: Cap on the steps taken to find the stationary state (a forget gate at sigmoid(5) settles to
-#: 1e-9 in ~1500 steps; beyond the cap the state is as good as converged for the estimate).
-_MAX_FIXED_POINT_STEPS = 4000
-#: Per-unit resolution costs O(H^2) per step and direction; beyond this many multiply-adds
-#: for the whole module, block statistics (one number per gate block) are used instead.
-_PER_UNIT_BUDGET = 4e9
+#: A state this close (relative) to the fixed point is taken as stationary: the remaining
+#: steps reuse the fixed point's step, so a 10 000-step sequence costs no more than its
+#: transient. 1e-7 is far below anything the estimate resolves.
+_STATIONARY_RTOL = 1e-7
+_FIXED_POINT_RTOL = 1e-10
+_MAX_FIXED_POINT_ITER = 2000
+#: Per-unit forward moments cost one Gaussian integral per gate and unit and step; beyond this
+#: many gate units per direction, block statistics (one number per gate block) are used.
+_PER_UNIT_MAX_GATE_UNITS = 4096
+#: Surrogate backward: probe count and the multiply-add budget for one call (~1-5 s).
+_PROBES_MAX = 128
+_PROBES_MIN = 4
+_PROBE_TARGET = 2048  # probes x input features: ~3% noise on input_gain
+_SIM_BUDGET = 2e10
+_SEED = 20240917
+#: Gradients below this are flushed to zero: they underflow in any real backward pass, and
+#: denormal arithmetic would slow the simulation down 100x.
+_FLUSH = 1e-280
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,8 +91,8 @@ _PER_UNIT_BUDGET = 4e9
 class GateMoments:
     """``E[phi]``, ``E[phi^2]``, ``E[phi']``, ``E[phi'^2]`` for ``z ~ N(mean, var)``, per unit.
 
-    ``E[phi']`` is here (it is not in ``activations.Moments``) because the coherent part of the
-    step Jacobian, which sets ``step_gain``, is made of the gates' means, derivatives included.
+    ``E[phi']`` is not in ``activations.Moments``; it is needed here because the coherent part
+    of the step Jacobian is made of the gates' means, derivatives included.
     """
 
     m1: Vec
@@ -86,20 +100,28 @@ class GateMoments:
     d1: Vec
     d2: Vec
 
+    def part(self, j: int, size: int) -> GateMoments:
+        """The ``j``-th block of ``size`` units (gates integrated together, used apart)."""
+        s = slice(j * size, (j + 1) * size) if self.m1.shape[0] > 1 else slice(0, 1)
+        return GateMoments(self.m1[s], self.m2[s], self.d1[s], self.d2[s])
 
-def _legendre_grid(lo: float, hi: float, nodes: int) -> tuple[Vec, Vec]:
+
+def _legendre_grid(lo: float, hi: float, width: float, nodes: int) -> tuple[Vec, Vec]:
     x, w = np.polynomial.legendre.leggauss(nodes)
-    starts = np.arange(lo, hi, 1.0)
-    z = (starts[:, None] + 0.5 * (x[None, :] + 1.0)).ravel()
-    return z, np.tile(0.5 * w, starts.shape[0])
+    starts = np.arange(lo, hi, width)
+    z = (starts[:, None] + 0.5 * width * (x[None, :] + 1.0)).ravel()
+    return z, np.tile(0.5 * width * w, starts.shape[0])
 
 
-_HERMITE = np.polynomial.hermite.hermgauss(96)
+_HERMITE = np.polynomial.hermite.hermgauss(64)
 _GH_U: Vec = np.sqrt(2.0) * _HERMITE[0]
 _GH_W: Vec = _HERMITE[1] / np.sqrt(np.pi)
-#: sigmoid and tanh are constant to float64 beyond |z| = 40 (tanh'(20)^2 is 1e-34 already).
-_SAT = 40.0
-_Z, _ZW = _legendre_grid(-_SAT, _SAT, 8)
+#: sigmoid and tanh are constant to ~1e-17 relative beyond |z| = 20; the tails are added in
+#: closed form. Composite 8-point Gauss-Legendre on pieces of width 2: 4.7e-7 worst relative
+#: error against activation_moments for sd >= 1 (measured; tested).
+_SAT = 20.0
+_Z, _ZW = _legendre_grid(-_SAT, _SAT, 2.0, 8)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _ndtr(x: Vec) -> Vec:
@@ -117,51 +139,49 @@ def _tanh(z: Vec) -> tuple[Vec, Vec]:
     return t, 1.0 - t * t
 
 
+_PHI_Z = {"sigmoid": _sig(_Z), "tanh": _tanh(_Z)}
+_LIMITS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+
+
 def gate_moments(name: str, mean: npt.ArrayLike, var: npt.ArrayLike) -> GateMoments:
     """Moments of ``sigmoid``, ``tanh`` or ``relu`` at ``N(mean, var)``, elementwise.
 
-    Why not :func:`activations.activation_moments_array`: the recursion calls this for every
-    gate at every step, and that function's adaptive rules cost ~10 ms per 64 units. Here
-    Gauss-Hermite (96 nodes) serves standard deviations up to 1, where it is accurate to 1e-9
-    for these functions; wider Gaussians are integrated in the activation's own variable on a
-    fixed composite Gauss-Legendre grid over [-40, 40] (the functions are constant beyond), so
-    no accuracy is lost when the Gaussian is wide. ReLU is in closed form. The test suite checks
-    every moment against :func:`activations.activation_moments`.
+    Why not :func:`activations.activation_moments_array`: the recursion needs every gate of
+    every unit at every step, and that function's adaptive rules cost ~10 ms per 64 units.
+    Gauss-Hermite (64 nodes) serves standard deviations up to 1 (error < 3e-7 for these
+    functions); wider Gaussians are integrated in the activation's own variable on a fixed
+    composite Gauss-Legendre grid, which loses nothing when the Gaussian is wide. ReLU is in
+    closed form. Tests check every moment against :func:`activations.activation_moments`.
     """
     m = np.atleast_1d(np.asarray(mean, dtype=np.float64))
     v = np.maximum(np.atleast_1d(np.asarray(var, dtype=np.float64)), 0.0)
     m, v = np.broadcast_arrays(m, v)
     s = np.sqrt(v)
     if name == "relu":
-        safe = np.where(s > 0.0, s, 1.0)
-        a = m / safe
-        cdf = np.where(s > 0.0, _ndtr(a), (m > 0.0).astype(np.float64))
-        pdf = np.where(s > 0.0, np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi), 0.0)
+        pos = s > 0.0
+        a = m / np.where(pos, s, 1.0)
+        cdf = np.where(pos, _ndtr(a), (m > 0.0).astype(np.float64))
+        pdf = np.where(pos, np.exp(-0.5 * a * a) * _INV_SQRT_2PI, 0.0)
         m1 = m * cdf + s * pdf
         m2 = (m * m + v) * cdf + m * s * pdf
         return GateMoments(m1, np.maximum(m2, 0.0), cdf, cdf.copy())
-    fn: Callable[[Vec], tuple[Vec, Vec]]
-    if name == "sigmoid":
-        fn, lo, hi = _sig, 0.0, 1.0
-    elif name == "tanh":
-        fn, lo, hi = _tanh, -1.0, 1.0
-    else:
+    if name not in _PHI_Z:
         raise ValueError(f"gate nonlinearity must be sigmoid, tanh or relu, got {name!r}")
+    fn = _sig if name == "sigmoid" else _tanh
+    lo, hi = _LIMITS[name]
     out = np.empty((4,) + m.shape)
     narrow = s <= 1.0
     if narrow.any():
-        z = m[narrow, None] + s[narrow, None] * _GH_U
-        phi, dphi = fn(z)
+        phi, dphi = fn(m[narrow, None] + s[narrow, None] * _GH_U)
         out[:, narrow] = np.stack([phi @ _GH_W, (phi * phi) @ _GH_W, dphi @ _GH_W,
                                    (dphi * dphi) @ _GH_W])
     wide = ~narrow
     if wide.any():
-        mw, sw = m[wide, None], s[wide, None]
-        u = (_Z - mw) / sw
-        w = _ZW * np.exp(-0.5 * u * u) / (sw * math.sqrt(2.0 * math.pi))
-        phi, dphi = fn(_Z)
-        below = _ndtr((-_SAT - m[wide]) / s[wide])
-        above = _ndtr((m[wide] - _SAT) / s[wide])
+        mw, sw = m[wide], s[wide]
+        u = (_Z - mw[:, None]) / sw[:, None]
+        w = _ZW * np.exp(-0.5 * u * u) * (_INV_SQRT_2PI / sw[:, None])
+        phi, dphi = _PHI_Z[name]
+        below, above = _ndtr((-_SAT - mw) / sw), _ndtr((mw - _SAT) / sw)
         out[:, wide] = np.stack([w @ phi + lo * below + hi * above,
                                  w @ (phi * phi) + lo * lo * below + hi * hi * above,
                                  w @ dphi, w @ (dphi * dphi)])
@@ -184,20 +204,18 @@ def _values(t: torch.Tensor | None) -> Vec | None:
 class _Dense:
     """``y = W x`` for one gate block, per unit (``w`` known) or by block statistics.
 
-    ``forward`` maps the input's per-unit (mean, second moment) to the output's per-unit mean
-    and variance; ``backward`` maps per-element expected squared gradients at the output to
-    those at the input (``sum_i W_ik^2 s_i``: independent paths add); ``gain`` is the
-    per-element gain for a coefficient profile ``p2`` on the outputs. Without values, every
-    unit is alike and arrays have length 1.
+    ``forward``: the input's per-unit (mean, second moment) to the output's per-unit mean and
+    variance. ``backward``: per-element expected squared gradients at the output to those at
+    the input (``sum_i W_ik^2 s_i``, independent paths add). ``gain``: the per-element squared
+    gain of ``W^T diag(p)``. Without per-unit values every unit is alike: arrays of length 1.
     """
 
     n_out: int
     n_in: int
     w_mean: float
     w_second: float
-    w: Vec | None = None
     w2: Vec | None = field(default=None, repr=False)
-    row2: Vec | None = field(default=None, repr=False)
+    w: Vec | None = field(default=None, repr=False)
 
     @staticmethod
     def of(t: torch.Tensor | None, n_out: int, n_in: int, default_var: float,
@@ -208,8 +226,7 @@ class _Dense:
         w_mean, w_second = float(w.mean()), float((w * w).mean())
         if not per_unit:
             return _Dense(n_out, n_in, w_mean, w_second)
-        w2 = w * w
-        return _Dense(n_out, n_in, w_mean, w_second, w, w2, w2.sum(axis=1))
+        return _Dense(n_out, n_in, w_mean, w_second, w * w, w)
 
     def forward(self, mean: Vec, second: Vec) -> tuple[Vec, Vec]:
         if self.w is None or self.w2 is None:
@@ -227,10 +244,11 @@ class _Dense:
         return out
 
     def gain(self, p2: Vec | float = 1.0) -> float:
-        """Per-element squared gain of ``W^T diag(p)`` given ``p^2`` per output unit."""
-        if self.row2 is None:
+        """Per-element squared gain of ``W^T diag(p)``, given ``p^2`` per output unit."""
+        if self.w2 is None:
             return self.n_out * self.w_second * float(np.mean(p2))
-        return float(np.broadcast_to(p2, (self.n_out,)) @ self.row2) / self.n_in
+        rows = self.w2.sum(axis=1)
+        return float(np.broadcast_to(p2, (self.n_out,)) @ rows) / self.n_in
 
 
 @dataclass(frozen=True)
@@ -246,15 +264,33 @@ def _bias(parts: list[torch.Tensor | None], default_var: float, per_unit: bool) 
     present = [p for p in parts if p is not None]
     if not present:
         return _Bias()
-    values = [_values(p) for p in present]
-    known = [v for v in values if v is not None]
-    unknown = len(values) - len(known)
-    total = sum(known) if known else np.zeros(1)
-    assert isinstance(total, np.ndarray)
+    known = [v for v in (_values(p) for p in present) if v is not None]
+    unknown = len(present) - len(known)
+    total: Vec = np.sum(known, axis=0) if known else np.zeros(1)
     if per_unit and unknown == 0:
-        return _Bias(total.astype(np.float64), np.zeros_like(total, dtype=np.float64))
+        return _Bias(total, np.zeros_like(total))
     spread = float(np.var(total)) + unknown * default_var
     return _Bias(np.array([float(np.mean(total))]), np.array([spread]))
+
+
+@dataclass(frozen=True)
+class _Mom:
+    """Per-unit (or block) mean and second moment."""
+
+    mean: Vec
+    second: Vec
+
+    @staticmethod
+    def scalar(mean: float, second: float) -> _Mom:
+        return _Mom(np.array([float(mean)]), np.array([float(second)]))
+
+    def close(self, other: _Mom, rtol: float) -> bool:
+        scale = max(float(np.max(np.abs(self.second))), 1e-300)
+        return bool(np.allclose(self.mean, other.mean, rtol=rtol, atol=rtol * math.sqrt(scale))
+                    and np.allclose(self.second, other.second, rtol=rtol, atol=rtol * scale))
+
+
+_ZERO = _Mom.scalar(0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -271,33 +307,15 @@ class _Gate:
         return xm + hm + self.bias.mean, xv + hv + self.bias.var
 
 
+def _cat(*pairs: tuple[Vec, Vec]) -> tuple[Vec, Vec]:
+    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+
+
 # --------------------------------------------------------------------------------------------
-# One step of a cell: forward moments and backward squared gradients
+# One step of a cell
 # --------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class _Mom:
-    """Per-unit (or block) mean and second moment."""
-
-    mean: Vec
-    second: Vec
-
-    @staticmethod
-    def zero() -> _Mom:
-        return _Mom(np.zeros(1), np.zeros(1))
-
-    @staticmethod
-    def scalar(mean: float, second: float) -> _Mom:
-        return _Mom(np.array([float(mean)]), np.array([float(second)]))
-
-    def close(self, other: _Mom) -> bool:
-        return bool(np.allclose(self.mean, other.mean, rtol=_STATIONARY_TOL, atol=1e-300)
-                    and np.allclose(self.second, other.second, rtol=_STATIONARY_TOL,
-                                    atol=1e-300))
-
-
-#: A path coefficient: (per-unit mean, per-unit second moment).
+#: A path coefficient of the step Jacobian: (per-unit mean, per-unit second moment).
 Coef = tuple[Vec, Vec]
 
 
@@ -308,6 +326,15 @@ class _Step:
     h: _Mom
     c: _Mom
     coef: dict[str, Coef]
+
+
+@dataclass(frozen=True)
+class _Mats:
+    """Full weight matrices for the surrogate backward (sampled where they are meta)."""
+
+    w_ih: Vec  # (gates * H, input)
+    w_hh: Vec  # (gates * H, out)
+    w_hr: Vec | None  # (out, H), LSTM projection
 
 
 @dataclass(frozen=True)
@@ -323,44 +350,59 @@ class _Cell:
     hidden: int
     out_size: int
     gates: tuple[_Gate, ...]
-    n_bias_hh: _Bias = field(default_factory=_Bias)
-    proj: _Dense | None = None
+    n_bias_hh: _Bias
+    proj: _Dense | None
+    tensors: tuple[torch.Tensor | None, ...] = field(repr=False, compare=False)
 
     # forward -------------------------------------------------------------------------------
-    def step(self, x: _Mom, h: _Mom, c: _Mom) -> _Step:
+    def step(self, x: _Mom, h: _Mom, c: _Mom, settle: bool = False) -> _Step:
+        """One step of the moments. ``settle``: put the slow state (LSTM ``c``, GRU ``h``) at
+        its stationary value for these gates, which makes the fixed-point search converge in
+        a few iterations instead of ~1/(1 - f^2) steps."""
         if self.kind == "lstm":
-            return self._lstm(x, h, c)
+            return self._lstm(x, h, c, settle)
         if self.kind == "gru":
-            return self._gru(x, h)
+            return self._gru(x, h, settle)
         phi = gate_moments("relu" if self.kind == "rnn_relu" else "tanh",
                            *self.gates[0].pre(x, h))
-        return _Step(_Mom(phi.m1, phi.m2), _Mom.zero(), {"p": (phi.d1, phi.d2)})
+        return _Step(_Mom(phi.m1, phi.m2), _ZERO, {"p": (phi.d1, phi.d2)})
 
-    def _lstm(self, x: _Mom, h: _Mom, c: _Mom) -> _Step:
-        i, f, g, o = (gate_moments(n, *gate.pre(x, h)) for n, gate
-                      in zip(("sigmoid", "sigmoid", "tanh", "sigmoid"), self.gates, strict=True))
-        c_mean = f.m1 * c.mean + i.m1 * g.m1
-        c_second = f.m2 * c.second + i.m2 * g.m2 + 2.0 * f.m1 * c.mean * i.m1 * g.m1
+    def _lstm(self, x: _Mom, h: _Mom, c: _Mom, settle: bool) -> _Step:
+        gi, gf, gg, go = self.gates
+        n = self.hidden
+        sig = gate_moments("sigmoid", *_cat(gi.pre(x, h), gf.pre(x, h), go.pre(x, h)))
+        i, f, o = sig.part(0, n), sig.part(1, n), sig.part(2, n)
+        g = gate_moments("tanh", *gg.pre(x, h))
+        ig_mean, ig_second = i.m1 * g.m1, i.m2 * g.m2
+        if settle:
+            c_mean = ig_mean / np.maximum(1.0 - f.m1, 1e-12)
+            c_second = (ig_second + 2.0 * f.m1 * c_mean * ig_mean) / np.maximum(1.0 - f.m2,
+                                                                                 1e-12)
+        else:
+            c_mean = f.m1 * c.mean + ig_mean
+            c_second = f.m2 * c.second + ig_second + 2.0 * f.m1 * c.mean * ig_mean
         c_second = np.maximum(c_second, c_mean * c_mean)
         tc = gate_moments("tanh", c_mean, c_second - c_mean * c_mean)
         out = _Mom(o.m1 * tc.m1, o.m2 * tc.m2)
         if self.proj is not None:
             pm, pv = self.proj.forward(out.mean, out.second)
             out = _Mom(pm, pv + pm * pm)
+        c_prev = _Mom(c_mean, c_second) if settle else c
         coef = {
-            "K": (o.m1 * tc.d1, o.m2 * tc.d2),  # h_t -> c_t inside the step
+            "K": (o.m1 * tc.d1, o.m2 * tc.d2),  # h_t -> c_t within the step
             "F": (f.m1, f.m2),  # c_t -> c_{t-1}
             "i": (g.m1 * i.d1, g.m2 * i.d2),  # c_t -> input-gate pre-activation
-            "f": (c.mean * f.d1, c.second * f.d2),
+            "f": (c_prev.mean * f.d1, c_prev.second * f.d2),
             "g": (i.m1 * g.d1, i.m2 * g.d2),
             "o": (tc.m1 * o.d1, tc.m2 * o.d2),  # h_t -> output-gate pre-activation
         }
         return _Step(out, _Mom(c_mean, c_second), coef)
 
-    def _gru(self, x: _Mom, h: _Mom) -> _Step:
+    def _gru(self, x: _Mom, h: _Mom, settle: bool) -> _Step:
         gr, gz, gn = self.gates
-        r = gate_moments("sigmoid", *gr.pre(x, h))
-        z = gate_moments("sigmoid", *gz.pre(x, h))
+        n = self.hidden
+        sig = gate_moments("sigmoid", *_cat(gr.pre(x, h), gz.pre(x, h)))
+        r, z = sig.part(0, n), sig.part(1, n)
         um, uv = gn.ih.forward(x.mean, x.second)
         um, uv = um + gn.bias.mean, uv + gn.bias.var
         vm, vv = gn.hh.forward(h.mean, h.second)
@@ -368,27 +410,32 @@ class _Cell:
         v2 = vv + vm * vm
         an_mean = um + r.m1 * vm
         an_second = uv + um * um + 2.0 * um * r.m1 * vm + r.m2 * v2
-        n = gate_moments("tanh", an_mean, an_second - an_mean * an_mean)
+        nn_ = gate_moments("tanh", an_mean, an_second - an_mean * an_mean)
         keep, keep2 = 1.0 - z.m1, 1.0 - 2.0 * z.m1 + z.m2  # E[1 - z], E[(1 - z)^2]
-        h_mean = keep * n.m1 + z.m1 * h.mean
-        h_second = keep2 * n.m2 + z.m2 * h.second + 2.0 * (z.m1 - z.m2) * n.m1 * h.mean
-        hn2 = np.maximum(h.second + n.m2 - 2.0 * h.mean * n.m1, 0.0)  # E[(h - n)^2]
+        cross = 2.0 * (z.m1 - z.m2) * nn_.m1  # 2 E[z (1 - z)] E[n], times E[h]
+        if settle:
+            h_mean = nn_.m1 + 0.0 * h.mean
+            h_second = (keep2 * nn_.m2 + cross * h_mean) / np.maximum(1.0 - z.m2, 1e-12)
+        else:
+            h_mean = keep * nn_.m1 + z.m1 * h.mean
+            h_second = keep2 * nn_.m2 + z.m2 * h.second + cross * h.mean
+        hn2 = np.maximum(h.second + nn_.m2 - 2.0 * h.mean * nn_.m1, 0.0)  # E[(h - n)^2]
         coef = {
             "Z": (z.m1, z.m2),  # h' -> h directly
-            "n": (keep * n.d1, keep2 * n.d2),  # h' -> n pre-activation
-            "hn": (r.m1 * keep * n.d1, r.m2 * keep2 * n.d2),  # h' -> W_hn h + b_hn
-            "z": ((h.mean - n.m1) * z.d1, hn2 * z.d2),
-            "r": (keep * n.d1 * vm * r.d1, keep2 * n.d2 * v2 * r.d2),
+            "n": (keep * nn_.d1, keep2 * nn_.d2),  # h' -> n pre-activation
+            "hn": (r.m1 * keep * nn_.d1, r.m2 * keep2 * nn_.d2),  # h' -> W_hn h + b_hn
+            "z": ((h.mean - nn_.m1) * z.d1, hn2 * z.d2),
+            "r": (keep * nn_.d1 * vm * r.d1, keep2 * nn_.d2 * v2 * r.d2),
         }
-        return _Step(_Mom(h_mean, np.maximum(h_second, 0.0)), _Mom.zero(), coef)
+        return _Step(_Mom(h_mean, np.maximum(h_second, 0.0)), _ZERO, coef)
 
-    # backward ------------------------------------------------------------------------------
+    # mean-field backward -------------------------------------------------------------------
     def back(self, sh: Vec, sc: Vec, k: dict[str, Coef],
              which: int = 1) -> tuple[Vec, Vec, Vec]:
         """(s_h, s_c at t-1; s_x at t) per element, from s_h (entry added) and s_c at t.
 
-        ``which=1`` uses the coefficients' second moments (the mean-field gains); ``which=0``
-        their squared means, the gains of the coherent (time-averaged) Jacobian.
+        Independent-step mean field. ``which=1`` uses the coefficients' second moments;
+        ``which=0`` their squared means (the gains of the time-averaged Jacobian).
         """
 
         def p(name: str) -> Vec:
@@ -396,7 +443,6 @@ class _Cell:
 
         zero = np.zeros(1)
         if self.kind == "lstm":
-            gi, gf, gg, go = self.gates
             s_raw = self.proj.backward(sh) if self.proj is not None else sh
             s_u = sc + p("K") * s_raw
             s_a = (p("i") * s_u, p("f") * s_u, p("g") * s_u, p("o") * s_raw)
@@ -413,8 +459,78 @@ class _Cell:
         s_a = p("p") * sh
         return self.gates[0].hh.backward(s_a), zero, self.gates[0].ih.backward(s_a)
 
+    # surrogate backward --------------------------------------------------------------------
+    def mats(self, rng: np.random.Generator) -> _Mats:
+        """The actual matrices, or draws from the default init where a tensor is meta."""
+        bound = 1.0 / math.sqrt(self.hidden)
+        g = _N_GATES[self.kind] * self.hidden
+
+        def value(t: torch.Tensor | None, shape: tuple[int, int]) -> Vec:
+            v = _values(t)
+            if v is not None:
+                return v
+            out: Vec = rng.uniform(-bound, bound, size=shape)
+            return out
+
+        w_ih_t, w_hh_t, w_hr_t = self.tensors
+        w_hr = value(w_hr_t, (self.out_size, self.hidden)) if self.proj is not None else None
+        return _Mats(value(w_ih_t, (g, self.input_size)), value(w_hh_t, (g, self.out_size)),
+                     w_hr)
+
+    def simulate(self, steps: list[_Step], entry: Vec, rng: np.random.Generator,
+                 mats: _Mats) -> Vec:
+        """Probe gradients at each ``x_t`` (T, input, probes) from entries at each ``h_t``.
+
+        Each step applies ``J_t^T`` with the actual ``W`` and every gate coefficient drawn as
+        mean + sd * N(0, 1) per unit and probe, independently per step (mean field for the
+        gates, tied weights kept).
+        """
+        n_steps, _, probes = entry.shape
+        out = np.zeros((n_steps, self.input_size, probes))
+        gh = np.zeros((self.out_size, probes))
+        gc = np.zeros((self.hidden, probes))
+        sd_cache: dict[int, dict[str, Vec]] = {}
+        w_ih_t, w_hh_t = mats.w_ih.T, mats.w_hh.T
+        for t in range(n_steps - 1, -1, -1):
+            st = steps[t]
+            sds = sd_cache.get(id(st))
+            if sds is None:
+                sds = {k: np.sqrt(np.maximum(q - m * m, 0.0))[:, None]
+                       for k, (m, q) in st.coef.items()}
+                sd_cache[id(st)] = sds
+
+            def draw(name: str, n: int, _st: _Step = st, _sds: dict[str, Vec] = sds) -> Vec:
+                mean = _st.coef[name][0][:, None]
+                return mean + _sds[name] * rng.standard_normal((n, probes))
+
+            gh = gh + entry[t]
+            if self.kind == "lstm":
+                n = self.hidden
+                g_raw = mats.w_hr.T @ gh if mats.w_hr is not None else gh
+                u = gc + draw("K", n) * g_raw
+                da = np.concatenate([draw("i", n) * u, draw("f", n) * u, draw("g", n) * u,
+                                     draw("o", n) * g_raw])
+                gc = draw("F", n) * u
+                out[t] = w_ih_t @ da
+                gh = w_hh_t @ da
+            elif self.kind == "gru":
+                n = self.hidden
+                da_r, da_z = draw("r", n) * gh, draw("z", n) * gh
+                out[t] = w_ih_t @ np.concatenate([da_r, da_z, draw("n", n) * gh])
+                gh = draw("Z", n) * gh + w_hh_t @ np.concatenate([da_r, da_z,
+                                                                 draw("hn", n) * gh])
+            else:
+                da = draw("p", self.hidden) * gh
+                out[t] = w_ih_t @ da
+                gh = w_hh_t @ da
+            if not np.abs(gh).max(initial=0.0) > _FLUSH:
+                gh = np.zeros_like(gh)
+            if self.kind == "lstm" and not np.abs(gc).max(initial=0.0) > _FLUSH:
+                gc = np.zeros_like(gc)
+        return out
+
     # chi through time ----------------------------------------------------------------------
-    def _scalar_gains(self, k: dict[str, Coef], which: int) -> dict[str, float]:
+    def _gains(self, k: dict[str, Coef], which: int) -> dict[str, float]:
         """Unit-averaged per-step gains, for the 2x2 (LSTM) or 1x1 step operator."""
 
         def p2(name: str) -> Vec:
@@ -435,8 +551,8 @@ class _Cell:
         return {"Z": 0.0, "W": self.gates[0].hh.gain(p2("p"))}
 
     def chi(self, k: dict[str, Coef], which: int = 1) -> float:
-        """Largest eigenvalue of the per-step squared-gradient map (no entry)."""
-        g = self._scalar_gains(k, which)
+        """Largest eigenvalue of the independent-step mean-field map (s_h, s_c) -> t-1."""
+        g = self._gains(k, which)
         if self.kind != "lstm":
             return g["Z"] + g["W"]
         # (s_h, s_c) -> (o s_h + igf (s_c + K s_h), F (s_c + K s_h))
@@ -446,72 +562,64 @@ class _Cell:
         return 0.5 * (tr + math.sqrt(max(tr * tr - 4.0 * det, 0.0)))
 
     def coherent_radius(self, k: dict[str, Coef]) -> float:
-        """Spectral radius of the time-averaged step Jacobian, by the circular law.
+        """Spectral radius of the time-averaged step Jacobian ``M``, by the circular law.
 
-        GRU / RNN: ``diag(a) + U`` with ``U`` circular of radius ``b``: ``a + b``. LSTM: with
-        the cell path folded in, ``lambda dh = U(lambda) dh`` where the recurrent paths see
+        GRU / RNN: ``diag(a) + U``, ``U`` circular of radius ``b``: ``a + b``. LSTM: folding the
+        cell path in, ``lambda dh = U(lambda) dh`` where the paths through ``c`` carry
         ``K lambda / (lambda - F)``; the radius is the largest real ``lambda > F`` with
         ``lambda^2 = radius(U(lambda))^2``.
         """
-        g = self._scalar_gains(k, 0)
+        g = self._gains(k, 0)
         if self.kind != "lstm":
             return math.sqrt(g["Z"]) + math.sqrt(g["W"])
         f_bar = math.sqrt(g["F"])
 
         def excess(lam: float) -> float:
-            d2 = g["K"] * lam * lam / (lam - f_bar) ** 2
-            return lam * lam - (g["igf"] * d2 + g["o"])
+            return lam * lam - g["igf"] * g["K"] * lam * lam / (lam - f_bar) ** 2 - g["o"]
 
-        lo = f_bar
-        hi = max(2.0 * f_bar, 1e-3)
+        lo, hi = f_bar, max(2.0 * f_bar, 1e-3)
         while excess(hi) < 0.0 and hi < 1e150:
             hi *= 2.0
         for _ in range(200):
             mid = 0.5 * (lo + hi)
-            if mid <= lo or mid >= hi:
+            if not lo < mid < hi:
                 break
-            if excess(mid) < 0.0:
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (mid, hi) if excess(mid) < 0.0 else (lo, mid)
         return hi
 
     def step_gain(self, k: dict[str, Coef]) -> float:
-        """Asymptotic per-step gain of the squared gradient norm with tied weights.
+        """Asymptotic per-step gain of the squared gradient norm, weights tied.
 
-        The coherent Jacobian (radius ``rho``, mean-field gain ``m``) is matched to
-        ``a I + b U`` (``a + b = rho``, ``a^2 + b^2 = m``); the fluctuations ``sigma^2`` (mean-field
-        chi minus ``m``) feed its resolvent, and the rate is the ``lambda`` with
-        ``sigma^2 G(1/lambda) / lambda = 1``, ``G`` the generating function of
-        ``||(a + bU)^k||^2``. Pure noise gives the mean-field chi, pure coherence ``rho^2``.
+        ``M`` (radius ``rho``, mean-field gain ``m``) is matched to ``a I + b U`` with
+        ``a + b = rho``, ``a^2 + b^2 = m``; the fluctuations, of gain ``sigma^2`` = mean-field
+        chi - ``m``, feed its resolvent: the rate is the ``lambda`` with
+        ``sigma^2 G(1/lambda) / lambda = 1``, ``G(x) = sum_k x^k ||(a + bU)^k||^2 / n`` =
+        ``1 / sqrt((1 - (a^2 + b^2) x)^2 - 4 a^2 b^2 x^2)``. Pure noise gives the mean-field chi
+        back, pure coherence ``rho^2``.
         """
         chi_mf = self.chi(k, 1)
         m = self.chi(k, 0)
         rho = self.coherent_radius(k)
-        sigma2 = max(chi_mf - m, 0.0)
         rho2 = rho * rho
-        ab = min(max(0.5 * (rho2 - m), 0.0), 0.25 * rho2)  # a b, with (a - b)^2 >= 0
-        s2 = max(m, 2.0 * ab)  # a^2 + b^2
+        sigma2 = max(chi_mf - m, 0.0)
+        ab = min(max(0.5 * (rho2 - m), 0.0), 0.25 * rho2)
+        if sigma2 <= 0.0 or ab <= 0.0:
+            return max(rho2, chi_mf)
+        s2 = max(m, 2.0 * ab)
 
         def lhs(lam: float) -> float:
             x = 1.0 / lam
             disc = (1.0 - s2 * x) ** 2 - 4.0 * ab * ab * x * x
             return sigma2 * x / math.sqrt(disc) if disc > 0.0 else math.inf
 
-        floor = max(rho2, chi_mf if ab == 0.0 else 0.0, 1e-300)
-        if sigma2 <= 0.0:
-            return max(rho2, chi_mf)
-        lo, hi = floor, floor + sigma2 + 1e-300
+        lo, hi = rho2, rho2 + sigma2
         while lhs(hi) > 1.0 and hi < 1e300:
             hi *= 2.0
         for _ in range(200):
-            mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+            mid = math.sqrt(lo * hi)
             if not lo < mid < hi:
                 break
-            if lhs(mid) > 1.0:
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (mid, hi) if lhs(mid) > 1.0 else (lo, mid)
         return hi
 
 
@@ -553,14 +661,12 @@ def _cell_from(module: nn.Module, kind: str, suffix: str, input_size: int,
     b_ih = _param(module, f"bias_ih{suffix}")
     b_hh = _param(module, f"bias_hh{suffix}")
     w_hr = _param(module, f"weight_hr{suffix}")
-    if w_ih is None or w_hh is None:
-        raise NotImplementedError(f"{type(module).__name__} has no weight_ih{suffix} / "
-                                  f"weight_hh{suffix}")
     n = _N_GATES[kind]
-    if w_ih.shape[0] != n * hidden or w_hh.shape != (n * hidden, out_size):
-        raise NotImplementedError(f"unexpected weight shapes in {type(module).__name__}")
-    if proj_size and w_hr is None:
-        raise NotImplementedError("LSTM with proj_size but no weight_hr")
+    if (w_ih is None or w_hh is None or tuple(w_ih.shape) != (n * hidden, input_size)
+            or tuple(w_hh.shape) != (n * hidden, out_size)
+            or (proj_size and (w_hr is None or tuple(w_hr.shape) != (out_size, hidden)))):
+        raise NotImplementedError(f"{type(module).__name__}: weights{suffix} are missing or "
+                                  "not shaped as PyTorch declares them")
 
     def block(t: torch.Tensor | None, j: int) -> torch.Tensor | None:
         return None if t is None else t[j * hidden : (j + 1) * hidden]
@@ -569,18 +675,18 @@ def _cell_from(module: nn.Module, kind: str, suffix: str, input_size: int,
     for j in range(n):
         ih = _Dense.of(block(w_ih, j), hidden, input_size, default_var, per_unit)
         hh = _Dense.of(block(w_hh, j), hidden, out_size, default_var, per_unit)
-        if kind == "gru" and j == 2:
-            bias = _bias([block(b_ih, j)], default_var, per_unit)
-        else:
-            bias = _bias([block(b_ih, j), block(b_hh, j)], default_var, per_unit)
-        gates.append(_Gate(ih, hh, bias))
+        parts = [block(b_ih, j)] if kind == "gru" and j == 2 else [block(b_ih, j),
+                                                                   block(b_hh, j)]
+        gates.append(_Gate(ih, hh, _bias(parts, default_var, per_unit)))
     n_bias_hh = _bias([block(b_hh, 2)], default_var, per_unit) if kind == "gru" else _Bias()
     proj = _Dense.of(w_hr, out_size, hidden, default_var, per_unit) if proj_size else None
-    return _Cell(kind, input_size, hidden, out_size, tuple(gates), n_bias_hh, proj)
+    return _Cell(kind, input_size, hidden, out_size, tuple(gates), n_bias_hh, proj,
+                 (w_ih, w_hh, w_hr if proj_size else None))
 
 
-def _has_values(module: nn.Module) -> bool:
-    return all(not p.is_meta for p in module.parameters())
+def _per_unit(module: nn.Module, kind: str) -> bool:
+    has_values = all(not p.is_meta for p in module.parameters())
+    return has_values and _N_GATES[kind] * int(module.hidden_size) <= _PER_UNIT_MAX_GATE_UNITS
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,34 +694,41 @@ def _has_values(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_forward(cell: _Cell, xs: list[_Mom]) -> list[_Step]:
-    """Step the state moments from h_0 = c_0 = 0 through the input moments ``xs``."""
-    h, c = _Mom.zero(), _Mom.zero()
+def _fixed_point(cell: _Cell, x: _Mom) -> _Step:
+    """The stationary step for a constant input: where chi through time is evaluated."""
+    st = cell.step(x, _ZERO, _ZERO, settle=True)
+    for _ in range(_MAX_FIXED_POINT_ITER):
+        nxt = cell.step(x, st.h, st.c, settle=True)
+        if nxt.h.close(st.h, _FIXED_POINT_RTOL) and nxt.c.close(st.c, _FIXED_POINT_RTOL):
+            st = nxt
+            break
+        st = nxt
+    # One ordinary step from the settled state gives coefficients in the form the recursion
+    # uses (c_{t-1} = c_t at the fixed point).
+    return cell.step(x, st.h, st.c)
+
+
+def _run_forward(cell: _Cell, xs: list[_Mom], x_stat: _Mom, fixed: _Step) -> list[_Step]:
+    """Step the state moments from h_0 = c_0 = 0 through the input moments ``xs``.
+
+    Once the input is the stationary input and the state has reached the fixed point, the
+    fixed point's step is reused for the rest of the sequence.
+    """
+    h, c = _ZERO, _ZERO
     steps: list[_Step] = []
-    for t, x in enumerate(xs):
-        if len(steps) >= 2 and xs[t - 1] is x:
-            last, before = steps[-1], steps[-2]
-            if last.h.close(before.h) and last.c.close(before.c):
-                steps.append(last)  # stationary: the same step again
-                continue
-        st = cell.step(x, h, c)
+    settled = False
+    for x in xs:
+        settled = settled and x is x_stat
+        if not settled and x is x_stat and steps and (
+                h.close(fixed.h, _STATIONARY_RTOL) and c.close(fixed.c, _STATIONARY_RTOL)):
+            settled = True
+        st = fixed if settled else cell.step(x, h, c)
         steps.append(st)
         h, c = st.h, st.c
     return steps
 
 
-def _fixed_point(cell: _Cell, x: _Mom) -> _Step:
-    """The stationary step for a constant input: where chi through time is evaluated."""
-    st = cell.step(x, _Mom.zero(), _Mom.zero())
-    for _ in range(_MAX_FIXED_POINT_STEPS):
-        nxt = cell.step(x, st.h, st.c)
-        if nxt.h.close(st.h) and nxt.c.close(st.c):
-            return nxt
-        st = nxt
-    return st
-
-
-def _run_backward(cell: _Cell, steps: list[_Step], entry: list[Vec]) -> list[Vec]:
+def _run_mean_field(cell: _Cell, steps: list[_Step], entry: list[Vec]) -> list[Vec]:
     """Per-element squared gradient at each x_t from per-element entries at each h_t."""
     sh, sc = np.zeros(1), np.zeros(1)
     sx: list[Vec] = [np.zeros(1)] * len(steps)
@@ -626,9 +739,9 @@ def _run_backward(cell: _Cell, steps: list[_Step], entry: list[Vec]) -> list[Vec
 
 def _concat(parts: list[_Mom], sizes: list[int], per_unit: bool) -> _Mom:
     """The next layer's input: both directions' outputs side by side."""
-    if not per_unit or len(parts) == 1:
-        if len(parts) == 1:
-            return parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    if not per_unit:
         return _Mom(np.array([np.mean([float(np.mean(p.mean)) for p in parts])]),
                     np.array([np.mean([float(np.mean(p.second)) for p in parts])]))
     return _Mom(np.concatenate([np.broadcast_to(p.mean, (n,)) for p, n in zip(parts, sizes)]),
@@ -645,7 +758,7 @@ class RecurrentEstimate:
     through time, the per-step gain of the squared gradient norm going back one step in the
     stationary regime (the largest over layers and directions: it sets how fast the gradient
     at ``x_t`` decays with the distance from where it entered). ``h_second``: the stationary
-    second moment of the top layer's hidden state.
+    second moment of the top layer's output.
     """
 
     out_mean: float
@@ -663,17 +776,6 @@ class _Result:
     profile: list[float]
 
 
-def _layers(module: nn.Module, kind: str, per_unit: bool) -> list[list[_Cell]]:
-    dirs = 2 if module.bidirectional else 1
-    out_size = int(getattr(module, "proj_size", 0) or 0) or int(module.hidden_size)
-    layers = []
-    for k in range(int(module.num_layers)):
-        size = int(module.input_size) if k == 0 else dirs * out_size
-        suffixes = [f"_l{k}", f"_l{k}_reverse"][:dirs]
-        layers.append([_cell_from(module, kind, s, size, per_unit) for s in suffixes])
-    return layers
-
-
 def _dropout(module: nn.Module) -> float:
     p = float(getattr(module, "dropout", 0.0) or 0.0)
     return p if module.training and 0.0 < p < 1.0 else 0.0
@@ -683,106 +785,174 @@ def _total(s: Vec, n: int) -> float:
     return n * float(np.mean(s))
 
 
+@dataclass
+class _Forward:
+    layers: list[list[_Cell]]
+    steps: list[list[list[_Step]]]  # [layer][direction][position]
+    fixed: list[list[_Step]]  # [layer][direction]
+    out: list[_Mom]  # top layer output per position
+    out_stat: _Mom
+
+
+def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
+             n_steps: int) -> _Forward:
+    per_unit = _per_unit(module, kind)
+    dirs = 2 if module.bidirectional else 1
+    out_size = int(getattr(module, "proj_size", 0) or 0) or int(module.hidden_size)
+    drop = _dropout(module)
+    x_stat = _Mom.scalar(x_mean, x_second)
+    xs: list[_Mom] = [x_stat] * n_steps
+    fw = _Forward([], [], [], xs, x_stat)
+    for li in range(int(module.num_layers)):
+        size = int(module.input_size) if li == 0 else dirs * out_size
+        cells = [_cell_from(module, kind, s, size, per_unit)
+                 for s in [f"_l{li}", f"_l{li}_reverse"][:dirs]]
+        fixed = [_fixed_point(cell, x_stat) for cell in cells]
+        per_dir = []
+        for d, cell in enumerate(cells):
+            st = _run_forward(cell, xs if d == 0 else xs[::-1], x_stat, fixed[d])
+            per_dir.append(st if d == 0 else st[::-1])
+        fw.layers.append(cells)
+        fw.steps.append(per_dir)
+        fw.fixed.append(fixed)
+        scale = 1.0 / (1.0 - drop) if li < int(module.num_layers) - 1 else 1.0
+        sizes = [c.out_size for c in cells]
+
+        def scaled(m: _Mom, s: float = scale) -> _Mom:
+            return m if s == 1.0 else _Mom(m.mean, s * m.second)
+
+        new_stat = scaled(_concat([f.h for f in fixed], sizes, per_unit))
+        nxt = []
+        for t in range(n_steps):
+            if all(p[t] is f for p, f in zip(per_dir, fixed)):
+                nxt.append(new_stat)  # identity marks the stationary input for the next layer
+            else:
+                nxt.append(scaled(_concat([p[t].h for p in per_dir], sizes, per_unit)))
+        xs, x_stat = nxt, new_stat
+        fw.out, fw.out_stat = xs, x_stat
+    return fw
+
+
+def _probes(fw: _Forward, n_steps: int) -> int:
+    """How many probe gradients the budget allows (0: use the independent-step mean field)."""
+    per_probe = n_steps * sum(
+        c.gates[0].ih.n_out * _N_GATES[c.kind] * (c.input_size + c.out_size)
+        + (c.hidden * c.out_size if c.proj is not None else 0)
+        for cells in fw.layers for c in cells)
+    d_in = fw.layers[0][0].input_size
+    want = int(min(max(math.ceil(_PROBE_TARGET / max(d_in, 1)), _PROBES_MIN), _PROBES_MAX))
+    affordable = int(_SIM_BUDGET // max(per_probe, 1))
+    k = min(want, affordable)
+    return k if k >= _PROBES_MIN else 0
+
+
+def _backward_simulated(fw: _Forward, n_steps: int, entry: Entry, probes: int,
+                        drop: float) -> list[float]:
+    rng = np.random.default_rng(_SEED)
+    top = fw.layers[-1]
+    n_out = sum(c.out_size for c in top)
+    e = np.zeros((n_steps, n_out, probes))
+    if entry == "last":
+        e[-1] = rng.standard_normal((n_out, probes))
+    else:
+        e[:] = rng.standard_normal((n_steps, n_out, probes))
+    s_out = float(np.sum(e * e))
+    grads = e
+    for li in range(len(fw.layers) - 1, -1, -1):
+        cells = fw.layers[li]
+        total: Vec | None = None
+        start = 0
+        for d, cell in enumerate(cells):
+            part = grads[:, start : start + cell.out_size, :]
+            start += cell.out_size
+            mats = cell.mats(rng)
+            if d == 1:
+                gx = cell.simulate(fw.steps[li][d][::-1], part[::-1], rng, mats)[::-1]
+            else:
+                gx = cell.simulate(fw.steps[li][d], part, rng, mats)
+            total = gx if total is None else total + gx
+        assert total is not None
+        if li > 0 and drop:
+            total = total * (rng.random(total.shape) >= drop) / (1.0 - drop)
+        grads = total
+    return [float(v) for v in np.sum(grads * grads, axis=(1, 2)) / s_out]
+
+
+def _backward_mean_field(fw: _Forward, n_steps: int, entry: Entry,
+                         drop: float) -> list[float]:
+    top = fw.layers[-1]
+    n_out = sum(c.out_size for c in top)
+    zero = np.zeros(1)
+    if entry == "last":
+        first = [zero] * (n_steps - 1) + [np.array([1.0 / n_out])]
+        entries = [first for _ in top]
+    else:
+        entries = [[np.array([1.0 / (n_steps * n_out)])] * n_steps for _ in top]
+    sx_total: list[Vec] = []
+    for li in range(len(fw.layers) - 1, -1, -1):
+        cells = fw.layers[li]
+        sx_dirs = []
+        for d, cell in enumerate(cells):
+            st, ent = fw.steps[li][d], entries[d]
+            if d == 1:
+                sx_dirs.append(_run_mean_field(cell, st[::-1], ent[::-1])[::-1])
+            else:
+                sx_dirs.append(_run_mean_field(cell, st, ent))
+        sx_total = [sum(v, zero) for v in zip(*sx_dirs, strict=True)]
+        if li > 0:
+            scale = 1.0 / (1.0 - drop) if drop else 1.0
+            entries, start = [], 0
+            for c in fw.layers[li - 1]:
+                entries.append([(s if s.shape[0] == 1 else s[start : start + c.out_size])
+                                * scale for s in sx_total])
+                start += c.out_size
+    d_in = fw.layers[0][0].input_size
+    return [_total(s, d_in) for s in sx_total]
+
+
 def _run(module: nn.Module, x_mean: float, x_second: float, seq_len: int,
          entry: Entry) -> _Result:
     if not isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
         raise NotImplementedError(f"{type(module).__name__} is not nn.LSTM / nn.GRU / nn.RNN")
     kind = _kind(module)
-    steps_n = int(seq_len)
-    if steps_n < 1:
+    n_steps = int(seq_len)
+    if n_steps < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    n_weights = sum(p.numel() for p in module.parameters())
-    per_unit = _has_values(module) and n_weights * min(steps_n, 200) <= _PER_UNIT_BUDGET
-    layers = _layers(module, kind, per_unit)
+    if not (math.isfinite(x_mean) and math.isfinite(x_second)):
+        raise ValueError(f"input moments must be finite, got {x_mean!r}, {x_second!r}")
+    fw = _forward(module, kind, x_mean, max(x_second, x_mean * x_mean), n_steps)
     drop = _dropout(module)
-
-    # Forward, layer by layer; the reverse direction sees the sequence reversed.
-    x0 = _Mom.scalar(x_mean, x_second)
-    xs: list[_Mom] = [x0] * steps_n
-    x_stat = x0
-    all_steps: list[list[list[_Step]]] = []
-    fixed: list[list[_Step]] = []
-    for li, cells in enumerate(layers):
-        per_dir = []
-        for d, cell in enumerate(cells):
-            st = _run_forward(cell, xs if d == 0 else xs[::-1])
-            per_dir.append(st if d == 0 else st[::-1])
-        all_steps.append(per_dir)
-        fixed.append([_fixed_point(cell, x_stat) for cell in cells])
-        sizes = [c.out_size for c in cells]
-        scale = 1.0 / (1.0 - drop) if li < len(layers) - 1 else 1.0
-        nxt: list[_Mom] = []
-        for t in range(steps_n):
-            if t > 0 and all(p[t] is p[t - 1] for p in per_dir):
-                nxt.append(nxt[-1])  # keep identity: stationary inputs stay recognisable
-                continue
-            m = _concat([p[t].h for p in per_dir], sizes, per_unit)
-            nxt.append(_Mom(m.mean, scale * m.second))
-        xs = nxt
-        stat = _concat([f.h for f in fixed[-1]], sizes, per_unit)
-        x_stat = _Mom(stat.mean, scale * stat.second)
-
-    out_mean = float(np.mean([np.mean(x.mean) for x in xs]))
-    out_second = float(np.mean([np.mean(x.second) for x in xs]))
-    h_second = float(np.mean(x_stat.second))
-
-    # Backward: per-element entries at the top outputs, then layer by layer.
-    top = layers[-1]
-    n_out = sum(c.out_size for c in top)
-    zero = np.zeros(1)
-    if entry == "last":
-        first = [zero] * (steps_n - 1) + [np.array([1.0 / n_out])]
-        entries = [first for _ in top]
+    probes = _probes(fw, n_steps)
+    if probes:
+        profile = _backward_simulated(fw, n_steps, entry, probes, drop)
+        how = f"{probes} surrogate probes"
     else:
-        entries = [[np.array([1.0 / (steps_n * n_out)])] * steps_n for _ in top]
-    sx_total: list[Vec] = []
-    for li in range(len(layers) - 1, -1, -1):
-        cells = layers[li]
-        sx_dirs = []
-        for d, cell in enumerate(cells):
-            st, e = all_steps[li][d], entries[d]
-            if d == 1:
-                sx_dirs.append(_run_backward(cell, st[::-1], e[::-1])[::-1])
-            else:
-                sx_dirs.append(_run_backward(cell, st, e))
-        sx_total = [sum(v, zero) for v in zip(*sx_dirs, strict=True)]
-        if li > 0:
-            scale = 1.0 / (1.0 - drop) if drop else 1.0
-            below = layers[li - 1]
-            entries = []
-            start = 0
-            for c in below:
-                entries.append([_slice(s, start, c.out_size) * scale for s in sx_total])
-                start += c.out_size
-    d_in = layers[0][0].input_size
-    profile = [_total(s, d_in) for s in sx_total]
+        profile = _backward_mean_field(fw, n_steps, entry, drop)
+        how = "independent-step mean field (too large to simulate)"
 
-    # Chi through time: the slowest decay over layers and directions.
-    rates = [(cell.step_gain(fixed[li][d].coef), li, d)
-             for li, cells in enumerate(layers) for d, cell in enumerate(cells)]
+    rates = [(cell.step_gain(fw.fixed[li][d].coef), li, d)
+             for li, cells in enumerate(fw.layers) for d, cell in enumerate(cells)]
     step_gain, li_max, d_max = max(rates)
-    note = _note(layers[li_max][d_max], fixed[li_max][d_max].coef, step_gain,
-                 li_max if len(layers) > 1 else None)
-    est = RecurrentEstimate(out_mean, out_second, h_second, float(sum(profile)), step_gain,
-                            steps_n, note)
+    where = f" (layer {li_max})" if len(fw.layers) > 1 else ""
+    note = _note(fw.layers[li_max][d_max], fw.fixed[li_max][d_max].coef, step_gain,
+                 where) + f"; input gradients by {how}"
+    out_mean = float(np.mean([np.mean(x.mean) for x in fw.out]))
+    out_second = float(np.mean([np.mean(x.second) for x in fw.out]))
+    est = RecurrentEstimate(out_mean, out_second, float(np.mean(fw.out_stat.second)),
+                            float(sum(profile)), step_gain, n_steps, note)
     return _Result(est, profile)
 
 
-def _slice(s: Vec, start: int, size: int) -> Vec:
-    return s if s.shape[0] == 1 else s[start : start + size]
-
-
-def _note(cell: _Cell, k: dict[str, Coef], chi: float, layer: int | None) -> str:
-    where = f" (layer {layer})" if layer is not None else ""
+def _note(cell: _Cell, k: dict[str, Coef], chi: float, where: str) -> str:
     mf = cell.chi(k, 1)
     if cell.kind == "lstm":
         f2 = float(np.mean(k["F"][1]))
         return (f"forget gate E[f^2]={f2:.3g} per step{where}; chi through time {chi:.3g} "
-                f"(independent-step mean field {mf:.3g})")
+                f"with tied weights (independent steps: {mf:.3g})")
     if cell.kind == "gru":
         z2 = float(np.mean(k["Z"][1]))
         return (f"update gate E[z^2]={z2:.3g} per step{where}; chi through time {chi:.3g} "
-                f"(independent-step mean field {mf:.3g})")
+                f"with tied weights (independent steps: {mf:.3g})")
     hh = cell.gates[0].hh.gain()
     d2 = float(np.mean(k["p"][1]))
     return (f"recurrent weight gain {hh:.3g} x E[phi'^2]={d2:.3g}{where}: chi through time "
@@ -810,7 +980,8 @@ def estimate_recurrent(module: nn.Module, x_mean: float, x_second: float, seq_le
     ``entry``: where the gradient enters the output sequence, ``"last"`` (only the last step,
     as when a head reads ``output[:, -1]``) or ``"uniform"`` (every step equally). Any
     ``num_layers``, ``bidirectional``, ``bias``, LSTM ``proj_size`` and inter-layer dropout
-    (training mode) are modelled; other modules raise ``NotImplementedError``.
+    (training mode) are modelled; other modules raise ``NotImplementedError``. Deterministic:
+    the surrogate backward uses a fixed seed.
     """
     return _run(module, x_mean, x_second, seq_len, _entry(entry)).estimate
 
@@ -831,30 +1002,29 @@ def estimate_cell(module: nn.Module, x_mean: float, x_second: float, h_second: f
 
     Returns the new hidden state's (mean, second moment) and the S-gains
     ``||dL/d input||^2 / ||dL/d h'||^2`` to ``"input"``, ``"hx"`` and (LSTM) ``"cx"``, with the
-    gradient entering at ``h'`` only. The states are taken as zero-mean with second moments
-    ``h_second`` and ``c_second``; ``c_second=None`` means zero when ``h_second`` is 0 (no state
-    passed) and otherwise the cell state's stationary value for these inputs, as in a loop
-    that has run for a while.
+    gradient entering at ``h'`` only. One step has no tied-weight products, so the
+    independent-path mean field is the whole story here. The states are taken as zero-mean
+    with second moments ``h_second`` and ``c_second``; ``c_second=None`` means zero when
+    ``h_second`` is 0 (no state passed) and otherwise the cell state's stationary value for
+    these gates, as in a loop that has run for a while.
     """
     if not isinstance(module, (nn.LSTMCell, nn.GRUCell, nn.RNNCell)):
         raise NotImplementedError(f"{type(module).__name__} is not an RNN cell module")
     kind = _kind(module)
-    cell = _cell_from(module, kind, "", int(module.input_size), _has_values(module))
-    x = _Mom.scalar(x_mean, x_second)
-    h = _Mom.scalar(0.0, h_second)
-    c = _Mom.zero()
+    cell = _cell_from(module, kind, "", int(module.input_size), _per_unit(module, kind))
+    x = _Mom.scalar(x_mean, max(x_second, x_mean * x_mean))
+    h = _Mom.scalar(0.0, max(h_second, 0.0))
+    c = _ZERO
     if kind == "lstm":
         if c_second is not None:
-            c = _Mom.scalar(0.0, c_second)
+            c = _Mom.scalar(0.0, max(c_second, 0.0))
         elif h_second > 0.0:
-            for _ in range(_MAX_FIXED_POINT_STEPS):
-                nxt = cell.step(x, h, c).c
-                if nxt.close(c):
-                    break
-                c = nxt
+            settled = cell.step(x, h, c, settle=True).c
+            c = _Mom(np.zeros_like(settled.second), settled.second)
     st = cell.step(x, h, c)
     s_h, s_c, s_x = cell.back(np.array([1.0 / cell.out_size]), np.zeros(1), st.coef)
     gains = {"input": _total(s_x, cell.input_size), "hx": _total(s_h, cell.out_size)}
     if kind == "lstm":
         gains["cx"] = _total(s_c, cell.hidden)
     return float(np.mean(st.h.mean)), float(np.mean(st.h.second)), gains
+
