@@ -68,8 +68,8 @@ def numel(shape: list[int] | None) -> int | None:
 
 #: Declared init moments of meta tensors, by id, for the estimate being run
 #: (see gradscope.meta); a context variable so concurrent estimates stay apart.
-_DECLARED: contextvars.ContextVar[dict[int, Mom]] = contextvars.ContextVar("declared",
-                                                                           default={})
+_DECLARED: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextVar(
+    "declared", default=None)
 
 
 def tensor_stats(t: torch.Tensor) -> Mom | None:
@@ -79,7 +79,7 @@ def tensor_stats(t: torch.Tensor) -> Mom | None:
     the module's documented default.
     """
     if t.is_meta:
-        return _DECLARED.get().get(id(t))
+        return (_DECLARED.get() or {}).get(id(t))
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return None
     with torch.no_grad():
@@ -1390,7 +1390,7 @@ def _spread_of(ctx: Ctx, mom: Mom | None, pending: float | None) -> float:
             return 0.0
         fan = float(w.shape[0]) if key == "addmm" else float(w[0].numel())
         _, w2 = _wstats(w, (0.0, 1.0 / (3.0 * fan)))
-        bm, b2 = _wstats(b, (0.0, 0.0)) if b is not None else (0.0, 0.0)
+        _, b2 = _wstats(b, (0.0, 0.0)) if b is not None else (0.0, 0.0)
         unit_mean_sq = fan * w2 * (xm[0] ** 2 + spread_in) + b2
         value = unit_mean_sq - mom[0] ** 2
     elif key in ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"):
