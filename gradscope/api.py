@@ -67,7 +67,7 @@ def _build(factory: Callable[[], nn.Module], meta: bool,
                 built = factory()
         else:
             built = factory()
-    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+    except Exception as exc:
         raise InputError(f"the model factory raised {type(exc).__name__}: {exc}",
                          "fix the factory") from exc
     if not isinstance(built, nn.Module):

@@ -6,9 +6,10 @@ Meta tensors have no values, so the estimator needs each weight's declared
 distribution instead of its measured one. While the model is built, every
 initialisation call is watched: the in-place samplers that ``nn.init`` and
 modules' ``reset_parameters`` end in (``uniform_``, ``normal_``, ``fill_``,
-``zero_``) and the two initialisers that are not a single sampler
-(``trunc_normal_``, ``orthogonal_``). The last call on a tensor wins, as it
-would for real values. Weights initialised some other way fall back to the
+``zero_``) and every ``torch.nn.init`` function, read by its documented
+formula (most dispatch through ``__torch_function__``; ``trunc_normal_`` and
+``orthogonal_`` skip meta tensors silently and are wrapped while building).
+The last call on a tensor wins, as it would for real values. Weights initialised some other way fall back to the
 module's documented default in the estimator.
 """
 
@@ -161,21 +162,6 @@ def _init_function_moments(name: str, tensor: torch.Tensor, args: tuple[Any, ...
     return None
 
 
-def _patched(original: Callable[..., Any], recorder: _InitRecorder,
-             moments: Callable[..., tuple[float, float]]) -> Callable[..., Any]:
-    def wrapper(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        result = original(tensor, *args, **kwargs)
-        recorder.record(tensor, moments(tensor, *args, **kwargs))
-        return result
-
-    return wrapper
-
-
-def _trunc_moments(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
-                   b: float = 2.0, *args: Any, **kwargs: Any) -> tuple[float, float]:
-    return _truncated_normal(mean, std, a, b)
-
-
 def _orthogonal_moments(tensor: torch.Tensor, gain: float = 1.0, *args: Any,
                         **kwargs: Any) -> tuple[float, float]:
     rows = tensor.shape[0] if tensor.dim() else 1
@@ -187,15 +173,32 @@ def _orthogonal_moments(tensor: torch.Tensor, gain: float = 1.0, *args: Any,
 def recording_init(declared: Declared, device: str = "meta") -> Iterator[None]:
     """Build under ``torch.device(device)`` and record declared init moments into ``declared``."""
     recorder = _InitRecorder(declared)
-    originals = {"trunc_normal_": nn.init.trunc_normal_, "orthogonal_": nn.init.orthogonal_}
-    nn.init.trunc_normal_ = _patched(originals["trunc_normal_"], recorder, _trunc_moments)
-    nn.init.orthogonal_ = _patched(originals["orthogonal_"], recorder, _orthogonal_moments)
+    # On meta tensors these two return before sampling anything (nothing for the
+    # recorder to see), so they are wrapped for the duration of the build.
+    originals: dict[str, Callable[..., Any]] = {
+        "trunc_normal_": nn.init.trunc_normal_, "orthogonal_": nn.init.orthogonal_}
+    nn.init.trunc_normal_ = _recorded(originals["trunc_normal_"], recorder)
+    nn.init.orthogonal_ = _recorded(originals["orthogonal_"], recorder)
     try:
         with torch.device(device), recorder:
             yield
     finally:
-        nn.init.trunc_normal_ = originals["trunc_normal_"]  # type: ignore[assignment]
-        nn.init.orthogonal_ = originals["orthogonal_"]  # type: ignore[assignment]
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
+
+
+def _recorded(original: Callable[..., Any], recorder: _InitRecorder) -> Callable[..., Any]:
+    """``original`` that also records its declared moments (see ``recording_init``)."""
+    name = original.__name__
+
+    def wrapper(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = original(tensor, *args, **kwargs)
+        moments = _init_function_moments(name, tensor, (tensor, *args), kwargs)
+        if moments is not None:
+            recorder.record(tensor, moments)
+        return result
+
+    return wrapper
 
 
 def declared_by_name(model: nn.Module, declared: Declared) -> dict[str, tuple[float, float]]:

@@ -458,7 +458,7 @@ def _act(ctx: Ctx) -> tuple[Any, str | None]:
     if xm is None:
         return None, first
     params = _activation_params(ctx, name)
-    spread = ctx.est.spread.get(first, 0.0)
+    spread = ctx.est.spread.get(first or "", 0.0)
     within = max(var_of(xm) - spread, 0.0)
     if spread <= 1e-3 * max(var_of(xm), EPS):
         return activation_moments(name, xm[0], var_of(xm), **params), first

@@ -64,17 +64,18 @@ Entry = Literal["last", "uniform"]
 
 #: A state this close (relative) to the fixed point is taken as stationary: the remaining
 #: steps reuse the fixed point's step, so a 10 000-step sequence costs no more than its
-#: transient. 1e-7 is far below anything the estimate resolves.
-_STATIONARY_RTOL = 1e-7
+#: transient. 1e-5 is far below anything the estimate resolves.
+_STATIONARY_RTOL = 1e-5
 _FIXED_POINT_RTOL = 1e-10
-_MAX_FIXED_POINT_ITER = 2000
+_MAX_FIXED_POINT_ITER = 3000
+_ANDERSON_MEMORY = 6
 #: Per-unit forward moments cost one Gaussian integral per gate and unit and step; beyond this
 #: many gate units per direction, block statistics (one number per gate block) are used.
 _PER_UNIT_MAX_GATE_UNITS = 4096
 #: Surrogate backward: probe count and the multiply-add budget for one call (~1-5 s).
 _PROBES_MAX = 128
 _PROBES_MIN = 4
-_PROBE_TARGET = 2048  # probes x input features: ~3% noise on input_gain
+_PROBE_TARGET = 1024  # probes x input features: ~5% noise on input_gain
 _SIM_BUDGET = 2e10
 _SEED = 20240917
 #: Gradients below this are flushed to zero: they underflow in any real backward pass, and
@@ -169,7 +170,7 @@ def gate_moments(name: str, mean: npt.ArrayLike, var: npt.ArrayLike) -> GateMome
         raise ValueError(f"gate nonlinearity must be sigmoid, tanh or relu, got {name!r}")
     fn = _sig if name == "sigmoid" else _tanh
     lo, hi = _LIMITS[name]
-    out = np.empty((4,) + m.shape)
+    out = np.empty((4, *m.shape))
     narrow = s <= 1.0
     if narrow.any():
         phi, dphi = fn(m[narrow, None] + s[narrow, None] * _GH_U)
@@ -694,18 +695,49 @@ def _per_unit(module: nn.Module, kind: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _pack(st: _Step) -> Vec:
+    return np.concatenate([st.h.mean, st.h.second, st.c.mean, st.c.second])
+
+
+def _unpack(v: Vec, like: _Step) -> tuple[_Mom, _Mom]:
+    sizes = [like.h.mean.size, like.h.second.size, like.c.mean.size, like.c.second.size]
+    hm, hq, cm, cq = np.split(v, np.cumsum(sizes)[:-1])
+    return _Mom(hm, np.maximum(hq, hm * hm)), _Mom(cm, np.maximum(cq, cm * cm))
+
+
 def _fixed_point(cell: _Cell, x: _Mom) -> _Step:
-    """The stationary step for a constant input: where chi through time is evaluated."""
-    st = cell.step(x, _ZERO, _ZERO, settle=True)
+    """The stationary step for a constant input: where chi through time is evaluated.
+
+    Why Anderson acceleration: the state relaxes at the slowest gate's rate, ~0.987 per step
+    for an LSTM at forget bias 3 (3000 plain steps to 1e-16); mixing the last few iterates
+    gets there in tens. Solving for the slow state in closed form instead is unstable: the
+    per-unit cell means feed back through ``1 / (1 - f)`` ~ 20 and the iteration oscillates.
+    """
+    st = cell.step(x, _ZERO, _ZERO)
+    s = _pack(st)
+    hist_g: list[Vec] = []
+    hist_f: list[Vec] = []
     for _ in range(_MAX_FIXED_POINT_ITER):
-        nxt = cell.step(x, st.h, st.c, settle=True)
-        if nxt.h.close(st.h, _FIXED_POINT_RTOL) and nxt.c.close(st.c, _FIXED_POINT_RTOL):
-            st = nxt
+        h, c = _unpack(s, st)
+        st = cell.step(x, h, c)
+        g = _pack(st)
+        f = g - s
+        scale = float(np.max(np.abs(g))) or 1.0
+        if float(np.max(np.abs(f))) <= _FIXED_POINT_RTOL * scale:
             break
-        st = nxt
-    # One ordinary step from the settled state gives coefficients in the form the recursion
-    # uses (c_{t-1} = c_t at the fixed point).
-    return cell.step(x, st.h, st.c)
+        hist_g.append(g)
+        hist_f.append(f)
+        if len(hist_f) > _ANDERSON_MEMORY + 1:
+            hist_g.pop(0)
+            hist_f.pop(0)
+        s = g
+        if len(hist_f) > 1:
+            d_f = np.diff(np.stack(hist_f, axis=1), axis=1)
+            d_g = np.diff(np.stack(hist_g, axis=1), axis=1)
+            gamma, *_ = np.linalg.lstsq(d_f, f, rcond=None)
+            if np.all(np.isfinite(gamma)):
+                s = g - d_g @ gamma
+    return st
 
 
 def _run_forward(cell: _Cell, xs: list[_Mom], x_stat: _Mom, fixed: _Step) -> list[_Step]:
@@ -744,9 +776,9 @@ def _concat(parts: list[_Mom], sizes: list[int], per_unit: bool) -> _Mom:
     if not per_unit:
         return _Mom(np.array([np.mean([float(np.mean(p.mean)) for p in parts])]),
                     np.array([np.mean([float(np.mean(p.second)) for p in parts])]))
-    return _Mom(np.concatenate([np.broadcast_to(p.mean, (n,)) for p, n in zip(parts, sizes)]),
-                np.concatenate([np.broadcast_to(p.second, (n,))
-                                for p, n in zip(parts, sizes)]))
+    pairs = list(zip(parts, sizes, strict=True))
+    return _Mom(np.concatenate([np.broadcast_to(p.mean, (n,)) for p, n in pairs]),
+                np.concatenate([np.broadcast_to(p.second, (n,)) for p, n in pairs]))
 
 
 @dataclass(frozen=True)
@@ -824,7 +856,7 @@ def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
         new_stat = scaled(_concat([f.h for f in fixed], sizes, per_unit))
         nxt = []
         for t in range(n_steps):
-            if all(p[t] is f for p, f in zip(per_dir, fixed)):
+            if all(p[t] is f for p, f in zip(per_dir, fixed, strict=True)):
                 nxt.append(new_stat)  # identity marks the stationary input for the next layer
             else:
                 nxt.append(scaled(_concat([p[t].h for p in per_dir], sizes, per_unit)))

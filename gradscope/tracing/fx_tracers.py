@@ -59,7 +59,7 @@ def _freeze(value: Any) -> Any:
         try:
             return (type(value), tuple(value.shape), tuple(value.stride()), value.dtype,
                     value.device, value.layout, value.requires_grad, value.storage_offset())
-        except Exception as exc:  # noqa: BLE001 - sparse, nested, symbolic: not keyed
+        except Exception as exc:
             raise _Unkeyable from exc
     if isinstance(value, _KEY_SCALARS):
         return (type(value), value)
