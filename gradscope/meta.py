@@ -9,8 +9,9 @@ modules' ``reset_parameters`` end in (``uniform_``, ``normal_``, ``fill_``,
 ``zero_``) and every ``torch.nn.init`` function, read by its documented
 formula (most dispatch through ``__torch_function__``; ``trunc_normal_`` and
 ``orthogonal_`` skip meta tensors silently and are wrapped while building).
-The last call on a tensor wins, as it would for real values. Weights initialised some other way fall back to the
-module's documented default in the estimator.
+The last call on a tensor wins, as it would for real values. Weights
+initialised some other way fall back to the module's documented default in
+the estimator.
 """
 
 from __future__ import annotations
