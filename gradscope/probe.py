@@ -11,6 +11,7 @@ The caller wraps this in :func:`gradscope.state.preserved`.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,8 @@ class _Accumulator:
         self.dead: dict[str, torch.Tensor] = {}
         self.saturated: dict[str, torch.Tensor] = {}
         self.forward_order: list[str] = []
+        #: id -> (weak reference, version) of tensors already observed, to tell aliases.
+        self.outputs: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
 
     def observe(self, name: str, value: Any) -> None:
         leaves = [t for t in tensor_leaves(value) if t.is_floating_point()]
@@ -83,6 +86,13 @@ class _Accumulator:
                 self.saturated[name] = _saturated(key, first)
         self.numel[name] = sum(t.numel() for t in leaves)
         for leaf in leaves:
+            seen = self.outputs.get(id(leaf))
+            self.outputs[id(leaf)] = (weakref.ref(leaf), leaf._version)
+            if seen is not None and seen[0]() is leaf and seen[1] == leaf._version:
+                # An alias (nn.Identity, a no-op .to/.contiguous): the same tensor, not
+                # modified, has no gradient of its own; measuring it would report the
+                # total gradient of the tensor it aliases.
+                continue
             if leaf.requires_grad:
                 leaf.register_hook(self._hook(name))
 

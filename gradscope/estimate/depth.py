@@ -10,6 +10,7 @@ other (x + f(x)), found in the graph, never guessed from class names.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,35 @@ def _weight_depth(traced: TracedModel) -> dict[str, int]:
     return depth
 
 
+def nearest_common_ancestor(graph: nx.DiGraph, a: str, b: str) -> str | None:
+    """The deepest node upstream of both ``a`` and ``b`` (either one included), or None.
+
+    Best-first backwards from both, deepest node first. Depth grows strictly along
+    edges, so when a node is popped every path into it from ``a`` or ``b`` has
+    been walked: the first popped node reached from both sides is the fork. A
+    residual block costs its own size, not the whole graph's.
+    """
+    marks: dict[str, set[int]] = {a: {0}, b: {1}}
+    heap = [(-graph.nodes[a]["depth"], a), (-graph.nodes[b]["depth"], b)]
+    heapq.heapify(heap)
+    popped: set[str] = set()
+    while heap:
+        _, node = heapq.heappop(heap)
+        if node in popped:
+            continue
+        popped.add(node)
+        if len(marks[node]) == 2:
+            return node
+        for pred in graph.predecessors(node):
+            if graph.nodes[pred]["role"] == "param":
+                continue
+            if pred not in marks:
+                marks[pred] = set()
+                heapq.heappush(heap, (-graph.nodes[pred]["depth"], pred))
+            marks[pred] |= marks[node]
+    return None
+
+
 def residual_adds(traced: TracedModel) -> list[str]:
     """``add`` nodes joining two branches of one fork that cross unequal numbers of weights.
 
@@ -65,13 +95,10 @@ def residual_adds(traced: TracedModel) -> list[str]:
         ins = [r for r in data["inputs"] if graph.nodes[r]["role"] != "param"
                and graph.nodes[r]["is_float"]]
         for i, a in enumerate(ins):
-            up_a = (nx.ancestors(graph, a) | {a})
             for b in ins[i + 1:]:
-                common = [n for n in up_a & (nx.ancestors(graph, b) | {b})
-                          if graph.nodes[n]["role"] != "param"]
-                if not common:
+                fork = nearest_common_ancestor(graph, a, b)
+                if fork is None:
                     continue
-                fork = max(common, key=lambda n: (graph.nodes[n]["depth"], n))
                 if wdepth[a] - wdepth[fork] != wdepth[b] - wdepth[fork]:
                     found.append(name)
                     break

@@ -72,6 +72,12 @@ _DECLARED: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextVa
     "declared", default=None)
 
 
+#: Measured moments of weight tensors for the estimate being run: each weight is
+#: read by several rules (forward, backward, spread), and reading is the hot spot.
+_STATS: contextvars.ContextVar[dict[tuple[int, int], Mom] | None] = contextvars.ContextVar(
+    "stats", default=None)
+
+
 def tensor_stats(t: torch.Tensor) -> Mom | None:
     """(mean, second moment) of a tensor: measured, or declared for meta tensors.
 
@@ -82,6 +88,16 @@ def tensor_stats(t: torch.Tensor) -> Mom | None:
         return (_DECLARED.get() or {}).get(id(t))
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return None
+    cache = _STATS.get()
+    if cache is not None:
+        key = (id(t), t._version)
+        if key not in cache:
+            cache[key] = _measure(t)
+        return cache[key]
+    return _measure(t)
+
+
+def _measure(t: torch.Tensor) -> Mom:
     with torch.no_grad():
         x = t.detach().to(torch.float64)
         return float(x.mean()), float((x * x).mean())
@@ -1265,9 +1281,15 @@ class _Estimator:
                 needs[name] = bool(tensor is not None and tensor.requires_grad)
             elif data["key"] in _no_grad_keys():
                 needs[name] = False
+            elif data["kind"] == "call_module" and self._trains(data):
+                needs[name] = True  # its weights are not graph nodes (nn.Embedding on ids)
             else:
                 needs[name] = any(needs.get(p, False) for p in self.graph.predecessors(name))
         return needs
+
+    def _trains(self, data: dict[str, Any]) -> bool:
+        module = self.traced.modules.get(data["module"] or "")
+        return module is not None and any(p.requires_grad for p in module.parameters())
 
     def run(self) -> StaticEstimate:
         order = self.traced.order()
@@ -1444,7 +1466,9 @@ def estimate(traced: TracedModel, inputs: tuple[Any, ...],
     their declared init moments.
     """
     token = _DECLARED.set(declared or {})
+    stats_token = _STATS.set({})
     try:
         return _Estimator(traced, inputs).run()
     finally:
+        _STATS.reset(stats_token)
         _DECLARED.reset(token)

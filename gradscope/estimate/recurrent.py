@@ -42,6 +42,7 @@ resolvent (see :meth:`_Cell.step_gain`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,17 +68,24 @@ Entry = Literal["last", "uniform"]
 #: transient. 1e-5 is far below anything the estimate resolves.
 _STATIONARY_RTOL = 1e-5
 _FIXED_POINT_RTOL = 1e-10
-_MAX_FIXED_POINT_ITER = 3000
-_ANDERSON_MEMORY = 6
-#: Per-unit forward moments cost one Gaussian integral per gate and unit and step; beyond this
-#: many gate units per direction, block statistics (one number per gate block) are used.
-_PER_UNIT_MAX_GATE_UNITS = 4096
+_MAX_FIXED_POINT_ITER = 200
+_ANDERSON_MEMORY = 20
+_MAX_PLAIN_STEPS = 500
+#: Per-unit forward moments cost a Gaussian integral per gate unit and two matrix-vector products
+#: per step; beyond this many multiply-adds (over the transient, at most 500 steps, and all
+#: layers and directions) block statistics (one number per gate block) are used instead.
+_PER_UNIT_BUDGET = 2e9
 #: Surrogate backward: probe count and the multiply-add budget for one call (~1-5 s).
-_PROBES_MAX = 128
+_PROBES_MAX = 64
 _PROBES_MIN = 4
-_PROBE_TARGET = 1024  # probes x input features: ~5% noise on input_gain
+_PROBE_TARGET = 512  # probes x input features: ~6% noise on input_gain
 _SIM_BUDGET = 2e10
 _SEED = 20240917
+#: Ceilings for exploding signals: moments stop at 1e200 (as in activations.py), simulated
+#: gradients at 1e100 per element, so squared norms stay finite and nothing turns into NaN.
+_SECOND_MAX = 1e200
+_MEAN_MAX = 1e100
+_GRAD_MAX = 1e100
 #: Gradients below this are flushed to zero: they underflow in any real backward pass, and
 #: denormal arithmetic would slow the simulation down 100x.
 _FLUSH = 1e-280
@@ -103,7 +111,7 @@ class GateMoments:
 
     def part(self, j: int, size: int) -> GateMoments:
         """The ``j``-th block of ``size`` units (gates integrated together, used apart)."""
-        s = slice(j * size, (j + 1) * size) if self.m1.shape[0] > 1 else slice(0, 1)
+        s = slice(j * size, (j + 1) * size)
         return GateMoments(self.m1[s], self.m2[s], self.d1[s], self.d2[s])
 
 
@@ -161,7 +169,8 @@ def gate_moments(name: str, mean: npt.ArrayLike, var: npt.ArrayLike) -> GateMome
     if name == "relu":
         pos = s > 0.0
         a = m / np.where(pos, s, 1.0)
-        cdf = np.where(pos, _ndtr(a), (m > 0.0).astype(np.float64))
+        # var -> 0 on the kink: the limit 1/2, as activation_moments takes it.
+        cdf = np.where(pos, _ndtr(a), np.where(m == 0.0, 0.5, (m > 0.0).astype(np.float64)))
         pdf = np.where(pos, np.exp(-0.5 * a * a) * _INV_SQRT_2PI, 0.0)
         m1 = m * cdf + s * pdf
         m2 = (m * m + v) * cdf + m * s * pdf
@@ -203,75 +212,82 @@ def _values(t: torch.Tensor | None) -> Vec | None:
 
 @dataclass(frozen=True)
 class _Dense:
-    """``y = W x`` for one gate block, per unit (``w`` known) or by block statistics.
+    """``y = W x`` for ``blocks`` stacked gate blocks of ``n_out`` units each.
 
-    ``forward``: the input's per-unit (mean, second moment) to the output's per-unit mean and
-    variance. ``backward``: per-element expected squared gradients at the output to those at
-    the input (``sum_i W_ik^2 s_i``, independent paths add). ``gain``: the per-element squared
-    gain of ``W^T diag(p)``. Without per-unit values every unit is alike: arrays of length 1.
+    Per unit when ``w`` is known, else one (mean, second moment) per block, and then every
+    unit of a block is alike and arrays carry one entry per block. ``forward``: the input's
+    per-unit (mean, second moment) to the outputs' means and variances. ``backward``:
+    per-element expected squared gradients at the outputs to those at the input
+    (``sum_i W_ik^2 s_i``: independent paths add). ``gain``: the per-element squared gain of
+    block ``j``'s ``W^T diag(p)``.
     """
 
+    blocks: int
     n_out: int
     n_in: int
-    w_mean: float
-    w_second: float
-    w2: Vec | None = field(default=None, repr=False)
+    w_mean: Vec
+    w_second: Vec
     w: Vec | None = field(default=None, repr=False)
+    w2: Vec | None = field(default=None, repr=False)
+    row2: Vec | None = field(default=None, repr=False)
 
     @staticmethod
-    def of(t: torch.Tensor | None, n_out: int, n_in: int, default_var: float,
+    def of(w: Vec | None, blocks: int, n_out: int, n_in: int, default_var: float,
            per_unit: bool) -> _Dense:
-        w = _values(t)
+        """From the weight's values; ``None`` (meta) means the default init's statistics."""
         if w is None:
-            return _Dense(n_out, n_in, 0.0, default_var)
-        w_mean, w_second = float(w.mean()), float((w * w).mean())
+            return _Dense(blocks, n_out, n_in, np.zeros(blocks), np.full(blocks, default_var))
+        per_block = w.reshape(blocks, n_out * n_in)
+        w_mean, w_second = per_block.mean(axis=1), (per_block * per_block).mean(axis=1)
         if not per_unit:
-            return _Dense(n_out, n_in, w_mean, w_second)
-        return _Dense(n_out, n_in, w_mean, w_second, w * w, w)
+            return _Dense(blocks, n_out, n_in, w_mean, w_second)
+        w2 = w * w
+        return _Dense(blocks, n_out, n_in, w_mean, w_second, w, w2, w2.sum(axis=1))
 
     def forward(self, mean: Vec, second: Vec) -> tuple[Vec, Vec]:
         if self.w is None or self.w2 is None:
             mm, qq = float(np.mean(mean)), float(np.mean(second))
             out_var = self.n_in * (self.w_second * qq - (self.w_mean * mm) ** 2)
-            return np.array([self.n_in * self.w_mean * mm]), np.array([max(out_var, 0.0)])
+            return self.n_in * self.w_mean * mm, np.maximum(out_var, 0.0)
         m = np.broadcast_to(mean, (self.n_in,))
         var = np.broadcast_to(np.maximum(second - mean * mean, 0.0), (self.n_in,))
         return self.w @ m, self.w2 @ var
 
     def backward(self, s: Vec) -> Vec:
+        """``s``: per-element squared gradients, one array per block, concatenated."""
         if self.w2 is None:
-            return np.array([self.n_out * self.w_second * float(np.mean(s))])
-        out: Vec = np.broadcast_to(s, (self.n_out,)) @ self.w2
+            return np.array([self.n_out * float(self.w_second @ s)])
+        out: Vec = s @ self.w2
         return out
 
-    def gain(self, p2: Vec | float = 1.0) -> float:
-        """Per-element squared gain of ``W^T diag(p)``, given ``p^2`` per output unit."""
-        if self.w2 is None:
-            return self.n_out * self.w_second * float(np.mean(p2))
-        rows = self.w2.sum(axis=1)
+    def gain(self, j: int = 0, p2: Vec | float = 1.0) -> float:
+        if self.row2 is None:
+            return self.n_out * float(self.w_second[j]) * float(np.mean(p2))
+        rows = self.row2[j * self.n_out : (j + 1) * self.n_out]
         return float(np.broadcast_to(p2, (self.n_out,)) @ rows) / self.n_in
 
 
 @dataclass(frozen=True)
 class _Bias:
-    """A gate block's bias: per-unit values (variance 0) or block mean and spread."""
+    """Stacked gate biases: per-unit values (variance 0) or per-block mean and spread."""
 
-    mean: Vec = field(default_factory=lambda: np.zeros(1))
-    var: Vec = field(default_factory=lambda: np.zeros(1))
+    mean: Vec
+    var: Vec
 
 
-def _bias(parts: list[torch.Tensor | None], default_var: float, per_unit: bool) -> _Bias:
-    """Sum of bias blocks (``b_ih + b_hh``); meta blocks count with the default spread."""
-    present = [p for p in parts if p is not None]
-    if not present:
-        return _Bias()
-    known = [v for v in (_values(p) for p in present) if v is not None]
-    unknown = len(present) - len(known)
-    total: Vec = np.sum(known, axis=0) if known else np.zeros(1)
+def _bias(parts: list[Vec | None], blocks: int, default_var: float, per_unit: bool) -> _Bias:
+    """Sum of stacked bias vectors (``b_ih + b_hh``); ``None`` (meta) adds the default spread."""
+    if not parts:
+        return _Bias(np.zeros(1), np.zeros(1))
+    known = [v for v in parts if v is not None]
+    unknown = len(parts) - len(known)
+    if not known:
+        return _Bias(np.zeros(blocks), np.full(blocks, unknown * default_var))
+    total: Vec = np.sum(known, axis=0)
     if per_unit and unknown == 0:
         return _Bias(total, np.zeros_like(total))
-    spread = float(np.var(total)) + unknown * default_var
-    return _Bias(np.array([float(np.mean(total))]), np.array([spread]))
+    per_block = total.reshape(blocks, -1)
+    return _Bias(per_block.mean(axis=1), per_block.var(axis=1) + unknown * default_var)
 
 
 @dataclass(frozen=True)
@@ -285,6 +301,12 @@ class _Mom:
     def scalar(mean: float, second: float) -> _Mom:
         return _Mom(np.array([float(mean)]), np.array([float(second)]))
 
+    def clamped(self) -> _Mom:
+        """Exploding states stop at 1e200 (like ``activations.VAR_MAX``): no inf or NaN."""
+        mean = np.clip(np.nan_to_num(self.mean, nan=0.0), -_MEAN_MAX, _MEAN_MAX)
+        second = np.clip(np.nan_to_num(self.second, nan=_SECOND_MAX), 0.0, _SECOND_MAX)
+        return _Mom(mean, np.maximum(second, mean * mean))
+
     def close(self, other: _Mom, rtol: float) -> bool:
         scale = max(float(np.max(np.abs(self.second))), 1e-300)
         return bool(np.allclose(self.mean, other.mean, rtol=rtol, atol=rtol * math.sqrt(scale))
@@ -292,24 +314,6 @@ class _Mom:
 
 
 _ZERO = _Mom.scalar(0.0, 0.0)
-
-
-@dataclass(frozen=True)
-class _Gate:
-    """One gate block: input weights, recurrent weights and (summed) bias."""
-
-    ih: _Dense
-    hh: _Dense
-    bias: _Bias
-
-    def pre(self, x: _Mom, h: _Mom) -> tuple[Vec, Vec]:
-        xm, xv = self.ih.forward(x.mean, x.second)
-        hm, hv = self.hh.forward(h.mean, h.second)
-        return xm + hm + self.bias.mean, xv + hv + self.bias.var
-
-
-def _cat(*pairs: tuple[Vec, Vec]) -> tuple[Vec, Vec]:
-    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,42 +342,68 @@ class _Mats:
     w_hr: Vec | None  # (out, H), LSTM projection
 
 
+_N_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
 @dataclass(frozen=True)
 class _Cell:
-    """One direction of one layer (or a ``*Cell`` module) in PyTorch's gate order.
+    """One direction of one layer (or a ``*Cell`` module), gate blocks in PyTorch's order.
 
-    LSTM gates i, f, g, o; GRU r, z, n; RNN one block. ``n_bias_hh`` is the GRU's ``b_hn``,
-    which sits inside ``r * (W_hn h + b_hn)``; ``proj`` is an LSTM's ``weight_hr``.
+    LSTM i, f, g, o; GRU r, z, n; RNN one block. ``bias`` is ``b_ih + b_hh`` per block; the
+    GRU keeps ``b_in`` and ``b_hn`` apart because ``b_hn`` sits inside ``r * (W_hn h + b_hn)``.
+    ``proj`` is an LSTM's ``weight_hr``. ``unit`` is the length of one block's arrays: the
+    hidden size per unit, 1 with block statistics.
     """
 
     kind: str  # "lstm", "gru", "rnn_tanh", "rnn_relu"
     input_size: int
     hidden: int
     out_size: int
-    gates: tuple[_Gate, ...]
-    n_bias_hh: _Bias
+    unit: int
+    ih: _Dense
+    hh: _Dense
+    bias: _Bias
+    b_in: _Bias
+    b_hn: _Bias
     proj: _Dense | None
     tensors: tuple[torch.Tensor | None, ...] = field(repr=False, compare=False)
+    realized: _Mats | None = field(default=None, repr=False, compare=False)
+
+    def _blk(self, a: Vec, j: int) -> Vec:
+        return a[j * self.unit : (j + 1) * self.unit]
+
+    def _stack(self, *parts: Vec) -> Vec:
+        return np.concatenate([np.broadcast_to(p, (self.unit,)) for p in parts])
 
     # forward -------------------------------------------------------------------------------
     def step(self, x: _Mom, h: _Mom, c: _Mom, settle: bool = False) -> _Step:
-        """One step of the moments. ``settle``: put the slow state (LSTM ``c``, GRU ``h``) at
-        its stationary value for these gates, which makes the fixed-point search converge in
-        a few iterations instead of ~1/(1 - f^2) steps."""
+        """One step of the moments.
+
+        ``settle``: put the slow state (LSTM ``c``, GRU ``h``) at its stationary value for
+        the current gates; the fixed-point search iterates that map, which converges in tens
+        of iterations where plain steps need ~1 / (1 - f^2).
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            st = self._step(x, h, c, settle)
+        return _Step(st.h.clamped(), st.c.clamped(), st.coef)
+
+    def _step(self, x: _Mom, h: _Mom, c: _Mom, settle: bool) -> _Step:
+        xm, xv = self.ih.forward(x.mean, x.second)
+        hm, hv = self.hh.forward(h.mean, h.second)
         if self.kind == "lstm":
-            return self._lstm(x, h, c, settle)
+            return self._lstm(xm + hm + self.bias.mean, xv + hv + self.bias.var, c, settle)
         if self.kind == "gru":
-            return self._gru(x, h, settle)
+            return self._gru(xm, xv, hm, hv, h, settle)
         phi = gate_moments("relu" if self.kind == "rnn_relu" else "tanh",
-                           *self.gates[0].pre(x, h))
+                           xm + hm + self.bias.mean, xv + hv + self.bias.var)
         return _Step(_Mom(phi.m1, phi.m2), _ZERO, {"p": (phi.d1, phi.d2)})
 
-    def _lstm(self, x: _Mom, h: _Mom, c: _Mom, settle: bool) -> _Step:
-        gi, gf, gg, go = self.gates
-        n = self.hidden
-        sig = gate_moments("sigmoid", *_cat(gi.pre(x, h), gf.pre(x, h), go.pre(x, h)))
-        i, f, o = sig.part(0, n), sig.part(1, n), sig.part(2, n)
-        g = gate_moments("tanh", *gg.pre(x, h))
+    def _lstm(self, am: Vec, av: Vec, c: _Mom, settle: bool) -> _Step:
+        b = self._blk
+        sig = gate_moments("sigmoid", self._stack(b(am, 0), b(am, 1), b(am, 3)),
+                           self._stack(b(av, 0), b(av, 1), b(av, 3)))
+        i, f, o = sig.part(0, self.unit), sig.part(1, self.unit), sig.part(2, self.unit)
+        g = gate_moments("tanh", b(am, 2), b(av, 2))
         ig_mean, ig_second = i.m1 * g.m1, i.m2 * g.m2
         if settle:
             c_mean = ig_mean / np.maximum(1.0 - f.m1, 1e-12)
@@ -399,43 +429,42 @@ class _Cell:
         }
         return _Step(out, _Mom(c_mean, c_second), coef)
 
-    def _gru(self, x: _Mom, h: _Mom, settle: bool) -> _Step:
-        gr, gz, gn = self.gates
-        n = self.hidden
-        sig = gate_moments("sigmoid", *_cat(gr.pre(x, h), gz.pre(x, h)))
-        r, z = sig.part(0, n), sig.part(1, n)
-        um, uv = gn.ih.forward(x.mean, x.second)
-        um, uv = um + gn.bias.mean, uv + gn.bias.var
-        vm, vv = gn.hh.forward(h.mean, h.second)
-        vm, vv = vm + self.n_bias_hh.mean, vv + self.n_bias_hh.var
+    def _gru(self, xm: Vec, xv: Vec, hm: Vec, hv: Vec, h: _Mom, settle: bool) -> _Step:
+        b = self._blk
+        am, av = xm + hm + self.bias.mean, xv + hv + self.bias.var
+        sig = gate_moments("sigmoid", self._stack(b(am, 0), b(am, 1)),
+                           self._stack(b(av, 0), b(av, 1)))
+        r, z = sig.part(0, self.unit), sig.part(1, self.unit)
+        um, uv = b(xm, 2) + self.b_in.mean, b(xv, 2) + self.b_in.var
+        vm, vv = b(hm, 2) + self.b_hn.mean, b(hv, 2) + self.b_hn.var
         v2 = vv + vm * vm
         an_mean = um + r.m1 * vm
         an_second = uv + um * um + 2.0 * um * r.m1 * vm + r.m2 * v2
-        nn_ = gate_moments("tanh", an_mean, an_second - an_mean * an_mean)
+        n = gate_moments("tanh", an_mean, an_second - an_mean * an_mean)
         keep, keep2 = 1.0 - z.m1, 1.0 - 2.0 * z.m1 + z.m2  # E[1 - z], E[(1 - z)^2]
-        cross = 2.0 * (z.m1 - z.m2) * nn_.m1  # 2 E[z (1 - z)] E[n], times E[h]
+        cross = 2.0 * (z.m1 - z.m2) * n.m1  # 2 E[z (1 - z)] E[n], times E[h]
         if settle:
-            h_mean = nn_.m1 + 0.0 * h.mean
-            h_second = (keep2 * nn_.m2 + cross * h_mean) / np.maximum(1.0 - z.m2, 1e-12)
+            h_mean = np.broadcast_to(n.m1, keep.shape)
+            h_second = (keep2 * n.m2 + cross * h_mean) / np.maximum(1.0 - z.m2, 1e-12)
         else:
-            h_mean = keep * nn_.m1 + z.m1 * h.mean
-            h_second = keep2 * nn_.m2 + z.m2 * h.second + cross * h.mean
-        hn2 = np.maximum(h.second + nn_.m2 - 2.0 * h.mean * nn_.m1, 0.0)  # E[(h - n)^2]
+            h_mean = keep * n.m1 + z.m1 * h.mean
+            h_second = keep2 * n.m2 + z.m2 * h.second + cross * h.mean
+        hn2 = np.maximum(h.second + n.m2 - 2.0 * h.mean * n.m1, 0.0)  # E[(h - n)^2]
         coef = {
             "Z": (z.m1, z.m2),  # h' -> h directly
-            "n": (keep * nn_.d1, keep2 * nn_.d2),  # h' -> n pre-activation
-            "hn": (r.m1 * keep * nn_.d1, r.m2 * keep2 * nn_.d2),  # h' -> W_hn h + b_hn
-            "z": ((h.mean - nn_.m1) * z.d1, hn2 * z.d2),
-            "r": (keep * nn_.d1 * vm * r.d1, keep2 * nn_.d2 * v2 * r.d2),
+            "n": (keep * n.d1, keep2 * n.d2),  # h' -> n pre-activation
+            "hn": (r.m1 * keep * n.d1, r.m2 * keep2 * n.d2),  # h' -> W_hn h + b_hn
+            "z": ((h.mean - n.m1) * z.d1, hn2 * z.d2),
+            "r": (keep * n.d1 * vm * r.d1, keep2 * n.d2 * v2 * r.d2),
         }
-        return _Step(_Mom(h_mean, np.maximum(h_second, 0.0)), _ZERO, coef)
+        return _Step(_Mom(h_mean, np.maximum(h_second, h_mean * h_mean)), _ZERO, coef)
 
     # mean-field backward -------------------------------------------------------------------
     def back(self, sh: Vec, sc: Vec, k: dict[str, Coef],
              which: int = 1) -> tuple[Vec, Vec, Vec]:
         """(s_h, s_c at t-1; s_x at t) per element, from s_h (entry added) and s_c at t.
 
-        Independent-step mean field. ``which=1`` uses the coefficients' second moments;
+        Independent-step mean field: ``which=1`` uses the coefficients' second moments,
         ``which=0`` their squared means (the gains of the time-averaged Jacobian).
         """
 
@@ -446,93 +475,89 @@ class _Cell:
         if self.kind == "lstm":
             s_raw = self.proj.backward(sh) if self.proj is not None else sh
             s_u = sc + p("K") * s_raw
-            s_a = (p("i") * s_u, p("f") * s_u, p("g") * s_u, p("o") * s_raw)
-            s_h = sum((g.hh.backward(s) for g, s in zip(self.gates, s_a, strict=True)), zero)
-            s_x = sum((g.ih.backward(s) for g, s in zip(self.gates, s_a, strict=True)), zero)
-            return s_h, p("F") * s_u, s_x
+            s_a = self._stack(p("i") * s_u, p("f") * s_u, p("g") * s_u, p("o") * s_raw)
+            return self.hh.backward(s_a), p("F") * s_u, self.ih.backward(s_a)
         if self.kind == "gru":
-            gr, gz, gn = self.gates
             s_r, s_z = p("r") * sh, p("z") * sh
-            s_h = (p("Z") * sh + gr.hh.backward(s_r) + gz.hh.backward(s_z)
-                   + gn.hh.backward(p("hn") * sh))
-            s_x = gr.ih.backward(s_r) + gz.ih.backward(s_z) + gn.ih.backward(p("n") * sh)
-            return s_h, zero, s_x
-        s_a = p("p") * sh
-        return self.gates[0].hh.backward(s_a), zero, self.gates[0].ih.backward(s_a)
+            s_h = p("Z") * sh + self.hh.backward(self._stack(s_r, s_z, p("hn") * sh))
+            return s_h, zero, self.ih.backward(self._stack(s_r, s_z, p("n") * sh))
+        s_a = self._stack(p("p") * sh)
+        return self.hh.backward(s_a), zero, self.ih.backward(s_a)
 
     # surrogate backward --------------------------------------------------------------------
     def mats(self, rng: np.random.Generator) -> _Mats:
-        """The actual matrices, or draws from the default init where a tensor is meta."""
+        """The matrices the forward used, else the actual ones or default-init draws."""
+        if self.realized is not None:
+            return self.realized
         bound = 1.0 / math.sqrt(self.hidden)
-        g = _N_GATES[self.kind] * self.hidden
-
-        def value(t: torch.Tensor | None, shape: tuple[int, int]) -> Vec:
-            v = _values(t)
-            if v is not None:
-                return v
-            out: Vec = rng.uniform(-bound, bound, size=shape)
-            return out
-
         w_ih_t, w_hh_t, w_hr_t = self.tensors
-        w_hr = value(w_hr_t, (self.out_size, self.hidden)) if self.proj is not None else None
-        return _Mats(value(w_ih_t, (g, self.input_size)), value(w_hh_t, (g, self.out_size)),
-                     w_hr)
+        w_ih, w_hh, w_hr = (_realize(t, bound, rng) for t in (w_ih_t, w_hh_t, w_hr_t))
+        assert w_ih is not None and w_hh is not None
+        return _Mats(w_ih, w_hh, w_hr)
 
     def simulate(self, steps: list[_Step], entry: Vec, rng: np.random.Generator,
                  mats: _Mats) -> Vec:
         """Probe gradients at each ``x_t`` (T, input, probes) from entries at each ``h_t``.
 
         Each step applies ``J_t^T`` with the actual ``W`` and every gate coefficient drawn as
-        mean + sd * N(0, 1) per unit and probe, independently per step (mean field for the
-        gates, tied weights kept).
+        mean + sd * N(0, 1) per unit and probe, independently per step: mean field for the
+        gates, the weights kept tied.
         """
         n_steps, _, probes = entry.shape
+        n = self.hidden
         out = np.zeros((n_steps, self.input_size, probes))
         gh = np.zeros((self.out_size, probes))
-        gc = np.zeros((self.hidden, probes))
-        sd_cache: dict[int, dict[str, Vec]] = {}
-        w_ih_t, w_hh_t = mats.w_ih.T, mats.w_hh.T
+        gc = np.zeros((n, probes))
+        cache: dict[int, dict[str, tuple[Vec, Vec]]] = {}
+        # Contiguous transposes: OpenBLAS took 100x longer on the transposed views (measured).
+        w_ih_t, w_hh_t = np.ascontiguousarray(mats.w_ih.T), np.ascontiguousarray(mats.w_hh.T)
+        w_hr_t = np.ascontiguousarray(mats.w_hr.T) if mats.w_hr is not None else None
         for t in range(n_steps - 1, -1, -1):
             st = steps[t]
-            sds = sd_cache.get(id(st))
-            if sds is None:
-                sds = {k: np.sqrt(np.maximum(q - m * m, 0.0))[:, None]
-                       for k, (m, q) in st.coef.items()}
-                sd_cache[id(st)] = sds
+            coef = cache.get(id(st))
+            if coef is None:
+                coef = {key: (np.broadcast_to(m, (n,))[:, None],
+                              np.broadcast_to(np.sqrt(np.maximum(q - m * m, 0.0)), (n,))[:, None])
+                        for key, (m, q) in st.coef.items()}
+                cache[id(st)] = coef
+            draws = iter(rng.standard_normal((len(coef), n, probes)))
 
-            def draw(name: str, n: int, _st: _Step = st, _sds: dict[str, Vec] = sds) -> Vec:
-                mean = _st.coef[name][0][:, None]
-                return mean + _sds[name] * rng.standard_normal((n, probes))
+            def draw(name: str, _coef: dict[str, tuple[Vec, Vec]] = coef,
+                     _draws: Iterator[Vec] = draws) -> Vec:
+                mean, sd = _coef[name]
+                return mean + sd * next(_draws)
 
             gh = gh + entry[t]
             if self.kind == "lstm":
-                n = self.hidden
-                g_raw = mats.w_hr.T @ gh if mats.w_hr is not None else gh
-                u = gc + draw("K", n) * g_raw
-                da = np.concatenate([draw("i", n) * u, draw("f", n) * u, draw("g", n) * u,
-                                     draw("o", n) * g_raw])
-                gc = draw("F", n) * u
+                g_raw = w_hr_t @ gh if w_hr_t is not None else gh
+                u = gc + draw("K") * g_raw
+                da = np.concatenate([draw("i") * u, draw("f") * u, draw("g") * u,
+                                     draw("o") * g_raw])
+                gc = draw("F") * u
                 out[t] = w_ih_t @ da
                 gh = w_hh_t @ da
+                if not np.abs(gc).max(initial=0.0) > _FLUSH:
+                    gc[:] = 0.0
             elif self.kind == "gru":
-                n = self.hidden
-                da_r, da_z = draw("r", n) * gh, draw("z", n) * gh
-                out[t] = w_ih_t @ np.concatenate([da_r, da_z, draw("n", n) * gh])
-                gh = draw("Z", n) * gh + w_hh_t @ np.concatenate([da_r, da_z,
-                                                                 draw("hn", n) * gh])
+                da_r, da_z = draw("r") * gh, draw("z") * gh
+                out[t] = w_ih_t @ np.concatenate([da_r, da_z, draw("n") * gh])
+                gh = draw("Z") * gh + w_hh_t @ np.concatenate([da_r, da_z, draw("hn") * gh])
             else:
-                da = draw("p", self.hidden) * gh
+                da = draw("p") * gh
                 out[t] = w_ih_t @ da
                 gh = w_hh_t @ da
-            if not np.abs(gh).max(initial=0.0) > _FLUSH:
-                gh = np.zeros_like(gh)
-            if self.kind == "lstm" and not np.abs(gc).max(initial=0.0) > _FLUSH:
-                gc = np.zeros_like(gc)
+            peak = np.abs(gh).max(initial=0.0)
+            if not peak > _FLUSH:
+                gh[:] = 0.0
+            elif peak > _GRAD_MAX or not math.isfinite(peak):
+                np.clip(np.nan_to_num(gh, nan=0.0), -_GRAD_MAX, _GRAD_MAX, out=gh)
+                np.clip(np.nan_to_num(gc, nan=0.0), -_GRAD_MAX, _GRAD_MAX, out=gc)
+                np.clip(np.nan_to_num(out[t], nan=0.0), -_GRAD_MAX, _GRAD_MAX, out=out[t])
         return out
 
     # chi through time ----------------------------------------------------------------------
     def _gains(self, k: dict[str, Coef], which: int) -> dict[str, float]:
-        """Unit-averaged per-step gains, for the 2x2 (LSTM) or 1x1 step operator."""
+        """Unit-averaged per-step gains for the 2x2 (LSTM) or 1x1 step operator."""
 
         def p2(name: str) -> Vec:
             return k[name][1] if which else k[name][0] ** 2
@@ -540,16 +565,15 @@ class _Cell:
         if self.kind == "lstm":
             hr = self.proj.gain() if self.proj is not None else 1.0
             return {
-                "igf": sum(g.hh.gain(p2(n)) for g, n in zip(self.gates[:3], "ifg", strict=True)),
-                "o": self.gates[3].hh.gain(p2("o")) * hr,
+                "igf": sum(self.hh.gain(j, p2(name)) for j, name in enumerate("ifg")),
+                "o": self.hh.gain(3, p2("o")) * hr,
                 "K": float(np.mean(p2("K"))) * hr,
                 "F": float(np.mean(p2("F"))),
             }
         if self.kind == "gru":
-            gr, gz, gn = self.gates
-            return {"Z": float(np.mean(p2("Z"))),
-                    "W": gr.hh.gain(p2("r")) + gz.hh.gain(p2("z")) + gn.hh.gain(p2("hn"))}
-        return {"Z": 0.0, "W": self.gates[0].hh.gain(p2("p"))}
+            w = self.hh.gain(0, p2("r")) + self.hh.gain(1, p2("z")) + self.hh.gain(2, p2("hn"))
+            return {"Z": float(np.mean(p2("Z"))), "W": w}
+        return {"Z": 0.0, "W": self.hh.gain(0, p2("p"))}
 
     def chi(self, k: dict[str, Coef], which: int = 1) -> float:
         """Largest eigenvalue of the independent-step mean-field map (s_h, s_c) -> t-1."""
@@ -576,7 +600,8 @@ class _Cell:
         f_bar = math.sqrt(g["F"])
 
         def excess(lam: float) -> float:
-            return lam * lam - g["igf"] * g["K"] * lam * lam / (lam - f_bar) ** 2 - g["o"]
+            gap = lam - f_bar
+            return lam * lam - g["igf"] * g["K"] * lam * lam / (gap * gap) - g["o"]
 
         lo, hi = f_bar, max(2.0 * f_bar, 1e-3)
         while excess(hi) < 0.0 and hi < 1e150:
@@ -600,6 +625,8 @@ class _Cell:
         """
         chi_mf = self.chi(k, 1)
         m = self.chi(k, 0)
+        if not (math.isfinite(chi_mf) and math.isfinite(m)):
+            return math.inf
         rho = self.coherent_radius(k)
         rho2 = rho * rho
         sigma2 = max(chi_mf - m, 0.0)
@@ -628,9 +655,6 @@ class _Cell:
 # Building cells from modules
 # --------------------------------------------------------------------------------------------
 
-_N_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-
-
 def _kind(module: nn.Module) -> str:
     if isinstance(module, (nn.LSTM, nn.LSTMCell)):
         return "lstm"
@@ -645,49 +669,77 @@ def _kind(module: nn.Module) -> str:
                               "models")
 
 
+def _int(module: nn.Module, name: str) -> int:
+    value = getattr(module, name, 0)
+    return int(value or 0) if isinstance(value, (int, bool)) else 0
+
+
 def _param(module: nn.Module, name: str) -> torch.Tensor | None:
     value = getattr(module, name, None)
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _realize(t: torch.Tensor | None, bound: float,
+             rng: np.random.Generator | None) -> Vec | None:
+    """A parameter's values; for a meta tensor a draw from ``U(-bound, bound)`` when ``rng``
+    is given (resolving units), else ``None`` (block statistics use the init's variance)."""
+    if t is None:
+        return None
+    values = _values(t)
+    if values is not None or rng is None:
+        return values
+    out: Vec = rng.uniform(-bound, bound, size=tuple(t.shape))
+    return out
+
+
 def _cell_from(module: nn.Module, kind: str, suffix: str, input_size: int,
-               per_unit: bool) -> _Cell:
-    """The gate blocks of ``weight_ih{suffix}`` etc., split in PyTorch's gate order."""
-    hidden = int(module.hidden_size)
-    proj_size = int(getattr(module, "proj_size", 0) or 0)
+               rng: np.random.Generator | None) -> _Cell:
+    """The gate blocks of ``weight_ih{suffix}`` etc. in PyTorch's gate order.
+
+    With ``rng`` the cell is resolved per unit, meta tensors drawn from PyTorch's declared
+    default init (so a meta module is estimated as a typical freshly initialised one); without,
+    each gate block is summarised by its statistics.
+    """
+    hidden = _int(module, "hidden_size")
+    proj_size = _int(module, "proj_size")
     out_size = proj_size or hidden
-    default_var = 1.0 / (3.0 * hidden)  # U(-1/sqrt(H), 1/sqrt(H)), every weight and bias
-    w_ih = _param(module, f"weight_ih{suffix}")
-    w_hh = _param(module, f"weight_hh{suffix}")
-    b_ih = _param(module, f"bias_ih{suffix}")
-    b_hh = _param(module, f"bias_hh{suffix}")
-    w_hr = _param(module, f"weight_hr{suffix}")
-    n = _N_GATES[kind]
-    if (w_ih is None or w_hh is None or tuple(w_ih.shape) != (n * hidden, input_size)
-            or tuple(w_hh.shape) != (n * hidden, out_size)
-            or (proj_size and (w_hr is None or tuple(w_hr.shape) != (out_size, hidden)))):
+    bound = 1.0 / math.sqrt(hidden)  # U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias
+    default_var = bound * bound / 3.0
+    w_ih_t = _param(module, f"weight_ih{suffix}")
+    w_hh_t = _param(module, f"weight_hh{suffix}")
+    w_hr_t = _param(module, f"weight_hr{suffix}") if proj_size else None
+    g = _N_GATES[kind]
+    if (w_ih_t is None or w_hh_t is None or tuple(w_ih_t.shape) != (g * hidden, input_size)
+            or tuple(w_hh_t.shape) != (g * hidden, out_size)
+            or (proj_size and (w_hr_t is None or tuple(w_hr_t.shape) != (out_size, hidden)))):
         raise NotImplementedError(f"{type(module).__name__}: weights{suffix} are missing or "
                                   "not shaped as PyTorch declares them")
+    per_unit = rng is not None
+    w_ih, w_hh, w_hr = (_realize(t, bound, rng) for t in (w_ih_t, w_hh_t, w_hr_t))
+    biases = [(_realize(t, bound, rng), t is not None) for t in
+              (_param(module, f"bias_ih{suffix}"), _param(module, f"bias_hh{suffix}"))]
+    b_ih, b_hh = (v for v, _ in biases)
+    present = [v for v, there in biases if there]
+    ih = _Dense.of(w_ih, g, hidden, input_size, default_var, per_unit)
+    hh = _Dense.of(w_hh, g, hidden, out_size, default_var, per_unit)
+    bias = _bias(present, g, default_var, per_unit)
+    b_in = b_hn = _Bias(np.zeros(1), np.zeros(1))
+    if kind == "gru":  # b_hn sits inside r * (W_hn h + b_hn): kept apart from b_in
+        b_in = _bias([None if b_ih is None else b_ih[2 * hidden :]] if biases[0][1] else [], 1,
+                     default_var, per_unit)
+        b_hn = _bias([None if b_hh is None else b_hh[2 * hidden :]] if biases[1][1] else [], 1,
+                     default_var, per_unit)
+    proj = _Dense.of(w_hr, 1, out_size, hidden, default_var, per_unit) if proj_size else None
+    realized = _Mats(w_ih, w_hh, w_hr) if w_ih is not None and w_hh is not None else None
+    return _Cell(kind, input_size, hidden, out_size, hidden if per_unit else 1, ih, hh, bias,
+                 b_in, b_hn, proj, (w_ih_t, w_hh_t, w_hr_t), realized)
 
-    def block(t: torch.Tensor | None, j: int) -> torch.Tensor | None:
-        return None if t is None else t[j * hidden : (j + 1) * hidden]
 
-    gates = []
-    for j in range(n):
-        ih = _Dense.of(block(w_ih, j), hidden, input_size, default_var, per_unit)
-        hh = _Dense.of(block(w_hh, j), hidden, out_size, default_var, per_unit)
-        parts = [block(b_ih, j)] if kind == "gru" and j == 2 else [block(b_ih, j),
-                                                                   block(b_hh, j)]
-        gates.append(_Gate(ih, hh, _bias(parts, default_var, per_unit)))
-    n_bias_hh = _bias([block(b_hh, 2)], default_var, per_unit) if kind == "gru" else _Bias()
-    proj = _Dense.of(w_hr, out_size, hidden, default_var, per_unit) if proj_size else None
-    return _Cell(kind, input_size, hidden, out_size, tuple(gates), n_bias_hh, proj,
-                 (w_ih, w_hh, w_hr if proj_size else None))
-
-
-def _per_unit(module: nn.Module, kind: str) -> bool:
-    has_values = all(not p.is_meta for p in module.parameters())
-    return has_values and _N_GATES[kind] * int(module.hidden_size) <= _PER_UNIT_MAX_GATE_UNITS
+def _per_unit(module: nn.Module, n_steps: int = 1) -> bool:
+    """Whether resolving units stays within budget (meta modules included: they are drawn)."""
+    gate_weights = sum(p.numel() for name, p in module.named_parameters()
+                       if name.startswith(("weight_ih", "weight_hh")))
+    return gate_weights * min(n_steps, 500) <= _PER_UNIT_BUDGET
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,26 +757,22 @@ def _unpack(v: Vec, like: _Step) -> tuple[_Mom, _Mom]:
     return _Mom(hm, np.maximum(hq, hm * hm)), _Mom(cm, np.maximum(cq, cm * cm))
 
 
-def _fixed_point(cell: _Cell, x: _Mom) -> _Step:
-    """The stationary step for a constant input: where chi through time is evaluated.
-
-    Why Anderson acceleration: the state relaxes at the slowest gate's rate, ~0.987 per step
-    for an LSTM at forget bias 3 (3000 plain steps to 1e-16); mixing the last few iterates
-    gets there in tens. Solving for the slow state in closed form instead is unstable: the
-    per-unit cell means feed back through ``1 / (1 - f)`` ~ 20 and the iteration oscillates.
-    """
-    st = cell.step(x, _ZERO, _ZERO)
+def _anderson(cell: _Cell, x: _Mom, start: _Step, settle: bool,
+              iters: int) -> tuple[_Step, bool]:
+    """Anderson-accelerated fixed-point iteration of ``cell.step`` on the state moments."""
+    st = start
     s = _pack(st)
     hist_g: list[Vec] = []
     hist_f: list[Vec] = []
-    for _ in range(_MAX_FIXED_POINT_ITER):
+    for _ in range(iters):
         h, c = _unpack(s, st)
-        st = cell.step(x, h, c)
+        st = cell.step(x, h, c, settle=settle)
         g = _pack(st)
         f = g - s
-        scale = float(np.max(np.abs(g))) or 1.0
-        if float(np.max(np.abs(f))) <= _FIXED_POINT_RTOL * scale:
-            break
+        if not np.all(np.isfinite(g)):
+            return start, False
+        if float(np.max(np.abs(f))) <= _FIXED_POINT_RTOL * (float(np.max(np.abs(g))) or 1.0):
+            return st, True
         hist_g.append(g)
         hist_f.append(f)
         if len(hist_f) > _ANDERSON_MEMORY + 1:
@@ -737,6 +785,32 @@ def _fixed_point(cell: _Cell, x: _Mom) -> _Step:
             gamma, *_ = np.linalg.lstsq(d_f, f, rcond=None)
             if np.all(np.isfinite(gamma)):
                 s = g - d_g @ gamma
+    return st, False
+
+
+def _fixed_point(cell: _Cell, x: _Mom) -> _Step:
+    """The stationary step for a constant input: where chi through time is evaluated.
+
+    Plain steps relax at the slowest gate's rate (~0.987 per step for an LSTM at forget bias
+    3: 3000 steps to 1e-16). Solving for the slow state in closed form and iterating that
+    ("settle") is unstable alone, because the per-unit cell means feed back through
+    ``1 / (1 - f)`` ~ 20; with Anderson acceleration (mixing the last iterates, GMRES-like) it
+    converges in 20-150 iterations. Where even that fails (forget bias 5 and up, where the
+    per-unit moment map wanders instead of settling) the state after a few hundred plain steps
+    stands in for it: h's second moment is then steady to a few percent.
+    """
+    zero_state = _Step(_ZERO, _ZERO, {})
+    start = cell.step(x, _ZERO, _ZERO)
+    st, ok = _anderson(cell, x, start, True, _MAX_FIXED_POINT_ITER)
+    if ok:
+        # One ordinary step at the fixed point gives the coefficients in the recursion's form.
+        return cell.step(x, st.h, st.c)
+    st = zero_state
+    for _ in range(_MAX_PLAIN_STEPS):
+        nxt = cell.step(x, st.h, st.c)
+        if nxt.h.close(st.h, _FIXED_POINT_RTOL) and nxt.c.close(st.c, _FIXED_POINT_RTOL):
+            return nxt
+        st = nxt
     return st
 
 
@@ -828,16 +902,17 @@ class _Forward:
 
 def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
              n_steps: int) -> _Forward:
-    per_unit = _per_unit(module, kind)
+    per_unit = _per_unit(module, n_steps)
+    rng = np.random.default_rng(_SEED) if per_unit else None
     dirs = 2 if module.bidirectional else 1
-    out_size = int(getattr(module, "proj_size", 0) or 0) or int(module.hidden_size)
+    out_size = _int(module, "proj_size") or _int(module, "hidden_size")
     drop = _dropout(module)
     x_stat = _Mom.scalar(x_mean, x_second)
     xs: list[_Mom] = [x_stat] * n_steps
     fw = _Forward([], [], [], xs, x_stat)
-    for li in range(int(module.num_layers)):
-        size = int(module.input_size) if li == 0 else dirs * out_size
-        cells = [_cell_from(module, kind, s, size, per_unit)
+    for li in range(_int(module, "num_layers")):
+        size = _int(module, "input_size") if li == 0 else dirs * out_size
+        cells = [_cell_from(module, kind, s, size, rng)
                  for s in [f"_l{li}", f"_l{li}_reverse"][:dirs]]
         fixed = [_fixed_point(cell, x_stat) for cell in cells]
         per_dir = []
@@ -847,7 +922,7 @@ def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
         fw.layers.append(cells)
         fw.steps.append(per_dir)
         fw.fixed.append(fixed)
-        scale = 1.0 / (1.0 - drop) if li < int(module.num_layers) - 1 else 1.0
+        scale = 1.0 / (1.0 - drop) if li < _int(module, "num_layers") - 1 else 1.0
         sizes = [c.out_size for c in cells]
 
         def scaled(m: _Mom, s: float = scale) -> _Mom:
@@ -868,7 +943,7 @@ def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
 def _probes(fw: _Forward, n_steps: int) -> int:
     """How many probe gradients the budget allows (0: use the independent-step mean field)."""
     per_probe = n_steps * sum(
-        c.gates[0].ih.n_out * _N_GATES[c.kind] * (c.input_size + c.out_size)
+        c.hidden * _N_GATES[c.kind] * (c.input_size + c.out_size)
         + (c.hidden * c.out_size if c.proj is not None else 0)
         for cells in fw.layers for c in cells)
     d_in = fw.layers[0][0].input_size
@@ -952,6 +1027,12 @@ def _run(module: nn.Module, x_mean: float, x_second: float, seq_len: int,
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if not (math.isfinite(x_mean) and math.isfinite(x_second)):
         raise ValueError(f"input moments must be finite, got {x_mean!r}, {x_second!r}")
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        return _run_checked(module, kind, x_mean, x_second, n_steps, entry)
+
+
+def _run_checked(module: nn.Module, kind: str, x_mean: float, x_second: float, n_steps: int,
+                 entry: Entry) -> _Result:
     fw = _forward(module, kind, x_mean, max(x_second, x_mean * x_mean), n_steps)
     drop = _dropout(module)
     probes = _probes(fw, n_steps)
@@ -962,6 +1043,7 @@ def _run(module: nn.Module, x_mean: float, x_second: float, seq_len: int,
         profile = _backward_mean_field(fw, n_steps, entry, drop)
         how = "independent-step mean field (too large to simulate)"
 
+    profile = [v if math.isfinite(v) else math.inf for v in profile]
     rates = [(cell.step_gain(fw.fixed[li][d].coef), li, d)
              for li, cells in enumerate(fw.layers) for d, cell in enumerate(cells)]
     step_gain, li_max, d_max = max(rates)
@@ -985,7 +1067,7 @@ def _note(cell: _Cell, k: dict[str, Coef], chi: float, where: str) -> str:
         z2 = float(np.mean(k["Z"][1]))
         return (f"update gate E[z^2]={z2:.3g} per step{where}; chi through time {chi:.3g} "
                 f"with tied weights (independent steps: {mf:.3g})")
-    hh = cell.gates[0].hh.gain()
+    hh = cell.hh.gain()
     d2 = float(np.mean(k["p"][1]))
     return (f"recurrent weight gain {hh:.3g} x E[phi'^2]={d2:.3g}{where}: chi through time "
             f"{chi:.3g}")
@@ -1043,7 +1125,8 @@ def estimate_cell(module: nn.Module, x_mean: float, x_second: float, h_second: f
     if not isinstance(module, (nn.LSTMCell, nn.GRUCell, nn.RNNCell)):
         raise NotImplementedError(f"{type(module).__name__} is not an RNN cell module")
     kind = _kind(module)
-    cell = _cell_from(module, kind, "", int(module.input_size), _per_unit(module, kind))
+    rng = np.random.default_rng(_SEED) if _per_unit(module) else None
+    cell = _cell_from(module, kind, "", _int(module, "input_size"), rng)
     x = _Mom.scalar(x_mean, max(x_second, x_mean * x_mean))
     h = _Mom.scalar(0.0, max(h_second, 0.0))
     c = _ZERO

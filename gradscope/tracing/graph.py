@@ -8,6 +8,7 @@ report never branch on the tracer. The fx-based tracers build it with
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -80,6 +81,12 @@ _GRADSCOPE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def is_library_file(path: str) -> bool:
     """Frames in torch or gradscope itself are never "the user's line"."""
+    return _is_library_path(path if os.path.isabs(path) else os.path.abspath(path))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_library_path(path: str) -> bool:
+    # Cached: every traced node's stack trace repeats the same few files.
     path = os.path.abspath(path)
     return path.startswith(_TORCH_DIR + os.sep) or path.startswith(_GRADSCOPE_DIR + os.sep)
 
