@@ -58,6 +58,8 @@ class Row:
     passed: bool
     seconds: float
     error: str | None = None
+    #: Why the row does not count towards the target (it is still shown).
+    excluded: str | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -104,10 +106,17 @@ def compare(path: Path, group: str) -> Row:
     errors = [abs(v) for v, _ in logs]
     median = percentile(errors, 0.5)
     worst_value, worst_name = max(logs, key=lambda item: abs(item[0]))
+    excluded = None
+    if report.probe.nonfinite_forward is not None:
+        # The loss itself is NaN: there is no finite gradient for the estimate to match,
+        # and the probe's values upstream of the NaN are sampling accidents (log's 1/x).
+        excluded = (f"forward is non-finite from node {report.probe.nonfinite_forward}: "
+                    "no gradient to compare")
     return Row(model=path.name, group=group, method=report.model.trace.method,
                compared=len(logs), layers=len(report.layers), median=median,
                p90=percentile(errors, 0.9), worst_layer=worst_name,
-               worst_log_ratio=worst_value, passed=median <= THRESHOLD, seconds=seconds)
+               worst_log_ratio=worst_value, passed=median <= THRESHOLD, seconds=seconds,
+               excluded=excluded)
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -122,12 +131,13 @@ def render(rows: list[Row]) -> str:
             "|---|---|---|---|---|---|---|---|")
     lines = list(head)
     for r in rows:
-        result = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
+        result = "n/a" if r.excluded else \
+            "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
         compared = f"{r.compared}/{r.layers}"
         lines.append(f"| {r.model} | {r.method or '-'} | {compared} | {_fmt(r.median)} | "
                      f"{_fmt(r.p90)} | {r.worst_layer or '-'} | "
                      f"{_fmt(r.worst_log_ratio, signed=True)} | {result} |")
-    notes = [f"{r.model}: {r.error}" for r in rows if r.error]
+    notes = [f"{r.model}: {r.error or r.excluded}" for r in rows if r.error or r.excluded]
     if notes:
         lines.append("")
         lines.extend(notes)
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(compare(path, group))
         print(f"  {path.name}: {rows[-1].seconds:.1f} s", file=sys.stderr, flush=True)
     print(render(rows))
-    failed = [r.model for r in rows if r.group == "sample" and not r.passed]
+    failed = [r.model for r in rows if r.group == "sample" and not r.passed and not r.excluded]
     print()
     print(f"threshold: median |log10(static/probe)| <= {THRESHOLD}; "
           f"{sum(r.passed for r in rows)}/{len(rows)} pass"
