@@ -32,7 +32,26 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"
 HEALTHY = SAMPLES / "relu_mlp_kaiming.py"
 UNHEALTHY = SAMPLES / "deep_sigmoid_mlp.py"
-WARNING = SAMPLES / "lstm.py"
+WARNING_MODEL = """
+import torch
+from torch import nn
+
+
+class CumulativeMLP(nn.Module):
+    \"\"\"Healthy but for ops the estimator does not model: coverage below 90% (GS802).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x).cumsum(-1).cummax(-1).values)
+
+
+def example_inputs():
+    return torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+"""
 TWO_INPUTS = SAMPLES / "two_input_model.py"
 SMALL = SAMPLES / "tuple_output_mlp.py"
 
@@ -252,7 +271,8 @@ def test_fail_on_never_exits_0_for_an_unhealthy_model() -> None:
     assert "UNHEALTHY" in result.stdout, "the findings are still shown"
 
 
-def test_fail_on_warning_counts_warnings() -> None:
+def test_fail_on_warning_counts_warnings(tmp_path: Path) -> None:
+    WARNING = write_model(tmp_path, "warns.py", WARNING_MODEL)
     default = analyze(WARNING, "--json", "-")
     assert default.exit_code == 0, "a warning is below the default --fail-on error"
     doc = json_stdout(default)
@@ -576,3 +596,12 @@ def test_process_missing_file_exits_2(tmp_path: Path) -> None:
     proc = run_cli("analyze", "does_not_exist.py", "--no-probe", cwd=tmp_path)
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, proc.stdout, "does_not_exist.py")
+
+
+def test_readme_rule_table_is_the_registry() -> None:
+    """The README's rule table lists exactly the registry's codes with their summaries."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| GS")]
+    expected = [f"| {r.code} | {r.severity} | {r.category} | {r.summary} |"
+                for r in sorted(RULES.values(), key=lambda rule: rule.code)]
+    assert rows == expected

@@ -10,31 +10,45 @@ Setup of every brute-force measurement: input ``x ~ N(0, 1)`` of shape (64, T, 1
   ``t = 10 .. 40`` of a 50-step sequence (``entry="last"``), against ``step_gain`` (factor 2);
 * ``mean(out^2)`` against ``out_second`` (25 %).
 
-Measured agreement (estimate / brute force) when the tolerances were set; the slack is for
-other seeds and torch versions, not for known misses:
+Measured agreement (estimate / brute force) when the tolerances were set. Every case passes
+the tolerances; the weak spots are marked and explained below the table. Gains at T=10 and
+T=50, entry last and uniform; step gain as the analytic ``step_gain`` and as the decay of the
+estimated profile over the same window, against brute force:
 
-=======================  ===============  ===============  ==========  ===========
-case                     gain T=10 l / u  gain T=50 l / u  step gain   out_second
-=======================  ===============  ===============  ==========  ===========
-RNN tanh                 1.02 / 0.99      1.04 / 0.99      0.86 (*)    0.99-1.00
-GRU                      0.92 / 1.00      1.03 / 1.00      0.98        0.97-0.98
-LSTM forget bias 0       0.92 / 0.97      1.04 / 0.99      1.01        0.95-0.97
-LSTM forget bias 1       0.92 / 0.97      1.04 / 1.00      1.03        0.92-0.96
-LSTM forget bias 3       0.95 / 0.98      0.95 / 1.06      1.00        0.91-0.97
-RNN tanh, 2 layers       0.99 / 1.01      0.97 / 1.00      1.02        0.97-0.98
-GRU, 2 layers            0.99 / 1.08      1.02 / 1.02      0.95        0.85-0.88 (**)
-LSTM, 2 layers           0.98 / 1.03      0.98 / 0.99      0.98        0.95-0.96
-LSTM fb 3, 2 layers      0.99 / 1.09      0.73 / 0.76      0.94        0.88-0.95
-=======================  ===============  ===============  ==========  ===========
+=======================  ===========  ===========  ===================  ==========
+case                     T=10 l / u   T=50 l / u   step gain / profile  out_second
+=======================  ===========  ===========  ===================  ==========
+RNN tanh                 1.02 / 1.02  1.04 / 1.01  0.86 (*) / 0.99      0.99-1.00
+GRU                      1.11 / 0.99  1.23 / 1.00  0.98 / 0.99          0.97-0.98
+LSTM forget bias 0       1.08 / 0.98  1.22 / 1.00  1.01 / 1.02          0.95-0.97
+LSTM forget bias 1       1.08 / 1.00  1.22 / 1.00  1.03 / 1.01          0.92-0.96
+LSTM forget bias 3       1.13 / 1.08  1.19 / 1.07  0.99 / 0.99          0.91-0.97
+RNN tanh, 2 layers       1.08 / 1.03  1.07 / 1.02  1.02 / 1.00          0.97-0.98
+GRU, 2 layers            0.88 / 1.08  0.91 / 1.03  0.95 / 1.00          0.87-0.88 (**)
+LSTM, 2 layers           0.92 / 0.96  0.96 / 1.01  0.98 / 1.01          0.95-0.96
+LSTM fb 3, 2 layers      0.96 / 1.15  0.72 / 0.75  0.94 / 0.99          0.88-0.95 (***)
+=======================  ===========  ===========  ===================  ==========
+
+Variants at T=10 (gain last / uniform, out_second): RNN relu 1.05 / 1.04, 1.00; bidirectional
+2-layer GRU 0.94 / 1.06, 0.78 (**); bidirectional LSTM 1.05 / 0.97, 0.97; LSTM proj_size=32
+0.95 / 1.01, 1.01; LSTM without bias 1.09 / 0.98, 0.95; 2-layer LSTM, dropout 0.5, training
+0.90 / 1.04, 0.94. Cells (h_second 0 and 0.5, c_second 0 and 2): every S-gain within
+0.98-1.18, h' second moment within 5 %.
+
+The estimate's own noise (fixed seed; spread over 8 seeds): 7 % for a "last" entry, 1-2 % for
+"uniform", 10-14 % for the 2-layer LSTM at forget bias 3; brute force at batch 64 spreads
+4-5 % ("last"), 23 % for that LSTM.
 
 (*) ``step_gain`` is the asymptotic rate; the vanilla RNN's finite-width decay over steps
-10-40 is 14 % faster than it at H=64 (the surrogate profile, which uses the actual ``W_hh``,
-gets 1.00). (**) The second layer of a GRU sees inputs that are correlated in time (the first
-layer's output is smooth) and its update gate integrates them coherently; the estimate's
-forward pass treats steps as independent and comes out 12-15 % low (22 % for a bidirectional
-two-layer GRU). The independent-step mean field alone (before the surrogate backward) was off by
-0.27 vs 0.39 per step for the LSTM, 2x on two-layer input gains and 60x on the two-layer LSTM
-at forget bias 3; those are the misses the surrogate fixes.
+10-40 is 14 % faster than it at H=64 (the simulated profile, which uses the actual ``W_hh``,
+gets 0.99). (**) The second layer of a GRU sees inputs that are correlated in time (the first
+layer's output is smooth) and its update gate integrates them coherently; the forward pass
+treats steps as independent and comes out 12-22 % low. (***) Averaged over seeds the estimate
+is 0.63 (last) and 0.80 (uniform) of brute force at T=50: the long memory (chi ~ 1) makes the
+gradient reaching the first layer depend on correlations across both layers that the surrogate
+only partly keeps. For comparison, the independent-step mean field (no tied weights) was off
+by 0.27 vs 0.39 per step for the LSTM, 2x on two-layer input gains and 60x on the two-layer
+LSTM at forget bias 3.
 """
 
 from __future__ import annotations
@@ -360,3 +374,27 @@ def test_gate_moments_match_activation_moments() -> None:
     got = gate_moments("tanh", 0.4, 0.5)
     z = np.random.default_rng(0).normal(0.4, math.sqrt(0.5), 2_000_000)
     assert abs(got.d1[0] - float(np.mean((z - 0.4) * np.tanh(z))) / 0.5) < 2e-3
+
+
+def test_large_module_fallback_stays_reasonable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the budgets: block statistics forward, independent-step mean-field backward.
+
+    Measured (LSTM, T=10): input gain 0.91 / 0.96 of brute force (last / uniform), output
+    second moment 0.77: the per-unit cell means are averaged away. The same module at T=50
+    loses the tied-weight coherence too: chi through time stays analytic (0.40), but the
+    profile decays at the independent-step rate.
+    """
+    from gradscope.estimate import recurrent
+
+    monkeypatch.setattr(recurrent, "_PER_UNIT_BUDGET", 0.0)
+    monkeypatch.setattr(recurrent, "_SIM_BUDGET", 0.0)
+    module = _build(CASES["lstm_fb0"])
+    for entry in ("last", "uniform"):
+        est = estimate_recurrent(module, 0.0, 1.0, 10, entry)
+        bf = brute_force(module, 10, entry)
+        gain, second = bf["gain"], bf["out_second"]
+        assert isinstance(gain, float) and isinstance(second, float)
+        assert "independent-step mean field" in est.note
+        assert _log_ratio(est.input_gain, gain) <= 0.3, (est.input_gain, gain)
+        assert abs(est.out_second / second - 1.0) <= 0.3, (est.out_second, second)
+        assert _log_ratio(est.step_gain, 0.39) <= 0.1

@@ -54,6 +54,8 @@ class StaticEstimate:
     health: dict[str, float | None] = field(default_factory=dict)
     coverage: float = 1.0
     unknown_ops: list[str] = field(default_factory=list)
+    #: Recurrent layers' unrolls by node: step gain through time, steps, what dominates.
+    recurrent: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -1219,6 +1221,97 @@ class _NoGrad:
         return {}
 
 
+def _rnn_entry(ctx: Ctx) -> str:
+    """Where the gradient enters an RNN's output sequence: the last step, or every step.
+
+    Read off the graph: if whatever consumes the output sequence keeps fewer
+    elements than it has (``out[:, -1]``), or only the final hidden state is used,
+    the gradient enters at the end; otherwise all along.
+    """
+    graph = ctx.est.graph
+    numel_out = numel(ctx.shape())
+    for succ in graph.successors(ctx.name):
+        index = graph.nodes[succ]["args"][1] if len(graph.nodes[succ]["args"]) > 1 else None
+        if graph.nodes[succ]["key"] != "getitem" or index != 0:
+            continue
+        for consumer in graph.successors(succ):
+            n = numel(graph.nodes[consumer]["shape"])
+            if numel_out and n and n * 2 <= numel_out:
+                return "last"
+        return "uniform"
+    return "last"
+
+
+def _rnn(ctx: Ctx) -> Any:
+    from gradscope.estimate.recurrent import estimate_recurrent
+
+    if ctx.name in ctx.est.recurrent:
+        return ctx.est.recurrent[ctx.name]  # the unroll is costly: forward and backward share it
+    first = ctx.first()
+    xm = ctx.est.moments.get(first) if first else None
+    shape = ctx.shape(first) if first else None
+    if xm is None or shape is None or ctx.module is None:
+        return None
+    batch_first = bool(getattr(ctx.module, "batch_first", False))
+    seq_len = int(shape[1] if batch_first and len(shape) == 3 else shape[0])
+    result = estimate_recurrent(ctx.module, xm[0], xm[1], seq_len, entry=_rnn_entry(ctx))
+    ctx.est.recurrent[ctx.name] = result
+    return result
+
+
+@rule("rnn")
+class _RNN:
+    """nn.LSTM / nn.GRU / nn.RNN, unrolled over the sequence (gradscope.estimate.recurrent)."""
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        result = _rnn(ctx)
+        return (result.out_mean, result.out_second) if result is not None else None
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        result = _rnn(ctx)
+        first = ctx.first()
+        if first is None:
+            return {}
+        return {first: result.input_gain if result is not None else 1.0}
+
+
+@rule("rnn_cell")
+class _RNNCell:
+    """nn.LSTMCell / GRUCell / RNNCell: one step, gains to input, hx and cx."""
+
+    @staticmethod
+    def _run(ctx: Ctx) -> tuple[float, float, dict[str, float]] | None:
+        from gradscope.estimate.recurrent import estimate_cell
+
+        refs = [r for r in ctx.activations_in()]
+        if not refs or ctx.module is None:
+            return None
+        xm = ctx.est.moments.get(refs[0])
+        hm = ctx.est.moments.get(refs[1]) if len(refs) > 1 else (0.0, 0.0)
+        cm = ctx.est.moments.get(refs[2]) if len(refs) > 2 else None
+        if xm is None or hm is None:
+            return None
+        return estimate_cell(ctx.module, xm[0], xm[1], hm[1], cm[1] if cm else None)
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        got = _RNNCell._run(ctx)
+        return (got[0], got[1]) if got else None
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        got = _RNNCell._run(ctx)
+        refs = ctx.activations_in()
+        if got is None:
+            return _pass_backward(ctx)
+        gains: dict[str, float] = {}
+        for ref, role in zip(refs, ("input", "hx", "cx"), strict=False):
+            gains[ref] = gains.get(ref, 0.0) + got[2].get(role, 0.0)
+        return gains
+
+
 @rule("l2_normalize")
 class _L2Normalize:
     @staticmethod
@@ -1263,6 +1356,8 @@ class _Estimator:
         #: a node's variance that BatchNorm removes and that shifts activations.
         self.spread: dict[str, float] = {}
         self.pending_spread: float | None = None
+        #: Recurrent unrolls by node (gradscope.estimate.recurrent.RecurrentEstimate).
+        self.recurrent: dict[str, Any] = {}
 
     def tensor_of(self, node: str) -> torch.Tensor | None:
         return self.traced.tensors.get(node)
@@ -1358,6 +1453,7 @@ class _Estimator:
                 structural[src] = max(structural[src],
                                       structural[name] * structural_gains.get(src, 1.0))
         est.sq_norm = sq
+        est.recurrent = dict(self.recurrent)
         est.structural = structural
 
         out_numel = numel(self.graph.nodes[out]["shape"]) or 1

@@ -13,10 +13,12 @@ PyTorch starts them, so short sequences see the transient and long ones the fixe
 Why per unit, with the actual weight matrices, when the weights have values: PyTorch draws the
 biases per unit and they are fixed in time, so each unit's gates and cell state carry a mean of
 their own, which the cell state integrates (``c_i ~ i_i g_i / (1 - f_i)``). Averaging the units
-first underestimated an LSTM's output second moment 3x at forget bias 3 (measured). On the meta
-device there are no units to resolve: every weight and bias block gets PyTorch's declared
-default init, ``U(-1/sqrt(H), 1/sqrt(H))`` (mean 0, variance ``1/(3H)``), and the bias spread
-counts as pre-activation variance.
+first underestimated an LSTM's output second moment 3x at forget bias 3 (measured). Meta
+tensors have no values: they are drawn (fixed seed) from PyTorch's declared default init,
+``U(-1/sqrt(H), 1/sqrt(H))`` for every weight and bias (mean 0, variance ``1/(3H)``), so a meta
+module is estimated as a typical freshly initialised one. Modules too large to resolve
+(``_PER_UNIT_BUDGET``) are summarised per gate block instead: one (mean, second moment) per
+block, the bias spread counted as pre-activation variance (the default init's on meta).
 
 Backward. The per-step Jacobian is ``J_t = M + N_t``: ``M`` built from the gates' per-unit
 means and the (tied) recurrent weights, ``N_t`` the gates' fluctuations, independent from step
@@ -41,6 +43,7 @@ resolvent (see :meth:`_Cell.step_gain`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,6 +83,7 @@ _PROBES_MAX = 64
 _PROBES_MIN = 4
 _PROBE_TARGET = 512  # probes x input features: ~6% noise on input_gain
 _SIM_BUDGET = 2e10
+_SIM_MEMORY = 5e8  # bytes
 _SEED = 20240917
 #: Ceilings for exploding signals: moments stop at 1e200 (as in activations.py), simulated
 #: gradients at 1e100 per element, so squared norms stay finite and nothing turns into NaN.
@@ -232,17 +236,32 @@ class _Dense:
     row2: Vec | None = field(default=None, repr=False)
 
     @staticmethod
-    def of(w: Vec | None, blocks: int, n_out: int, n_in: int, default_var: float,
-           per_unit: bool) -> _Dense:
-        """From the weight's values; ``None`` (meta) means the default init's statistics."""
-        if w is None:
-            return _Dense(blocks, n_out, n_in, np.zeros(blocks), np.full(blocks, default_var))
-        per_block = w.reshape(blocks, n_out * n_in)
-        w_mean, w_second = per_block.mean(axis=1), (per_block * per_block).mean(axis=1)
-        if not per_unit:
-            return _Dense(blocks, n_out, n_in, w_mean, w_second)
+    def per_unit(w: Vec, blocks: int, n_out: int, n_in: int) -> _Dense:
+        """Resolved: from the weight's values (actual, or drawn for a meta tensor)."""
         w2 = w * w
+        w_mean = w.reshape(blocks, -1).mean(axis=1)
+        w_second = w2.reshape(blocks, -1).mean(axis=1)
         return _Dense(blocks, n_out, n_in, w_mean, w_second, w, w2, w2.sum(axis=1))
+
+    @staticmethod
+    def block_stats(t: torch.Tensor, blocks: int, n_out: int, n_in: int,
+                    default_var: float) -> _Dense:
+        """Summarised: each block's mean and second moment, the default init's for meta.
+
+        Block by block in float64, so a module too large to resolve is never copied whole.
+        """
+        if t.is_meta:
+            return _Dense(blocks, n_out, n_in, np.zeros(blocks), np.full(blocks, default_var))
+        means, seconds = np.zeros(blocks), np.zeros(blocks)
+        with torch.no_grad():
+            for j in range(blocks):
+                part = t.detach()[j * n_out : (j + 1) * n_out].to("cpu", torch.float64)
+                means[j], seconds[j] = float(part.mean()), float((part * part).mean())
+        return _Dense(blocks, n_out, n_in, means, seconds)
+
+    def summary(self) -> _Dense:
+        """The same block, by its statistics only."""
+        return _Dense(self.blocks, self.n_out, self.n_in, self.w_mean, self.w_second)
 
     def forward(self, mean: Vec, second: Vec) -> tuple[Vec, Vec]:
         if self.w is None or self.w2 is None:
@@ -368,6 +387,12 @@ class _Cell:
     proj: _Dense | None
     tensors: tuple[torch.Tensor | None, ...] = field(repr=False, compare=False)
     realized: _Mats | None = field(default=None, repr=False, compare=False)
+
+    def summarised(self) -> _Cell:
+        """This cell with block statistics (for the O(T) mean-field backward)."""
+        proj = self.proj.summary() if self.proj is not None else None
+        return dataclasses.replace(self, unit=1, ih=self.ih.summary(), hh=self.hh.summary(),
+                                   proj=proj)
 
     def _blk(self, a: Vec, j: int) -> Vec:
         return a[j * self.unit : (j + 1) * self.unit]
@@ -715,13 +740,25 @@ def _cell_from(module: nn.Module, kind: str, suffix: str, input_size: int,
         raise NotImplementedError(f"{type(module).__name__}: weights{suffix} are missing or "
                                   "not shaped as PyTorch declares them")
     per_unit = rng is not None
-    w_ih, w_hh, w_hr = (_realize(t, bound, rng) for t in (w_ih_t, w_hh_t, w_hr_t))
     biases = [(_realize(t, bound, rng), t is not None) for t in
               (_param(module, f"bias_ih{suffix}"), _param(module, f"bias_hh{suffix}"))]
     b_ih, b_hh = (v for v, _ in biases)
     present = [v for v, there in biases if there]
-    ih = _Dense.of(w_ih, g, hidden, input_size, default_var, per_unit)
-    hh = _Dense.of(w_hh, g, hidden, out_size, default_var, per_unit)
+    realized = None
+    proj = None
+    if rng is not None:
+        w_ih, w_hh, w_hr = (_realize(t, bound, rng) for t in (w_ih_t, w_hh_t, w_hr_t))
+        assert w_ih is not None and w_hh is not None
+        realized = _Mats(w_ih, w_hh, w_hr)
+        ih = _Dense.per_unit(w_ih, g, hidden, input_size)
+        hh = _Dense.per_unit(w_hh, g, hidden, out_size)
+        if w_hr is not None:
+            proj = _Dense.per_unit(w_hr, 1, out_size, hidden)
+    else:
+        ih = _Dense.block_stats(w_ih_t, g, hidden, input_size, default_var)
+        hh = _Dense.block_stats(w_hh_t, g, hidden, out_size, default_var)
+        if w_hr_t is not None:
+            proj = _Dense.block_stats(w_hr_t, 1, out_size, hidden, default_var)
     bias = _bias(present, g, default_var, per_unit)
     b_in = b_hn = _Bias(np.zeros(1), np.zeros(1))
     if kind == "gru":  # b_hn sits inside r * (W_hn h + b_hn): kept apart from b_in
@@ -729,8 +766,6 @@ def _cell_from(module: nn.Module, kind: str, suffix: str, input_size: int,
                      default_var, per_unit)
         b_hn = _bias([None if b_hh is None else b_hh[2 * hidden :]] if biases[1][1] else [], 1,
                      default_var, per_unit)
-    proj = _Dense.of(w_hr, 1, out_size, hidden, default_var, per_unit) if proj_size else None
-    realized = _Mats(w_ih, w_hh, w_hr) if w_ih is not None and w_hh is not None else None
     return _Cell(kind, input_size, hidden, out_size, hidden if per_unit else 1, ih, hh, bias,
                  b_in, b_hn, proj, (w_ih_t, w_hh_t, w_hr_t), realized)
 
@@ -949,7 +984,10 @@ def _probes(fw: _Forward, n_steps: int) -> int:
     d_in = fw.layers[0][0].input_size
     want = int(min(max(math.ceil(_PROBE_TARGET / max(d_in, 1)), _PROBES_MIN), _PROBES_MAX))
     affordable = int(_SIM_BUDGET // max(per_probe, 1))
-    k = min(want, affordable)
+    widest = max(max(c.input_size, c.out_size) for cells in fw.layers for c in cells)
+    # Three (T, features, probes) float64 arrays live at once.
+    storable = int(_SIM_MEMORY // (24 * n_steps * max(widest, 1)))
+    k = min(want, affordable, storable)
     return k if k >= _PROBES_MIN else 0
 
 
@@ -985,8 +1023,26 @@ def _backward_simulated(fw: _Forward, n_steps: int, entry: Entry, probes: int,
     return [float(v) for v in np.sum(grads * grads, axis=(1, 2)) / s_out]
 
 
+def _summarised(steps: list[_Step]) -> list[_Step]:
+    """Steps with unit-averaged coefficients (shared steps stay shared)."""
+    done: dict[int, _Step] = {}
+    out = []
+    for st in steps:
+        if id(st) not in done:
+            coef = {k: (np.array([float(np.mean(m))]), np.array([float(np.mean(q))]))
+                    for k, (m, q) in st.coef.items()}
+            done[id(st)] = _Step(st.h, st.c, coef)
+        out.append(done[id(st)])
+    return out
+
+
 def _backward_mean_field(fw: _Forward, n_steps: int, entry: Entry,
                          drop: float) -> list[float]:
+    """Independent-step mean field with block statistics: O(T), for what is too big to simulate.
+
+    Block statistics even where the forward was resolved per unit: a per-unit recursion would
+    cost about as much as the simulation that was just ruled out.
+    """
     top = fw.layers[-1]
     n_out = sum(c.out_size for c in top)
     zero = np.zeros(1)
@@ -999,8 +1055,9 @@ def _backward_mean_field(fw: _Forward, n_steps: int, entry: Entry,
     for li in range(len(fw.layers) - 1, -1, -1):
         cells = fw.layers[li]
         sx_dirs = []
-        for d, cell in enumerate(cells):
-            st, ent = fw.steps[li][d], entries[d]
+        for d, full in enumerate(cells):
+            cell = full.summarised()
+            st, ent = _summarised(fw.steps[li][d]), entries[d]
             if d == 1:
                 sx_dirs.append(_run_mean_field(cell, st[::-1], ent[::-1])[::-1])
             else:
@@ -1008,11 +1065,7 @@ def _backward_mean_field(fw: _Forward, n_steps: int, entry: Entry,
         sx_total = [sum(v, zero) for v in zip(*sx_dirs, strict=True)]
         if li > 0:
             scale = 1.0 / (1.0 - drop) if drop else 1.0
-            entries, start = [], 0
-            for c in fw.layers[li - 1]:
-                entries.append([(s if s.shape[0] == 1 else s[start : start + c.out_size])
-                                * scale for s in sx_total])
-                start += c.out_size
+            entries = [[s * scale for s in sx_total] for _ in fw.layers[li - 1]]
     d_in = fw.layers[0][0].input_size
     return [_total(s, d_in) for s in sx_total]
 

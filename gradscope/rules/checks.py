@@ -213,6 +213,56 @@ def check_static_gradients(analysis: Analysis) -> list[Finding]:
     return _gradient_extremes(analysis, analysis.estimate.health, measured=False)
 
 
+def _forget_bias_fix(module_path: str, steps: int) -> Recommendation:
+    bias = 3.0 if steps >= 100 else 1.0
+    return Recommendation(
+        "initialization",
+        f"Set the forget-gate bias to {bias:g} ({'>= 3 for 100+ steps' if bias == 3 else '>= 1'}"
+        "): PyTorch's default is 0, and the forget gate then keeps only about half of the "
+        "cell state's gradient per step.",
+        f"lstm = model.get_submodule({module_path!r})\n"
+        "hidden = lstm.hidden_size\n"
+        "with torch.no_grad():\n"
+        "    for name, bias in lstm.named_parameters():\n"
+        "        if name.startswith(\"bias_ih\"):  # gate order: input, forget, cell, output\n"
+        f"            bias[hidden:2 * hidden].fill_({bias:g})\n"
+        "        elif name.startswith(\"bias_hh\"):\n"
+        "            bias[hidden:2 * hidden].zero_()")
+
+
+def check_recurrent(analysis: Analysis) -> list[Finding]:
+    """GS103: the gradient through time, from the estimate's unroll of each RNN."""
+    t = analysis.thresholds
+    findings = []
+    for node, result in sorted(analysis.estimate.recurrent.items()):
+        steps = int(result.steps)
+        if steps < 2 or not result.step_gain > 0:
+            continue
+        ratio = math.sqrt(result.step_gain) ** (steps - 1)
+        if ratio >= t.vanishing_warning:
+            continue
+        severity: Severity = "error" if ratio < t.vanishing_error else "warning"
+        graph = analysis.traced.graph
+        module = graph.nodes[node]["module"] or node
+        cls = graph.nodes[node]["op"]
+        fixes = [_forget_bias_fix(module, steps)] if cls == "LSTM" else [Recommendation(
+            "initialization",
+            "Use an LSTM or GRU, or initialise the recurrent matrix orthogonally, so the "
+            "per-step gain stays near 1.",
+            f"for name, w in model.get_submodule({module!r}).named_parameters():\n"
+            "    if name.startswith(\"weight_hh\"):\n"
+            "        torch.nn.init.orthogonal_(w)")]
+        findings.append(_finding(
+            "GS103",
+            f"Vanishing gradient through time (predicted): {module} ({cls}) keeps "
+            f"{result.step_gain:.3g} of the gradient's squared norm per step, so after "
+            f"{steps} steps the first one receives {ratio:.2e} of the last ({result.note}).",
+            _location(analysis, node), severity, fixes,
+            {"step_gain": result.step_gain, "steps": steps, "gradient_ratio": ratio,
+             "threshold": t.vanishing_warning}))
+    return findings
+
+
 def check_measured_gradients(analysis: Analysis) -> list[Finding]:
     probe = analysis.probe
     if probe is None or probe.nonfinite_forward or probe.nonfinite_backward:
@@ -271,6 +321,7 @@ CHECKS: tuple[Callable[[Analysis], list[Finding]], ...] = (
     check_trace,
     check_nonfinite,
     check_static_gradients,
+    check_recurrent,
     check_measured_gradients,
 )
 

@@ -126,6 +126,29 @@ register(
 )
 register(
     Rule(
+        code="GS103",
+        name="vanishing-through-time",
+        category="vanishing_gradient",
+        severity="error",
+        summary="A recurrent layer is predicted to lose the gradient over its unroll: early "
+        "time steps get almost none.",
+        what="The static estimate unrolls nn.LSTM/GRU/RNN over the sequence with the actual "
+        "gate weights and biases; the gradient's squared norm shrinks by the step gain chi "
+        "per step back in time, so the first step receives chi^(T-1) of what the last gets.",
+        why="Long-range dependencies cannot be learned when their gradient is 1e-20 of the "
+        "local one; LSTMs with PyTorch's default forget-gate bias 0 forget almost as fast as "
+        "a vanilla RNN.",
+        fix="For LSTMs set the forget-gate bias to 1 (3 or more for 100+ steps); for vanilla "
+        "RNNs use an LSTM/GRU or an orthogonal recurrent matrix; shorten the unroll "
+        "(truncated BPTT) if long memory is not needed.",
+        references=(_PASCANU,
+                    "Hochreiter & Schmidhuber 1997, Long Short-Term Memory",
+                    "Jozefowicz, Zaremba & Sutskever 2015, An Empirical Exploration of "
+                    "Recurrent Network Architectures"),
+    )
+)
+register(
+    Rule(
         code="GS201",
         name="exploding-gradient-predicted",
         category="exploding_gradient",
