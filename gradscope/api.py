@@ -110,6 +110,10 @@ def _layers(traced: TracedModel, est: StaticEstimate, probe: ProbeResult | None)
             param_grad_ratio=_num(probe.param_grad_ratio.get(name)) if probe else None,
             param_grad_norm=_num(probe.param_grad_norm.get(name)) if probe else None,
             update_ratio=_num(probe.update_ratio.get(name)) if probe else None,
+            probe_grad_rms_min=probe.grad_rms_range[name][0]
+            if probe and name in probe.grad_rms_range else None,
+            probe_grad_rms_max=probe.grad_rms_range[name][1]
+            if probe and name in probe.grad_rms_range else None,
             dead_fraction=probe.dead_fraction.get(name) if probe else None,
             saturated_fraction=probe.saturated_fraction.get(name) if probe else None,
             nonfinite_forward=bool(probe and name in probe.nonfinite_forward),
@@ -161,6 +165,10 @@ def analyze(
     weight_decay: float = 0.0,
     meta: bool = False,
     declared: dict[int, tuple[float, float]] | None = None,
+    batches: int = 3,
+    loss: str | Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor] = "dot",
+    probe_mode: str = "train",
+    momentum: float = 0.0,
 ) -> Report:
     """Analyse ``model`` on ``example_inputs`` and return the report.
 
@@ -176,6 +184,12 @@ def analyze(
     device is used as it is (module default inits). Either way nothing runs:
     static estimate only. ``declared`` passes init moments recorded elsewhere
     (``gradscope.loading.load_target(..., meta=True)``).
+
+    The probe runs ``batches`` seeded batches (the example inputs first), in
+    ``probe_mode`` train or eval, with ``loss`` "dot" (<output, fixed random
+    direction>), "sum", "mse", "cross_entropy" or a ``loss_fn(output, inputs)``.
+    ``momentum`` is accepted for the learning-rate check: the first step of SGD
+    with momentum equals plain SGD's, so it does not change the figures.
     """
     say = progress or (lambda _msg: None)
     output = None if output is None else str(output)
@@ -221,7 +235,8 @@ def analyze(
             if torch.device(target_device) != home:
                 model.to(target_device)
             result = run_probe(model, traced, trace_inputs, target_device, seed=seed, lr=lr,
-                               optimizer=optimizer, weight_decay=weight_decay)
+                               optimizer=optimizer, weight_decay=weight_decay,
+                               batches=batches, loss=loss, mode=probe_mode)
             report_notes.extend(result.notes)
     report_notes.extend(traced.notes)
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds)
@@ -247,7 +262,7 @@ def analyze(
         probe_info = ProbeInfo(
             enabled=True, device=result.device, batch_size=result.batch_size, loss=result.loss,
             seed=result.seed, mode=result.mode, output_grad_rms=result.output_grad_rms,
-            lr=result.lr, optimizer=result.optimizer,
+            lr=result.lr, optimizer=result.optimizer, batches=result.batches,
             nonfinite_forward=result.nonfinite_forward[0] if result.nonfinite_forward else None,
             nonfinite_backward=result.nonfinite_backward[-1] if result.nonfinite_backward
             else None)

@@ -120,6 +120,17 @@ def main() -> None:
               help="Learning rate: turn on the per-layer update/weight checks.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=None,
               help="Optimizer for --lr (default sgd).")
+@click.option("--momentum", type=float, default=None,
+              help="SGD momentum for --lr (the first step does not depend on it).")
+@click.option("--weight-decay", "weight_decay", type=float, default=None,
+              help="Weight decay for --lr (coupled for sgd/adam, decoupled for adamw).")
+@click.option("--batches", type=click.IntRange(min=1), default=None,
+              help="Probe batches: the example inputs and N-1 seeded ones (default 3).")
+@click.option("--loss", type=click.Choice(["dot", "sum", "mse", "cross_entropy"]), default=None,
+              help="Probe loss (default: loss_fn() in the model file, else dot with a "
+                   "fixed random direction).")
+@click.option("--probe-mode", "probe_mode", type=click.Choice(["train", "eval"]), default=None,
+              help="Run the probe in train (default) or eval mode.")
 @click.option("--html", default=None, metavar="PATH", help="Write the HTML report.")
 @click.option("--json", "json_path", default=None, metavar="PATH",
               help="Write the JSON report ('-' for stdout).")
@@ -137,6 +148,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             device: str | None, probe: bool | None, output: str | None, tracer: str | None,
             lr: float | None, optimizer: str | None, html: str | None, json_path: str | None,
             sarif: str | None, fail_on: str | None, seed: int | None, meta: bool | None,
+            momentum: float | None, weight_decay: float | None, batches: int | None,
+            loss: str | None, probe_mode: str | None,
             color: bool | None, quiet: bool, debug: bool) -> None:
     """Analyse the gradient flow of one or more models.
 
@@ -149,7 +162,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             input_shape=input_shape, dtype=dtype, device=device,
             probe=probe, output=output, tracer=tracer, lr=lr,
             optimizer=optimizer, html=html, json=json_path, sarif=sarif, fail_on=fail_on,
-            seed=seed, meta=meta)
+            seed=seed, meta=meta, momentum=momentum, weight_decay=weight_decay,
+            batches=batches, loss=loss, probe_mode=probe_mode)
         validate(settings)
         _check_outputs(settings, len(targets))
         failed = False
@@ -212,7 +226,9 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
             output=settings.output, thresholds=thresholds, tracer=settings.tracer,
             name=loaded.name, seed=settings.seed, source=loaded.source, notes=loaded.notes,
             progress=progress, lr=settings.lr, optimizer=settings.optimizer,
-            meta=settings.meta, declared=loaded.declared)
+            meta=settings.meta, declared=loaded.declared, batches=settings.batches,
+            loss=settings.loss or loaded.loss_fn or "dot", probe_mode=settings.probe_mode,
+            momentum=settings.momentum, weight_decay=settings.weight_decay)
         progress("writing reports")
         doc = report.to_dict()
     finally:

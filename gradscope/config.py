@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
 from gradscope.errors import ConfigError
 
 FAIL_ON = ("error", "warning", "info", "never")
+LOSSES = ("dot", "sum", "mse", "cross_entropy")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TRACERS = ("symbolic_trace", "export", "runtime")
 THRESHOLDS = ("vanishing_warning", "vanishing_error", "exploding_warning", "exploding_error",
@@ -49,6 +50,11 @@ class Settings:
     min_coverage: float = 0.9
     lr: float | None = None
     optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batches: int = 3
+    loss: str | None = None
+    probe_mode: str = "train"
     source: str | None = field(default=None, compare=False)
 
     def merged(self, **overrides: Any) -> Settings:
@@ -146,6 +152,21 @@ def validate(settings: Settings) -> None:
     if settings.fail_on not in FAIL_ON:
         raise ConfigError(f"fail-on must be one of {', '.join(FAIL_ON)}, not "
                           f"{settings.fail_on!r}{where}", "fix the setting")
+    if settings.loss is not None and settings.loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {settings.loss!r}{where}",
+                          "fix the setting")
+    if settings.probe_mode not in ("train", "eval"):
+        raise ConfigError(f"probe-mode must be train or eval, not {settings.probe_mode!r}{where}",
+                          "fix the setting")
+    if not isinstance(settings.batches, int) or isinstance(settings.batches, bool) \
+            or settings.batches < 1:
+        raise ConfigError(f"batches must be a whole number >= 1, not {settings.batches!r}{where}",
+                          "fix the setting")
+    for name in ("momentum", "weight_decay"):
+        value = getattr(settings, name)
+        if not _is_number(value) or value < 0:
+            raise ConfigError(f"{name} must be a non-negative number, not {value!r}{where}",
+                              "fix the setting")
     if settings.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not "
                           f"{settings.optimizer!r}{where}", "fix the setting")

@@ -58,6 +58,8 @@ class LoadedTarget:
     source: str | None = None
     module: ModuleType | None = None
     notes: list[str] = field(default_factory=list)
+    #: ``loss_fn(output, inputs)`` defined in the model file, for the probe.
+    loss_fn: Any = None
     #: With ``meta=True``: declared init moments of the meta weights, by ``id``.
     declared: dict[int, tuple[float, float]] = field(default_factory=dict)
 
@@ -316,8 +318,9 @@ def load_target(target: str, input_shapes: list[str] | None = None,
     stem = Path(head).stem if source and head.endswith(".py") else head.rsplit(".", 1)[-1]
     if name is None and display != stem:
         display = f"{stem} ({display})"  # "deep_mlp (Sequential)" says more than "Sequential"
+    loss_fn = getattr(module, "loss_fn", None)
     loaded = LoadedTarget(name=display, model=model, inputs=(), source=source, module=module,
-                          declared=declared)
+                          declared=declared, loss_fn=loss_fn if callable(loss_fn) else None)
     if input_shapes:
         loaded.inputs = make_inputs(model, list(input_shapes), list(dtypes or []))
         return loaded

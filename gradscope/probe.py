@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,12 @@ class ProbeResult:
     nonfinite_forward: list[str] = field(default_factory=list)
     nonfinite_backward: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    batches: int = 1
+    #: (min, max) over batches of each node's gradient RMS ratio.
+    grad_rms_range: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Per ReLU-like node: which units were active on any probe sample so far.
+    active_units: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    saturated_counts: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 class _Accumulator:
@@ -80,8 +86,7 @@ class _Accumulator:
             first = leaves[0].detach()
             self.bad_fwd[name] = ~torch.isfinite(first).all()
             if key in DEAD_KEYS and first.dim() >= 1 and first.shape[0] > 0:
-                active = (first > 0).any(dim=0)
-                self.dead[name] = 1.0 - active.float().mean()
+                self.dead[name] = (first > 0).any(dim=0)  # units active on some sample
             elif key in SATURATION_KEYS:
                 self.saturated[name] = _saturated(key, first)
         self.numel[name] = sum(t.numel() for t in leaves)
@@ -151,21 +156,106 @@ def first_update_sq(grad: torch.Tensor, weight: torch.Tensor, lr: float, optimiz
     return float(torch.linalg.vector_norm(step) ** 2)
 
 
-def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
-              seed: int = 0, lr: float | None = None, optimizer: str = "sgd",
-              weight_decay: float = 0.0) -> ProbeResult:
-    """One forward and backward in train mode; the caller restores the model."""
-    model.train()
-    batch = None
+LOSSES = ("dot", "sum", "mse", "cross_entropy")
+LossFn = Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]
+
+
+def make_batches(inputs: tuple[Any, ...], count: int, seed: int) -> list[tuple[Any, ...]]:
+    """The example inputs and ``count - 1`` more batches like them, drawn with a fixed seed.
+
+    Floating inputs are matched to the example's mean and standard deviation,
+    integer inputs (token ids) to its range, booleans to its share of True, so
+    the extra batches exercise the model the way the example does.
+    """
+    batches = [tuple(inputs)]
+    for k in range(1, count):
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        batch: list[Any] = []
+        for t in inputs:
+            if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.is_meta:
+                batch.append(t)
+            elif t.is_floating_point():
+                ref = t.detach().to(torch.float64)
+                std = float(ref.std()) if t.numel() > 1 else 0.0
+                draw = torch.randn(t.shape, generator=generator, dtype=torch.float64)
+                batch.append((draw * std + float(ref.mean())).to(device=t.device, dtype=t.dtype))
+            elif t.dtype == torch.bool:
+                share = float(t.float().mean())
+                draw = torch.rand(t.shape, generator=generator) < share
+                batch.append(draw.to(t.device))
+            elif t.is_complex():
+                batch.append(t)
+            else:
+                lo, hi = int(t.min()), int(t.max())
+                draw = torch.randint(lo, hi + 1, t.shape, generator=generator)
+                batch.append(draw.to(device=t.device, dtype=t.dtype))
+        batches.append(tuple(batch))
+    return batches
+
+
+def _loss(out: torch.Tensor, inputs: tuple[Any, ...], loss: str | LossFn, seed: int,
+          ) -> tuple[torch.Tensor, str]:
+    """The probe's loss and how it is described in the report."""
+    if callable(loss):
+        value = loss(out, inputs)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ModelRunError("loss_fn(output, inputs) must return a scalar tensor",
+                                "return e.g. F.cross_entropy(output, targets)")
+        return value.reshape(()), "loss_fn(output, inputs) from the model file"
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    if loss == "sum":
+        return out.sum(), "sum(output)"
+    if loss == "mse":
+        target = torch.randn(out.shape, generator=generator, dtype=torch.float32)
+        target = target.to(device=out.device, dtype=out.dtype)
+        return torch.nn.functional.mse_loss(out, target), "mse(output, seeded target)"
+    if loss == "cross_entropy":
+        if out.dim() < 2:
+            raise ModelRunError("--loss cross_entropy needs an output with a class dimension",
+                                "use --loss dot or mse for this output")
+        classes = out.shape[-1]
+        logits = out.reshape(-1, classes)
+        target = torch.randint(0, classes, (logits.shape[0],), generator=generator)
+        return (torch.nn.functional.cross_entropy(logits.float(), target.to(out.device)),
+                "cross_entropy(output, seeded classes over the last dim)")
+    direction = torch.randn(out.shape, generator=generator, dtype=torch.float32)
+    direction = direction.to(device=out.device, dtype=out.dtype)
+    return (out * direction).sum(), "dot(output, seeded direction)"
+
+
+@dataclass
+class _Batch:
+    """One batch's forward and backward, kept until all batches are combined."""
+
+    acc: _Accumulator
+    out_sq: float
+    out_numel: int
+    param_grads: dict[int, torch.Tensor | None]
+    size: int | None
+    differentiable: bool
+
+
+def _batch_size(inputs: tuple[Any, ...]) -> int | None:
     for t in inputs:
         if isinstance(t, torch.Tensor) and t.dim() > 0:
-            batch = int(t.shape[0])
-            break
-    result = ProbeResult(device=device, batch_size=batch, loss="dot(output, seeded direction)",
-                         seed=seed, mode="train", lr=lr, optimizer=optimizer if lr else None)
-    torch.manual_seed(seed)
-    if device.startswith("cuda"):
-        torch.cuda.manual_seed_all(seed)
+            return int(t.shape[0])
+    return None
+
+
+def _halve(inputs: tuple[Any, ...], size: int) -> tuple[Any, ...]:
+    half = max(size // 2, 1)
+    return tuple(t[:half] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size
+                 else t for t in inputs)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError",
+                                                              None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
+def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
+               loss: str | LossFn, seed: int, wanted: list[nn.Parameter]) -> _Batch:
     probe_inputs = []
     for t in inputs:
         if isinstance(t, torch.Tensor):
@@ -174,50 +264,130 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                 t.requires_grad_(True)
         probe_inputs.append(t)
     acc = _Accumulator(traced)
-    try:
-        out = traced.runner.run(tuple(probe_inputs), acc.observe)
-    except NodeExecutionError as exc:
-        raise ModelRunError(f"the model raised during the probe at node {exc.node.name}: "
-                            f"{type(exc.error).__name__}: {exc.error}",
-                            "fix the forward, or use --no-probe for the static estimate") from exc
-    except Exception as exc:
-        raise ModelRunError(f"the model raised during the probe: {type(exc).__name__}: {exc}",
-                            "fix the forward, or use --no-probe for the static estimate") from exc
-    params = _param_table(model)
-    wanted = [p for p in dict.fromkeys(params.values()) if p.requires_grad]
+    out = traced.runner.run(tuple(probe_inputs), acc.observe)
     grad_inputs = [t for t in probe_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if not out.requires_grad:
+        return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
+    value, _ = _loss(out, tuple(probe_inputs), loss, seed)
+    targets: list[torch.Tensor] = [*grad_inputs, *wanted]
+    grads = torch.autograd.grad(value, targets, allow_unused=True)
+    param_grads: dict[int, torch.Tensor | None] = dict(
+        zip((id(p) for p in wanted), grads[len(grad_inputs):], strict=True))
+    name = traced.output_node
+    out_sq = float(torch.stack(acc.sq[name]).sum()) if name in acc.sq else 0.0
+    return _Batch(acc, out_sq, acc.numel.get(name, out.numel()), param_grads,
+                  _batch_size(inputs), True)
+
+
+def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
+              seed: int = 0, lr: float | None = None, optimizer: str = "sgd",
+              weight_decay: float = 0.0, batches: int = 3, loss: str | LossFn = "dot",
+              mode: str = "train") -> ProbeResult:
+    """Forward and backward on ``batches`` seeded batches; the caller restores the model.
+
+    Every node's squared gradient norm is summed over the batches (so the
+    reported RMS is over all probe samples) and its per-batch RMS is kept for
+    the spread. On CUDA out-of-memory the batch is halved and retried, down to 1.
+    """
+    if mode == "eval":
+        model.eval()
+    else:
+        model.train()
+    if not callable(loss) and loss not in LOSSES:
+        raise ModelRunError(f"unknown loss {loss!r}", f"choose one of {', '.join(LOSSES)}")
+    torch.manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.cuda.manual_seed_all(seed)
+    params = _param_table(model)
+    wanted = [p for p in dict.fromkeys(params.values()) if p.requires_grad]
+    done: list[_Batch] = []
+    notes: list[str] = []
+    for batch in make_batches(inputs, max(batches, 1), seed):
+        while True:
+            try:
+                done.append(_run_batch(model, traced, batch, device, loss, seed, wanted))
+                break
+            except NodeExecutionError as exc:
+                if _is_oom(exc.error):
+                    batch = _retry_smaller(batch, exc.error, notes)
+                    continue
+                raise ModelRunError(
+                    f"the model raised during the probe at node {exc.node.name}: "
+                    f"{type(exc.error).__name__}: {exc.error}",
+                    "fix the forward, or use --no-probe for the static estimate") from exc
+            except ModelRunError:
+                raise
+            except Exception as exc:
+                if _is_oom(exc):
+                    batch = _retry_smaller(batch, exc, notes)
+                    continue
+                raise ModelRunError(
+                    f"the model raised during the probe: {type(exc).__name__}: {exc}",
+                    "fix the forward, or use --no-probe for the static estimate") from exc
+    first = done[0]
+    description = _loss(torch.zeros(2, 2), (), loss, seed)[1] if not callable(loss) else \
+        "loss_fn(output, inputs) from the model file"
+    result = ProbeResult(device=device, batch_size=first.size, loss=description, seed=seed,
+                         mode=mode, lr=lr, optimizer=optimizer if lr else None,
+                         batches=len(done))
+    result.notes.extend(notes)
+    _combine(done, traced, params, result, lr, optimizer, weight_decay)
+    return result
+
+
+def _retry_smaller(batch: tuple[Any, ...], error: BaseException,
+                   notes: list[str]) -> tuple[Any, ...]:
+    size = _batch_size(batch)
+    if size is None or size <= 1:
+        raise ModelRunError(
+            f"out of memory even with a batch of 1: {type(error).__name__}",
+            "use --no-probe (or --meta) for the static estimate, or a smaller input") from error
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    notes.append(f"out of memory with a batch of {size}: the probe halved it to "
+                 f"{max(size // 2, 1)}")
+    return _halve(batch, size)
+
+
+def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Parameter],
+             result: ProbeResult, lr: float | None, optimizer: str, weight_decay: float) -> None:
+    """Sum the batches' measurements into the per-node figures of the report."""
+    for batch in done:
+        _finish_forward(batch.acc, result)
+    if not any(b.differentiable for b in done):
         result.notes.append("the probed output does not depend on any trainable tensor: "
                             "no gradient to measure")
-        _finish_forward(acc, result)
-        return result
-    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
-    direction = torch.randn(out.shape, generator=generator, dtype=torch.float32)
-    direction = direction.to(device=out.device, dtype=out.dtype)
-    loss = (out * direction).sum()
-    targets = grad_inputs + wanted
-    grads = torch.autograd.grad(loss, targets, allow_unused=True)
-    param_grads = dict(zip((id(p) for p in wanted), grads[len(grad_inputs):], strict=True))
-
-    _finish_forward(acc, result)
-    out_name = traced.output_node
-    out_sq = torch.stack(acc.sq[out_name]).sum().item() if out_name in acc.sq else None
-    if out_sq is None or not math.isfinite(out_sq) or out_sq <= 0:
-        out_sq = float(torch.linalg.vector_norm(direction.double()) ** 2)
-    out_numel = acc.numel.get(out_name, direction.numel())
+        return
+    usable = [b for b in done if b.differentiable]
+    out_sq = sum(b.out_sq for b in usable)
+    out_numel = sum(b.out_numel for b in usable)
+    if not math.isfinite(out_sq) or out_sq <= 0:
+        result.notes.append("the gradient at the model output is zero or non-finite")
+        return
     result.output_grad_rms = math.sqrt(out_sq / max(out_numel, 1))
-    for name in acc.forward_order:
-        if name in acc.sq:
-            sq = float(torch.stack(acc.sq[name]).sum().item())
-            bad = bool(torch.stack(acc.bad_grad[name]).any().item())
-            if bad or not math.isfinite(sq):
-                result.nonfinite_backward.append(name)
-                result.sq_norm[name] = math.nan
-                result.grad_rms[name] = math.nan
-                continue
-            result.sq_norm[name] = sq / out_sq
-            n = acc.numel.get(name, 1)
-            result.grad_rms[name] = math.sqrt(sq / n) / result.output_grad_rms
+    order = list(dict.fromkeys(n for b in usable for n in b.acc.forward_order))
+    for name in order:
+        parts = [(b, float(torch.stack(b.acc.sq[name]).sum())) for b in usable
+                 if name in b.acc.sq]
+        if not parts:
+            continue
+        bad = any(bool(torch.stack(b.acc.bad_grad[name]).any()) for b, _ in parts)
+        sq = sum(v for _, v in parts)
+        if bad or not math.isfinite(sq):
+            result.nonfinite_backward.append(name)
+            result.sq_norm[name] = math.nan
+            result.grad_rms[name] = math.nan
+            continue
+        numel = sum(b.acc.numel.get(name, 1) for b, _ in parts)
+        result.sq_norm[name] = sq / out_sq
+        result.grad_rms[name] = math.sqrt(sq / numel) / result.output_grad_rms
+        per_batch = []
+        for b, v in parts:
+            rms_out = math.sqrt(b.out_sq / max(b.out_numel, 1))
+            if rms_out > 0:
+                per_batch.append(math.sqrt(v / b.acc.numel.get(name, 1)) / rms_out)
+        if len(per_batch) > 1:
+            result.grad_rms_range[name] = (min(per_batch), max(per_batch))
     by_id = {id(p): p for p in params.values()}
     for name in traced.graph.nodes:
         names = traced.graph.nodes[name]["params"]
@@ -226,34 +396,43 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
         weights = _weights_of(names, params)
         if not weights:
             continue
-        w_sq = 0.0
-        g_sq = 0.0
-        u_sq = 0.0
-        have_grad = False
-        for wname in weights:
-            p = params[wname]
-            g = param_grads.get(id(p)) if id(p) in by_id else None
-            w_sq += float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64) ** 2)
-            if g is not None:
-                have_grad = True
+        if not any(params[w].requires_grad for w in weights):
+            continue  # frozen weights: nothing to report
+        w_sq = sum(float(torch.linalg.vector_norm(params[w].detach(), dtype=torch.float64) ** 2)
+                   for w in weights)
+        g_sq = u_sq = 0.0
+        for b in usable:
+            for wname in weights:
+                p = params[wname]
+                g = b.param_grads.get(id(p)) if id(p) in by_id else None
+                if g is None:
+                    continue
                 g_sq += float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
                 if lr is not None:
                     u_sq += first_update_sq(g, p, lr, optimizer, weight_decay)
-        if not have_grad and not any(params[w].requires_grad for w in weights):
-            continue  # frozen weights: nothing to report
+        g_sq /= len(usable)  # mean over batches: the figure of one typical step
+        u_sq /= len(usable)
         result.param_grad_norm[name] = math.sqrt(g_sq)
-        result.param_grad_ratio[name] = math.sqrt(g_sq) / math.sqrt(w_sq) if w_sq > 0 \
-            else None
+        result.param_grad_ratio[name] = math.sqrt(g_sq / w_sq) if w_sq > 0 else None
         if lr is not None:
-            result.update_ratio[name] = math.sqrt(u_sq) / math.sqrt(w_sq) if w_sq > 0 else None
-    return result
+            result.update_ratio[name] = math.sqrt(u_sq / w_sq) if w_sq > 0 else None
 
 
 def _finish_forward(acc: _Accumulator, result: ProbeResult) -> None:
+    """Fold one batch's forward checks in: NaN in forward order, units active in any batch."""
     for name in acc.forward_order:
-        if bool(acc.bad_fwd[name].item()):
+        if bool(acc.bad_fwd[name].item()) and name not in result.nonfinite_forward:
             result.nonfinite_forward.append(name)
         if name in acc.dead:
-            result.dead_fraction[name] = float(acc.dead[name].item())
+            active = acc.dead[name]
+            seen = result.active_units.get(name)
+            if seen is not None and seen.shape == active.shape:
+                active = active | seen
+            result.active_units[name] = active
+            result.dead_fraction[name] = float(1.0 - active.float().mean())
         if name in acc.saturated:
-            result.saturated_fraction[name] = float(acc.saturated[name].item())
+            share = float(acc.saturated[name].item())
+            count = result.saturated_counts.get(name, 0)
+            previous = result.saturated_fraction.get(name, 0.0)
+            result.saturated_fraction[name] = (previous * count + share) / (count + 1)
+            result.saturated_counts[name] = count + 1

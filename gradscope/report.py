@@ -133,6 +133,9 @@ class Layer:
     param_grad_ratio: float | None = None
     param_grad_norm: float | None = None
     update_ratio: float | None = None
+    #: Smallest and largest per-batch probe_grad_rms (the spread across probe batches).
+    probe_grad_rms_min: float | None = None
+    probe_grad_rms_max: float | None = None
     dead_fraction: float | None = None
     saturated_fraction: float | None = None
     nonfinite_forward: bool = False
@@ -160,6 +163,8 @@ class Layer:
             "understood": self.understood,
             "param_grad_norm": self.param_grad_norm,
             "update_ratio": self.update_ratio,
+            "probe_grad_rms_min": self.probe_grad_rms_min,
+            "probe_grad_rms_max": self.probe_grad_rms_max,
             "nonfinite_forward": self.nonfinite_forward,
             "nonfinite_backward": self.nonfinite_backward,
         }
@@ -242,10 +247,12 @@ class ProbeInfo:
     nonfinite_backward: str | None = None
     lr: float | None = None
     optimizer: str | None = None
+    batches: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "enabled": self.enabled,
+            "batches": self.batches,
             "lr": self.lr,
             "optimizer": self.optimizer,
             "device": self.device,

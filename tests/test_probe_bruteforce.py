@@ -248,7 +248,7 @@ def cases() -> dict[str, tuple[nn.Module, torch.Tensor, dict[str, Any]]]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_probe_matches_brute_force(cases: dict[str, Any], case: str, tracer: str) -> None:
     model, x, expected = cases[case]
-    report = gradscope.analyze(model, x, device="cpu", tracer=tracer, seed=SEED)
+    report = gradscope.analyze(model, x, device="cpu", tracer=tracer, seed=SEED, batches=1)
     assert report.model.trace.method == tracer
     layers = _by_module(report)
     observed = _modules_of(model, OBSERVED_TYPES)
@@ -293,7 +293,7 @@ def test_ratios_do_not_depend_on_the_direction(tracer: str) -> None:
     x = _randn(8, 12, seed=10)
     expected = brute_force(model, x, use_direction=False)
     for seed in (0, 7):
-        report = gradscope.analyze(model, x, device="cpu", tracer=tracer, seed=seed)
+        report = gradscope.analyze(model, x, device="cpu", tracer=tracer, seed=seed, batches=1)
         layers = _by_module(report)
         for name in _modules_of(model, OBSERVED_TYPES):
             assert layers[name].probe_grad_rms == pytest.approx(
@@ -318,7 +318,7 @@ def test_in_place_relu_gradients_are_those_of_distinct_values() -> None:
     expected = brute_force(model, x)["grad_rms"]
     assert expected["net.2"] != pytest.approx(expected["net.3"], rel=1e-3)
     for tracer in TRACERS:
-        layers = _by_module(gradscope.analyze(model, x, device="cpu", tracer=tracer))
+        layers = _by_module(gradscope.analyze(model, x, device="cpu", tracer=tracer, batches=1))
         assert layers["net.2"].probe_grad_rms == pytest.approx(expected["net.2"], rel=RTOL)
         assert layers["net.3"].probe_grad_rms == pytest.approx(expected["net.3"], rel=RTOL)
 
@@ -335,7 +335,7 @@ def test_update_ratio_matches_a_real_optimizer_step(tracer: str, optimizer: str,
                                                     weight_decay: float) -> None:
     model, x = MLP(), _randn(8, 12, seed=10)
     expected = brute_force(model, x, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
-    report = gradscope.analyze(model, x, device="cpu", tracer=tracer, lr=lr,
+    report = gradscope.analyze(model, x, device="cpu", tracer=tracer, lr=lr, batches=1,
                                optimizer=optimizer, weight_decay=weight_decay)
     assert report.probe.lr == lr and report.probe.optimizer == optimizer
     layers = _by_module(report)
@@ -352,8 +352,8 @@ def test_update_ratio_closed_forms() -> None:
     expected = brute_force(model, x)
     grads = expected["weights"]
     lr = 3e-3
-    sgd = _by_module(gradscope.analyze(model, x, device="cpu", lr=lr, optimizer="sgd"))
-    adam = _by_module(gradscope.analyze(model, x, device="cpu", lr=lr, optimizer="adam"))
+    sgd = _by_module(gradscope.analyze(model, x, device="cpu", lr=lr, optimizer="sgd", batches=1))
+    adam = _by_module(gradscope.analyze(model, x, device="cpu", lr=lr, optimizer="adam", batches=1))
     for name in _modules_of(model, WEIGHT_TYPES):
         w = model.get_submodule(name).weight.detach().double()
         g = grads[f"{name}.weight"].double()
@@ -361,7 +361,7 @@ def test_update_ratio_closed_forms() -> None:
         step = lr * g / (g.abs() + 1e-8)
         assert adam[name].update_ratio == pytest.approx(float(step.norm() / w.norm()), rel=RTOL)
     # Without lr there is no update ratio.
-    plain = _by_module(gradscope.analyze(model, x, device="cpu"))
+    plain = _by_module(gradscope.analyze(model, x, device="cpu", batches=1))
     assert all(layer.update_ratio is None for layer in plain.values())
 
 
@@ -446,7 +446,7 @@ def test_nonfinite_forward_located(tracer: str) -> None:
     model, x = NaNForward(), _randn(8, 6, seed=13)
     ops, fwd, _ = _eager_flags(model, x)
     assert fwd == [False, True, True, True, True]  # the brute force itself: NaN from sqrt on
-    report = gradscope.analyze(model, x, device="cpu", tracer=tracer)
+    report = gradscope.analyze(model, x, device="cpu", tracer=tracer, batches=1)
     chain = _op_chain(report)
     assert [_norm_op(layer.op) for layer in chain] == ops
     assert [layer.nonfinite_forward for layer in chain] == fwd
@@ -466,7 +466,7 @@ def test_nonfinite_backward_located(tracer: str) -> None:
     ops, fwd, bwd = _eager_flags(model, x)
     assert not any(fwd)
     assert bwd == [False, True, False, False]  # inf only at the ReLU output (sqrt'(0))
-    report = gradscope.analyze(model, x, device="cpu", tracer=tracer)
+    report = gradscope.analyze(model, x, device="cpu", tracer=tracer, batches=1)
     chain = _op_chain(report)
     assert [_norm_op(layer.op) for layer in chain] == ops
     assert [layer.nonfinite_forward for layer in chain] == fwd
@@ -498,7 +498,7 @@ def test_functional_parameter_ratio(tracer: str) -> None:
     out = ref(x)
     (out * _direction(out, SEED)).sum().backward()
     expected = _norm(ref.w.grad) / _norm(ref.w)
-    report = gradscope.analyze(model, x, device="cpu", tracer=tracer)
+    report = gradscope.analyze(model, x, device="cpu", tracer=tracer, batches=1)
     matmul = [layer for layer in report.layers if layer.op == "matmul"]
     assert len(matmul) == 1
     assert matmul[0].param_grad_ratio == pytest.approx(expected, rel=RTOL)
