@@ -19,8 +19,10 @@ from torch import nn
 
 #: Parameters are copied for a bit-exact restore up to this size; above it only
 #: their identity and version counters are kept (no forward gradscope runs
-#: writes to parameters; a model whose own forward does is noted).
-CLONE_LIMIT_BYTES = 1 << 30
+#: writes to parameters; a model whose own forward does is noted). A copy costs
+#: a whole model's worth of memory, and the probe's budget is 1.5x a bare
+#: forward+backward, so large models are guarded by version counters alone.
+CLONE_LIMIT_BYTES = 256 << 20
 
 _HOOK_DICTS = (
     "_forward_hooks",
