@@ -201,7 +201,7 @@ def _loss(out: torch.Tensor, inputs: tuple[Any, ...], loss: str | LossFn, seed: 
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ModelRunError("loss_fn(output, inputs) must return a scalar tensor",
                                 "return e.g. F.cross_entropy(output, targets)")
-        return value.reshape(()), "loss_fn(output, inputs) from the model file"
+        return value.reshape(()), "loss_fn(output, inputs)"
     generator = torch.Generator(device="cpu").manual_seed(seed + 1)
     if loss == "sum":
         return out.sum(), "sum(output)"
@@ -302,10 +302,15 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
     wanted = [p for p in dict.fromkeys(params.values()) if p.requires_grad]
     done: list[_Batch] = []
     notes: list[str] = []
+    working: int | None = None  # batch size that fit after halving, kept for later batches
     for batch in make_batches(inputs, max(batches, 1), seed):
+        while working is not None and (_batch_size(batch) or 0) > working:
+            batch = _halve(batch, _batch_size(batch) or 1)
         while True:
             try:
                 done.append(_run_batch(model, traced, batch, device, loss, seed, wanted))
+                if notes:
+                    working = _batch_size(batch)
                 break
             except NodeExecutionError as exc:
                 if _is_oom(exc.error):
@@ -324,10 +329,10 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                 raise ModelRunError(
                     f"the model raised during the probe: {type(exc).__name__}: {exc}",
                     "fix the forward, or use --no-probe for the static estimate") from exc
-    first = done[0]
     description = _loss(torch.zeros(2, 2), (), loss, seed)[1] if not callable(loss) else \
-        "loss_fn(output, inputs) from the model file"
-    result = ProbeResult(device=device, batch_size=first.size, loss=description, seed=seed,
+        "loss_fn(output, inputs)"
+    result = ProbeResult(device=device, batch_size=_batch_size(inputs), loss=description,
+                         seed=seed,
                          mode=mode, lr=lr, optimizer=optimizer if lr else None,
                          batches=len(done))
     result.notes.extend(notes)
