@@ -59,21 +59,13 @@ def resolve_device(device: str) -> str:
 def _build(factory: Callable[[], nn.Module], meta: bool,
            declared: dict[int, tuple[float, float]]) -> nn.Module:
     """Call a model factory, on the meta device with init recording when asked."""
+    from gradscope.loading import call_factory
     from gradscope.meta import recording_init
 
-    try:
-        if meta:
-            with recording_init(declared):
-                built = factory()
-        else:
-            built = factory()
-    except Exception as exc:
-        raise InputError(f"the model factory raised {type(exc).__name__}: {exc}",
-                         "fix the factory") from exc
-    if not isinstance(built, nn.Module):
-        raise InputError(f"the model factory returned {type(built).__name__}, not an nn.Module",
-                         "return the model from the factory")
-    return built
+    if meta:
+        with recording_init(declared):
+            return call_factory(factory, "the model factory")
+    return call_factory(factory, "the model factory")
 
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:

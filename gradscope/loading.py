@@ -132,7 +132,7 @@ def _constructible(cls: type) -> bool:
                p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values())
 
 
-def _call_factory(obj: Any, label: str) -> nn.Module:
+def call_factory(obj: Any, label: str) -> nn.Module:
     try:
         made = obj()
     except Exception as exc:
@@ -157,14 +157,14 @@ def resolve_model(module: ModuleType, name: str | None, where: str) -> tuple[nn.
         if isinstance(obj, nn.Module):
             return obj, name
         if inspect.isclass(obj) and issubclass(obj, nn.Module):
-            return _call_factory(obj, f"{name}()"), name
+            return call_factory(obj, f"{name}()"), name
         if callable(obj):
-            return _call_factory(obj, f"{name}()"), name
+            return call_factory(obj, f"{name}()"), name
         raise TargetError(f"{where}:{name} is a {type(obj).__name__}, not a model",
                           "NAME must be an nn.Module instance, class or zero-argument factory")
     factory = getattr(module, "build_model", None)
     if callable(factory):
-        model = _call_factory(factory, "build_model()")
+        model = call_factory(factory, "build_model()")
         return model, type(model).__name__
     instance = getattr(module, "model", None)
     if isinstance(instance, nn.Module):
@@ -174,7 +174,7 @@ def resolve_model(module: ModuleType, name: str | None, where: str) -> tuple[nn.
                and v.__module__ == module.__name__]
     usable = [c for c in classes if _constructible(c)]
     if len(usable) == 1:
-        return _call_factory(usable[0], f"{usable[0].__name__}()"), usable[0].__name__
+        return call_factory(usable[0], f"{usable[0].__name__}()"), usable[0].__name__
     if len(usable) > 1:
         names = ", ".join(sorted(c.__name__ for c in usable))
         raise TargetError(f"{where} defines several models: {names}",
