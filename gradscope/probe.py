@@ -61,15 +61,23 @@ class ProbeResult:
     saturated_counts: dict[str, int] = field(default_factory=dict, repr=False)
 
 
+#: A per-node figure: a 0-dim device tensor (read once at the end, no sync per node),
+#: or on the CPU, where reading costs nothing, a Python number. Thousands of 0-dim
+#: tensors kept alive across a batch fragment the CPU heap between the large
+#: activation buffers, and the next batch's peak grows with it.
+Value = float | torch.Tensor
+Flag = bool | torch.Tensor
+
+
 class _Accumulator:
     """Tensor hooks and forward checks, kept as device tensors until the end."""
 
     def __init__(self, traced: TracedModel) -> None:
         self.graph = traced.graph
-        self.sq: dict[str, list[torch.Tensor]] = {}
+        self.sq: dict[str, list[Value]] = {}
         self.numel: dict[str, int] = {}
-        self.bad_grad: dict[str, list[torch.Tensor]] = {}
-        self.bad_fwd: dict[str, torch.Tensor] = {}
+        self.bad_grad: dict[str, list[Flag]] = {}
+        self.bad_fwd: dict[str, Flag] = {}
         self.dead: dict[str, torch.Tensor] = {}
         self.saturated: dict[str, torch.Tensor] = {}
         self.forward_order: list[str] = []
@@ -82,11 +90,18 @@ class _Accumulator:
             return
         self.forward_order.append(name)
         key = self.graph.nodes[name]["key"]
-        with torch.no_grad():
+        # The checks are not the model's ops: the runtime recorder (a TorchFunctionMode)
+        # must not see them, or its replayed node names (sum, sum_1, ...) would shift.
+        with torch.no_grad(), torch._C.DisableTorchFunction():
             first = leaves[0].detach()
-            self.bad_fwd[name] = ~torch.isfinite(first).all()
+            bad = self.bad_fwd[name] = _nonfinite(first)
             if key in DEAD_KEYS and first.dim() >= 1 and first.shape[0] > 0:
-                self.dead[name] = (first > 0).any(dim=0)  # units active on some sample
+                # Units active on some sample. On the CPU, for a finite output, "max > 0"
+                # is the same test and an order of magnitude faster than any(y > 0).
+                if first.device.type == "cpu" and not bool(bad):
+                    self.dead[name] = first.amax(dim=0) > 0
+                else:
+                    self.dead[name] = (first > 0).any(dim=0)
             elif key in SATURATION_KEYS:
                 self.saturated[name] = _saturated(key, first)
         self.numel[name] = sum(t.numel() for t in leaves)
@@ -104,11 +119,67 @@ class _Accumulator:
     def _hook(self, name: str) -> Any:
         def hook(grad: torch.Tensor) -> None:
             g = grad.detach()
-            self.sq.setdefault(name, []).append(
-                torch.linalg.vector_norm(g, 2, dtype=torch.float64) ** 2)
-            self.bad_grad.setdefault(name, []).append(~torch.isfinite(g).all())
+            total = sq_sum(g)
+            # Squares of float32/16 values summed in float64 cannot overflow: the sum is
+            # non-finite exactly when some element is, so it doubles as the check.
+            bad = _nonfinite(g) if g.dtype == torch.float64 else ~torch.isfinite(total)
+            sq: Value = total
+            if g.device.type == "cpu":  # see Value
+                sq, bad = float(total), bool(bad)
+            self.sq.setdefault(name, []).append(sq)
+            self.bad_grad.setdefault(name, []).append(bad)
 
         return hook
+
+
+#: Elements per chunk of the CPU reduction below: 512 KB in float64, which stays in
+#: cache, where one float64 copy of a large tensor costs fresh pages every time.
+_CHUNK = 1 << 16
+
+
+def sq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of ``t`` accumulated in float64, as a 0-dim float64 tensor.
+
+    ``vector_norm(t, dtype=float64)`` converts the whole tensor to a float64 copy
+    first; on the CPU that copy (twice the tensor's size, in fresh pages) costs
+    more than the reduction, so large contiguous CPU tensors go chunk by chunk.
+    """
+    t = t.detach()
+    if t.device.type != "cpu" or t.numel() <= _CHUNK or not t.is_contiguous():
+        return torch.linalg.vector_norm(t, 2, dtype=torch.float64) ** 2
+    parts = []
+    for chunk in t.view(-1).split(_CHUNK):
+        c64 = chunk.to(torch.float64)
+        parts.append(torch.dot(c64, c64))
+    return torch.stack(parts).sum()
+
+
+def _nonfinite(t: torch.Tensor) -> Flag:
+    """Whether ``t`` has a non-finite element: a bool on the CPU, else a 0-dim tensor.
+
+    On the CPU, a finite sum proves every element finite (an inf or NaN element
+    makes the sum inf or NaN), and the sum needs no full-size temporary; only a
+    non-finite sum (an overflow, or a real inf/NaN) takes the elementwise test.
+    Elsewhere the elementwise test runs on the device without a sync.
+    """
+    if t.device.type != "cpu":
+        return ~torch.isfinite(t).all()
+    if t.dtype in (torch.float32, torch.float64) and math.isfinite(float(t.sum())):
+        return False
+    return not bool(torch.isfinite(t).all())
+
+
+def _total(values: list[Value]) -> float:
+    """The sum of a node's per-hook figures, read from the device once."""
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return float(torch.stack(values).sum())  # type: ignore[arg-type]
+    return float(sum(float(v) for v in values))
+
+
+def _any(flags: list[Flag]) -> bool:
+    if all(isinstance(f, torch.Tensor) for f in flags):
+        return bool(torch.stack(flags).any())  # type: ignore[arg-type]
+    return any(bool(f) for f in flags)
 
 
 def _saturated(key: str, y: torch.Tensor) -> torch.Tensor:
@@ -135,6 +206,22 @@ def _weights_of(names: Sequence[str], params: dict[str, nn.Parameter]) -> list[s
     known = [n for n in dict.fromkeys(names) if n in params]
     weights = [n for n in known if params[n].dim() >= 2 or n.rsplit(".", 1)[-1] == "weight"]
     return weights or known
+
+
+def _node_weights(traced: TracedModel, params: dict[str, nn.Parameter]) -> dict[str, list[str]]:
+    """Compute nodes with trainable weights, and the weights their ratios are measured on."""
+    found: dict[str, list[str]] = {}
+    for name in traced.graph.nodes:
+        names = traced.graph.nodes[name]["params"]
+        if not names or traced.graph.nodes[name]["role"] != "compute":
+            continue
+        weights = _weights_of(names, params)
+        if not weights:
+            continue
+        if not any(params[w].requires_grad for w in weights):
+            continue  # frozen weights: nothing to report
+        found[name] = weights
+    return found
 
 
 def first_update_sq(grad: torch.Tensor, weight: torch.Tensor, lr: float, optimizer: str,
@@ -230,7 +317,9 @@ class _Batch:
     acc: _Accumulator
     out_sq: float
     out_numel: int
-    param_grads: dict[int, torch.Tensor | None]
+    #: id(parameter) -> (||grad||^2, ||first update||^2 or 0.0), None where unused.
+    #: Reduced as soon as the batch is done, so no batch's gradients outlive it.
+    param_stats: dict[int, tuple[float, float] | None]
     size: int | None
     differentiable: bool
 
@@ -255,7 +344,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
-               loss: str | LossFn, seed: int, wanted: list[nn.Parameter]) -> _Batch:
+               loss: str | LossFn, seed: int, wanted: list[nn.Parameter],
+               measured: set[int], update: tuple[float | None, str, float]) -> _Batch:
     probe_inputs = []
     for t in inputs:
         if isinstance(t, torch.Tensor):
@@ -271,11 +361,18 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
     value, _ = _loss(out, tuple(probe_inputs), loss, seed)
     targets: list[torch.Tensor] = [*grad_inputs, *wanted]
     grads = torch.autograd.grad(value, targets, allow_unused=True)
-    param_grads: dict[int, torch.Tensor | None] = dict(
-        zip((id(p) for p in wanted), grads[len(grad_inputs):], strict=True))
+    lr, optimizer, weight_decay = update
+    param_stats: dict[int, tuple[float, float] | None] = {}
+    for p, g in zip(wanted, grads[len(grad_inputs):], strict=True):
+        if id(p) not in measured:
+            continue
+        param_stats[id(p)] = None if g is None else (
+            float(sq_sum(g)),
+            first_update_sq(g, p, lr, optimizer, weight_decay) if lr is not None else 0.0)
+    del grads
     name = traced.output_node
-    out_sq = float(torch.stack(acc.sq[name]).sum()) if name in acc.sq else 0.0
-    return _Batch(acc, out_sq, acc.numel.get(name, out.numel()), param_grads,
+    out_sq = _total(acc.sq[name]) if name in acc.sq else 0.0
+    return _Batch(acc, out_sq, acc.numel.get(name, out.numel()), param_stats,
                   _batch_size(inputs), True)
 
 
@@ -300,6 +397,7 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
         torch.cuda.manual_seed_all(seed)
     params = _param_table(model)
     wanted = [p for p in dict.fromkeys(params.values()) if p.requires_grad]
+    measured = {id(params[w]) for ws in _node_weights(traced, params).values() for w in ws}
     done: list[_Batch] = []
     notes: list[str] = []
     working: int | None = None  # batch size that fit after halving, kept for later batches
@@ -308,7 +406,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
             batch = _halve(batch, _batch_size(batch) or 1)
         while True:
             try:
-                done.append(_run_batch(model, traced, batch, device, loss, seed, wanted))
+                done.append(_run_batch(model, traced, batch, device, loss, seed, wanted,
+                                       measured, (lr, optimizer, weight_decay)))
                 if notes:
                     working = _batch_size(batch)
                 break
@@ -372,11 +471,10 @@ def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Param
     result.output_grad_rms = math.sqrt(out_sq / max(out_numel, 1))
     order = list(dict.fromkeys(n for b in usable for n in b.acc.forward_order))
     for name in order:
-        parts = [(b, float(torch.stack(b.acc.sq[name]).sum())) for b in usable
-                 if name in b.acc.sq]
+        parts = [(b, _total(b.acc.sq[name])) for b in usable if name in b.acc.sq]
         if not parts:
             continue
-        bad = any(bool(torch.stack(b.acc.bad_grad[name]).any()) for b, _ in parts)
+        bad = any(_any(b.acc.bad_grad[name]) for b, _ in parts)
         sq = sum(v for _, v in parts)
         if bad or not math.isfinite(sq):
             result.nonfinite_backward.append(name)
@@ -393,28 +491,23 @@ def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Param
                 per_batch.append(math.sqrt(v / b.acc.numel.get(name, 1)) / rms_out)
         if len(per_batch) > 1:
             result.grad_rms_range[name] = (min(per_batch), max(per_batch))
-    by_id = {id(p): p for p in params.values()}
-    for name in traced.graph.nodes:
-        names = traced.graph.nodes[name]["params"]
-        if not names or traced.graph.nodes[name]["role"] != "compute":
-            continue
-        weights = _weights_of(names, params)
-        if not weights:
-            continue
-        if not any(params[w].requires_grad for w in weights):
-            continue  # frozen weights: nothing to report
-        w_sq = sum(float(torch.linalg.vector_norm(params[w].detach(), dtype=torch.float64) ** 2)
-                   for w in weights)
+    w_sqs: dict[int, float] = {}  # a weight shared by several nodes is measured once
+    for name, weights in _node_weights(traced, params).items():
+        w_sq = 0.0
+        for w in weights:
+            p = params[w]
+            if id(p) not in w_sqs:
+                w_sqs[id(p)] = float(sq_sum(p))
+            w_sq += w_sqs[id(p)]
         g_sq = u_sq = 0.0
         for b in usable:
             for wname in weights:
-                p = params[wname]
-                g = b.param_grads.get(id(p)) if id(p) in by_id else None
-                if g is None:
+                stats = b.param_stats.get(id(params[wname]))
+                if stats is None:
                     continue
-                g_sq += float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
+                g_sq += stats[0]
                 if lr is not None:
-                    u_sq += first_update_sq(g, p, lr, optimizer, weight_decay)
+                    u_sq += stats[1]
         g_sq /= len(usable)  # mean over batches: the figure of one typical step
         u_sq /= len(usable)
         result.param_grad_norm[name] = math.sqrt(g_sq)
@@ -426,7 +519,7 @@ def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Param
 def _finish_forward(acc: _Accumulator, result: ProbeResult) -> None:
     """Fold one batch's forward checks in: NaN in forward order, units active in any batch."""
     for name in acc.forward_order:
-        if bool(acc.bad_fwd[name].item()) and name not in result.nonfinite_forward:
+        if bool(acc.bad_fwd[name]) and name not in result.nonfinite_forward:
             result.nonfinite_forward.append(name)
         if name in acc.dead:
             active = acc.dead[name]

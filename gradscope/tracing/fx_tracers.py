@@ -200,27 +200,39 @@ class FxRunner(Runner):
         return tuple(args)
 
     def run(self, inputs: tuple[Any, ...], observe: Observer) -> torch.Tensor:
-        runner = self
-        result: dict[str, Any] = {}
         if self.template is None:
             device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None)
             if device is not None:
                 self.gm.to(device)  # the GraphModule's own copies of get_attr tensors
+        interpreter = _Observing(self, observe)
+        interpreter.run(*self.arguments(inputs))
+        return interpreter.result.pop("out")  # type: ignore[no-any-return]
 
-        class _Observing(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                try:
-                    out = super().run_node(n)
-                except Exception as exc:
-                    raise NodeExecutionError(n, exc) from exc
-                if n.name in runner.nodes:
-                    observe(n.name, out)
-                if n.name == runner.output_node:
-                    result["out"] = out
-                return out
 
-        _Observing(self.gm, garbage_collect_values=True).run(*self.arguments(inputs))
-        return result["out"]
+class _Observing(fx.Interpreter):
+    """FxRunner's interpreter: reports analysed nodes, keeps the probed output.
+
+    A module-level class: one defined per run is cyclic garbage, and its closure
+    kept the run's output tensor (a batch of logits) alive until the next
+    garbage collection, so memory grew with every probe batch.
+    """
+
+    def __init__(self, runner: FxRunner, observe: Observer) -> None:
+        super().__init__(runner.gm, garbage_collect_values=True)
+        self.runner = runner
+        self.observe = observe
+        self.result: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except Exception as exc:
+            raise NodeExecutionError(n, exc) from exc
+        if n.name in self.runner.nodes:
+            self.observe(n.name, out)
+        if n.name == self.runner.output_node:
+            self.result["out"] = out
+        return out
 
 
 class _Tracer(fx.Tracer):
