@@ -8,7 +8,7 @@ happens (``gradscope.state.preserved``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from gradscope.meta import is_meta_model
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.rules.checks import Analysis, Thresholds, probe_health, run_checks
+from gradscope.rules.selection import RuleSelection, per_module_pairs, split_codes
 from gradscope.state import preserved
 from gradscope.tracing import TracedModel, trace_model
 
@@ -161,6 +162,10 @@ def analyze(
     loss: str | Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor] = "dot",
     probe_mode: str = "train",
     momentum: float = 0.0,
+    select: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+    per_module_ignore: Mapping[str, Sequence[str]]
+    | Iterable[tuple[str, Sequence[str]]] | None = None,
 ) -> Report:
     """Analyse ``model`` on ``example_inputs`` and return the report.
 
@@ -182,8 +187,17 @@ def analyze(
     direction>), "sum", "mse", "cross_entropy" or a ``loss_fn(output, inputs)``.
     ``momentum`` is accepted for the learning-rate check: the first step of SGD
     with momentum equals plain SGD's, so it does not change the figures.
+
+    ``select``/``ignore`` (rule codes or prefixes such as ``"GS1"``; ``"ALL"``)
+    and ``per_module_ignore`` (module glob -> codes) drop findings the ruff way
+    (``gradscope.rules.selection``) before the report is built, so its status
+    and every renderer see the same findings; a note counts what was dropped.
+    An unknown code is a ``ConfigError`` raised before anything runs.
     """
     say = progress or (lambda _msg: None)
+    # split_codes: a bare "GS1,GS8" string is a list of codes, not of letters.
+    selection = RuleSelection(select=split_codes(select or ()), ignore=split_codes(ignore or ()),
+                              per_module_ignore=per_module_pairs(per_module_ignore))
     output = None if output is None else str(output)
     inputs = _as_inputs(example_inputs)
     report_notes = list(notes or [])
@@ -233,6 +247,10 @@ def analyze(
     report_notes.extend(traced.notes)
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds)
     findings = run_checks(analysis)
+    suppressed = selection.suppressed_note(findings)
+    if suppressed is not None:
+        report_notes.append(suppressed)
+        findings = selection.apply(findings)
     params = list(dict.fromkeys(model.parameters()))
     trace = TraceInfo(
         method=traced.method, ok=True,

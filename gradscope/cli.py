@@ -20,6 +20,7 @@ import click
 from gradscope._version import __version__
 from gradscope.config import FAIL_ON, Settings, load_settings, validate
 from gradscope.errors import ConfigError, ExitCode, GradscopeError
+from gradscope.rules.selection import check_codes, parse_per_module, split_codes
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -138,6 +139,14 @@ def main() -> None:
 @click.option("--fail-on", "fail_on", type=click.Choice(FAIL_ON), default=None,
               help="Exit 1 when a finding at or above this severity exists (default error).")
 @click.option("--seed", type=int, default=None, help="Seed of the probe (default 0).")
+@click.option("--select", "select", multiple=True, metavar="CODES",
+              help="Only these rule codes or prefixes (GS1,GS802; ALL); repeatable.")
+@click.option("--ignore", "ignore", multiple=True, metavar="CODES",
+              help="Drop these rule codes or prefixes; the longest match with --select wins, "
+                   "ignore on a tie; repeatable.")
+@click.option("--per-module-ignore", "per_module_ignore", multiple=True, metavar="GLOB=CODES",
+              help="Drop these codes for findings in modules matching GLOB ('encoder.*', "
+                   "'*.attn'; '*' also matches the whole model); repeatable.")
 @click.option("--meta", "meta", is_flag=True, default=None,
               help="Build the model on the meta device (no weights allocated) and estimate "
                    "from declared initialisations; implies --no-probe.")
@@ -149,7 +158,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             lr: float | None, optimizer: str | None, html: str | None, json_path: str | None,
             sarif: str | None, fail_on: str | None, seed: int | None, meta: bool | None,
             momentum: float | None, weight_decay: float | None, batches: int | None,
-            loss: str | None, probe_mode: str | None,
+            loss: str | None, probe_mode: str | None, select: tuple[str, ...],
+            ignore: tuple[str, ...], per_module_ignore: tuple[str, ...],
             color: bool | None, quiet: bool, debug: bool) -> None:
     """Analyse the gradient flow of one or more models.
 
@@ -158,12 +168,18 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
     run could not be done.
     """
     try:
+        # Checked here, before merging, so an unknown code names the option it came from.
+        selected = check_codes(split_codes(select), "--select")
+        ignored = check_codes(split_codes(ignore), "--ignore")
+        per_module = tuple((glob, check_codes(codes, f"--per-module-ignore {glob!r}"))
+                           for glob, codes in map(parse_per_module, per_module_ignore))
         settings = load_settings().merged(
             input_shape=input_shape, dtype=dtype, device=device,
             probe=probe, output=output, tracer=tracer, lr=lr,
             optimizer=optimizer, html=html, json=json_path, sarif=sarif, fail_on=fail_on,
             seed=seed, meta=meta, momentum=momentum, weight_decay=weight_decay,
-            batches=batches, loss=loss, probe_mode=probe_mode)
+            batches=batches, loss=loss, probe_mode=probe_mode, select=selected, ignore=ignored,
+            per_module_ignore=per_module)
         validate(settings)
         _check_outputs(settings, len(targets))
         failed = False
@@ -228,7 +244,9 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
             progress=progress, lr=settings.lr, optimizer=settings.optimizer,
             meta=settings.meta, declared=loaded.declared, batches=settings.batches,
             loss=settings.loss or loaded.loss_fn or "dot", probe_mode=settings.probe_mode,
-            momentum=settings.momentum, weight_decay=settings.weight_decay)
+            momentum=settings.momentum, weight_decay=settings.weight_decay,
+            select=settings.select, ignore=settings.ignore,
+            per_module_ignore=settings.per_module_ignore)
         progress("writing reports")
         doc = report.to_dict()
     finally:

@@ -18,6 +18,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib  # type: ignore[no-redef]
 
 from gradscope.errors import ConfigError
+from gradscope.rules.selection import check_codes
 
 FAIL_ON = ("error", "warning", "info", "never")
 LOSSES = ("dot", "sum", "mse", "cross_entropy")
@@ -55,6 +56,11 @@ class Settings:
     batches: int = 3
     loss: str | None = None
     probe_mode: str = "train"
+    #: Rule codes or prefixes kept / dropped, ruff-style (``gradscope.rules.selection``).
+    select: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    #: ``(module glob, codes)`` pairs: codes dropped for findings in matching modules.
+    per_module_ignore: tuple[tuple[str, tuple[str, ...]], ...] = ()
     source: str | None = field(default=None, compare=False)
 
     def merged(self, **overrides: Any) -> Settings:
@@ -104,6 +110,10 @@ def load_settings(start: Path | None = None) -> Settings:
                               "see the README for the settings")
         if key in ("input_shape", "dtype"):
             value = _string_list(key, value, path)
+        elif key in ("select", "ignore"):
+            value = _code_list(raw_key, value, path)
+        elif key == "per_module_ignore":
+            value = _per_module_table(raw_key, value, path)
         elif key == "output" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # output = 0: the first element of a tuple output
         values[key] = value
@@ -140,6 +150,45 @@ def _string_list(key: str, value: Any, path: Path) -> tuple[str, ...]:
         raise ConfigError(f"{name} in [tool.gradscope] of {path} must be like {example}, "
                           f"not {value!r}", "fix the setting")
     return tuple(v for v in items if v is not None)
+
+
+_CODES_EXAMPLE = '["GS101", "GS8"]'
+
+
+def _code_list(name: str, value: Any, path: Path) -> tuple[str, ...]:
+    """``select``/``ignore``: a list of codes, as in ruff; anything else names the key."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} in [tool.gradscope] of {path} must be a list of rule codes "
+                          f"like {_CODES_EXAMPLE}, not {value!r}", "fix the setting")
+    return tuple(value)
+
+
+def _per_module_table(name: str, value: Any,
+                      path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``[tool.gradscope.per-module-ignore]``: ``"glob" = ["GS101", ...]`` per line."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} in [tool.gradscope] of {path} must be a table of "
+                          f'"module glob" = {_CODES_EXAMPLE}, not {value!r}', "fix the setting")
+    return tuple((glob, _code_list(f"{name}.{glob!r}", codes, path))
+                 for glob, codes in value.items())
+
+
+def _check_selection(settings: Settings, where: str) -> None:
+    """Types of select/ignore/per-module-ignore, then every code against the registry."""
+    for name in ("select", "ignore"):
+        value = getattr(settings, name)
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of rule codes, not {value!r}{where}",
+                              "fix the setting")
+        check_codes(value, f"{name}{where}")
+    pairs = settings.per_module_ignore
+    if not isinstance(pairs, tuple) or not all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and p[0].strip()
+            and isinstance(p[1], tuple) for p in pairs):
+        raise ConfigError(f"per-module-ignore must map module globs to rule codes, not "
+                          f"{pairs!r}{where}", "fix the setting")
+    for glob, codes in pairs:
+        check_codes(codes, f"per-module-ignore {glob!r}{where}")
 
 
 def _is_number(value: Any) -> bool:
@@ -198,3 +247,4 @@ def validate(settings: Settings) -> None:
         if not _is_number(value) or not value >= 0:
             raise ConfigError(f"{name} must be a non-negative number, not {value!r}{where}",
                               "fix the setting")
+    _check_selection(settings, where)
