@@ -11,7 +11,7 @@ Two models are written below in plain torch:
   2 basic blocks with BatchNorm and in-place ReLU, 64 to 512 channels, 1x1
   projection shortcuts, global average pool, 1000-way head), 11.7M parameters,
   on an input of shape (``--resnet-batch``, 3, ``--resnet-size``,
-  ``--resnet-size``), by default (8, 3, 64, 64).
+  ``--resnet-size``), by default (16, 3, 128, 128).
 
 The bare pass is ``loss = (model(x) * r).sum()`` with a fixed random ``r``
 (drawn once, outside the timed region), then
@@ -489,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                              "analyze call (default 3)")
     parser.add_argument("--gpt2-batch", type=int, default=4)
     parser.add_argument("--gpt2-seq", type=int, default=128)
-    parser.add_argument("--resnet-batch", type=int, default=8)
-    parser.add_argument("--resnet-size", type=int, default=64,
-                        help="height and width of the ResNet's input (default 64)")
+    parser.add_argument("--resnet-batch", type=int, default=16)
+    parser.add_argument("--resnet-size", type=int, default=128,
+                        help="height and width of the ResNet's input (default 128)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in the workers (default 1; 0: torch's own choice)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
