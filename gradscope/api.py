@@ -234,7 +234,8 @@ def analyze(
                              "have: analyse it without --meta") from exc
         say(f"traced with {traced.method}: {traced.graph.number_of_nodes()} nodes")
         say("static estimate")
-        est = estimate(traced, inputs if on_meta else trace_inputs, declared)
+        est_inputs = inputs if on_meta else trace_inputs
+        est = estimate(traced, est_inputs, declared)
         result: ProbeResult | None = None
         if probe:
             say(f"probe on {target_device}")
@@ -245,7 +246,8 @@ def analyze(
                                batches=batches, loss=loss, mode=probe_mode)
             report_notes.extend(result.notes)
     report_notes.extend(traced.notes)
-    analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds)
+    analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
+                        inputs=tuple(est_inputs), declared=declared)
     findings = run_checks(analysis)
     suppressed = selection.suppressed_note(findings)
     if suppressed is not None:

@@ -232,11 +232,9 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
 
         loaded = load_target(target, list(settings.input_shape), list(settings.dtype),
                              meta=settings.meta)
-        thresholds = Thresholds(
-            vanishing_warning=settings.vanishing_warning,
-            vanishing_error=settings.vanishing_error,
-            exploding_warning=settings.exploding_warning,
-            exploding_error=settings.exploding_error, min_coverage=settings.min_coverage)
+        from gradscope.config import THRESHOLDS
+
+        thresholds = Thresholds(**{name: getattr(settings, name) for name in THRESHOLDS})
         report = run_analysis(
             loaded.model, loaded.inputs, device=settings.device, probe=settings.probe,
             output=settings.output, thresholds=thresholds, tracer=settings.tracer,
@@ -280,10 +278,15 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
 
 @main.command(context_settings=CONTEXT)
 @click.argument("code", required=False)
-def rules(code: str | None) -> None:
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text",
+              show_default=True, help="markdown: the README's rule table")
+def rules(code: str | None, fmt: str) -> None:
     """List every rule code, or explain one (gradscope rules GS101)."""
-    from gradscope.rules.registry import get_rule, iter_rules
+    from gradscope.rules.registry import get_rule, iter_rules, markdown_table
 
+    if fmt == "markdown" and not code:
+        click.echo(markdown_table(), nl=False)
+        return
     if code:
         try:
             click.echo(get_rule(code).explain(), nl=False)

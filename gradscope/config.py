@@ -25,7 +25,8 @@ LOSSES = ("dot", "sum", "mse", "cross_entropy")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TRACERS = ("symbolic_trace", "export", "runtime")
 THRESHOLDS = ("vanishing_warning", "vanishing_error", "exploding_warning", "exploding_error",
-              "min_coverage")
+              "min_coverage", "saturated_fraction", "dead_fraction", "negative_bias",
+              "update_imbalance", "plain_depth", "residual_blocks", "width_beta")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class Settings:
     exploding_warning: float = 1e2
     exploding_error: float = 1e3
     min_coverage: float = 0.9
+    saturated_fraction: float = 0.2
+    dead_fraction: float = 0.5
+    negative_bias: float = 0.5
+    update_imbalance: float = 1e-3
+    plain_depth: int = 10
+    residual_blocks: int = 4
+    width_beta: float = 1.0
     lr: float | None = None
     optimizer: str = "sgd"
     momentum: float = 0.0

@@ -51,15 +51,37 @@ def severity_rank(severity: str) -> int:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """A fix tried on a copy of the model's graph: the figure it targets, before and after.
+
+    Both figures come from the same static estimate (one on the model as it is,
+    one on the changed copy), so they compare like with like even when the
+    finding itself was measured by the probe.
+    """
+
+    metric: str
+    before: float
+    after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "before": self.before, "after": self.after}
+
+
+@dataclass(frozen=True)
 class Recommendation:
     """One fix, with its numbers already filled in."""
 
     kind: str
     text: str
     code: str | None = None
+    #: Architecture, activation, normalisation and initialisation fixes carry the
+    #: estimate before and after applying them; None for advice that is not a
+    #: change of the model (clipping, learning rate, warmup).
+    verified: Verification | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "text": self.text, "code": self.code}
+        return {"kind": self.kind, "text": self.text, "code": self.code,
+                "verified": self.verified.to_dict() if self.verified else None}
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import Result
+from click.testing import CliRunner, Result
 from helpers import cli_runner
 
 import gradscope
 from gradscope.cli import main
-from gradscope.rules.registry import RULES
+from gradscope.rules.registry import RULES, TABLE_START, markdown_table, replace_table
 from gradscope.schema import validate_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -599,9 +599,19 @@ def test_process_missing_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_readme_rule_table_is_the_registry() -> None:
-    """The README's rule table lists exactly the registry's codes with their summaries."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The README's rule table is generated from the registry (GRADSCOPE_UPDATE_GOLDEN=1)."""
+    path = REPO / "README.md"
+    text = path.read_text(encoding="utf-8")
+    generated = replace_table(text)
+    if os.environ.get("GRADSCOPE_UPDATE_GOLDEN") == "1":
+        path.write_text(generated, encoding="utf-8")
+    assert text == generated, "README rule table is stale: GRADSCOPE_UPDATE_GOLDEN=1 pytest"
     rows = [line for line in text.splitlines() if line.startswith("| GS")]
-    expected = [f"| {r.code} | {r.severity} | {r.category} | {r.summary} |"
-                for r in sorted(RULES.values(), key=lambda rule: rule.code)]
-    assert rows == expected
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == sorted(RULES)
+
+
+def test_rules_markdown_matches_readme_block() -> None:
+    result = CliRunner().invoke(main, ["rules", "--format", "markdown"])
+    assert result.exit_code == 0
+    assert result.output == markdown_table()
+    assert TABLE_START in (REPO / "README.md").read_text(encoding="utf-8")

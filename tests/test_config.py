@@ -222,15 +222,28 @@ def test_thresholds_from_the_file_change_the_findings(project: Path) -> None:
     result = analyze(UNHEALTHY, "--no-probe", "--json", "-")
     assert result.exit_code == 0, "the predicted 2e-8 is now only a warning"
     doc = json.loads(result.stdout)
-    assert doc["status"] == "warning"
-    assert {(f["rule"], f["severity"]) for f in doc["findings"]} == {("GS101", "warning")}
+    gradient = {(f["rule"], f["severity"]) for f in doc["findings"] if f["rule"] < "GS3"}
+    assert gradient == {("GS101", "warning")}
+    assert not [f for f in doc["findings"] if f["severity"] == "error"]
     write_pyproject(project, """
         [tool.gradscope.thresholds]
         vanishing-warning = 1e-9
         vanishing-error = 1e-10
     """)
     doc = json.loads(analyze(UNHEALTHY, "--no-probe", "--json", "-").stdout)
-    assert doc["status"] == "healthy"
+    assert not [f for f in doc["findings"] if f["rule"].startswith("GS1")]
+    assert doc["status"] == "warning", "GS705 (sigmoid hidden units) is left"
+
+
+def test_architecture_thresholds_from_the_file(project: Path) -> None:
+    doc = json.loads(analyze(UNHEALTHY, "--no-probe", "--json", "-").stdout)
+    assert "GS701" in {f["rule"] for f in doc["findings"]}, "10 plain layers, threshold 10"
+    write_pyproject(project, """
+        [tool.gradscope.thresholds]
+        plain-depth = 11
+    """)
+    doc = json.loads(analyze(UNHEALTHY, "--no-probe", "--json", "-").stdout)
+    assert "GS701" not in {f["rule"] for f in doc["findings"]}
 
 
 def test_command_line_wins_over_the_file(project: Path) -> None:

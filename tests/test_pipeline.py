@@ -281,7 +281,8 @@ def test_transformers_are_traced_with_export(reports: Any) -> None:
         modules = {layer.module for layer in report.layers if layer.module}
         # The encoder is seen layer by layer, not as one opaque node.
         assert {"encoder.layers.0.linear1", "encoder.layers.5.linear2", "head"} <= modules
-        assert report.status == "healthy"
+        # Post-LN needs warmup (GS703, a warning); Pre-LN is healthy.
+        assert report.status == ("warning" if name.startswith("post") else "healthy")
 
 
 def test_data_dependent_runtime_graph(reports: Any) -> None:

@@ -80,12 +80,22 @@ _STATS: contextvars.ContextVar[dict[tuple[int, int], Mom] | None] = contextvars.
     "stats", default=None)
 
 
+#: Moments that replace a weight's own for the estimate being run, by id: how a
+#: recommended re-initialisation is tried on a copy without touching the model
+#: (gradscope.fixes).
+_OVERRIDES: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextVar(
+    "overrides", default=None)
+
+
 def tensor_stats(t: torch.Tensor) -> Mom | None:
     """(mean, second moment) of a tensor: measured, or declared for meta tensors.
 
     None for meta tensors whose initialisation was not seen: callers then use
     the module's documented default.
     """
+    overrides = _OVERRIDES.get()
+    if overrides and id(t) in overrides:
+        return overrides[id(t)]
     if t.is_meta:
         return (_DECLARED.get() or {}).get(id(t))
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
@@ -1554,17 +1564,21 @@ def _finite_moments(m: Mom | None) -> Mom | None:
 
 
 def estimate(traced: TracedModel, inputs: tuple[Any, ...],
-             declared: dict[int, Mom] | None = None) -> StaticEstimate:
+             declared: dict[int, Mom] | None = None,
+             overrides: dict[int, Mom] | None = None) -> StaticEstimate:
     """Run the forward and backward sweeps over ``traced``'s graph.
 
     ``inputs`` give the input moments (real tensors, even when the graph was
     traced on meta ones); ``declared`` maps ``id(tensor)`` of meta weights to
-    their declared init moments.
+    their declared init moments; ``overrides`` replaces any weight's moments
+    (by ``id``), for what-if estimates of a re-initialisation.
     """
     token = _DECLARED.set(declared or {})
     stats_token = _STATS.set({})
+    override_token = _OVERRIDES.set(overrides or {})
     try:
         return _Estimator(traced, inputs).run()
     finally:
+        _OVERRIDES.reset(override_token)
         _STATS.reset(stats_token)
         _DECLARED.reset(token)

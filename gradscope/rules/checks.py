@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from gradscope.report import Finding, Location, Recommendation, Severity
 from gradscope.rules.registry import get_rule
@@ -35,6 +35,21 @@ class Thresholds:
     exploding_warning: float = 1e2
     exploding_error: float = 1e3
     min_coverage: float = 0.9
+    #: Share of an activation's outputs in the flat tails (GS301/GS302); half of it
+    #: saturated is an error.
+    saturated_fraction: float = 0.2
+    #: Share of a layer's units dead on every probe sample (GS401); all dead is an error.
+    dead_fraction: float = 0.5
+    #: Bias mean before a ReLU, in pre-activation standard deviations (GS402).
+    negative_bias: float = 0.5
+    #: Smallest ||grad W||/||W|| over the median layer's (GS104).
+    update_imbalance: float = 1e-3
+    #: Weight layers on a path no skip bypasses (GS701/GS702).
+    plain_depth: int = 10
+    #: Residual blocks without normalisation or branch scale (GS704).
+    residual_blocks: int = 4
+    #: Hanin's beta = sum of 1/width over the plain run's hidden layers (GS706).
+    width_beta: float = 1.0
 
 
 @dataclass
@@ -45,6 +60,16 @@ class Analysis:
     estimate: StaticEstimate
     probe: ProbeResult | None
     thresholds: Thresholds
+    #: What the estimate ran on (fixes are re-estimated on the same inputs).
+    inputs: tuple[Any, ...] = ()
+    declared: dict[int, tuple[float, float]] | None = None
+    #: Results shared between checks (verified fixes are costly: one estimate each).
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def remember(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
 
 def _location(analysis: Analysis, node: str) -> Location:
@@ -123,52 +148,110 @@ def _activations(analysis: Analysis) -> set[str]:
 
 
 def _vanishing_fixes(analysis: Analysis) -> list[Recommendation]:
-    acts = _activations(analysis)
+    """Verified changes for a vanishing gradient: activation, init, skips, in that order."""
+    from gradscope.rules.recommend import Fixer
+
+    def build() -> list[Recommendation]:
+        fixer = Fixer(analysis)
+        found = [fixer.activation_swap("low"), fixer.initialization("low"),
+                 fixer.residual("low")]
+        return [r for r in found if r is not None]
+
+    return list(analysis.remember("vanishing_fixes", build))
+
+
+def global_grad_norm(analysis: Analysis) -> float | None:
+    """The probe's global gradient norm over every measured weight (a typical batch)."""
+    if analysis.probe is None:
+        return None
+    norms = [v for v in analysis.probe.param_grad_norm.values()
+             if v is not None and math.isfinite(v)]
+    return math.sqrt(sum(v * v for v in norms)) if norms else None
+
+
+def healthy_clip_norm(analysis: Analysis) -> tuple[float, float, int] | None:
+    """(sqrt(L) x g_out, g_out, L): the global norm if every layer had the output layers' norm.
+
+    g_out is the median ||grad W|| over the quarter of trainable layers nearest
+    the output, which an exploding or vanishing stack below them does not
+    change. A global norm far above sqrt(L) g_out comes from the layers that
+    explode, and is what the clip should cut.
+    """
+    probe = analysis.probe
+    if probe is None:
+        return None
+    norms = [probe.param_grad_norm[n] for n in analysis.traced.order()
+             if probe.param_grad_norm.get(n) is not None]
+    values = [v for v in norms if v is not None and math.isfinite(v) and v > 0]
+    if not values:
+        return None
+    tail = sorted(values[-max(1, len(values) // 4):])
+    g_out = tail[len(tail) // 2]
+    return math.sqrt(len(values)) * g_out, g_out, len(values)
+
+
+def clipping_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommendation]:
+    """clip_grad_norm_ at a norm derived from the probe, and adaptive clipping for large batches.
+
+    The threshold is the global norm the network would have if each of its L
+    layers had the gradient norm its output layers measured
+    (:func:`healthy_clip_norm`), rounded to 2 significant digits: it leaves a
+    healthy step alone and cuts what the exploding layers add (Pascanu et al.
+    2013 clip at the typical norm). AGC
+    (Brock et al. 2021) clips each unit at lambda * ||W||; lambda = 0.01 is
+    their value for batch 4096, and the probe's median ||grad W||/||W|| says
+    how much of the network it would clip at this initialisation.
+    """
     fixes = []
-    if acts & {"sigmoid", "tanh", "softsign", "hardsigmoid"}:
+    reference = healthy_clip_norm(analysis)
+    if grad_norm is not None and math.isfinite(grad_norm) and grad_norm > 0:
+        if reference is not None:
+            max_norm = float(f"{reference[0]:.2g}")
+            why = (f"{reference[2]} layers at the {reference[1]:.2g} the layers nearest the "
+                   f"output measured, sqrt({reference[2]}) x {reference[1]:.2g}; the probe "
+                   f"measured {grad_norm:.2g} in all")
+        else:
+            max_norm = float(f"{grad_norm:.2g}")
+            why = "the global norm the probe measured"
         fixes.append(Recommendation(
-            "activation",
-            "Replace saturating hidden activations (sigmoid/tanh) with ReLU or GELU: "
-            "E[sigmoid'(z)^2] is 0.045 at unit variance, so each layer keeps ~4.5% of the "
-            "gradient's squared norm.",
-            "nn.ReLU()  # instead of nn.Sigmoid() between hidden layers"))
-    fixes.append(Recommendation(
-        "initialization",
-        "Initialise weights for the activation so each layer's gain is 1: Kaiming normal "
-        "(fan_in) for ReLU-family activations (Var W = 2/fan_in), the critical sigma_w for tanh.",
-        "for m in model.modules():\n"
-        "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):\n"
-        "        nn.init.kaiming_normal_(m.weight, mode=\"fan_in\", nonlinearity=\"relu\")\n"
-        "        if m.bias is not None:\n"
-        "            nn.init.zeros_(m.bias)"))
-    fixes.append(Recommendation(
-        "residual_connection",
-        "Add identity skips around the long plain stack (x = x + block(x)), so the gradient has "
-        "a path that no layer attenuates.",
-        "def forward(self, x):\n    return x + self.block(x)"))
+            "gradient_clipping",
+            f"Clip the global gradient norm at {max_norm:g} ({why}; Pascanu et al. 2013) "
+            "while the cause is fixed.",
+            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})"))
+    ratios = sorted(v for v in (analysis.probe.param_grad_ratio.values() if analysis.probe
+                                else ()) if v is not None and math.isfinite(v) and v > 0)
+    if ratios:
+        lam = 0.01
+        median = ratios[len(ratios) // 2]
+        share = sum(1 for v in ratios if v > lam) / len(ratios)
+        fixes.append(Recommendation(
+            "gradient_clipping",
+            f"For large batches (1024+), adaptive gradient clipping with lambda = {lam:g} "
+            f"(Brock et al. 2021) clips each unit's gradient at {lam:g} x its weight norm: at "
+            f"this initialisation the median layer's ||grad W||/||W|| is {median:.2g}, so "
+            f"{share:.0%} of the layers would be clipped.",
+            "def adaptive_clip_(parameters, clipping: float = "
+            f"{lam:g}, eps: float = 1e-3) -> None:\n"
+            "    for p in parameters:\n"
+            "        if p.grad is None or p.dim() < 2:\n"
+            "            continue\n"
+            "        dims = tuple(range(1, p.dim()))\n"
+            "        w = p.detach().norm(dim=dims, keepdim=True).clamp_min(eps)\n"
+            "        g = p.grad.detach().norm(dim=dims, keepdim=True)\n"
+            "        p.grad.mul_(torch.where(g > clipping * w, clipping * w / g.clamp_min(1e-6), "
+            "1.0))"))
     return fixes
 
 
 def _exploding_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommendation]:
-    fixes = []
-    if grad_norm is not None and math.isfinite(grad_norm) and grad_norm > 0:
-        max_norm = float(f"{grad_norm:.2g}")
-        fixes.append(Recommendation(
-            "gradient_clipping",
-            f"Clip the global gradient norm at {max_norm:g} (the probe's measured norm; 0.5x to "
-            "10x the typical norm is safe, Pascanu et al. 2013) while the cause is fixed.",
-            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})"))
-    fixes.append(Recommendation(
-        "initialization",
-        "Reduce the initial weight scale to the activation's critical value (Kaiming fan_in "
-        "for ReLU, Var W = 2/fan_in).",
-        "nn.init.kaiming_normal_(layer.weight, mode=\"fan_in\", nonlinearity=\"relu\")"))
-    fixes.append(Recommendation(
-        "normalization",
-        "Put a normalisation layer (LayerNorm/BatchNorm) after each weight layer so the scale "
-        "cannot compound with depth.",
-        None))
-    return fixes
+    from gradscope.rules.recommend import Fixer
+
+    def build() -> list[Recommendation]:
+        fixer = Fixer(analysis)
+        found = [fixer.initialization("high"), fixer.normalization_after_layers("high")]
+        return [r for r in found if r is not None]
+
+    return clipping_fixes(analysis, grad_norm) + list(analysis.remember("exploding_fixes", build))
 
 
 def _gradient_extremes(analysis: Analysis, values: dict[str, float | None], *, measured: bool,
@@ -194,11 +277,7 @@ def _gradient_extremes(analysis: Analysis, values: dict[str, float | None], *, m
              "depth": analysis.traced.graph.nodes[lo_node]["depth"]}))
     if hi > t.exploding_warning:
         severity = "error" if hi > t.exploding_error else "warning"
-        norm = None
-        if analysis.probe is not None:
-            norms = [v for v in analysis.probe.param_grad_norm.values()
-                     if v is not None and math.isfinite(v)]
-            norm = math.sqrt(sum(v * v for v in norms)) if norms else None
+        norm = global_grad_norm(analysis)
         findings.append(_finding(
             code_e,
             f"Exploding gradient ({source}): {_op_of(analysis, hi_node)} receives {hi:.2e} "
@@ -211,23 +290,6 @@ def _gradient_extremes(analysis: Analysis, values: dict[str, float | None], *, m
 
 def check_static_gradients(analysis: Analysis) -> list[Finding]:
     return _gradient_extremes(analysis, analysis.estimate.health, measured=False)
-
-
-def _forget_bias_fix(module_path: str, steps: int) -> Recommendation:
-    bias = 3.0 if steps >= 100 else 1.0
-    return Recommendation(
-        "initialization",
-        f"Set the forget-gate bias to {bias:g} ({'>= 3 for 100+ steps' if bias == 3 else '>= 1'}"
-        "): PyTorch's default is 0, and the forget gate then keeps only about half of the "
-        "cell state's gradient per step.",
-        f"lstm = model.get_submodule({module_path!r})\n"
-        "hidden = lstm.hidden_size\n"
-        "with torch.no_grad():\n"
-        "    for name, bias in lstm.named_parameters():\n"
-        "        if name.startswith(\"bias_ih\"):  # gate order: input, forget, cell, output\n"
-        f"            bias[hidden:2 * hidden].fill_({bias:g})\n"
-        "        elif name.startswith(\"bias_hh\"):\n"
-        "            bias[hidden:2 * hidden].zero_()")
 
 
 def check_recurrent(analysis: Analysis) -> list[Finding]:
@@ -245,13 +307,9 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
         graph = analysis.traced.graph
         module = graph.nodes[node]["module"] or node
         cls = graph.nodes[node]["op"]
-        fixes = [_forget_bias_fix(module, steps)] if cls == "LSTM" else [Recommendation(
-            "initialization",
-            "Use an LSTM or GRU, or initialise the recurrent matrix orthogonally, so the "
-            "per-step gain stays near 1.",
-            f"for name, w in model.get_submodule({module!r}).named_parameters():\n"
-            "    if name.startswith(\"weight_hh\"):\n"
-            "        torch.nn.init.orthogonal_(w)")]
+        from gradscope.rules.architecture import recurrent_fixes
+
+        fixes = recurrent_fixes(analysis, node)
         findings.append(_finding(
             "GS103",
             f"Vanishing gradient through time (predicted): {module} ({cls}) keeps "
@@ -329,8 +387,9 @@ CHECKS: tuple[Callable[[Analysis], list[Finding]], ...] = (
 def run_checks(analysis: Analysis) -> list[Finding]:
     """All findings, most serious first, in a stable order."""
     from gradscope.report import severity_rank
+    from gradscope.rules.architecture import ARCHITECTURE_CHECKS
 
-    findings = [f for check in CHECKS for f in check(analysis)]
+    findings = [f for check in (*CHECKS, *ARCHITECTURE_CHECKS) for f in check(analysis)]
     return sorted(findings, key=lambda f: (severity_rank(f.severity), f.rule,
                                            f.location.node or ""))
 
@@ -369,11 +428,256 @@ def check_learning_rate(analysis: Analysis) -> list[Finding]:
                         f"the median update/weight ratio to {UPDATE_RATIO_TARGET:g}.",
                         f"optimizer = torch.optim.{_OPTIMIZERS.get(probe.optimizer or '', 'SGD')}"
                         f"(model.parameters(), lr={new_lr:.3g})"),
-         Recommendation("warmup", "Warm the learning rate up linearly over the first 1000 "
-                        "steps so early large updates cannot destroy the initialisation.",
-                        "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, "
-                        "start_factor=0.01, total_iters=1000)")],
+         warmup_recommendation(probe.optimizer)],
         {"median_update_ratio": median, "lr": probe.lr, "factor": factor})]
 
 
-CHECKS = (*CHECKS, check_learning_rate)
+def warmup_recommendation(optimizer: str | None) -> Recommendation:
+    """Linear warmup with a step count that follows from the optimiser.
+
+    Adam/AdamW: 2 / (1 - beta2) steps, 2000 for PyTorch's beta2 = 0.999: the
+    second-moment estimate is unreliable until then (Ma & Yarats 2021). SGD: 5
+    epochs, the large-batch rule of Goyal et al. (2017).
+    """
+    if optimizer in ("adam", "adamw"):
+        steps = round(2 / (1 - 0.999))
+        return Recommendation(
+            "warmup",
+            f"Warm the learning rate up linearly over the first {steps} steps "
+            "(2 / (1 - beta2) for beta2 = 0.999, Ma & Yarats 2021), so early large updates "
+            "cannot destroy the initialisation.",
+            "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, "
+            f"total_iters={steps})")
+    return Recommendation(
+        "warmup",
+        "Warm the learning rate up linearly over the first 5 epochs (Goyal et al. 2017), so "
+        "early large updates cannot destroy the initialisation.",
+        "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, "
+        "total_iters=5 * steps_per_epoch)")
+
+
+def check_layer_learning_rates(analysis: Analysis) -> list[Finding]:
+    """GS602: layers outside the band while the median layer is inside it."""
+    probe = analysis.probe
+    if probe is None or probe.lr is None:
+        return []
+    ratios = {n: v for n, v in probe.update_ratio.items()
+              if v is not None and math.isfinite(v) and v > 0}
+    if not ratios:
+        return []
+    values = sorted(ratios.values())
+    median = values[len(values) // 2]
+    lo, hi = UPDATE_RATIO_BAND
+    if not lo <= median <= hi:
+        return []  # GS601 covers the whole model
+    findings = []
+    for node in analysis.traced.order():
+        ratio = ratios.get(node)
+        if ratio is None or lo <= ratio <= hi:
+            continue
+        factor = UPDATE_RATIO_TARGET / ratio
+        module = analysis.traced.graph.nodes[node]["module"] or node
+        findings.append(_finding(
+            "GS602",
+            f"{_op_of(analysis, node)}: first update is {ratio:.1e} of its weight norm with lr "
+            f"{probe.lr:g} (band [{lo:g}, {hi:g}]; median layer {median:.1e}).",
+            _location(analysis, node), None,
+            [Recommendation(
+                "learning_rate",
+                f"Give {module} its own parameter group with lr = {probe.lr * factor:.3g} "
+                f"({factor:.3g}x), which brings its ratio to {UPDATE_RATIO_TARGET:g}.",
+                f"special = set(model.get_submodule({module!r}).parameters())\n"
+                "groups = [{\"params\": [p for p in model.parameters() if p not in special]},\n"
+                f"          {{\"params\": list(special), \"lr\": {probe.lr * factor:.3g}}}]\n"
+                f"optimizer = torch.optim.{_OPTIMIZERS.get(probe.optimizer or '', 'SGD')}"
+                f"(groups, lr={probe.lr:g})")],
+            {"update_ratio": ratio, "median_update_ratio": median, "factor": factor}))
+    return findings
+
+
+def check_update_imbalance(analysis: Analysis) -> list[Finding]:
+    """GS104: a layer's ||grad W||/||W|| far below the median layer's, measured."""
+    probe = analysis.probe
+    if probe is None or probe.nonfinite_forward or probe.nonfinite_backward:
+        return []
+    ratios = {n: v for n, v in probe.param_grad_ratio.items()
+              if v is not None and math.isfinite(v)}
+    if len(ratios) < 2:
+        return []
+    values = sorted(ratios.values())
+    median = values[len(values) // 2]
+    if median <= 0:
+        return []
+    node = min(ratios, key=lambda n: (ratios[n], analysis.traced.graph.nodes[n]["index"]))
+    relative = ratios[node] / median
+    t = analysis.thresholds
+    if relative >= t.update_imbalance:
+        return []
+    norm = probe.param_grad_norm.get(node)
+    norms = sorted(v for v in probe.param_grad_norm.values() if v is not None and v > 0)
+    typical = norms[len(norms) // 2] if norms else None
+    detail = ""
+    if norm is not None and typical:
+        detail = (f"; its ||grad W|| alone is {norm / typical:.2g}x the median layer's, which "
+                  "would not show it")
+    severity: Severity = "error" if relative < t.update_imbalance ** 2 else "warning"
+    return [_finding(
+        "GS104",
+        f"{_op_of(analysis, node)}: ||grad W||/||W|| = {ratios[node]:.2e}, {relative:.1e} of "
+        f"the median layer's ({median:.2e}){detail}.",
+        _location(analysis, node), severity, [],
+        {"param_grad_ratio": ratios[node], "median_param_grad_ratio": median,
+         "relative": relative, "threshold": t.update_imbalance})]
+
+
+#: |z| beyond which a saturating activation's derivative is below 1% of its maximum.
+SATURATION_EDGE = {"sigmoid": 5.986, "tanh": 2.993, "hardtanh": 1.0, "hardsigmoid": 3.0,
+                   "softsign": 9.0}
+
+
+def _tail_share(mean: float, var: float, edge: float) -> float:
+    sd = math.sqrt(max(var, 1e-30))
+    upper = 0.5 * math.erfc((edge - mean) / (sd * math.sqrt(2)))
+    lower = 0.5 * math.erfc((edge + mean) / (sd * math.sqrt(2)))
+    return upper + lower
+
+
+def check_saturation(analysis: Analysis) -> list[Finding]:
+    """GS301 (predicted, from the pre-activation moments) and GS302 (measured)."""
+    from gradscope.estimate.propagate import var_of
+
+    t = analysis.thresholds
+    graph = analysis.traced.graph
+    findings = []
+    worst_static: tuple[str, float] | None = None
+    for node in analysis.traced.order():
+        key = graph.nodes[node]["key"]
+        name = key.split(":", 1)[1] if key.startswith("activation:") else None
+        if name not in SATURATION_EDGE:
+            continue
+        ins = [r for r in graph.nodes[node]["inputs"] if graph.nodes[r]["role"] != "param"]
+        mom = analysis.estimate.moments.get(ins[0]) if ins else None
+        if mom is None:
+            continue
+        share = _tail_share(mom[0], var_of(mom), SATURATION_EDGE[name])
+        if share >= t.saturated_fraction and (worst_static is None or share > worst_static[1]):
+            worst_static = (node, share)
+    if worst_static is not None:
+        node, share = worst_static
+        findings.append(_finding(
+            "GS301",
+            f"{_op_of(analysis, node)}: {share:.0%} of its outputs are predicted in the flat "
+            f"tails (derivative < 1% of max; threshold {t.saturated_fraction:.0%}).",
+            _location(analysis, node), "error" if share >= 0.5 else "warning",
+            _saturation_fixes(analysis), {"saturated_fraction": share,
+                                          "threshold": t.saturated_fraction}))
+    probe = analysis.probe
+    if probe is not None and probe.saturated_fraction:
+        node = max(probe.saturated_fraction,
+                   key=lambda n: (probe.saturated_fraction[n] or 0.0, -graph.nodes[n]["index"]))
+        share = probe.saturated_fraction[node] or 0.0
+        if share >= t.saturated_fraction:
+            findings.append(_finding(
+                "GS302",
+                f"{_op_of(analysis, node)}: {share:.0%} of its outputs were saturated on the "
+                f"probe batches (derivative < 1% of max; threshold {t.saturated_fraction:.0%}).",
+                _location(analysis, node), "error" if share >= 0.5 else "warning",
+                _saturation_fixes(analysis), {"saturated_fraction": share,
+                                              "threshold": t.saturated_fraction}))
+    return findings
+
+
+def _saturation_fixes(analysis: Analysis) -> list[Recommendation]:
+    from gradscope.rules.recommend import Fixer
+
+    def build() -> list[Recommendation]:
+        fixer = Fixer(analysis)
+        found = [fixer.initialization("low"), fixer.activation_swap("low")]
+        return [r for r in found if r is not None]
+
+    return list(analysis.remember("saturation_fixes", build))
+
+
+def check_dead_units(analysis: Analysis) -> list[Finding]:
+    """GS401: the first layer (forward order) with many units dead on every probe sample."""
+    probe = analysis.probe
+    if probe is None or probe.nonfinite_forward:
+        return []
+    t = analysis.thresholds
+    graph = analysis.traced.graph
+    dead = {n: v for n, v in probe.dead_fraction.items() if v is not None}
+    bad = [n for n in analysis.traced.order() if dead.get(n, 0.0) >= t.dead_fraction]
+    if not bad:
+        return []
+    first = bad[0]
+    worst = max(dead[n] for n in bad)
+    all_dead = [n for n in bad if dead[n] >= 1.0]
+    severity: Severity = "error" if all_dead else "warning"
+    message = (f"{_op_of(analysis, first)}: {dead[first]:.0%} of its units never activated on "
+               f"any probe sample; {len(bad)} layer(s) at or above {t.dead_fraction:.0%}")
+    if all_dead:
+        message += (f", {len(all_dead)} entirely dead (first: "
+                    f"{graph.nodes[all_dead[0]]['module'] or all_dead[0]}): no gradient reaches "
+                    "any layer below them")
+    from gradscope.rules.recommend import Fixer
+
+    fixer = Fixer(analysis)
+    biased = negative_bias_layers(analysis)
+    fixes = [r for r in (fixer.zero_bias([n for n, _ in biased]) if biased else None,
+                         fixer.initialization("low")) if r is not None]
+    return [_finding("GS401", message + ".", _location(analysis, first), severity, fixes,
+                     {"dead_fraction": dead[first], "worst_dead_fraction": worst,
+                      "dead_layers": len(bad), "threshold": t.dead_fraction})]
+
+
+def negative_bias_layers(analysis: Analysis) -> list[tuple[str, float]]:
+    """Weight layers feeding a ReLU whose bias mean is below -k pre-activation stds."""
+    from gradscope.estimate.propagate import tensor_stats, var_of
+    from gradscope.fixes import weight_and_bias, weight_layers
+
+    graph = analysis.traced.graph
+    found = []
+    for node in weight_layers(analysis.traced):
+        succ = list(graph.successors(node))
+        if not any(graph.nodes[s]["key"] in ("activation:relu", "activation:relu6")
+                   for s in succ):
+            continue
+        _, bias = weight_and_bias(analysis.traced, node)
+        mom = analysis.estimate.moments.get(node)
+        if bias is None or mom is None:
+            continue
+        stats = tensor_stats(bias)
+        if stats is None:
+            continue
+        # An input that is already all zero leaves only the bias: any negative bias
+        # then switches every unit off (score capped at -10 std).
+        sd = math.sqrt(max(var_of(mom), 0.0))
+        score = max(stats[0] / sd, -10.0) if sd > 1e-12 else (-10.0 if stats[0] < 0 else 0.0)
+        if score < -analysis.thresholds.negative_bias:
+            found.append((node, score))
+    return found
+
+
+def check_negative_bias(analysis: Analysis) -> list[Finding]:
+    """GS402: strongly negative biases before ReLUs (static)."""
+    found = negative_bias_layers(analysis)
+    if not found:
+        return []
+    from gradscope.rules.recommend import Fixer
+
+    node, score = min(found, key=lambda item: item[1])
+    off = 0.5 * math.erfc(score / math.sqrt(2))  # P(z < 0) for z ~ N(score, 1)
+    fix = Fixer(analysis).zero_bias([n for n, _ in found])
+    return [_finding(
+        "GS402",
+        f"{len(found)} layer(s) before a ReLU have a bias mean below "
+        f"-{analysis.thresholds.negative_bias:g} pre-activation std; worst "
+        f"{_op_of(analysis, node)} at {score:.2f} std"
+        f"{' or below (its input is already zero)' if score <= -10 else ''}: about {off:.0%} "
+        "of its units are off on a typical sample.",
+        _location(analysis, node), None, [fix] if fix else [],
+        {"bias_in_std": score, "layers": len(found), "off_fraction": off})]
+
+
+CHECKS = (*CHECKS, check_learning_rate, check_layer_learning_rates, check_update_imbalance,
+          check_saturation, check_dead_units, check_negative_bias)

@@ -1,0 +1,361 @@
+"""Recommendations with the numbers filled in, each change verified on a copy first.
+
+Every architecture, activation, normalisation or initialisation fix is built
+as a :class:`gradscope.fixes.Variant` of the traced graph, re-estimated, and
+returned only if it moves the targeted figure towards 1 by a clear margin
+(:func:`gradscope.fixes.improves`); the recommendation then carries the
+before -> after figures. Advice that is not a change of the model (gradient
+clipping, learning rate, warmup) carries numbers from the probe instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gradscope.fixes import (
+    RELU_LIKE,
+    SATURATING,
+    Variant,
+    extreme_health,
+    hidden_activation,
+    improves,
+    init_scale,
+    reinitialise,
+    weight_layers,
+)
+from gradscope.report import Recommendation, Verification
+
+if TYPE_CHECKING:
+    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.rules.checks import Analysis
+
+#: Figure names used in before -> after, so reports say what moved.
+ENTRY_METRIC = "gradient ratio at the first trainable layers (static estimate)"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if x == 0:
+        return "0 (no gradient)"
+    return f"{x:.2g}" if 1e-2 <= abs(x) < 1e3 else f"{x:.2e}"
+
+
+def _names(modules: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(modules[:limit])
+    return shown + (f" and {len(modules) - limit} more" if len(modules) > limit else "")
+
+
+@dataclass
+class Fixer:
+    """Builds verified recommendations for one analysis.
+
+    ``worst`` is "low" for vanishing findings (the smallest entry ratio is the
+    figure) and "high" for exploding ones.
+    """
+
+    analysis: Analysis
+
+    def __post_init__(self) -> None:
+        from gradscope.rules.checks import entry_nodes
+
+        self.entries = entry_nodes(self.analysis)
+        self.traced = self.analysis.traced
+        self.graph = self.traced.graph
+
+    # -- verification --------------------------------------------------------
+    def _estimate(self, variant: Variant) -> StaticEstimate | None:
+        try:
+            return variant.estimate(self.analysis.inputs, self.analysis.declared)
+        except Exception:  # noqa: BLE001 - a fix we cannot estimate is a fix we do not offer
+            return None
+
+    def entry_verification(self, variant: Variant, worst: str) -> Verification | None:
+        """The entry-layer ratio before and after; None unless the change improves it."""
+        before = extreme_health(self.analysis.estimate, self.entries, worst)
+        est = self._estimate(variant)
+        if est is None:
+            return None
+        after = extreme_health(est, self.entries, worst)
+        if after is None or not improves(before, after):
+            return None
+        return Verification(ENTRY_METRIC, _finite_or_zero(before), after)
+
+    def metric_verification(self, variant: Variant, metric: str,
+                            figure: Callable[[StaticEstimate], float | None],
+                            ) -> Verification | None:
+        before = figure(self.analysis.estimate)
+        est = self._estimate(variant)
+        if est is None:
+            return None
+        after = figure(est)
+        if after is None or not improves(before, after):
+            return None
+        return Verification(metric, _finite_or_zero(before), after)
+
+    # -- the model's pieces --------------------------------------------------
+    def module_of(self, node: str) -> str:
+        return str(self.graph.nodes[node]["module"] or node)
+
+    def saturating_hidden(self) -> list[str]:
+        """sigmoid/tanh-like nodes whose output reaches another weight layer (not gates)."""
+        weights = set(weight_layers(self.traced))
+        found = []
+        for node in self.traced.order():
+            key = self.graph.nodes[node]["key"]
+            if not key.startswith("activation:") or key.split(":", 1)[1] not in SATURATING:
+                continue
+            if feeds_weight_layer(self.analysis, node, weights):
+                found.append(node)
+        return found
+
+    # -- recommendations -----------------------------------------------------
+    def activation_swap(self, worst: str = "low") -> Recommendation | None:
+        """Saturating hidden activations -> ReLU with Kaiming fan_in, as one change."""
+        nodes = self.saturating_hidden()
+        if not nodes:
+            return None
+        variant = Variant(self.traced)
+        for node in nodes:
+            variant.swap_activation(node, "relu")
+        reinitialise(variant, weight_layers(self.traced), 2.0)
+        check = self.entry_verification(variant, worst)
+        if check is None:
+            return None
+        kinds = sorted({self.graph.nodes[n]["key"].split(":", 1)[1] for n in nodes})
+        classes = ", ".join(f"nn.{_ACT_CLASS.get(k, k)}" for k in kinds)
+        return Recommendation(
+            "activation",
+            f"Replace the {len(nodes)} hidden {'/'.join(kinds)} activation(s) "
+            f"({_names([self.module_of(n) for n in nodes])}) with ReLU and initialise the "
+            f"weight layers Kaiming fan_in: the predicted gradient ratio at the first layers "
+            f"goes from {_fmt(check.before)} to {_fmt(check.after)}.",
+            "import torch.nn as nn\n\n"
+            "def swap_activations(module: nn.Module) -> None:\n"
+            "    for name, child in module.named_children():\n"
+            f"        if isinstance(child, ({classes},)):\n"
+            "            setattr(module, name, nn.ReLU())\n"
+            "        else:\n"
+            "            swap_activations(child)\n\n"
+            "swap_activations(model)  # functional calls (torch.sigmoid) need editing by hand\n"
+            + _INIT_LOOP.format(how="kaiming_normal_(m.weight, mode=\"fan_in\", "
+                                "nonlinearity=\"relu\")"),
+            check)
+
+    def initialization(self, worst: str) -> Recommendation | None:
+        """Re-initialise every weight layer for the model's hidden activation."""
+        act = hidden_activation(self.traced)
+        if act in ("sigmoid", "hardsigmoid", "logsigmoid"):
+            return None  # no scale makes a sigmoid stack critical: the activation is the fix
+        layers = weight_layers(self.traced)
+        if not layers:
+            return None
+        gain_sq, how = init_scale(act)
+        variant = Variant(self.traced)
+        reinitialise(variant, layers, gain_sq)
+        check = self.entry_verification(variant, worst)
+        if check is None:
+            return None
+        std = f"sqrt({gain_sq:.3g} / fan_in)"
+        return Recommendation(
+            "initialization",
+            f"Initialise the {len(layers)} weight layers for {act or 'linear'} units with "
+            f"std = {std} and zero biases: the predicted gradient ratio at the first layers "
+            f"goes from {_fmt(check.before)} to {_fmt(check.after)}.",
+            "import math\nimport torch.nn as nn\n" + _INIT_LOOP.format(how=how.replace(
+                "(w,", "(m.weight,").replace("fan_in))", "m.weight[0].numel()))")),
+            check)
+
+    def zero_bias(self, nodes: Sequence[str], worst: str = "low") -> Recommendation | None:
+        """Biases before ReLUs set to 0."""
+        from gradscope.fixes import weight_and_bias
+
+        variant = Variant(self.traced)
+        for node in nodes:
+            _, bias = weight_and_bias(self.traced, node)
+            variant.set_moments(bias, (0.0, 0.0))
+        check = self.entry_verification(variant, worst)
+        if check is None:
+            return None
+        modules = [self.module_of(n) for n in nodes]
+        return Recommendation(
+            "initialization",
+            f"Initialise the biases of {_names(modules)} to 0: the predicted gradient ratio at "
+            f"the first layers goes from {_fmt(check.before)} to {_fmt(check.after)}.",
+            "import torch.nn as nn\n\nwith torch.no_grad():\n"
+            f"    for name in {modules!r}:\n"
+            "        nn.init.zeros_(model.get_submodule(name).bias)",
+            check)
+
+    def residual(self, worst: str) -> Recommendation | None:
+        """Identity skips around blocks of two weight layers on the longest plain run."""
+        spans = plain_blocks(self.analysis)
+        if not spans:
+            return None
+        best: tuple[Verification, float] | None = None
+        for alpha in (1.0, 1.0 / math.sqrt(len(spans))):
+            variant = Variant(self.traced)
+            for start, end, _ in spans:
+                variant.add_residual(start, end, alpha)
+            check = self.entry_verification(variant, worst)
+            if check is not None and (best is None or _closer(check.after, best[0].after)):
+                best = (check, alpha)
+            if len(spans) == 1:
+                break
+        if best is None:
+            return None
+        check, alpha = best
+        where = "; ".join(f"{first} .. {last}" for _, _, (first, last) in spans[:4])
+        more = f" and {len(spans) - 4} more" if len(spans) > 4 else ""
+        scale = "" if alpha == 1.0 else f" scaled by {alpha:.3g} (1/sqrt({len(spans)} blocks))"
+        return Recommendation(
+            "residual_connection",
+            f"Add {len(spans)} identity skip(s){scale} around blocks of two weight layers "
+            f"where the shapes match ({where}{more}); each add goes after the block's last "
+            f"activation: the predicted gradient ratio at the first layers goes from "
+            f"{_fmt(check.before)} to {_fmt(check.after)}.",
+            "class Residual(nn.Module):\n"
+            "    def __init__(self, block: nn.Module, scale: float = "
+            f"{alpha:.3g}) -> None:\n"
+            "        super().__init__()\n"
+            "        self.block, self.scale = block, scale\n\n"
+            "    def forward(self, x):\n"
+            "        return x + self.scale * self.block(x)\n\n"
+            f"# wrap each span, e.g. {spans[0][2][0]} .. {spans[0][2][1]} and its activations:\n"
+            "# nn.Sequential(*layers[i:i + block_len]) -> Residual(nn.Sequential(...))",
+            check)
+
+    def normalization_after_layers(self, worst: str) -> Recommendation | None:
+        """LayerNorm after each hidden weight layer (before its activation)."""
+        layers = weight_layers(self.traced)
+        hidden = [n for n in layers[:-1] if self.graph.nodes[n]["shape"]]
+        if len(hidden) < 2:
+            return None
+        variant = Variant(self.traced)
+        conv = any(self.graph.nodes[n]["key"] == "conv" for n in hidden)
+        for node in hidden:
+            variant.insert_norm(node, "batch_norm" if conv else "layer_norm")
+        check = self.entry_verification(variant, worst)
+        if check is None:
+            return None
+        norm = "nn.BatchNorm2d(channels)" if conv else "nn.LayerNorm(width)"
+        return Recommendation(
+            "normalization",
+            f"Put a {norm.split('(')[0]} after each of the {len(hidden)} hidden weight layers "
+            f"({_names([self.module_of(n) for n in hidden])}), before the activation: the "
+            f"predicted gradient ratio at the first layers goes from {_fmt(check.before)} to "
+            f"{_fmt(check.after)}.",
+            f"nn.Sequential(layer, {norm}, activation)  # for each hidden layer",
+            check)
+
+
+_ACT_CLASS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "softsign": "Softsign",
+              "hardsigmoid": "Hardsigmoid", "hardtanh": "Hardtanh", "logsigmoid": "LogSigmoid"}
+
+_INIT_LOOP = (
+    "\nfor m in model.modules():\n"
+    "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):\n"
+    "        nn.init.{how}\n"
+    "        if m.bias is not None:\n"
+    "            nn.init.zeros_(m.bias)")
+
+
+def _finite_or_zero(x: float | None) -> float:
+    return x if x is not None and math.isfinite(x) else 0.0
+
+
+def _closer(a: float, b: float) -> bool:
+    from gradscope.fixes import log_distance
+
+    return log_distance(a) < log_distance(b)
+
+
+def feeds_weight_layer(analysis: Analysis, node: str, weights: set[str]) -> bool:
+    """Whether ``node``'s output reaches a weight layer's signal input (not via a gate mul)."""
+    graph = analysis.traced.graph
+    stack = [node]
+    seen = {node}
+    while stack:
+        current = stack.pop()
+        for succ in graph.successors(current):
+            if succ in seen:
+                continue
+            seen.add(succ)
+            key = graph.nodes[succ]["key"]
+            if succ in weights:
+                return True
+            if key in ("mul", "div") or key.startswith("activation:"):
+                continue  # a gate, or another activation that owns the next layer
+            stack.append(succ)
+    return False
+
+
+def plain_run_path(analysis: Analysis) -> list[str]:
+    """The nodes of the longest plain run (weight layers no skip bypasses), in forward order."""
+    from gradscope.estimate.depth import _is_weight_layer, residual_adds
+
+    traced = analysis.traced
+    graph = traced.graph
+    skips = set(residual_adds(traced))
+    run: dict[str, int] = {}
+    best, best_end = 0, None
+    for name in traced.order():
+        if graph.nodes[name]["role"] == "param":
+            continue
+        upstream = max((run.get(p, 0) for p in graph.predecessors(name)), default=0)
+        if name in skips:
+            run[name] = 0
+            continue
+        run[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
+        if run[name] > best:
+            best, best_end = run[name], name
+    path: list[str] = []
+    node = best_end
+    while node is not None and run.get(node, 0) > 0:
+        path.append(node)
+        preds = [p for p in graph.predecessors(node) if p in run]
+        node = max(preds, key=lambda p: (run[p], graph.nodes[p]["index"]), default=None)
+    return list(reversed(path))
+
+
+def plain_blocks(analysis: Analysis, size: int = 2,
+                 ) -> list[tuple[str, str, tuple[str, str]]]:
+    """Spans of ``size`` weight layers on the plain run whose input and output shapes match.
+
+    Each is (node before the block, node after the block's last activation,
+    (first module, last module)): the add goes where the next block starts.
+    """
+    from gradscope.estimate.depth import _is_weight_layer
+
+    traced = analysis.traced
+    graph = traced.graph
+    path = plain_run_path(analysis)
+    layers = [n for n in path if _is_weight_layer(traced, n)]
+    inputs: dict[str, str] = {}
+    for node in layers:
+        signal = [p for p in graph.predecessors(node) if graph.nodes[p]["role"] != "param"]
+        on_path = [p for p in signal if p in path]
+        if on_path or signal:
+            inputs[node] = (on_path or signal)[0]
+    spans = []
+    i = 0
+    while i + size < len(layers):
+        first, last, after = layers[i], layers[i + size - 1], layers[i + size]
+        start, end = inputs.get(first), inputs.get(after)
+        if start is not None and end is not None \
+                and graph.nodes[start]["shape"] == graph.nodes[end]["shape"] \
+                and graph.nodes[start]["shape"] is not None:
+            module = (str(graph.nodes[first]["module"] or first),
+                      str(graph.nodes[last]["module"] or last))
+            spans.append((start, end, module))
+            i += size
+        else:
+            i += 1
+    return spans
+
+
+def relu_like(name: str | None) -> bool:
+    return name in RELU_LIKE
