@@ -278,14 +278,18 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
 
 @main.command(context_settings=CONTEXT)
 @click.argument("code", required=False)
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text",
-              show_default=True, help="markdown: the README's rule table")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "reference"]),
+              default="text", show_default=True,
+              help="markdown: the README's rule table; reference: docs/rules.md")
 def rules(code: str | None, fmt: str) -> None:
     """List every rule code, or explain one (gradscope rules GS101)."""
-    from gradscope.rules.registry import get_rule, iter_rules, markdown_table
+    from gradscope.rules.registry import get_rule, iter_rules, markdown_reference, markdown_table
 
     if fmt == "markdown" and not code:
         click.echo(markdown_table(), nl=False)
+        return
+    if fmt == "reference" and not code:
+        click.echo(markdown_reference(), nl=False)
         return
     if code:
         try:

@@ -12,10 +12,9 @@ rules reach:
 - no vanishing/exploding finding: relu_mlp_kaiming, resnet_bn, tuple_output_mlp,
   two_input_model, pre_ln/post_ln transformers, data_dependent;
 - trace notes (GS801): data_dependent (runtime), both transformers (export);
-- LSTM vanishes through time (GS103, from the estimate's unroll).
-
-Not reached yet (no rule): the Post-LN warmup warning, the LSTM's vanishing
-through time, dead-unit and saturation findings.
+- LSTM vanishes through time (GS103, from the estimate's unroll);
+- Post-LN needs warmup (GS703), dead units (GS401/GS402), sigmoid hidden units
+  (GS705): see ``DIAGNOSIS`` below, with the verified fix each one carries.
 """
 
 from __future__ import annotations
@@ -326,3 +325,42 @@ def test_saturation_measured_on_sigmoid(reports: Any) -> None:
     _, report, _ = reports("deep_sigmoid_mlp")
     sat = [layer.saturated_fraction for layer in report.layers if layer.op == "Sigmoid"]
     assert len(sat) == 9 and all(s is not None and 0.0 <= s <= 1.0 for s in sat)
+
+
+#: The diagnosis each sample's docstring states: (rule, the recommendation kind that
+#: must come verified with it, or None where no change of the model applies).
+DIAGNOSIS: dict[str, list[tuple[str, str | None]]] = {
+    "deep_sigmoid_mlp": [("GS101", "activation"), ("GS102", "activation"),
+                         ("GS705", "activation")],
+    "plain_deep_cnn": [("GS101", "initialization"), ("GS102", "residual_connection")],
+    "large_init_mlp": [("GS201", "initialization"), ("GS202", "normalization")],
+    "dead_relu_mlp": [("GS401", "initialization"), ("GS402", "initialization")],
+    "post_ln_transformer": [("GS703", "normalization")],
+    "lstm": [("GS103", "initialization")],
+    "nan_model": [("GS501", None)],
+    "data_dependent": [("GS801", None)],
+}
+HEALTHY = ("relu_mlp_kaiming", "resnet_bn", "tuple_output_mlp", "two_input_model",
+           "pre_ln_transformer")
+
+
+@pytest.mark.parametrize("name", sorted(DIAGNOSIS))
+def test_sample_diagnosis_with_verified_fix(reports: Any, name: str) -> None:
+    _, report, _ = reports(name)
+    found = {f.rule: f for f in report.findings}
+    for code, kind in DIAGNOSIS[name]:
+        assert code in found, f"{name}: {code} missing from {sorted(found)}"
+        if kind is None:
+            continue
+        fixes = [r for r in found[code].recommendations if r.kind == kind]
+        assert fixes and fixes[0].verified is not None, f"{name}: {code} has no verified {kind}"
+        check = fixes[0].verified
+        assert check.before != check.after
+        assert f"{check.after:.2g}"[:3] in fixes[0].text or "goes from" in fixes[0].text
+        assert fixes[0].code
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_samples_are_healthy(reports: Any, name: str) -> None:
+    _, report, _ = reports(name)
+    assert report.status == "healthy", [(f.rule, f.severity) for f in report.findings]

@@ -26,7 +26,7 @@ from gradscope.rules.checks import (
     entry_nodes,
     warmup_recommendation,
 )
-from gradscope.rules.recommend import Fixer, _fmt, plain_run_path
+from gradscope.rules.recommend import Fixer, _fmt, dense_layers, plain_run_path
 
 if TYPE_CHECKING:
     from gradscope.estimate.propagate import StaticEstimate
@@ -51,7 +51,7 @@ def check_plain_stack(analysis: Analysis) -> list[Finding]:
     t = analysis.thresholds
     graph = analysis.traced.graph
     path = plain_run_path(analysis)
-    layers = [n for n in path if _is_weight_layer(analysis.traced, n)]
+    layers = dense_layers(analysis, path)
     findings: list[Finding] = []
     if len(layers) < 2:
         return findings

@@ -154,6 +154,8 @@ class Fixer:
         if not layers:
             return None
         gain_sq, how = init_scale(act)
+        if already_initialised(self.analysis, layers, gain_sq):
+            return None
         variant = Variant(self.traced)
         reinitialise(variant, layers, gain_sq)
         check = self.entry_verification(variant, worst)
@@ -328,12 +330,10 @@ def plain_blocks(analysis: Analysis, size: int = 2,
     Each is (node before the block, node after the block's last activation,
     (first module, last module)): the add goes where the next block starts.
     """
-    from gradscope.estimate.depth import _is_weight_layer
-
     traced = analysis.traced
     graph = traced.graph
     path = plain_run_path(analysis)
-    layers = [n for n in path if _is_weight_layer(traced, n)]
+    layers = dense_layers(analysis, path)
     inputs: dict[str, str] = {}
     for node in layers:
         signal = [p for p in graph.predecessors(node) if graph.nodes[p]["role"] != "param"]
@@ -355,6 +355,45 @@ def plain_blocks(analysis: Analysis, size: int = 2,
         else:
             i += 1
     return spans
+
+
+def dense_layers(analysis: Analysis, nodes: Sequence[str]) -> list[str]:
+    """The linear and convolution layers among ``nodes``: what "depth" counts.
+
+    Normalisations own weights too, but they are not layers a skip goes around.
+    """
+    from gradscope.estimate.depth import _is_weight_layer
+    from gradscope.fixes import WEIGHT_KEYS
+
+    graph = analysis.traced.graph
+    return [n for n in nodes if _is_weight_layer(analysis.traced, n)
+            and graph.nodes[n]["key"] in (*WEIGHT_KEYS, "conv_transpose")]
+
+
+def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: float) -> bool:
+    """Whether every layer's weights already have Var W ~ gain^2/fan_in and biases ~ 0.
+
+    Then re-initialising only redraws the same distribution: the estimate on
+    idealised moments would look better than the realised draw, but a user
+    applying the fix would get another draw of the same thing.
+    """
+    from gradscope.estimate.propagate import tensor_stats
+    from gradscope.fixes import fan_in, weight_and_bias
+
+    for node in layers:
+        w, b = weight_and_bias(analysis.traced, node)
+        if w is None:
+            continue
+        stats = tensor_stats(w)
+        if stats is None:
+            return False
+        target = gain_sq / fan_in(analysis.traced.graph.nodes[node]["key"], w)
+        if not 1 / 1.5 <= stats[1] / max(target, 1e-30) <= 1.5:
+            return False
+        b_stats = tensor_stats(b) if b is not None else (0.0, 0.0)
+        if b_stats is not None and b_stats[1] > 0.1 * target:
+            return False
+    return True
 
 
 def relu_like(name: str | None) -> bool:

@@ -84,6 +84,26 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_reference() -> str:
+    """docs/rules.md: every rule's what / why / fix and papers, generated like the table."""
+    out = ["# Rules", "",
+           "Generated from `gradscope/rules/registry.py` (`gradscope rules --format "
+           "reference`); `gradscope rules CODE` prints the same text.", ""]
+    for family, category in sorted(FAMILIES.items()):
+        rules = [r for r in iter_rules() if r.category == category]
+        if not rules:
+            continue
+        out += [f"## GS{family}xx: {category}", ""]
+        for r in rules:
+            out += [f"### {r.code} {r.name}", "",
+                    f"Default severity **{r.severity}**. {r.summary}", "",
+                    f"**What.** {r.what}", "", f"**Why.** {r.why}", "",
+                    f"**How to fix.** {r.fix}", ""]
+            if r.references:
+                out += ["References:", "", *[f"- {ref}" for ref in r.references], ""]
+    return "\n".join(out)
+
+
 def replace_table(readme: str) -> str:
     """``readme`` with the text between the table markers regenerated."""
     head, found, rest = readme.partition(TABLE_START)
@@ -267,7 +287,8 @@ register(
         "it, the prediction cannot.",
         fix="Trust the probe's figures for these nodes; report the op names so gradscope "
         "can learn them.",
-        references=(),
+        references=(_SCHOENHOLZ, "Reed et al. 2022, torch.fx: Practical Program Capture and "
+                    "Transformation for Deep Learning in Python (MLSys)"),
     )
 )
 register(
