@@ -209,7 +209,7 @@ def worker_config(name: str, profile: str | None) -> dict[str, Any]:
         "unknown_ops": list(trace.unknown_ops),
         "static_min_ratio": summary.get("static_min_ratio"),
         "static_max_ratio": summary.get("static_max_ratio"),
-        "findings": sorted({f.code for f in report.findings}) if report.findings else [],
+        "findings": sorted({f.rule for f in report.findings}) if report.findings else [],
     }
 
 

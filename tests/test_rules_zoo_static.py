@@ -73,6 +73,17 @@ class _Residual(nn.Module):
         return self.out(x)
 
 
+class _RMSResidual(_Residual):
+    """Pre-norm residual blocks with a hand-written RMSNorm (as in Llama): no norm module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            x = x + block(h)
+        return self.out(x)
+
+
 class _Transformerish(nn.Module):
     """Hand-written blocks: LayerNorm(x + f(x)) (Post-LN) or x + f(LayerNorm(x)) (Pre-LN)."""
 
@@ -158,6 +169,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], bool]]
     "residual_unscaled": (lambda: _Residual(8), lambda: _x(64, 32), False),
     "residual_scaled": (lambda: _Residual(8, scale=1 / math.sqrt(8)), lambda: _x(64, 32), False),
     "residual_normed": (lambda: _Residual(8, norm=True), lambda: _x(64, 32), False),
+    "residual_rmsnorm": (lambda: _RMSResidual(8), lambda: _x(64, 32), False),
     "post_ln": (lambda: _Transformerish(pre=False), lambda: _x(64, 16), False),
     "pre_ln": (lambda: _Transformerish(pre=True), lambda: _x(64, 16), False),
     "narrow_deep": (lambda: _mlp(30, 16, std=_he), lambda: _x(64, 32), False),
@@ -239,7 +251,8 @@ def test_rule_fires_on_its_model_and_not_on_the_twin(
 
 
 def test_residual_scaled_and_normed_twins_are_healthy() -> None:
-    for name in ("residual_scaled", "residual_normed", "pre_ln", "relu_kaiming"):
+    for name in ("residual_scaled", "residual_normed", "residual_rmsnorm", "pre_ln",
+                 "relu_kaiming"):
         assert report(name).status == "healthy", [f.rule for f in report(name).findings]
 
 

@@ -256,13 +256,27 @@ def check_post_ln(analysis: Analysis) -> list[Finding]:
 # ---------------------------------------------------------------------------
 # GS704: residual stack without normalisation or scale
 
+#: Ops that only a normalisation computes: hand-written RMSNorm/LayerNorm (Llama's
+#: ``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``) has no norm module.
+_NORM_OPS = ("rsqrt", "var", "std", "var_mean", "std_mean", "norm", "normalize")
+
+
+def has_normalisation(graph: nx.DiGraph) -> bool:
+    for node in graph.nodes:
+        data = graph.nodes[node]
+        if data["key"] in (*NORM_KEYS, "l2_normalize") or data["op"] in _NORM_OPS:
+            return True
+        if data["key"] == "pow" and len(data["args"]) > 1 and data["args"][1] == -0.5:
+            return True
+    return False
+
 
 def check_unscaled_residuals(analysis: Analysis) -> list[Finding]:
     graph = analysis.traced.graph
     adds = residual_adds(analysis.traced)
     if len(adds) < analysis.thresholds.residual_blocks:
         return []
-    if any(graph.nodes[n]["key"] in NORM_KEYS for n in graph.nodes):
+    if has_normalisation(graph):
         return []
     unscaled = []
     for add in adds:
