@@ -473,7 +473,9 @@ def test_nonfinite_backward_located(tracer: str) -> None:
     assert [layer.nonfinite_backward for layer in chain] == bwd
     rules = {f.rule: f for f in report.findings}
     assert "GS502" in rules and "GS501" not in rules
-    assert rules["GS502"].location.node == chain[1].name
+    # The finding points at the op whose backward made the inf (sqrt), not at its input.
+    assert rules["GS502"].location.node == chain[2].name
+    assert rules["GS502"].evidence["first_node"] == chain[1].name
     assert all(math.isfinite(layer.probe_grad_rms) for layer in chain
                if layer.probe_grad_rms is not None and not layer.nonfinite_backward)
 

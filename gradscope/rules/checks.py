@@ -338,20 +338,42 @@ def check_nonfinite(analysis: Analysis) -> list[Finding]:
         findings.append(_finding(
             "GS501",
             f"NaN/Inf first appears in the forward pass at {_op_of(analysis, first)}; "
-            f"{len(probe.nonfinite_forward)} node(s) downstream are non-finite too.",
+            f"{len(probe.nonfinite_forward) - 1} node(s) downstream are non-finite too.",
             _location(analysis, first),
             evidence={"first_node": first, "nonfinite_nodes": len(probe.nonfinite_forward)}))
     else:
         bad = [n for n in probe.nonfinite_backward]
         if bad:
             start = bad[-1]  # closest to the output in forward order: where backward breaks
+            op = _backward_source(analysis, start, set(bad))
+            where = (f"in the backward of {_op_of(analysis, op)}: its input "
+                     f"{_op_of(analysis, start)} receives a non-finite gradient"
+                     if op != start else f"at {_op_of(analysis, start)}")
             findings.append(_finding(
                 "GS502",
-                f"The gradient turns NaN/Inf at {_op_of(analysis, start)} although the forward "
-                f"pass is finite; {len(bad)} node(s) upstream receive non-finite gradients.",
-                _location(analysis, start),
-                evidence={"first_node": start, "nonfinite_nodes": len(bad)}))
+                f"The gradient turns NaN/Inf {where} although the forward pass is finite; "
+                f"{len(bad)} node(s) upstream receive non-finite gradients.",
+                _location(analysis, op),
+                evidence={"first_node": start, "op_node": op, "nonfinite_nodes": len(bad)}))
     return findings
+
+
+def _backward_source(analysis: Analysis, node: str, bad: set[str]) -> str:
+    """The op whose backward made ``node``'s gradient non-finite: a consumer whose own is finite.
+
+    ``node`` is the last node (forward order) with a non-finite gradient, so every
+    consumer's gradient is finite and one of their backward functions (sqrt at 0,
+    pow with a small base) produced the NaN/Inf: that op is what needs the guard.
+    Consumers with a measured finite gradient come first; ``node`` when it has none.
+    """
+    graph = analysis.traced.graph
+    sq = analysis.probe.sq_norm if analysis.probe is not None else {}
+    consumers = [s for s in graph.successors(node)
+                 if s not in bad and graph.nodes[s]["role"] == "compute"]
+    if not consumers:
+        return node
+    return min(consumers, key=lambda s: (not math.isfinite(sq.get(s, math.nan)),
+                                         graph.nodes[s]["index"]))
 
 
 def check_trace(analysis: Analysis) -> list[Finding]:
@@ -518,8 +540,9 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     typical = norms[len(norms) // 2] if norms else None
     detail = ""
     if norm is not None and typical:
-        detail = (f"; its ||grad W|| alone is {norm / typical:.2g}x the median layer's, which "
-                  "would not show it")
+        share = norm / typical
+        detail = (f"; its ||grad W|| alone ({share:.2g}x the median layer's) would not show it"
+                  if 0.1 <= share <= 10 else f"; ||grad W|| alone: {share:.2g}x the median")
     severity: Severity = "error" if relative < t.update_imbalance ** 2 else "warning"
     return [_finding(
         "GS104",
