@@ -98,6 +98,8 @@ def main() -> None:
     \b
     gradscope analyze model.py               terminal summary of one model
     gradscope analyze model.py --html r.html --json r.json
+    gradscope analyze model.py --html r.html --open   ... and open it in a browser
+    gradscope view r.html                    open a written HTML report in a browser
     gradscope rules                          every rule code
     gradscope rules GS101                    what a rule means and how to fix it
     """
@@ -133,6 +135,8 @@ def main() -> None:
 @click.option("--probe-mode", "probe_mode", type=click.Choice(["train", "eval"]), default=None,
               help="Run the probe in train (default) or eval mode.")
 @click.option("--html", default=None, metavar="PATH", help="Write the HTML report.")
+@click.option("--open", "open_html", is_flag=True,
+              help="Open the HTML report in a browser once written (needs --html).")
 @click.option("--json", "json_path", default=None, metavar="PATH",
               help="Write the JSON report ('-' for stdout).")
 @click.option("--sarif", default=None, metavar="PATH", help="Write a SARIF 2.1.0 report.")
@@ -160,7 +164,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             momentum: float | None, weight_decay: float | None, batches: int | None,
             loss: str | None, probe_mode: str | None, select: tuple[str, ...],
             ignore: tuple[str, ...], per_module_ignore: tuple[str, ...],
-            color: bool | None, quiet: bool, debug: bool) -> None:
+            color: bool | None, quiet: bool, debug: bool, open_html: bool) -> None:
     """Analyse the gradient flow of one or more models.
 
     TARGET is path/to/file.py, path/to/file.py:NAME or package.module:NAME.
@@ -182,10 +186,15 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             per_module_ignore=per_module)
         validate(settings)
         _check_outputs(settings, len(targets))
+        if open_html and settings.html in (None, "-"):
+            raise ConfigError("--open needs an HTML report file",
+                              "add --html PATH (not '-')")
         failed = False
         for target, stem in zip(targets, _target_stems(targets), strict=True):
             failed |= _analyze_one(target, settings, stem=stem, many=len(targets) > 1,
                                    color=color, quiet=quiet)
+            if open_html:
+                _open_in_browser(Path(str(_per_target(settings.html, stem, len(targets) > 1))))
     except GradscopeError as error:
         _fail(error, debug)
     except KeyboardInterrupt:
@@ -200,6 +209,16 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
                    "report it with the traceback above)", err=True)
         sys.exit(int(ExitCode.USAGE))
     sys.exit(int(ExitCode.FINDINGS if failed else ExitCode.OK))
+
+
+def _open_in_browser(path: Path) -> None:
+    """Hand a report file to the user's browser; a file that is not there is exit 2."""
+    import webbrowser
+
+    if not path.is_file():
+        raise ConfigError(f"no such report file: {path}",
+                          "write one with 'gradscope analyze MODEL --html PATH'")
+    webbrowser.open(path.resolve().as_uri())
 
 
 def _check_outputs(settings: Settings, count: int) -> None:
@@ -300,6 +319,16 @@ def rules(code: str | None, fmt: str) -> None:
         return
     for rule in iter_rules():
         click.echo(f"{rule.code}  {rule.severity:<7}  {rule.category:<18}  {rule.summary}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("report", metavar="REPORT.html")
+def view(report: str) -> None:
+    """Open an HTML report (written by analyze --html) in a browser."""
+    try:
+        _open_in_browser(Path(report))
+    except GradscopeError as error:
+        _fail(error, False)
 
 
 def run(argv: list[str] | None = None) -> Any:

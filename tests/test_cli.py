@@ -176,7 +176,7 @@ def test_help_version_and_rules_do_not_import_torch(tmp_path: Path) -> None:
         from gradscope.cli import main
 
         for args in (["--help"], ["--version"], ["-V"], ["rules"], ["rules", "GS101"],
-                     ["analyze", "--help"], ["rules", "--help"]):
+                     ["analyze", "--help"], ["rules", "--help"], ["view", "--help"]):
             result = CliRunner().invoke(main, args)
             assert result.exit_code == 0, (args, result.output)
             assert result.output.strip(), args
@@ -213,10 +213,10 @@ def test_version_and_help() -> None:
     assert gradscope.__version__ in result.stdout
     result = invoke("--help")
     assert result.exit_code == 0
-    assert "analyze" in result.stdout and "rules" in result.stdout
+    assert "analyze" in result.stdout and "rules" in result.stdout and "view" in result.stdout
     result = invoke("analyze", "--help")
     for option in ("--input-shape", "--dtype", "--device", "--no-probe", "--fail-on", "--json",
-                   "--html", "--sarif", "--lr", "--optimizer", "--output"):
+                   "--html", "--sarif", "--lr", "--optimizer", "--output", "--open"):
         assert option in result.stdout, option
 
 
@@ -504,6 +504,84 @@ def test_targets_with_the_same_file_name_do_not_overwrite_each_other(tmp_path: P
     assert len(written) == 4, [p.name for p in written]
     names = sorted(json.loads(p.read_text())["model"]["name"] for p in written)
     assert names == ["Alpha", "Beta", "model (Delta)", "model (Gamma)"]
+
+
+# ------------------------------------------------------------------ view and analyze --open
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URLs handed to webbrowser.open; no browser is started."""
+    urls: list[str] = []
+
+    def fake_open(url: str, *args: Any, **kwargs: Any) -> bool:
+        urls.append(url)
+        return True
+
+    monkeypatch.setattr("webbrowser.open", fake_open)
+    return urls
+
+
+def test_view_opens_the_report_as_a_file_uri(tmp_path: Path, opened: list[str]) -> None:
+    (tmp_path / "r.html").write_text("<html></html>", encoding="utf-8")
+    result = invoke("view", "r.html")
+    assert result.exit_code == 0, result.stderr
+    assert opened == [(tmp_path / "r.html").resolve().as_uri()]
+    assert opened[0].startswith("file://")
+
+
+def test_view_missing_file_exits_2_with_one_line(opened: list[str]) -> None:
+    assert_usage_error(invoke("view", "missing.html"), "missing.html")
+    assert opened == []
+
+
+def test_view_a_folder_exits_2(tmp_path: Path, opened: list[str]) -> None:
+    (tmp_path / "folder.html").mkdir()
+    assert_usage_error(invoke("view", "folder.html"), "folder.html")
+    assert opened == []
+
+
+def test_view_in_a_real_process_does_not_import_torch(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import sys, webbrowser
+        from click.testing import CliRunner
+        from gradscope.cli import main
+
+        urls = []
+        webbrowser.open = lambda url, *a, **k: urls.append(url) or True
+        open("r.html", "w").write("<html></html>")
+        result = CliRunner().invoke(main, ["view", "r.html"])
+        assert result.exit_code == 0, result.output
+        assert len(urls) == 1 and urls[0].startswith("file://"), urls
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_analyze_open_opens_the_html_report(tmp_path: Path, opened: list[str]) -> None:
+    result = analyze(SMALL, "--no-probe", "--html", "r.html", "--open")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "r.html").is_file()
+    assert opened == [(tmp_path / "r.html").resolve().as_uri()]
+
+
+def test_analyze_open_with_two_targets_opens_each_report(tmp_path: Path,
+                                                         opened: list[str]) -> None:
+    result = analyze(SMALL, TWO_INPUTS, "--no-probe", "--html", "r.html", "--open", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert opened == [(tmp_path / f"r.{stem}.html").resolve().as_uri()
+                      for stem in ("tuple_output_mlp", "two_input_model")]
+
+
+@pytest.mark.parametrize("html", [[], ["--html", "-"]])
+def test_analyze_open_without_an_html_file_is_a_usage_error(html: list[str],
+                                                            opened: list[str]) -> None:
+    assert_usage_error(analyze(SMALL, "--no-probe", "--open", *html), "--open", "--html")
+    assert opened == []
 
 
 def test_json_to_stdout_with_two_targets_is_refused() -> None:
