@@ -13,8 +13,12 @@ lays it out, so the template stays readable and the numbers are testable.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +39,25 @@ _SEVERITY_LABELS = {"error": "Errors", "warning": "Warnings", "info": "Info"}
 # Depth-profile geometry, in SVG user units (the SVG scales to the page width).
 _W, _H = 760.0, 280.0
 _LEFT, _RIGHT, _TOP, _BOTTOM = 66.0, 16.0, 16.0, 40.0
+# The update/weight chart is a shorter strip under the profile, same x axis.
+_UH = 190.0
+#: The healthy band for one optimiser step's update relative to the weight.
+UPDATE_BAND = (1e-4, 1e-2)
+
+#: Replaced after rendering by the hashes of the page's own inline scripts, so
+#: the CSP allows exactly those scripts and nothing injected.
+_CSP_SCRIPT_SENTINEL = "script-src-gradscope-placeholder"
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+def _graph_view(doc: Mapping[str, Any]) -> Any:
+    """The graph section's view, or None where the graph renderer is not installed."""
+    try:
+        module = importlib.import_module("gradscope.render.graph_view")
+    except ImportError:
+        return None
+    build = getattr(module, "graph_view", None)
+    return build(doc) if callable(build) else None
 
 
 def template_dirs() -> list[Path]:
@@ -133,7 +156,8 @@ def script_json(doc: Any) -> Markup:
     This is the one place that produces Markup from data, and only after that
     escaping.
     """
-    text = json.dumps(doc, ensure_ascii=True, allow_nan=False, sort_keys=False)
+    text = json.dumps(doc, ensure_ascii=True, allow_nan=False, sort_keys=False,
+                      separators=(",", ":"))
     for raw, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(raw, esc)
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
@@ -168,7 +192,13 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     n = len(layers)
     static = [_positive_log10(layer.get("static_grad_rms")) for layer in layers]
     probe = [_positive_log10(layer.get("probe_grad_rms")) for layer in layers]
-    values = [v for v in static + probe if v is not None]
+    spread = [
+        (_positive_log10(layer.get("probe_grad_rms_min")),
+         _positive_log10(layer.get("probe_grad_rms_max")))
+        for layer in layers
+    ]
+    spread_ends = [v for pair in spread for v in pair if v is not None]
+    values = [v for v in static + probe + spread_ends if v is not None]
     skipped = sum(
         1
         for layer in layers
@@ -182,6 +212,8 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "skipped": skipped,
         "has_static": any(v is not None for v in static),
         "has_probe": any(v is not None for v in probe),
+        "has_spread": False,
+        "update_chart": update_profile(layers),
     }
     if not values:
         return base
@@ -230,6 +262,22 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if v is not None
     ]
 
+    spread_bars = []
+    for i, (smin, smax) in enumerate(spread):
+        if smin is None or smax is None or smax - smin < 1e-9:
+            continue
+        spread_bars.append(
+            {
+                "x": r(x_of(i)),
+                "y1": r(y_of(smin)),
+                "y2": r(y_of(smax)),
+                "title": f"{i}: {layers[i].get('name')} across batches "
+                + fmt_num(layers[i].get("probe_grad_rms_min"))
+                + " \u2013 "
+                + fmt_num(layers[i].get("probe_grad_rms_max")),
+            }
+        )
+
     step = max(1, math.ceil((hi - lo) / 8))
     yticks = [
         {"y": r(y_of(k)), "label": _decade_label(k)}
@@ -243,6 +291,8 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "static_path": " ".join(segments),
             "static_points": static_points,
             "probe_points": probe_points,
+            "spread_bars": spread_bars,
+            "has_spread": bool(spread_bars),
             "yticks": yticks,
             "xticks": xticks,
             "unity_y": r(y_of(0.0)) if lo <= 0 <= hi else None,
@@ -257,6 +307,87 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         }
     )
     return base
+
+
+def update_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Coordinates for the strip chart of log10(update / weight) per layer, or None.
+
+    Shares the depth profile's x axis (layer index) so the two line up; the
+    healthy band of :data:`UPDATE_BAND` is shaded and points outside it are
+    drawn in the warning colour.
+    """
+    n = len(layers)
+    logs = [_positive_log10(layer.get("update_ratio")) for layer in layers]
+    values = [v for v in logs if v is not None]
+    if not values:
+        return None
+    band_lo, band_hi = (math.log10(b) for b in UPDATE_BAND)
+    lo = min(math.floor(min(values)), math.floor(band_lo) - 1)
+    hi = max(math.ceil(max(values)), math.ceil(band_hi) + 1)
+    plot_w = _W - _LEFT - _RIGHT
+    plot_h = _UH - _TOP - _BOTTOM
+
+    def x_of(i: int) -> float:
+        return _LEFT + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
+
+    def y_of(v: float) -> float:
+        return _TOP + plot_h * (hi - v) / (hi - lo)
+
+    def r(v: float) -> str:
+        return f"{v:.1f}"
+
+    points = []
+    outside = 0
+    for i, v in enumerate(logs):
+        if v is None:
+            continue
+        ok = band_lo <= v <= band_hi
+        outside += not ok
+        points.append(
+            {
+                "x": r(x_of(i)),
+                "y": r(y_of(v)),
+                "css": "update-point" if ok else "update-point off",
+                "title": f"{i}: {layers[i].get('name')} update/weight "
+                + fmt_num(layers[i].get("update_ratio")),
+            }
+        )
+    step = max(1, math.ceil((hi - lo) / 6))
+    xstep = max(1, math.ceil(n / 10))
+    return {
+        "width": int(_W),
+        "height": int(_UH),
+        "points": points,
+        "count": len(points),
+        "outside": outside,
+        "band_top": r(y_of(band_hi)),
+        "band_height": r(y_of(band_lo) - y_of(band_hi)),
+        "band_label": f"healthy band {fmt_num(UPDATE_BAND[0])} \u2013 {fmt_num(UPDATE_BAND[1])}",
+        "yticks": [
+            {"y": r(y_of(k)), "label": _decade_label(k)}
+            for k in range(lo, hi + 1)
+            if (k - lo) % step == 0
+        ],
+        "xticks": [{"x": r(x_of(i)), "label": str(i)} for i in range(0, n, xstep)],
+        "left": r(_LEFT),
+        "right": r(_W - _RIGHT),
+        "top": r(_TOP),
+        "bottom": r(_UH - _BOTTOM),
+        "plot_w": r(plot_w),
+        "xmid": r(_LEFT + plot_w / 2),
+        "xlabel_y": r(_UH - 6),
+        "ylabel_x": r(14),
+        "ylabel_y": r(_TOP + plot_h / 2),
+    }
+
+
+def _verified_text(verified: Any) -> str:
+    """``verified: 2.00e-08 \u2192 4.10e-01 (metric)``, or '' without figures."""
+    if not isinstance(verified, Mapping):
+        return ""
+    metric = str(verified.get("metric") or "").strip()
+    text = f"verified: {fmt_num(verified.get('before'))} \u2192 {fmt_num(verified.get('after'))}"
+    return f"{text} ({metric})" if metric else text
 
 
 def _finding_view(f: Mapping[str, Any]) -> dict[str, Any]:
@@ -278,7 +409,8 @@ def _finding_view(f: Mapping[str, Any]) -> dict[str, Any]:
         "evidence": [(str(k), fmt_any(v)) for k, v in (f.get("evidence") or {}).items()],
         "recommendations": [
             {"kind": str(rec.get("kind", "")), "text": str(rec.get("text", "")),
-             "code": rec.get("code") or ""}
+             "code": str(rec.get("code") or ""), "code_id": "",
+             "verified": _verified_text(rec.get("verified"))}
             for rec in f.get("recommendations") or []
         ],
     }
@@ -290,6 +422,14 @@ def _finding_groups(findings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
         view = _finding_view(f)
         by_sev.setdefault(view["severity"], []).append(view)
     order = list(_SEVERITY_ORDER) + sorted(s for s in by_sev if s not in _SEVERITY_ORDER)
+    # Ids for the copy buttons, numbered in display order so they are stable.
+    serial = 0
+    for sev in order:
+        for view in by_sev.get(sev, []):
+            for rec in view["recommendations"]:
+                if rec["code"]:
+                    serial += 1
+                    rec["code_id"] = f"fix-{serial}"
     return [
         {
             "severity": sev,
@@ -300,6 +440,29 @@ def _finding_groups(findings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
         for sev in order
         if by_sev.get(sev)
     ]
+
+
+def _sort_value(value: Any) -> str | None:
+    """A compact number for a ``data-*`` sort attribute; None (attribute left out) sorts last."""
+    if not _is_real(value) or not math.isfinite(value):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    return format(value, ".6g")
+
+
+def _numel(shape: Any) -> int | None:
+    if not isinstance(shape, (list, tuple)) or not all(_is_real(d) for d in shape):
+        return None
+    return math.prod(int(d) for d in shape)
+
+
+#: Numeric sort keys of the layer table: ``data-KEY`` on each row, from these layer fields.
+SORT_FIELDS = (
+    ("i", None), ("depth", "depth"), ("numel", None), ("static", "static_grad_rms"),
+    ("probe", "probe_grad_rms"), ("ratio", "param_grad_ratio"), ("update", "update_ratio"),
+    ("dead", "dead_fraction"), ("saturated", "saturated_fraction"), ("params", "num_params"),
+)
 
 
 def _layer_rows(
@@ -316,6 +479,13 @@ def _layer_rows(
             classes.append("flagged")
         if layer.get("nonfinite_forward") or layer.get("nonfinite_backward"):
             classes.append("nonfinite")
+        data = []
+        for key, field in SORT_FIELDS:
+            raw = i if key == "i" else _numel(layer.get("shape")) if key == "numel" else (
+                layer.get(field) if field else None)
+            value = _sort_value(raw)
+            if value is not None:
+                data.append((key, value))
         rows.append(
             {
                 "index": i,
@@ -328,6 +498,8 @@ def _layer_rows(
                 "static": fmt_num(layer.get("static_grad_rms")),
                 "probe": fmt_num(layer.get("probe_grad_rms")),
                 "ratio": fmt_num(layer.get("param_grad_ratio")),
+                "update": fmt_num(layer.get("update_ratio")),
+                "data": data,
                 "dead": fmt_pct(layer.get("dead_fraction")),
                 "saturated": fmt_pct(layer.get("saturated_fraction")),
                 "params": fmt_count(layer.get("num_params", 0)),
@@ -341,6 +513,17 @@ def _layer_rows(
 def _fact(label: str, value: Any = "", items: Sequence[str] = ()) -> dict[str, Any]:
     return {"label": label, "value": value if isinstance(value, str) else fmt_any(value),
             "entries": list(items)}
+
+
+def _torch_version(doc: Mapping[str, Any]) -> str:
+    """The PyTorch version if the document records one (top level, model or environment)."""
+    model = doc.get("model") or {}
+    env = doc.get("environment") or {}
+    for source, key in ((doc, "torch_version"), (model, "torch_version"), (env, "torch"),
+                        (env, "torch_version")):
+        if isinstance(source, Mapping) and source.get(key):
+            return str(source[key])
+    return ""
 
 
 def _facts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -391,7 +574,8 @@ def _facts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     else:
         settings = [
             f"{key.replace('_', ' ')}: {fmt_any(probe[key])}"
-            for key in ("device", "batch_size", "loss", "seed", "mode", "output_grad_rms")
+            for key in ("device", "batches", "batch_size", "loss", "mode", "optimizer", "lr",
+                        "seed", "output_grad_rms")
             if probe.get(key) is not None
         ]
         facts.append(_fact("Probe", "enabled", items=settings))
@@ -400,6 +584,9 @@ def _facts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             if probe.get(key):
                 facts.append(_fact(label, str(probe[key])))
     facts.append(_fact("gradscope version", str(doc.get("gradscope_version", ""))))
+    torch_version = _torch_version(doc)
+    if torch_version:
+        facts.append(_fact("PyTorch version", torch_version))
     facts.append(_fact("Schema version", doc.get("schema_version")))
     return facts
 
@@ -414,6 +601,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         {"severity": sev, "count": sum(1 for f in findings if f.get("severity") == sev)}
         for sev in _SEVERITY_ORDER
     ]
+    rows = _layer_rows(layers, findings)
     return {
         "model_name": str(model.get("name", "model")),
         "status": status,
@@ -423,7 +611,9 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "groups": _finding_groups(findings),
         "num_findings": len(findings),
         "profile": depth_profile(layers),
-        "rows": _layer_rows(layers, findings),
+        "rows": rows,
+        "has_update": any(layer.get("update_ratio") is not None for layer in layers),
+        "graph": _graph_view(doc),
         "facts": _facts(doc),
         "summary": [(str(k), fmt_any(v)) for k, v in (doc.get("summary") or {}).items()],
         "notes": [str(n) for n in doc.get("notes") or []],
@@ -435,7 +625,23 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
 def render_html(doc: dict[str, Any]) -> str:
     """The report as one HTML5 page; deterministic (no timestamps) so reruns diff cleanly."""
     template = _environment().get_template(TEMPLATE_NAME)
-    return template.render(v=build_view(doc))
+    return _pin_scripts(template.render(v=build_view(doc)))
+
+
+def _pin_scripts(html: str) -> str:
+    """Fill the CSP's script-src with the SHA-256 of each inline ``<script>`` on the page.
+
+    Only the template's own scripts are bare ``<script>`` elements (model strings
+    are escaped and the JSON block has a type), so the policy admits exactly
+    them: an injected script would not run even if escaping ever failed.
+    """
+    hashes = sorted({
+        "'sha256-" + base64.b64encode(hashlib.sha256(m.group(1).encode("utf-8")).digest())
+        .decode("ascii") + "'"
+        for m in _INLINE_SCRIPT.finditer(html)
+    })
+    policy = "script-src " + (" ".join(hashes) if hashes else "'none'")
+    return html.replace(_CSP_SCRIPT_SENTINEL, policy, 1)
 
 
 def write_html(doc: dict[str, Any], path: str | Path) -> None:
