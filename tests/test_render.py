@@ -36,6 +36,7 @@ from gradscope.report import (
     Report,
     TraceAttempt,
     TraceInfo,
+    Verification,
 )
 from gradscope.rules.registry import RULES, iter_rules
 from gradscope.schema import load_schema, validate_report
@@ -462,7 +463,8 @@ def test_html_escapes_hostile_strings() -> None:
     parser = _parse(html)
     scripts = [a for t, a in parser.tags if t == "script"]
     # One data block; every other script is the template's own code (no attributes, no src).
-    assert [a for a in scripts if a].count({"type": "application/json", "id": "gradscope-report"}) == 1
+    data_block = {"type": "application/json", "id": "gradscope-report"}
+    assert [a for a in scripts if a].count(data_block) == 1
     assert all(a == {} or a.get("type") == "application/json" for a in scripts)
     assert [t for t, _ in parser.tags].count("img") == 0
     assert not any(k.startswith("on") for _, attrs in parser.tags for k in attrs)
@@ -531,6 +533,149 @@ def test_write_html(tmp_path: Path) -> None:
     write_html(doc, target)
     assert target.read_text(encoding="utf-8") == render_html(doc)
     assert os.listdir(tmp_path) == ["r.html"]
+
+
+def _interactive_doc() -> dict[str, Any]:
+    """The unhealthy report plus a verified fix, probe spread and update ratios."""
+    doc = unhealthy_report().to_dict()
+    rec = doc["findings"][1]["recommendations"][0]
+    rec["verified"] = Verification("input-grad ratio", 2e-8, 0.41).to_dict()
+    for i, layer in enumerate(doc["layers"][1:], start=1):
+        layer["probe_grad_rms"] = 10.0 ** -i
+        layer["probe_grad_rms_min"] = 0.5 * 10.0 ** -i
+        layer["probe_grad_rms_max"] = 2.0 * 10.0 ** -i
+    doc["layers"][1]["update_ratio"] = 3e-3
+    doc["layers"][3]["update_ratio"] = 0.2
+    return doc
+
+
+def test_html_copy_buttons_match_code_blocks() -> None:
+    html = render_html(_interactive_doc())
+    parser = _parse(html)
+    assert parser.errors == []
+    targets = [a["data-copy-target"] for t, a in parser.tags
+               if t == "button" and "copy" in (a.get("class") or "").split()]
+    code_ids = [a["id"] for t, a in parser.tags if t == "pre" and a.get("id")]
+    assert targets and targets == code_ids  # one button per code block, ids unique
+    assert len(set(code_ids)) == len(code_ids)
+    assert all(a.get("type") == "button" for t, a in parser.tags if t == "button")
+    assert 'data-copy-target="fix-1">Copy</button><pre id="fix-1"><code>' in html
+    assert "navigator.clipboard.writeText" in html and "execCommand(\"copy\")" in html
+    assert ">Copied" not in html  # feedback is set by the script, not rendered
+
+
+def test_html_verified_badge() -> None:
+    html = render_html(_interactive_doc())
+    assert '<span class="verified"' in html
+    assert "verified: 2.00e-08 \u2192 4.10e-01 (input-grad ratio)</span>" in html
+    assert html.count('class="verified"') == 1  # only the recommendation that has figures
+    plain = render_html(unhealthy_report().to_dict())
+    assert 'class="verified"' not in plain
+
+
+def test_html_layer_table_sort_and_filter_hooks() -> None:
+    doc = _interactive_doc()
+    html = render_html(doc)
+    parser = _parse(html)
+    keys = [a["data-key"] for t, a in parser.tags
+            if t == "button" and "sort" in (a.get("class") or "").split()]
+    assert {"i", "name", "module", "op", "static", "probe", "update", "params"} <= set(keys)
+    head = html.split('<table class="layers">', 1)[1].split("</thead>", 1)[0]
+    assert len(re.findall(r"<th[ >]", head)) == head.count('<button class="sort"') == len(keys)
+    inputs = [a for t, a in parser.tags if t == "input"]
+    assert inputs == [{"id": "layer-filter", "type": "search",
+                       "placeholder": "filter by name, module or op",
+                       "aria-label": "filter layers by name, module or op", "autocomplete": "off"}]
+    count = f'<span id="layer-count" class="muted" aria-live="polite">{len(doc["layers"])} of'
+    assert count in html
+    rows = [a for t, a in parser.tags if t == "tr" and "data-name" in a]
+    assert [r["data-name"] for r in rows] == [layer["name"] for layer in doc["layers"]]
+    assert rows[1]["data-i"] == "1" and rows[1]["data-update"] == "0.003"
+    assert rows[1]["data-probe"] == "0.1" and rows[1]["data-params"] == "100"
+    assert "data-static" not in rows[0]  # null values leave the attribute out: they sort last
+    # No update column without update ratios.
+    assert 'data-key="update"' not in render_html(healthy_report().to_dict())
+
+
+def test_html_probe_spread_and_update_chart() -> None:
+    html = render_html(_interactive_doc())
+    assert html.count('<line class="spread"') == 3
+    assert "spread across probe batches" in html
+    assert 'id="update-ratio"' in html and '<rect class="band"' in html
+    assert html.count('<circle class="update-point"') == 1
+    assert html.count('<circle class="update-point off"') == 1
+    assert "healthy band 1.00e-04 \u2013 1.00e-02" in html
+    healthy = render_html(healthy_report().to_dict())
+    assert 'class="spread"' not in healthy  # one probe batch: no spread
+    assert 'id="update-ratio"' not in healthy and 'class="band"' not in healthy
+
+
+def test_html_scripts_pinned_by_csp_hash() -> None:
+    import base64
+    import hashlib
+
+    html = render_html(_interactive_doc())
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', html)
+    assert csp
+    policy = csp.group(1)
+    assert "'unsafe-inline'" not in policy.split("script-src", 1)[1].split(";", 1)[0]
+    bodies = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    assert bodies
+    for body in bodies:
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in policy
+        assert "innerHTML" not in body and "http" not in body
+
+
+def test_html_interactive_doc_stays_safe_and_offline() -> None:
+    doc = _interactive_doc()
+    doc["findings"][1]["recommendations"][0]["verified"]["metric"] = XSS_SCRIPT
+    html = render_html(doc)
+    for needle in ('src="http', "href=\"http", "@import", "url(http", XSS_IMG, XSS_SCRIPT):
+        assert needle not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "\\u003c/script\\u003e" in html  # inside the JSON block
+    assert "(&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;)" in html  # in the badge
+    assert _parse(html).errors == []
+
+
+def test_html_run_facts_cover_probe_settings_and_versions() -> None:
+    doc = healthy_report().to_dict()
+    doc["probe"].update(batches=3, lr=1e-3, optimizer="adam", mode="train")
+    doc["torch_version"] = "2.5.1"
+    html = render_html(doc)
+    for text in ("batches: 3", "batch size: 8", "loss: sum_of_squares", "mode: train",
+                 "optimizer: adam", "lr: 1.00e-03", "Op coverage", "100.0% of 4 nodes",
+                 "Trace method", "Parameters", "16,640", "gradscope version",
+                 "PyTorch version</dt>", "2.5.1"):
+        assert text in html, text
+
+
+def test_html_size_stays_small_for_large_models() -> None:
+    base = healthy_report().to_dict()
+    template = base["layers"][1]
+    layers = []
+    for i in range(2000):
+        layer = dict(template, name=f"transformer_h_{i // 16}_attn_c_attn_{i}",
+                     module=f"transformer.h.{i // 16}.attn.c_attn", depth=i, line=100 + i,
+                     file="/site-packages/transformers/models/gpt2/modeling_gpt2.py")
+        layer.update(static_grad_rms=1.0 / (1 + i), probe_grad_rms=1.1 / (1 + i),
+                     probe_grad_rms_min=0.9 / (1 + i), probe_grad_rms_max=1.3 / (1 + i),
+                     update_ratio=1e-3 * (1 + i % 7), param_grad_norm=0.1)
+        layers.append(layer)
+    base["layers"] = layers
+    html = render_html(base)
+    # The table and the charts stay lean per layer (points become one path each).
+    table = html.split('<table class="layers">', 1)[1].split("</table>", 1)[0]
+    charts = "".join(re.findall(r"<svg class=\"profile.*?</svg>", html, re.DOTALL))
+    assert len(table.encode()) / len(layers) < 600
+    assert len(charts.encode()) < 150_000 and "<title>" not in charts
+    assert html.count("modeling_gpt2.py:") >= len(layers)  # short file names in the table
+    page = html.split('<script type="application/json"', 1)[0]
+    assert page.count("/site-packages/transformers/models/gpt2/modeling_gpt2.py") == 1  # legend
+    # A GPT-2-medium-sized model (~1,200 layers), embedded JSON included, stays under 2 MB.
+    base["layers"] = layers[:1200]
+    assert len(render_html(base).encode("utf-8")) < 2_000_000
 
 
 # ------------------------------------------------------------------ terminal

@@ -41,6 +41,9 @@ _W, _H = 760.0, 280.0
 _LEFT, _RIGHT, _TOP, _BOTTOM = 66.0, 16.0, 16.0, 40.0
 # The update/weight chart is a shorter strip under the profile, same x axis.
 _UH = 190.0
+#: Above this many layers the charts draw points as one path each, without
+#: per-point tooltips, so a 2,000-layer model's report stays small.
+COMPACT_LAYERS = 400
 #: The healthy band for one optimiser step's update relative to the weight.
 UPDATE_BAND = (1e-4, 1e-2)
 
@@ -213,6 +216,7 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "has_static": any(v is not None for v in static),
         "has_probe": any(v is not None for v in probe),
         "has_spread": False,
+        "compact": n > COMPACT_LAYERS,
         "update_chart": update_profile(layers),
     }
     if not values:
@@ -286,13 +290,19 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     ]
     xstep = max(1, math.ceil(n / 10))
     xticks = [{"x": r(x_of(i)), "label": str(i)} for i in range(0, n, xstep)]
+    if base["compact"]:
+        # One path per series: a zero-length segment with a round cap is a dot.
+        base["probe_dots"] = "".join(f"M{p['x']},{p['y']}h0" for p in probe_points)
+        base["spread_path"] = "".join(f"M{b['x']},{b['y1']}V{b['y2']}" for b in spread_bars)
+        base["has_spread"] = bool(spread_bars)
+        static_points, probe_points, spread_bars = [], [], []
     base.update(
         {
             "static_path": " ".join(segments),
             "static_points": static_points,
             "probe_points": probe_points,
             "spread_bars": spread_bars,
-            "has_spread": bool(spread_bars),
+            "has_spread": base["has_spread"] or bool(spread_bars),
             "yticks": yticks,
             "xticks": xticks,
             "unity_y": r(y_of(0.0)) if lo <= 0 <= hi else None,
@@ -352,12 +362,20 @@ def update_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
                 + fmt_num(layers[i].get("update_ratio")),
             }
         )
+    compact = n > COMPACT_LAYERS
+    dots = {
+        css: "".join(f"M{p['x']},{p['y']}h0" for p in points if p["css"] == css)
+        for css in ("update-point", "update-point off")
+    } if compact else {}
     step = max(1, math.ceil((hi - lo) / 6))
     xstep = max(1, math.ceil(n / 10))
     return {
+        "compact": compact,
+        "dots_in": dots.get("update-point", ""),
+        "dots_off": dots.get("update-point off", ""),
         "width": int(_W),
         "height": int(_UH),
-        "points": points,
+        "points": [] if compact else points,
         "count": len(points),
         "outside": outside,
         "band_top": r(y_of(band_hi)),
@@ -448,7 +466,7 @@ def _sort_value(value: Any) -> str | None:
         return None
     if isinstance(value, int):
         return str(value)
-    return format(value, ".6g")
+    return format(value, ".4g")
 
 
 def _numel(shape: Any) -> int | None:
@@ -465,9 +483,26 @@ SORT_FIELDS = (
 )
 
 
+def short_files(layers: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Layer source files by a short name: the base name wherever that is unambiguous.
+
+    A Hugging Face model repeats an 80-character site-packages path on every
+    row; the table shows ``modeling_gpt2.py:213`` and lists each full path once.
+    """
+    files = sorted({str(layer["file"]) for layer in layers if layer.get("file")})
+    bases: dict[str, list[str]] = {}
+    for f in files:
+        bases.setdefault(f.replace("\\", "/").rsplit("/", 1)[-1], []).append(f)
+    return {
+        f: base if len(paths) == 1 else f for base, paths in bases.items() for f in paths
+    }
+
+
 def _layer_rows(
-    layers: Sequence[Mapping[str, Any]], findings: Sequence[Mapping[str, Any]]
+    layers: Sequence[Mapping[str, Any]], findings: Sequence[Mapping[str, Any]],
+    files: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    files = files if files is not None else short_files(layers)
     flagged_nodes = {(f.get("location") or {}).get("node") for f in findings} - {None}
     flagged_modules = {(f.get("location") or {}).get("module") for f in findings} - {None}
     rows = []
@@ -498,12 +533,14 @@ def _layer_rows(
                 "static": fmt_num(layer.get("static_grad_rms")),
                 "probe": fmt_num(layer.get("probe_grad_rms")),
                 "ratio": fmt_num(layer.get("param_grad_ratio")),
-                "update": fmt_num(layer.get("update_ratio")),
+                "upd": fmt_num(layer.get("update_ratio")),
                 "data": data,
                 "dead": fmt_pct(layer.get("dead_fraction")),
                 "saturated": fmt_pct(layer.get("saturated_fraction")),
                 "params": fmt_count(layer.get("num_params", 0)),
-                "location": fmt_location(layer.get("file"), layer.get("line")),
+                "location": fmt_location(
+                    files.get(str(layer.get("file")), layer.get("file")), layer.get("line")
+                ),
                 "css": " ".join(classes),
             }
         )
@@ -601,7 +638,8 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         {"severity": sev, "count": sum(1 for f in findings if f.get("severity") == sev)}
         for sev in _SEVERITY_ORDER
     ]
-    rows = _layer_rows(layers, findings)
+    files = short_files(layers)
+    rows = _layer_rows(layers, findings, files)
     return {
         "model_name": str(model.get("name", "model")),
         "status": status,
@@ -612,6 +650,8 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "num_findings": len(findings),
         "profile": depth_profile(layers),
         "rows": rows,
+        "files": [(short, full) for full, short in sorted(files.items(), key=lambda kv: kv[1])
+                  if short != full],
         "has_update": any(layer.get("update_ratio") is not None for layer in layers),
         "graph": _graph_view(doc),
         "facts": _facts(doc),
