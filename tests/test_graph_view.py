@@ -380,3 +380,20 @@ def test_real_report_document_renders() -> None:
     enc = _find(g["children"], "enc")
     assert [c["path"] for c in enc["children"]] == ["enc.0", "enc.1"]
     _parse(render_graph(g))
+
+
+def test_labels_drop_the_module_prefix_the_tree_already_shows() -> None:
+    doc = _doc([
+        _layer("enc_attn_softmax", "enc.attn", "softmax"),
+        _layer("enc_attn_c_attn", "enc.attn.c_attn"),
+        _layer("enc_attn_c_attn_1", "enc.attn.c_attn"),
+        _layer("add", "enc.attn", "add"),
+    ])
+    g = graph_view(doc)
+    assert g is not None
+    attn = _find(_find(g["children"], "enc")["children"], "attn")
+    labels = [(c["kind"], c.get("label") or c["name"]) for c in attn["children"]]
+    assert labels == [("layer", "softmax"), ("module", "c_attn"), ("layer", "add")]
+    c_attn = _find(attn["children"], "c_attn")
+    assert [(c["label"], c["node"]) for c in c_attn["children"]] == [
+        ("c_attn", "enc_attn_c_attn"), ("c_attn_1", "enc_attn_c_attn_1")]

@@ -140,6 +140,25 @@ def _segments(module: Any) -> list[str]:
     return [s for s in module.split(".") if s] or [module]
 
 
+def _short_label(node: str, mod: _Module) -> str:
+    """A node's name without the module prefix the tree already shows.
+
+    Tracers name nodes after their module path (``encoder_layers_0_attn_softmax``
+    in ``encoder.layers.0.attn``): inside that module ``softmax`` says the same.
+    Repeated calls of one module (``..._attn_c_attn_3`` in ``...attn.c_attn``)
+    keep the module's own name, ``c_attn_3``, rather than a bare number.
+    """
+    if not mod.path:
+        return node
+    prefix = mod.path.replace(".", "_") + "_"
+    if node == prefix[:-1]:
+        return mod.name
+    rest = node[len(prefix):] if node.startswith(prefix) else ""
+    if not rest:
+        return node
+    return f"{mod.name}_{rest}" if rest.isdigit() else rest
+
+
 def _is_add(layer: Mapping[str, Any]) -> bool:
     return str(layer.get("op", "")).lower() in ADD_OPS
 
@@ -197,7 +216,9 @@ def graph_view(doc: Mapping[str, Any]) -> dict[str, Any] | None:
       formatted worst ratio among them, ``css`` its class);
     * layers: ``{"kind": "layer", "node", "label", "op", "ratio", "css",
       "skip", "skip_from"}``; a module path with exactly one layer and no
-      submodules is shown as that layer, labelled with the path's last segment.
+      submodules is shown as that layer, labelled with the path's last segment;
+      other layers are labelled by node name less the enclosing module's prefix
+      (``node`` keeps the full name).
       ``skip`` is true on residual adds and ``skip_from`` names the layer the
       skip starts at (empty where the document has no edges).
     """
@@ -259,7 +280,7 @@ def graph_view(doc: Mapping[str, Any]) -> dict[str, Any] | None:
 
         for kind, item in mod.children:
             if kind == "layer":
-                views.append(leaf(item, str(layers[item].get("name", ""))))
+                views.append(leaf(item, _short_label(str(layers[item].get("name", "")), mod)))
                 count += 1
                 consider(item)
                 continue
