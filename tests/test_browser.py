@@ -29,9 +29,11 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
 if not CHROMIUM.exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; .ci/run does "
                 "this as root)", allow_module_level=True)
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install -c constraints.txt "
-    "-e '.[dev]')")
+try:
+    from playwright import sync_api
+except ImportError as error:  # absent, or a broken install: skip, do not error
+    pytest.skip(f"playwright cannot be imported ({error}; pip install -c constraints.txt "
+                "-e '.[dev]')", allow_module_level=True)
 
 pytestmark = pytest.mark.browser
 
