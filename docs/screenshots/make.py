@@ -1,4 +1,4 @@
-"""Write the README's report screenshots: docs/screenshots/<sample>.png, full page, 1280 wide.
+"""Write the README's report screenshots: docs/screenshots/<sample>.png, 1280 x 1600.
 
     python docs/screenshots/make.py            # deep_sigmoid_mlp and post_ln_transformer
     python docs/screenshots/make.py resnet_bn  # any sample model by file stem
@@ -20,6 +20,9 @@ CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 DEFAULT = ("deep_sigmoid_mlp", "post_ln_transformer")
 WIDTH = 1280
+#: The first screens of the report (verdict, findings, depth profile): what a user
+#: sees on opening it, at a size the README can show without a 10 MB image.
+HEIGHT = 1600
 
 
 def write_report(name: str, folder: Path) -> Path:
@@ -41,12 +44,12 @@ def main(names: list[str]) -> int:
 
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+        page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
         for name in names:
             html = write_report(name, Path(tmp))
             page.goto(html.resolve().as_uri(), wait_until="load")
             out = HERE / f"{name}.png"
-            page.screenshot(path=str(out), full_page=True)
+            page.screenshot(path=str(out), full_page=False)
             print(f"wrote {out.relative_to(REPO)}")
         browser.close()
     return 0

@@ -440,14 +440,23 @@ def _finding_groups(findings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
         view = _finding_view(f)
         by_sev.setdefault(view["severity"], []).append(view)
     order = list(_SEVERITY_ORDER) + sorted(s for s in by_sev if s not in _SEVERITY_ORDER)
-    # Ids for the copy buttons, numbered in display order so they are stable.
+    # Ids for the copy buttons, numbered in display order so they are stable. A fix
+    # that several findings share (GS101 and GS102 on one cause) shows its code once;
+    # later findings link to it (``same_as``) instead of repeating a screenful.
     serial = 0
+    shown: dict[str, tuple[str, str]] = {}
     for sev in order:
         for view in by_sev.get(sev, []):
             for rec in view["recommendations"]:
-                if rec["code"]:
-                    serial += 1
-                    rec["code_id"] = f"fix-{serial}"
+                rec["same_as"] = None
+                if not rec["code"]:
+                    continue
+                if rec["code"] in shown:
+                    rec["same_as"] = shown[rec["code"]]
+                    continue
+                serial += 1
+                rec["code_id"] = f"fix-{serial}"
+                shown[rec["code"]] = (rec["code_id"], view["rule"])
     return [
         {
             "severity": sev,
