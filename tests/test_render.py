@@ -902,3 +902,17 @@ def test_renderers_do_not_import_torch() -> None:
         cwd=REPO, env=env, capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_terminal_prints_notes_up_to_a_limit() -> None:
+    from gradscope.render.terminal import NOTES_SHOWN
+
+    doc = healthy_report().to_dict()
+    doc["notes"] = ["2 findings suppressed by select/ignore/per-module-ignore (GS101, GS102)"]
+    out = render_terminal(doc, color=False)
+    assert out.splitlines()[-1] == ("note: 2 findings suppressed by select/ignore/"
+                                    "per-module-ignore (GS101, GS102)")
+    doc["notes"] = [f"note {i}" for i in range(NOTES_SHOWN + 3)]
+    lines = render_terminal(doc, color=False).splitlines()
+    assert lines[-1] == "note: ... and 3 more in the JSON/HTML report"
+    assert sum(1 for ln in lines if ln.startswith("note: note ")) == NOTES_SHOWN

@@ -191,6 +191,10 @@ def _severity_key(indexed: tuple[int, Mapping[str, Any]]) -> tuple[int, str, int
     return rank, str(finding.get("rule", "")), index
 
 
+#: Notes printed under the findings; the rest are in the JSON/HTML report.
+NOTES_SHOWN = 5
+
+
 def render_terminal(doc: dict[str, Any], color: bool) -> str:
     """The text the CLI prints.
 
@@ -222,4 +226,11 @@ def render_terminal(doc: dict[str, Any], color: bool) -> str:
         recs = finding.get("recommendations") or []
         if recs:
             lines.append(f"    {_style('fix:', ('dim',), color)} {clean(recs[0].get('text', ''))}")
+    notes = [clean(str(n)) for n in doc.get("notes") or []]
+    if notes:  # e.g. findings suppressed by --ignore: the exit code depends on them
+        lines.append("")
+        lines.extend(f"{_style('note:', ('dim',), color)} {n}" for n in notes[:NOTES_SHOWN])
+        if len(notes) > NOTES_SHOWN:
+            lines.append(f"{_style('note:', ('dim',), color)} ... and {len(notes) - NOTES_SHOWN} "
+                         "more in the JSON/HTML report")
     return "\n".join(lines) + "\n"
