@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from gradscope.api import analyze as analyze
     from gradscope.report import Finding as Finding
     from gradscope.report import Report as Report
+    from gradscope.testing import assert_healthy_gradients as assert_healthy_gradients
 
-__all__ = ["Finding", "GradscopeError", "Report", "__version__", "analyze"]
+__all__ = ["Finding", "GradscopeError", "Report", "__version__", "analyze",
+           "assert_healthy_gradients"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,6 +32,10 @@ def __getattr__(name: str) -> Any:
         from gradscope.api import analyze
 
         return analyze
+    if name == "assert_healthy_gradients":  # torch waits until the assertion runs
+        from gradscope.testing import assert_healthy_gradients
+
+        return assert_healthy_gradients
     if name in ("Report", "Finding"):
         from gradscope import report
 
