@@ -143,6 +143,9 @@ def main() -> None:
 @click.option("--fail-on", "fail_on", type=click.Choice(FAIL_ON), default=None,
               help="Exit 1 when a finding at or above this severity exists (default error).")
 @click.option("--seed", type=int, default=None, help="Seed of the probe (default 0).")
+@click.option("--baseline", "baseline", default=None, metavar="OLD.json",
+              help="A JSON report written earlier: only findings not in it decide the exit "
+                   "code (all are still shown).")
 @click.option("--select", "select", multiple=True, metavar="CODES",
               help="Only these rule codes or prefixes (GS1,GS802; ALL); repeatable.")
 @click.option("--ignore", "ignore", multiple=True, metavar="CODES",
@@ -164,6 +167,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             momentum: float | None, weight_decay: float | None, batches: int | None,
             loss: str | None, probe_mode: str | None, select: tuple[str, ...],
             ignore: tuple[str, ...], per_module_ignore: tuple[str, ...],
+            baseline: str | None,
             color: bool | None, quiet: bool, debug: bool, open_html: bool) -> None:
     """Analyse the gradient flow of one or more models.
 
@@ -189,10 +193,15 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
         if open_html and settings.html in (None, "-"):
             raise ConfigError("--open needs an HTML report file",
                               "add --html PATH (not '-')")
+        from gradscope.baseline import load_report
+
+        # Read before the analysis: a missing or corrupt baseline fails at once, not after it.
+        known = None if baseline is None else (baseline, load_report(baseline, "baseline"))
         failed = False
         for target, stem in zip(targets, _target_stems(targets), strict=True):
             failed |= _analyze_one(target, settings, stem=stem, many=len(targets) > 1,
-                                   color=color, quiet=quiet)
+                                   color=color, quiet=quiet,
+                                   baseline=known)
             if open_html:
                 _open_in_browser(Path(str(_per_target(settings.html, stem, len(targets) > 1))))
     except GradscopeError as error:
@@ -239,7 +248,8 @@ def _check_outputs(settings: Settings, count: int) -> None:
 
 
 def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
-                 color: bool | None, quiet: bool) -> bool:
+                 color: bool | None, quiet: bool,
+                 baseline: tuple[str, dict[str, Any]] | None = None) -> bool:
     # Progress is for people watching a terminal; in CI logs and pre-commit hooks it would
     # come before (and blur) the one-line error of a run that fails.
     progress = Progress(enabled=not quiet and sys.stderr.isatty(), label=target)
@@ -265,6 +275,12 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
             select=settings.select, ignore=settings.ignore,
             per_module_ignore=settings.per_module_ignore)
         progress("writing reports")
+        deciding: list[Any] = list(report.findings)
+        if baseline is not None:  # all findings are shown; only new ones decide the exit code
+            from gradscope.baseline import baseline_note, new_findings
+
+            deciding = new_findings(baseline[1], report.findings)
+            report.notes.append(baseline_note(baseline[0], report.findings, deciding))
         doc = report.to_dict()
     finally:
         progress.stop()
@@ -292,7 +308,9 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
         for label, path in (("HTML", html_to), ("JSON", json_to), ("SARIF", sarif_to)):
             if path is not None and path != "-":
                 click.echo(f"{label} report: {path}")
-    return report.fails(settings.fail_on)
+    from gradscope.baseline import fails
+
+    return fails(deciding, settings.fail_on)
 
 
 @main.command(context_settings=CONTEXT)
@@ -329,6 +347,32 @@ def view(report: str) -> None:
         _open_in_browser(Path(report))
     except GradscopeError as error:
         _fail(error, False)
+
+
+@main.command("diff", context_settings=CONTEXT)
+@click.argument("old", metavar="OLD.json")
+@click.argument("new", metavar="NEW.json")
+@click.option("--fail-on-new", "fail_on_new", type=click.Choice(FAIL_ON), default="error",
+              show_default=True,
+              help="Exit 1 when a finding new in NEW.json (or one whose severity got worse) is "
+                   "at or above this severity.")
+@click.option("--factor", type=click.FloatRange(min=1.0, min_open=True), default=2.0,
+              show_default=True,
+              help="List layers whose gradient RMS moved by more than this factor.")
+def diff_command(old: str, new: str, fail_on_new: str, factor: float) -> None:
+    """What changed between two JSON reports: findings, status, layer gradients.
+
+    Exit status: 0 nothing new at or above --fail-on-new, 1 something is, 2 a
+    report could not be read. Does not import torch.
+    """
+    from gradscope.baseline import diff, load_report, render_diff
+
+    try:
+        result = diff(load_report(old), load_report(new), factor=factor)
+    except GradscopeError as error:
+        _fail(error, False)
+    click.echo(render_diff(result, old, new), nl=False)
+    sys.exit(int(ExitCode.FINDINGS if result.fails(fail_on_new) else ExitCode.OK))
 
 
 def run(argv: list[str] | None = None) -> Any:
