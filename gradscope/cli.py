@@ -19,7 +19,7 @@ import click
 
 from gradscope._version import __version__
 from gradscope.config import FAIL_ON, Settings, load_settings, validate
-from gradscope.errors import ConfigError, ExitCode, GradscopeError
+from gradscope.errors import ConfigError, ExitCode, GradscopeError, NoModelError
 from gradscope.rules.selection import check_codes, parse_per_module, split_codes
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -157,11 +157,15 @@ def main() -> None:
 @click.option("--meta", "meta", is_flag=True, default=None,
               help="Build the model on the meta device (no weights allocated) and estimate "
                    "from declared initialisations; implies --no-probe.")
+@click.option("--skip-non-models", "skip_non_models", is_flag=True,
+              help="Skip (exit 0 for) files that define no model instead of failing on "
+                   "them: for pre-commit hooks handed every changed .py file.")
 @click.option("--color/--no-color", default=None, help="Colour the terminal output.")
 @click.option("--quiet", "-q", is_flag=True, help="No terminal summary and no progress.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple[str, ...],
             device: str | None, probe: bool | None, output: str | None, tracer: str | None,
+            skip_non_models: bool,
             lr: float | None, optimizer: str | None, html: str | None, json_path: str | None,
             sarif: str | None, fail_on: str | None, seed: int | None, meta: bool | None,
             momentum: float | None, weight_decay: float | None, batches: int | None,
@@ -199,9 +203,19 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
         known = None if baseline is None else (baseline, load_report(baseline, "baseline"))
         failed = False
         for target, stem in zip(targets, _target_stems(targets), strict=True):
-            failed |= _analyze_one(target, settings, stem=stem, many=len(targets) > 1,
-                                   color=color, quiet=quiet,
-                                   baseline=known)
+            if skip_non_models and not _may_be_model(target):
+                _skipped(target, "no model in it (no build_model(), no module-level `model`, "
+                         "no class with a base class)", quiet)
+                continue
+            try:
+                failed |= _analyze_one(target, settings, stem=stem, many=len(targets) > 1,
+                                       color=color, quiet=quiet,
+                                       baseline=known)
+            except NoModelError as error:
+                if not skip_non_models:
+                    raise
+                _skipped(target, error.message, quiet)
+                continue
             if open_html:
                 _open_in_browser(Path(str(_per_target(settings.html, stem, len(targets) > 1))))
     except GradscopeError as error:
@@ -218,6 +232,19 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
                    "report it with the traceback above)", err=True)
         sys.exit(int(ExitCode.USAGE))
     sys.exit(int(ExitCode.FINDINGS if failed else ExitCode.OK))
+
+
+def _may_be_model(target: str) -> bool:
+    """False for a .py file that certainly defines no model: it is then not even imported."""
+    from gradscope._scan import may_define_model
+
+    path = Path(target)
+    return path.suffix != ".py" or not path.is_file() or may_define_model(path)
+
+
+def _skipped(target: str, why: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(f"gradscope: skipped {target}: {why}", err=True)
 
 
 def _open_in_browser(path: Path) -> None:

@@ -44,6 +44,14 @@ class TargetError(GradscopeError):
     """The target cannot be found, imported or turned into a model."""
 
 
+class NoModelError(TargetError):
+    """The target imports fine but defines nothing gradscope can build as a model.
+
+    ``analyze --skip-non-models`` (the pre-commit hook) skips such files instead of
+    failing: an ordinary Python file in a commit is not an error.
+    """
+
+
 class InputError(GradscopeError):
     """No example inputs can be had, or the model rejects the ones given."""
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.errors import InputError, TargetError
+from gradscope.errors import InputError, NoModelError, TargetError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -182,8 +182,8 @@ def resolve_model(module: ModuleType, name: str | None, where: str) -> tuple[nn.
     listed = ", ".join(sorted(c.__name__ for c in classes))
     what = f"nn.Module classes that need arguments: {listed}" if classes else \
         "no build_model(), no module-level `model`, no nn.Module subclass"
-    raise TargetError(f"no model found in {where} ({what})",
-                      "define build_model() or name one as file.py:NAME")
+    raise NoModelError(f"no model found in {where} ({what})",
+                       "define build_model() or name one as file.py:NAME")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
