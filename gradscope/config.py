@@ -69,6 +69,12 @@ class Settings:
     ignore: tuple[str, ...] = ()
     #: ``(module glob, codes)`` pairs: codes dropped for findings in matching modules.
     per_module_ignore: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Globs of model files, relative to the pyproject.toml's folder, analysed when
+    #: ``gradscope analyze`` is given no target (:func:`resolve_targets`).
+    targets: tuple[str, ...] = ()
+    #: ``(target glob or path, shapes)`` pairs: input shapes of the targets that match,
+    #: used when the command line gives no ``--input-shape`` (:func:`shapes_for`).
+    input_shapes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     source: str | None = field(default=None, compare=False)
 
     def merged(self, **overrides: Any) -> Settings:
@@ -122,6 +128,10 @@ def load_settings(start: Path | None = None) -> Settings:
             value = _code_list(raw_key, value, path)
         elif key == "per_module_ignore":
             value = _per_module_table(raw_key, value, path)
+        elif key == "targets":
+            value = _glob_list(raw_key, value, path)
+        elif key == "input_shapes":
+            value = _input_shapes_table(raw_key, value, path)
         elif key == "output" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # output = 0: the first element of a tuple output
         values[key] = value
@@ -140,7 +150,7 @@ def _shape_text(item: Any) -> str | None:
     return None
 
 
-def _string_list(key: str, value: Any, path: Path) -> tuple[str, ...]:
+def _string_list(key: str, value: Any, path: Path, name: str | None = None) -> tuple[str, ...]:
     """``input-shape``/``dtype`` as one entry or a list of entries (a shape may be a list)."""
     raw: list[Any] = value if isinstance(value, list) else [value]
     items: list[str | None]
@@ -152,7 +162,7 @@ def _string_list(key: str, value: Any, path: Path) -> tuple[str, ...]:
     else:
         items = [v if isinstance(v, str) else None for v in raw]
     if not items or any(v is None for v in items):
-        name = key.replace("_", "-")
+        name = name or key.replace("_", "-")
         example = '"8,3,32,32" or [[8, 3, 32, 32], [8, 10]]' if key == "input_shape" \
             else '"int64" or ["float32", "int64"]'
         raise ConfigError(f"{name} in [tool.gradscope] of {path} must be like {example}, "
@@ -179,6 +189,82 @@ def _per_module_table(name: str, value: Any,
                           f'"module glob" = {_CODES_EXAMPLE}, not {value!r}', "fix the setting")
     return tuple((glob, _code_list(f"{name}.{glob!r}", codes, path))
                  for glob, codes in value.items())
+
+
+def _glob_list(name: str, value: Any, path: Path) -> tuple[str, ...]:
+    """``targets``: a list of file globs (one string is a list of one)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(
+            isinstance(v, str) and v.strip() for v in items):
+        raise ConfigError(f'{name} in [tool.gradscope] of {path} must be a list of file globs '
+                          f'like ["models/*.py"], not {value!r}', "fix the setting")
+    return tuple(items)
+
+
+def _input_shapes_table(name: str, value: Any,
+                        path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``[tool.gradscope.input-shapes]``: ``"target glob or path" = ["8,3,32,32", ...]``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} in [tool.gradscope] of {path} must be a table of "
+                          f'"target glob" = ["8,3,32,32"], not {value!r}', "fix the setting")
+    return tuple((glob, _string_list("input_shape", shapes, path, f"{name}.{glob!r}"))
+                 for glob, shapes in value.items())
+
+
+def _base_folder(settings: Settings) -> Path:
+    """The folder ``targets`` and ``input-shapes`` globs are relative to."""
+    return Path(settings.source).parent if settings.source else Path.cwd()
+
+
+def _glob_files(pattern: str, base: Path) -> list[Path]:
+    """Files matching ``pattern`` (``**`` spans folders), relative to ``base`` unless absolute."""
+    import glob
+
+    return [Path(base, hit).resolve()
+            for hit in glob.glob(pattern, root_dir=base, recursive=True)
+            if Path(base, hit).is_file()]
+
+
+def _shown(path: Path) -> str:
+    """Relative to the working directory when under it (shorter report names and output)."""
+    cwd = Path.cwd().resolve()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
+def resolve_targets(settings: Settings) -> tuple[str, ...]:
+    """``targets`` expanded: sorted, without duplicates; a glob matching nothing is an error."""
+    base = _base_folder(settings)
+    found: set[Path] = set()
+    for pattern in settings.targets:
+        hits = _glob_files(pattern, base)
+        if not hits:
+            where = f" in [tool.gradscope] of {settings.source}" if settings.source else ""
+            raise ConfigError(f"targets glob {pattern!r}{where} matches no file under {base}",
+                              "fix the glob or remove it")
+        found.update(hits)
+    return tuple(_shown(p) for p in sorted(found))
+
+
+def shapes_for(settings: Settings, target: str) -> tuple[str, ...] | None:
+    """The ``input-shapes`` entry for ``target``: an exact path first, else the first glob."""
+    if not settings.input_shapes:
+        return None
+    base = _base_folder(settings)
+    head = target
+    if ":" in target:  # file.py:Name -> file.py (not a Windows drive letter)
+        h, _, tail = target.rpartition(":")
+        if h and tail and not tail.startswith(("\\", "/")):
+            head = h
+    file = Path(head).resolve() if Path(head).is_file() else None
+    for key, shapes in settings.input_shapes:
+        if key in (target, head) or (file is not None and (base / key).resolve() == file):
+            return shapes
+    if file is None:
+        return None
+    for key, shapes in settings.input_shapes:
+        if file in _glob_files(key, base):
+            return shapes
+    return None
 
 
 def _check_selection(settings: Settings, where: str) -> None:
@@ -256,3 +342,14 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"{name} must be a non-negative number, not {value!r}{where}",
                               "fix the setting")
     _check_selection(settings, where)
+    if not isinstance(settings.targets, tuple) or not all(
+            isinstance(t, str) for t in settings.targets):
+        raise ConfigError(f"targets must be a list of file globs, not {settings.targets!r}{where}",
+                          "fix the setting")
+    pairs = settings.input_shapes
+    if not isinstance(pairs, tuple) or not all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+            and isinstance(p[1], tuple) and p[1] and all(isinstance(s, str) for s in p[1])
+            for p in pairs):
+        raise ConfigError(f"input-shapes must map target globs to lists of shapes, not "
+                          f"{pairs!r}{where}", "fix the setting")
