@@ -298,3 +298,179 @@ def test_bad_file_fails_even_when_the_option_is_given(project: Path) -> None:
     """A broken configuration is reported, not masked by a command-line option."""
     write_pyproject(project, '[tool.gradscope]\nfail-on = "sometimes"\n')
     assert_config_error(analyze(SMALL, "--no-probe", "--fail-on", "never"), "sometimes")
+
+
+# ------------------------------------------------------------------ targets and input-shapes
+
+
+CONV_NO_INPUTS = ("from torch import nn\n\ndef build_model():\n"
+                  "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())\n")
+
+
+def make_models(folder: Path) -> None:
+    for rel in ("models/a.py", "models/b.py", "nets/deep/c.py", "nets/d.py"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(LINEAR_NO_INPUTS)
+    (folder / "models" / "notes.txt").write_text("not a model")
+
+
+def test_targets_globs_sorted_and_deduplicated(project: Path) -> None:
+    from gradscope.config import resolve_targets
+
+    make_models(project)
+    write_pyproject(project, """
+        [tool.gradscope]
+        targets = ["nets/**/*.py", "models/*.py", "models/a.py"]
+    """)
+    settings = load_settings()
+    assert settings.targets == ("nets/**/*.py", "models/*.py", "models/a.py")
+    assert resolve_targets(settings) == ("models/a.py", "models/b.py", "nets/d.py",
+                                         "nets/deep/c.py")
+
+
+def test_targets_are_relative_to_the_pyproject_folder(project: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradscope.config import resolve_targets
+
+    make_models(project)
+    write_pyproject(project, '[tool.gradscope]\ntargets = "models/*.py"\n')
+    monkeypatch.chdir(project / "nets" / "deep")
+    assert resolve_targets(load_settings()) == (str(project / "models" / "a.py"),
+                                                str(project / "models" / "b.py"))
+    monkeypatch.chdir(project / "models")
+    assert resolve_targets(load_settings()) == ("a.py", "b.py")
+
+
+def test_a_target_glob_matching_nothing_is_an_error_naming_it(project: Path) -> None:
+    make_models(project)
+    write_pyproject(project, '[tool.gradscope]\ntargets = ["models/*.py", "modles/*.py"]\n')
+    line = assert_config_error(analyze("--no-probe"), "modles/*.py", "matches no file")
+    assert "models/*.py'" not in line
+
+
+@pytest.mark.parametrize("body", ["targets = []", "targets = 3", 'targets = ["ok.py", 1]',
+                                  'targets = [""]'])
+def test_ill_typed_targets(project: Path, body: str) -> None:
+    write_pyproject(project, f"[tool.gradscope]\n{body}\n")
+    with pytest.raises(ConfigError, match="targets"):
+        load_settings()
+
+
+def test_no_target_and_no_targets_setting_is_exit_2(project: Path) -> None:
+    write_pyproject(project, '[tool.gradscope]\nfail-on = "never"\n')
+    assert_config_error(analyze("--no-probe"), "no target", "targets")
+
+
+def test_analyze_without_arguments_runs_the_targets(project: Path) -> None:
+    make_models(project)
+    write_pyproject(project, """
+        [tool.gradscope]
+        targets = ["models/*.py"]
+        input-shape = "4,16"
+        json = "out/report.json"
+    """)
+    (project / "out").mkdir()
+    result = analyze("--no-probe", "-q")
+    assert result.exit_code == 0, result.stderr
+    for stem in ("a", "b"):
+        doc = json.loads((project / "out" / f"report.{stem}.json").read_text())
+        assert doc["model"]["inputs"] == [{"shape": [4, 16], "dtype": "float32"}]
+    assert not (project / "out" / "report.d.json").exists()
+    # a target on the command line replaces the setting
+    result = analyze("nets/d.py", "--input-shape", "2,16", "--no-probe", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["name"].startswith("d")
+
+
+def test_input_shapes_per_target(project: Path) -> None:
+    make_models(project)
+    (project / "models" / "cnn.py").write_text(CONV_NO_INPUTS)
+    write_pyproject(project, """
+        [tool.gradscope]
+        targets = ["models/*.py"]
+        input-shape = "2,16"                # everything not matched below
+        [tool.gradscope.input-shapes]
+        "models/cnn.py" = ["8,3,32,32"]
+        "models/b*.py" = [[5, 16]]
+    """)
+    settings = load_settings()
+    assert settings.input_shapes == (("models/cnn.py", ("8,3,32,32",)),
+                                     ("models/b*.py", ("5,16",)))
+    result = analyze("--no-probe", "-q", "--json", "r.json")
+    assert result.exit_code == 0, result.stderr
+    shapes = {stem: json.loads((project / f"r.{stem}.json").read_text())["model"]["inputs"][0]
+              ["shape"] for stem in ("a", "b", "cnn")}
+    assert shapes == {"a": [2, 16], "b": [5, 16], "cnn": [8, 3, 32, 32]}
+    # the same with the path as given on the command line, from another folder, or NAME
+    result = analyze(project / "models" / "cnn.py", "--no-probe", "--json", "-")
+    assert json.loads(result.stdout)["model"]["inputs"][0]["shape"] == [8, 3, 32, 32]
+    result = analyze("models/b.py:build_model", "--no-probe", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["inputs"][0]["shape"] == [5, 16]
+
+
+def test_command_line_input_shape_wins_over_input_shapes(project: Path) -> None:
+    make_models(project)
+    write_pyproject(project, """
+        [tool.gradscope.input-shapes]
+        "models/*.py" = ["2,99"]
+    """)
+    assert_config_error(analyze("models/a.py", "--no-probe"), "[2, 99]")
+    result = analyze("models/a.py", "--input-shape", "3,16", "--no-probe", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["inputs"][0]["shape"] == [3, 16]
+
+
+def test_exact_path_beats_an_earlier_glob(project: Path) -> None:
+    from gradscope.config import shapes_for
+
+    make_models(project)
+    write_pyproject(project, """
+        [tool.gradscope.input-shapes]
+        "models/*.py" = ["1,16"]
+        "models/a.py" = ["7,16"]
+        "nets/**/*.py" = ["9,16"]
+    """)
+    settings = load_settings()
+    assert shapes_for(settings, "models/a.py") == ("7,16",)
+    assert shapes_for(settings, "models/b.py") == ("1,16",)
+    assert shapes_for(settings, "nets/deep/c.py") == ("9,16",)
+    assert shapes_for(settings, "elsewhere.py") is None
+    assert shapes_for(settings, "torchvision.models:resnet18") is None
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ('[tool.gradscope]\ninput-shapes = "8,16"\n', "input-shapes"),
+    ('[tool.gradscope.input-shapes]\n"a.py" = [true]\n', "'a.py'"),
+    ('[tool.gradscope.input-shapes]\n"a.py" = []\n', "'a.py'"),
+    ('[tool.gradscope]\ninput-shape-for = {}\n', "input-shape-for"),
+    ('[tool.gradscope]\ntarget = ["a.py"]\n', "target"),
+])
+def test_bad_input_shapes_name_the_key(project: Path, body: str, fragment: str) -> None:
+    write_pyproject(project, body)
+    assert_config_error(analyze(SMALL, "--no-probe"), fragment, "pyproject.toml")
+
+
+# ------------------------------------------------------------------ the other keys, end to end
+
+
+def test_device_select_and_ignore_from_the_file(project: Path) -> None:
+    write_pyproject(project, """
+        [tool.gradscope]
+        device = "cpu"
+        fail-on = "warning"
+        select = ["GS1", "GS7"]
+        ignore = ["GS101"]
+    """)
+    result = analyze(UNHEALTHY, "--json", "-")
+    doc = json.loads(result.stdout)
+    assert doc["probe"]["device"] == "cpu"
+    rules = {f["rule"] for f in doc["findings"]}
+    assert rules and all(r.startswith(("GS1", "GS7")) for r in rules)
+    assert "GS101" not in rules
+    assert result.exit_code == 1, "GS705 is a warning and fail-on = warning"
+    result = analyze(UNHEALTHY, "--ignore", "GS7", "--json", "-")
+    assert "GS101" in {f["rule"] for f in json.loads(result.stdout)["findings"]}, \
+        "--ignore replaces the file's list"
+    assert analyze(UNHEALTHY, "--select", "GS7", "--fail-on", "error", "-q").exit_code == 0, \
+        "only GS7xx (no error among them) and --fail-on error beat the file"
