@@ -100,6 +100,8 @@ def main() -> None:
     gradscope analyze model.py --html r.html --json r.json
     gradscope analyze model.py --html r.html --open   ... and open it in a browser
     gradscope view r.html                    open a written HTML report in a browser
+    gradscope analyze model.py --baseline old.json   fail only on findings not in old.json
+    gradscope diff old.json new.json         what changed between two JSON reports
     gradscope rules                          every rule code
     gradscope rules GS101                    what a rule means and how to fix it
     """

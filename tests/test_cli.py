@@ -176,7 +176,8 @@ def test_help_version_and_rules_do_not_import_torch(tmp_path: Path) -> None:
         from gradscope.cli import main
 
         for args in (["--help"], ["--version"], ["-V"], ["rules"], ["rules", "GS101"],
-                     ["analyze", "--help"], ["rules", "--help"], ["view", "--help"]):
+                     ["analyze", "--help"], ["rules", "--help"], ["view", "--help"],
+                     ["diff", "--help"]):
             result = CliRunner().invoke(main, args)
             assert result.exit_code == 0, (args, result.output)
             assert result.output.strip(), args
