@@ -2,7 +2,9 @@
 
 This module must not import torch at import time: ``gradscope --help``,
 ``--version`` and ``rules`` run in pre-commit hooks on every commit. Torch is
-imported inside ``analyze`` only.
+imported inside ``analyze`` only. The settings, the rule selection and the
+report model are imported inside the commands too, so that ``--help`` pays for
+click and little else (``benchmarks/startup.py``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,21 @@ import os
 import sys
 import threading
 import time
-import traceback
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gradscope._version import __version__
-from gradscope.config import FAIL_ON, Settings, load_settings, validate
 from gradscope.errors import ConfigError, ExitCode, GradscopeError, NoModelError
-from gradscope.rules.selection import check_codes, parse_per_module, split_codes
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from gradscope.config import Settings
+
+#: The same as ``gradscope.config.FAIL_ON`` (a test checks), here so that building the
+#: options does not import the configuration module.
+FAIL_ON = ("error", "warning", "info", "never")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -53,6 +60,8 @@ class Progress:
 
 def _fail(error: GradscopeError, debug: bool) -> None:
     if debug:
+        import traceback
+
         traceback.print_exception(error)
     click.echo(f"gradscope: error: {error.one_line()}", err=True)
     sys.exit(int(error.exit_code))
@@ -62,6 +71,8 @@ def _per_target(path: str | None, stem: str, many: bool) -> str | None:
     """With several targets, ``out.json`` becomes ``out.<target>.json`` for each."""
     if path is None or path == "-" or not many:
         return path
+    from pathlib import Path
+
     p = Path(path)
     return str(p.with_name(f"{p.stem}.{stem}{p.suffix}"))
 
@@ -74,6 +85,8 @@ def _target_stem(target: str) -> str:
         if h and tail and not tail.startswith(("\\", "/")):  # not a Windows drive letter
             head, name = h, tail
     is_file = head.endswith(".py") or "/" in head or "\\" in head
+    from pathlib import Path
+
     base = Path(head).stem if is_file else head
     return f"{base}_{name}" if name else base
 
@@ -108,7 +121,7 @@ def main() -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("targets", nargs=-1, required=True)
+@click.argument("targets", nargs=-1, required=False)
 @click.option("--input-shape", "input_shape", multiple=True, metavar="N,C,H,W",
               help="Shape of one positional input; repeat for several inputs.")
 @click.option("--dtype", multiple=True, metavar="DTYPE",
@@ -142,6 +155,9 @@ def main() -> None:
 @click.option("--json", "json_path", default=None, metavar="PATH",
               help="Write the JSON report ('-' for stdout).")
 @click.option("--sarif", default=None, metavar="PATH", help="Write a SARIF 2.1.0 report.")
+@click.option("--format", "fmt", type=click.Choice(["text", "github", "json"]), default="text",
+              help="stdout: text summary (default), GitHub Actions annotations (github), "
+                   "or the JSON report (json, as --json -).")
 @click.option("--fail-on", "fail_on", type=click.Choice(FAIL_ON), default=None,
               help="Exit 1 when a finding at or above this severity exists (default error).")
 @click.option("--seed", type=int, default=None, help="Seed of the probe (default 0).")
@@ -174,13 +190,18 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             loss: str | None, probe_mode: str | None, select: tuple[str, ...],
             ignore: tuple[str, ...], per_module_ignore: tuple[str, ...],
             baseline: str | None,
-            color: bool | None, quiet: bool, debug: bool, open_html: bool) -> None:
+            color: bool | None, quiet: bool, debug: bool, open_html: bool,
+            fmt: str = "text") -> None:
     """Analyse the gradient flow of one or more models.
 
-    TARGET is path/to/file.py, path/to/file.py:NAME or package.module:NAME.
+    TARGET is path/to/file.py, path/to/file.py:NAME or package.module:NAME;
+    without one, the targets globs of [tool.gradscope] in pyproject.toml.
     Exit status: 0 no finding at or above --fail-on, 1 at least one, 2 the
     run could not be done.
     """
+    from gradscope.config import load_settings, validate
+    from gradscope.rules.selection import check_codes, parse_per_module, split_codes
+
     try:
         # Checked here, before merging, so an unknown code names the option it came from.
         selected = check_codes(split_codes(select), "--select")
@@ -195,7 +216,15 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             batches=batches, loss=loss, probe_mode=probe_mode, select=selected, ignore=ignored,
             per_module_ignore=per_module)
         validate(settings)
-        _check_outputs(settings, len(targets))
+        if not targets:
+            from gradscope.config import resolve_targets
+
+            targets = resolve_targets(settings)
+            if not targets:
+                raise ConfigError("no target given",
+                                  "give TARGET... or set targets = [\"models/*.py\"] in "
+                                  "[tool.gradscope] of pyproject.toml")
+        _check_outputs(settings, len(targets), fmt)
         if open_html and settings.html in (None, "-"):
             raise ConfigError("--open needs an HTML report file",
                               "add --html PATH (not '-')")
@@ -210,16 +239,16 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
                          "no class with a base class)", quiet)
                 continue
             try:
-                failed |= _analyze_one(target, settings, stem=stem, many=len(targets) > 1,
-                                       color=color, quiet=quiet,
-                                       baseline=known)
+                failed |= _analyze_one(target, _for_target(settings, target, input_shape),
+                                       stem=stem, many=len(targets) > 1, color=color,
+                                       quiet=quiet, fmt=fmt, baseline=known)
             except NoModelError as error:
                 if not skip_non_models:
                     raise
                 _skipped(target, error.message, quiet)
                 continue
             if open_html:
-                _open_in_browser(Path(str(_per_target(settings.html, stem, len(targets) > 1))))
+                _open_in_browser(str(_per_target(settings.html, stem, len(targets) > 1)))
     except GradscopeError as error:
         _fail(error, debug)
     except KeyboardInterrupt:
@@ -228,6 +257,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
     except Exception as error:  # noqa: BLE001 - last resort: exit 2, never 1
         # A bug in gradscope, not the user's to fix: keep the traceback for the report,
         # but exit 2 ("could not be done"), never 1, which CI reads as "findings".
+        import traceback
+
         traceback.print_exception(error)
         click.echo(f"gradscope: internal error: {type(error).__name__}: "
                    f"{' '.join(str(error).split())} (this is a bug in gradscope; please "
@@ -238,6 +269,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
 
 def _may_be_model(target: str) -> bool:
     """False for a .py file that certainly defines no model: it is then not even imported."""
+    from pathlib import Path
+
     from gradscope._scan import may_define_model
 
     path = Path(target)
@@ -249,27 +282,45 @@ def _skipped(target: str, why: str, quiet: bool) -> None:
         click.echo(f"gradscope: skipped {target}: {why}", err=True)
 
 
-def _open_in_browser(path: Path) -> None:
+def _open_in_browser(report: str | Path) -> None:
     """Hand a report file to the user's browser; a file that is not there is exit 2."""
     import webbrowser
+    from pathlib import Path
 
+    path = Path(report)
     if not path.is_file():
         raise ConfigError(f"no such report file: {path}",
                           "write one with 'gradscope analyze MODEL --html PATH'")
     webbrowser.open(path.resolve().as_uri())
 
 
-def _check_outputs(settings: Settings, count: int) -> None:
+def _for_target(settings: Settings, target: str, cli_shapes: tuple[str, ...]) -> Settings:
+    """``[tool.gradscope.input-shapes]`` for this target, unless --input-shape was given."""
+    if cli_shapes or not settings.input_shapes:
+        return settings
+    from gradscope.config import shapes_for
+
+    shapes = shapes_for(settings, target)
+    return settings if shapes is None else settings.merged(input_shape=shapes)
+
+
+def _check_outputs(settings: Settings, count: int, fmt: str = "text") -> None:
     """Fail before the analysis, not after it, when a report cannot be written."""
     from gradscope._io import ensure_parent_writable
 
-    to_stdout = [flag for flag, path in (("--html", settings.html), ("--json", settings.json),
-                                         ("--sarif", settings.sarif)) if path == "-"]
+    to_stdout = [f"{flag} -" for flag, path in (("--html", settings.html),
+                                                ("--json", settings.json),
+                                                ("--sarif", settings.sarif)) if path == "-"]
+    if fmt == "json" and settings.json != "-":
+        to_stdout.append("--format json")
+    elif fmt == "github":
+        to_stdout.append("--format github")
     if len(to_stdout) > 1:
-        raise ConfigError(f"{' and '.join(to_stdout)} both write to stdout ('-')",
+        raise ConfigError(f"{' and '.join(to_stdout)} both write to stdout",
                           "send at most one report to stdout")
-    if to_stdout and count > 1:
-        raise ConfigError(f"{to_stdout[0]} - with {count} targets would mix their reports on "
+    # GitHub annotations are one line each, so several targets' can share stdout.
+    if to_stdout and count > 1 and to_stdout != ["--format github"]:
+        raise ConfigError(f"{to_stdout[0]} with {count} targets would mix their reports on "
                           "stdout", "give a file path; each target gets its own file")
     for path in (settings.html, settings.json, settings.sarif):
         if path is not None:
@@ -277,7 +328,7 @@ def _check_outputs(settings: Settings, count: int) -> None:
 
 
 def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
-                 color: bool | None, quiet: bool,
+                 color: bool | None, quiet: bool, fmt: str = "text",
                  baseline: tuple[str, dict[str, Any]] | None = None) -> bool:
     # Progress is for people watching a terminal; in CI logs and pre-commit hooks it would
     # come before (and blur) the one-line error of a run that fails.
@@ -326,7 +377,13 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
     sarif_to = _per_target(settings.sarif, stem, many)
     if sarif_to is not None:
         write_sarif(doc, sarif_to)
-    if not quiet and "-" not in (json_to, html_to, sarif_to):
+    if fmt == "json" and json_to != "-":
+        write_json(doc, "-")
+    elif fmt == "github":  # the annotations are the output asked for: printed even with -q
+        from gradscope.render.github import render_github
+
+        click.echo(render_github(doc), nl=False)
+    elif not quiet and "-" not in (json_to, html_to, sarif_to):
         from gradscope.render.terminal import render_terminal
 
         use_color = color if color is not None else (sys.stdout.isatty()
@@ -373,7 +430,7 @@ def rules(code: str | None, fmt: str) -> None:
 def view(report: str) -> None:
     """Open an HTML report (written by analyze --html) in a browser."""
     try:
-        _open_in_browser(Path(report))
+        _open_in_browser(report)
     except GradscopeError as error:
         _fail(error, False)
 

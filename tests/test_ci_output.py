@@ -346,3 +346,41 @@ def test_github_renderer_does_not_import_torch(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------ start-up
+
+
+LIGHT_FORBIDDEN = ("torch", "numpy", "networkx", "jinja2", "tomllib", "gradscope.config",
+                   "gradscope.report", "gradscope.rules.selection")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["-V"], ["rules"],
+                                  ["analyze", "--help"]])
+def test_light_commands_import_only_click_and_the_cli(tmp_path: Path, args: list[str]) -> None:
+    """What --help, --version and rules import beyond click: no settings, no report model."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPROFILEIMPORTTIME"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gradscope", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "gradscope.cli" in imported
+    leaked = sorted(m for m in imported
+                    if any(m == f or m.startswith(f + ".") for f in LIGHT_FORBIDDEN))
+    assert not leaked, leaked
+
+
+def test_cli_fail_on_choices_are_the_settings() -> None:
+    from gradscope import cli, config
+
+    assert cli.FAIL_ON == config.FAIL_ON
+
+
+def test_startup_benchmark_lists_the_commands() -> None:
+    text = (REPO / "benchmarks" / "startup.py").read_text(encoding="utf-8")
+    for needle in ('"python -c pass"', '"gradscope --help"', '"python -m gradscope --help"',
+                   '"gradscope rules"', '"gradscope --version"', "--json", "--repeat"):
+        assert needle in text, needle
