@@ -11,13 +11,16 @@ use, so ``gradscope --help`` and CI tooling that only reads reports stay fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from gradscope._version import __version__
-from gradscope.errors import GradscopeError
 
+#: Not typing.TYPE_CHECKING: importing typing (with re and collections) would double
+#: the start-up of ``gradscope --help`` (gradscope._entry), which imports this package.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from gradscope.api import analyze as analyze
+    from gradscope.errors import GradscopeError as GradscopeError
     from gradscope.report import Finding as Finding
     from gradscope.report import Report as Report
     from gradscope.testing import assert_healthy_gradients as assert_healthy_gradients
@@ -28,6 +31,10 @@ __all__ = ["Finding", "GradscopeError", "Report", "__version__", "analyze",
 
 def __getattr__(name: str) -> Any:
     # Lazy attributes keep torch out of ``import gradscope``.
+    if name == "GradscopeError":  # enum, for ExitCode, is not free either
+        from gradscope.errors import GradscopeError
+
+        return GradscopeError
     if name == "analyze":
         from gradscope.api import analyze
 

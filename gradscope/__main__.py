@@ -1,6 +1,8 @@
 """``python -m gradscope``: the same CLI as the ``gradscope`` command."""
 
-from gradscope.cli import run
+import sys
+
+from gradscope._entry import main
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

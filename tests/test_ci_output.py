@@ -367,7 +367,11 @@ def test_light_commands_import_only_click_and_the_cli(tmp_path: Path, args: list
     assert proc.returncode == 0, proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "gradscope.cli" in imported
+    if args[0] in ("--help", "--version", "-V"):
+        # gradscope._entry answers these without click (docs/benchmarks.md, section 5)
+        assert "click" not in imported and "gradscope.cli" not in imported
+    else:
+        assert "gradscope.cli" in imported
     leaked = sorted(m for m in imported
                     if any(m == f or m.startswith(f + ".") for f in LIGHT_FORBIDDEN))
     assert not leaked, leaked

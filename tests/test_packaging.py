@@ -30,6 +30,7 @@ def test_wheel_carries_templates_and_schema(tmp_path: Path) -> None:
         assert f"gradscope/templates/{template.name}" in names
     assert "gradscope/schema/report.schema.json" in names
     assert "gradscope/cli.py" in names
+    assert "gradscope/cli_help.txt" in names, "the fast --help path reads it"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheels[0]).read(entry_points).decode()
-    assert "gradscope = gradscope.cli:run" in text
+    assert "gradscope = gradscope._entry:main" in text
