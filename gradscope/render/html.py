@@ -74,6 +74,31 @@ def template_dirs() -> list[Path]:
     return [d for d in candidates if (d / TEMPLATE_NAME).is_file()]
 
 
+#: C0 controls (but tab and newline), DEL and the bidi overrides/isolates, shown as
+#: Unicode control pictures or code points: an ESC or a right-to-left override in
+#: a module name must be seen, not interpreted (or silently reorder the text).
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+
+
+def _picture(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\x7f":
+        return "\u2421"
+    if ord(char) < 0x20:
+        return chr(0x2400 + ord(char))
+    return f"<U+{ord(char):04X}>"
+
+
+def visible_controls(value: Any) -> Any:
+    """Jinja's ``finalize``: every printed string has its control characters made visible.
+
+    Runs before autoescaping, so the replacement is escaped like the rest.
+    """
+    if isinstance(value, str) and not hasattr(value, "__html__"):
+        return _CONTROLS.sub(_picture, value)
+    return value
+
+
 @lru_cache(maxsize=1)
 def _environment() -> Environment:
     dirs = template_dirs()
@@ -89,6 +114,7 @@ def _environment() -> Environment:
             enabled_extensions=("html", "htm", "xml", "j2"), default_for_string=True, default=True
         ),
         undefined=StrictUndefined,
+        finalize=visible_controls,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
