@@ -45,6 +45,20 @@ def ensure_parent_writable(path: str | Path) -> None:
         raise OutputError(f"cannot write {target}: directory {parent} is not writable", _HINT)
 
 
+def _sync_directory(directory: Path) -> None:
+    """Make the rename itself durable (a crash right after it keeps the new file).
+
+    Best effort: some systems (Windows) cannot open a directory, and the report
+    is already complete and in place, so a failure here is not an error.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) all at once, or not at all.
 
@@ -69,12 +83,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             break
         if tmp_path is None:
             raise FileExistsError(errno.EEXIST, "no free temporary file name")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        try:
+            handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        except BaseException:
+            os.close(fd)  # fdopen did not take the descriptor over
+            raise
+        with handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, target)
         tmp_path = None
+        _sync_directory(directory)
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {_reason(exc)}", _HINT) from exc
     finally:

@@ -20,6 +20,7 @@ from gradscope.estimate.propagate import StaticEstimate, estimate
 from gradscope.meta import is_meta_model
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
+from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
 from gradscope.rules.checks import Analysis, Thresholds, probe_health, run_checks
 from gradscope.rules.selection import RuleSelection, per_module_pairs, split_codes
 from gradscope.state import preserved
@@ -166,6 +167,7 @@ def analyze(
     ignore: Sequence[str] | None = None,
     per_module_ignore: Mapping[str, Sequence[str]]
     | Iterable[tuple[str, Sequence[str]]] | None = None,
+    timeout: float | None = None,
 ) -> Report:
     """Analyse ``model`` on ``example_inputs`` and return the report.
 
@@ -193,7 +195,16 @@ def analyze(
     (``gradscope.rules.selection``) before the report is built, so its status
     and every renderer see the same findings; a note counts what was dropped.
     An unknown code is a ``ConfigError`` raised before anything runs.
+
+    ``timeout`` (seconds, counted from this call) bounds the probe: once it has
+    passed, the probe stops at the next node or batch and the report holds the
+    batches finished, with a note; if none finished, the static estimate alone
+    (a CI job gets a report rather than nothing). Before a model is built from a
+    factory, moved to ``device`` or probed, its weights and gradients are compared
+    with the free memory there (``gradscope.resources``); a model that would not
+    fit is a ``ResourceError`` that suggests ``meta=True``.
     """
+    deadline = Deadline(timeout)
     say = progress or (lambda _msg: None)
     # split_codes: a bare "GS1,GS8" string is a list of codes, not of letters.
     selection = RuleSelection(select=split_codes(select or ()), ignore=split_codes(ignore or ()),
@@ -207,6 +218,10 @@ def analyze(
         if not callable(model):
             raise InputError(f"model must be an nn.Module or a factory, not "
                              f"{type(model).__name__}", "pass the model or a function building it")
+        if not meta:  # on meta nothing is allocated; else count on meta before building
+            planned = factory_footprint(model)
+            if planned is not None:
+                check_memory("cpu", weights=planned.weights, doing="build the model")
         model = _build(model, meta, declared)
     on_meta = is_meta_model(model)
     if meta and not on_meta:
@@ -217,11 +232,18 @@ def analyze(
         report_notes.append("the model is on the meta device (no weights): static estimate "
                             "only, from each weight's declared initialisation")
     target_device = resolve_device(device) if probe else "cpu"
+    if probe:  # before the snapshot and the move: fail while nothing is allocated yet
+        size = footprint(model)
+        moving = torch.device(target_device) != _model_device(model)
+        check_memory(target_device, weights=size.weights if moving else 0,
+                     gradients=size.gradients)
     with preserved(model, report_notes):
         # Trace where the model lives; the probe moves it (and its inputs) when asked to.
         home = _model_device(model)
         trace_inputs = tuple(t.to(home) if isinstance(t, torch.Tensor) else t for t in inputs)
-        model.train()
+        # The mode the probe will run in: BatchNorm given a batch of one then fails (or
+        # not, with probe_mode="eval") while tracing exactly as in the probe.
+        model.train(probe_mode != "eval")
         say("tracing")
         try:
             traced = trace_model(model, trace_inputs, output_key=output, allow_run=probe,
@@ -243,8 +265,12 @@ def analyze(
                 model.to(target_device)
             result = run_probe(model, traced, trace_inputs, target_device, seed=seed, lr=lr,
                                optimizer=optimizer, weight_decay=weight_decay,
-                               batches=batches, loss=loss, mode=probe_mode)
+                               batches=batches, loss=loss, mode=probe_mode,
+                               deadline=deadline)
             report_notes.extend(result.notes)
+            if result.batches == 0:  # timed out before one batch: static estimate only
+                result = None
+                probe = False
     report_notes.extend(traced.notes)
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
                         inputs=tuple(est_inputs), declared=declared)
@@ -254,6 +280,12 @@ def analyze(
         report_notes.append(suppressed)
         findings = selection.apply(findings)
     params = list(dict.fromkeys(model.parameters()))
+    if not any(p.requires_grad for p in params):
+        # Not an error (a frozen feature extractor is a fine thing to check), but the
+        # report must say why no weight gradient or update figure appears in it.
+        report_notes.append("the model has no trainable parameter (none, or all with "
+                            "requires_grad=False): gradients were measured with respect "
+                            "to the inputs only, and no weight-gradient check applies")
     trace = TraceInfo(
         method=traced.method, ok=True,
         message="; ".join(f"{a.method} failed: {a.message}" for a in traced.attempts

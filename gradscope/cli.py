@@ -149,6 +149,10 @@ def main() -> None:
                    "fixed random direction).")
 @click.option("--probe-mode", "probe_mode", type=click.Choice(["train", "eval"]), default=None,
               help="Run the probe in train (default) or eval mode.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS",
+              help="Stop the probe once the analysis has run this long: the report keeps "
+                   "the batches done (or the static estimate alone) and says so.")
 @click.option("--html", default=None, metavar="PATH", help="Write the HTML report.")
 @click.option("--open", "open_html", is_flag=True,
               help="Open the HTML report in a browser once written (needs --html).")
@@ -189,7 +193,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             momentum: float | None, weight_decay: float | None, batches: int | None,
             loss: str | None, probe_mode: str | None, select: tuple[str, ...],
             ignore: tuple[str, ...], per_module_ignore: tuple[str, ...],
-            baseline: str | None,
+            baseline: str | None, timeout: float | None,
             color: bool | None, quiet: bool, debug: bool, open_html: bool,
             fmt: str = "text") -> None:
     """Analyse the gradient flow of one or more models.
@@ -214,7 +218,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             optimizer=optimizer, html=html, json=json_path, sarif=sarif, fail_on=fail_on,
             seed=seed, meta=meta, momentum=momentum, weight_decay=weight_decay,
             batches=batches, loss=loss, probe_mode=probe_mode, select=selected, ignore=ignored,
-            per_module_ignore=per_module)
+            per_module_ignore=per_module, timeout=timeout)
         validate(settings)
         if not targets:
             from gradscope.config import resolve_targets
@@ -353,7 +357,7 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
             loss=settings.loss or loaded.loss_fn or "dot", probe_mode=settings.probe_mode,
             momentum=settings.momentum, weight_decay=settings.weight_decay,
             select=settings.select, ignore=settings.ignore,
-            per_module_ignore=settings.per_module_ignore)
+            per_module_ignore=settings.per_module_ignore, timeout=settings.timeout)
         progress("writing reports")
         deciding: list[Any] = list(report.findings)
         if baseline is not None:  # all findings are shown; only new ones decide the exit code

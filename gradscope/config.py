@@ -64,6 +64,8 @@ class Settings:
     batches: int = 3
     loss: str | None = None
     probe_mode: str = "train"
+    #: Seconds the analysis may take before the probe stops early (None: no limit).
+    timeout: float | None = None
     #: Rule codes or prefixes kept / dropped, ruff-style (``gradscope.rules.selection``).
     select: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
@@ -328,6 +330,10 @@ def validate(settings: Settings) -> None:
     if not isinstance(settings.seed, int) or isinstance(settings.seed, bool):
         raise ConfigError(f"seed must be an integer, not {settings.seed!r}{where}",
                           "fix the setting")
+    if settings.timeout is not None and (not _is_number(settings.timeout)
+                                         or not 0 < settings.timeout < float("inf")):
+        raise ConfigError(f"timeout must be a positive number of seconds, not "
+                          f"{settings.timeout!r}{where}", "fix the setting")
     if settings.lr is not None and (not _is_number(settings.lr) or not settings.lr > 0):
         raise ConfigError(f"lr must be a positive number, not {settings.lr!r}{where}",
                           "fix the setting")

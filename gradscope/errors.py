@@ -74,3 +74,30 @@ class TraceError(GradscopeError):
 
 class ModelRunError(GradscopeError):
     """The model raised while gradscope ran it."""
+
+
+class ResourceError(GradscopeError):
+    """The model would not fit in the memory the probe has (``gradscope.resources``).
+
+    Raised before anything is allocated or moved, because running out of memory
+    later is worse: on the CPU the kernel kills the process without a message,
+    and on a GPU the out-of-memory error says nothing about ``--meta``.
+    """
+
+
+#: torch's words when BatchNorm (train mode) gets a single value per channel.
+_BATCHNORM_OF_ONE = "Expected more than 1 value per channel"
+
+
+def model_error_hint(error: BaseException) -> str | None:
+    """A better hint than "fix the forward" for model errors gradscope can explain.
+
+    BatchNorm in train mode cannot normalise one value per channel (a batch of
+    one with no spatial size); that is the input's or the mode's fault, not the
+    model's, so the hint names the two options that fix it.
+    """
+    if _BATCHNORM_OF_ONE in str(error):
+        return ("BatchNorm in train mode needs more than one value per channel: give a "
+                "batch of 2 or more (--input-shape 2,...) or run the probe with "
+                "--probe-mode eval")
+    return None

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.errors import ModelRunError
+from gradscope.errors import ModelRunError, model_error_hint
+from gradscope.resources import Deadline
 from gradscope.tracing.fx_tracers import NodeExecutionError
 from gradscope.tracing.graph import TracedModel, tensor_leaves
 
@@ -343,9 +344,18 @@ def _is_oom(exc: BaseException) -> bool:
     return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
 
 
+class _Expired(BaseException):
+    """Raised at a node boundary once the deadline has passed; caught by :func:`run_probe`.
+
+    A BaseException, like KeyboardInterrupt, so that neither the model's own
+    ``except Exception`` nor the tracers' error wrapping can swallow or rename it.
+    """
+
+
 def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
                loss: str | LossFn, seed: int, wanted: list[nn.Parameter],
-               measured: set[int], update: tuple[float | None, str, float]) -> _Batch:
+               measured: set[int], update: tuple[float | None, str, float],
+               deadline: Deadline | None = None) -> _Batch:
     probe_inputs = []
     for t in inputs:
         if isinstance(t, torch.Tensor):
@@ -354,7 +364,14 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                 t.requires_grad_(True)
         probe_inputs.append(t)
     acc = _Accumulator(traced)
-    out = traced.runner.run(tuple(probe_inputs), acc.observe)
+    observe = acc.observe
+    if deadline is not None and deadline.seconds is not None:
+        def observe(name: str, value: Any) -> None:
+            acc.observe(name, value)
+            if deadline.expired():
+                raise _Expired
+
+    out = traced.runner.run(tuple(probe_inputs), observe)
     grad_inputs = [t for t in probe_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if not out.requires_grad:
         return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
@@ -379,12 +396,18 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
 def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
               seed: int = 0, lr: float | None = None, optimizer: str = "sgd",
               weight_decay: float = 0.0, batches: int = 3, loss: str | LossFn = "dot",
-              mode: str = "train") -> ProbeResult:
+              mode: str = "train", deadline: Deadline | None = None) -> ProbeResult:
     """Forward and backward on ``batches`` seeded batches; the caller restores the model.
 
     Every node's squared gradient norm is summed over the batches (so the
     reported RMS is over all probe samples) and its per-batch RMS is kept for
     the spread. On CUDA out-of-memory the batch is halved and retried, down to 1.
+
+    ``deadline`` (``--timeout``) is checked after every forward node and before
+    every batch; once it has passed, the batch under way is dropped and the
+    result holds the batches finished so far, with a note. With none finished the
+    result has ``batches == 0`` and no figures: the caller reports the static
+    estimate alone, which is more use to a CI job than an error.
     """
     if mode == "eval":
         model.eval()
@@ -401,15 +424,22 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
     done: list[_Batch] = []
     notes: list[str] = []
     working: int | None = None  # batch size that fit after halving, kept for later batches
+    stopped = False
     for batch in make_batches(inputs, max(batches, 1), seed):
+        if deadline is not None and deadline.expired():
+            stopped = True
+            break
         while working is not None and (_batch_size(batch) or 0) > working:
             batch = _halve(batch, _batch_size(batch) or 1)
         while True:
             try:
                 done.append(_run_batch(model, traced, batch, device, loss, seed, wanted,
-                                       measured, (lr, optimizer, weight_decay)))
+                                       measured, (lr, optimizer, weight_decay), deadline))
                 if notes:
                     working = _batch_size(batch)
+                break
+            except _Expired:
+                stopped = True
                 break
             except NodeExecutionError as exc:
                 if _is_oom(exc.error):
@@ -418,7 +448,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                 raise ModelRunError(
                     f"the model raised during the probe at node {exc.node.name}: "
                     f"{type(exc.error).__name__}: {exc.error}",
-                    "fix the forward, or use --no-probe for the static estimate") from exc
+                    model_error_hint(exc.error)
+                    or "fix the forward, or use --no-probe for the static estimate") from exc
             except ModelRunError:
                 raise
             except Exception as exc:
@@ -427,7 +458,10 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                     continue
                 raise ModelRunError(
                     f"the model raised during the probe: {type(exc).__name__}: {exc}",
-                    "fix the forward, or use --no-probe for the static estimate") from exc
+                    model_error_hint(exc)
+                    or "fix the forward, or use --no-probe for the static estimate") from exc
+        if stopped:
+            break
     description = _loss(torch.zeros(2, 2), (), loss, seed)[1] if not callable(loss) else \
         "loss_fn(output, inputs)"
     result = ProbeResult(device=device, batch_size=_batch_size(inputs), loss=description,
@@ -435,6 +469,13 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                          mode=mode, lr=lr, optimizer=optimizer if lr else None,
                          batches=len(done))
     result.notes.extend(notes)
+    if stopped and deadline is not None:
+        result.notes.append(
+            f"probe stopped after {len(done)} of {max(batches, 1)} batches: --timeout "
+            f"{deadline.seconds:g} s" + ("" if done else "; the report has the static "
+                                          "estimate only"))
+    if not done:
+        return result
     _combine(done, traced, params, result, lr, optimizer, weight_decay)
     return result
 

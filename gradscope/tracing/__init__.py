@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from gradscope.errors import GradscopeError, InputError, TraceError
+from gradscope.errors import GradscopeError, InputError, TraceError, model_error_hint
 from gradscope.report import TraceAttempt
 from gradscope.tracing.graph import TracedModel
 
@@ -101,7 +101,8 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
         ) from last_error
     raise InputError(
         f"the model could not be run on inputs of shape {shapes}: {_reason(last_error.error)}",
-        "check --input-shape/--dtype or example_inputs() against what forward expects",
+        model_error_hint(last_error.error)
+        or "check --input-shape/--dtype or example_inputs() against what forward expects",
     ) from last_error
 
 
