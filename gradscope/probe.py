@@ -357,11 +357,15 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                measured: set[int], update: tuple[float | None, str, float],
                deadline: Deadline | None = None) -> _Batch:
     probe_inputs = []
+    grad_inputs: list[torch.Tensor] = []
     for t in inputs:
         if isinstance(t, torch.Tensor):
-            t = t.detach().to(device).clone()
+            t = t.detach().to(device)
             if t.is_floating_point():
-                t.requires_grad_(True)
+                grad_inputs.append(t.requires_grad_(True))
+            # The model gets a non-leaf copy: a forward may modify its input in place
+            # (nn.ReLU(inplace=True) first), which autograd refuses on a leaf.
+            t = t.clone()
         probe_inputs.append(t)
     acc = _Accumulator(traced)
     observe = acc.observe
@@ -372,7 +376,6 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                 raise _Expired
 
     out = traced.runner.run(tuple(probe_inputs), observe)
-    grad_inputs = [t for t in probe_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if not out.requires_grad:
         return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
     value, _ = _loss(out, tuple(probe_inputs), loss, seed)
