@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -367,6 +368,21 @@ def _module(analysis: Analysis, node: str) -> torch.nn.Module | None:
     return analysis.traced.modules.get(analysis.traced.graph.nodes[node]["module"] or "")
 
 
+def _verified_unroll(analysis: Analysis, node: str, module: torch.nn.Module,
+                     change: Callable[[torch.nn.Module], None]) -> tuple[float, float] | None:
+    """(before, after) first/last-step ratios when ``change`` on a copy improves them."""
+    result = analysis.estimate.recurrent[node]
+    steps = int(result.steps)
+    before = math.sqrt(max(result.step_gain, 0.0)) ** (steps - 1)
+    fixed = copy.deepcopy(module)
+    with torch.no_grad():
+        change(fixed)
+    after = _recurrent_ratio(fixed, analysis, node)
+    if after is None or not improves(before, after):
+        return None
+    return before, after
+
+
 def forget_bias_fix(analysis: Analysis, node: str) -> Recommendation | None:
     """Forget-gate bias 1 (3 for 100+ steps), verified by re-running the unroll on a copy."""
     module = _module(analysis, node)
@@ -376,18 +392,19 @@ def forget_bias_fix(analysis: Analysis, node: str) -> Recommendation | None:
         return None
     steps = int(result.steps)
     bias = 3.0 if steps >= 100 else 1.0
-    before = math.sqrt(max(result.step_gain, 0.0)) ** (steps - 1)
-    fixed = copy.deepcopy(module)
     hidden = module.hidden_size
-    with torch.no_grad():
+
+    def change(fixed: torch.nn.Module) -> None:
         for name, tensor in fixed.named_parameters():
             if name.startswith("bias_ih"):
                 tensor[hidden:2 * hidden].fill_(bias)
             elif name.startswith("bias_hh"):
                 tensor[hidden:2 * hidden].zero_()
-    after = _recurrent_ratio(fixed, analysis, node)
-    if after is None or not improves(before, after):
+
+    verified = _verified_unroll(analysis, node, module, change)
+    if verified is None:
         return None
+    before, after = verified
     path = analysis.traced.graph.nodes[node]["module"] or node
     return Recommendation(
         "initialization",
@@ -414,10 +431,9 @@ def orthogonal_fix(analysis: Analysis, node: str) -> Recommendation | None:
     if module is None or result is None or any(p.is_meta for p in module.parameters()):
         return None
     steps = int(result.steps)
-    before = math.sqrt(max(result.step_gain, 0.0)) ** (steps - 1)
-    fixed = copy.deepcopy(module)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
+
+    def change(fixed: torch.nn.Module) -> None:
         for name, tensor in fixed.named_parameters():
             if name.startswith("weight_hh"):
                 rows = tensor.shape[0] // tensor.shape[1]
@@ -426,9 +442,11 @@ def orthogonal_fix(analysis: Analysis, node: str) -> Recommendation | None:
                     q, r = torch.linalg.qr(torch.randn(block.shape, generator=gen,
                                                        dtype=torch.float64))
                     block.copy_((q * torch.sign(torch.diagonal(r))).to(block.dtype))
-    after = _recurrent_ratio(fixed, analysis, node)
-    if after is None or not improves(before, after):
+
+    verified = _verified_unroll(analysis, node, module, change)
+    if verified is None:
         return None
+    before, after = verified
     path = analysis.traced.graph.nodes[node]["module"] or node
     return Recommendation(
         "initialization",
