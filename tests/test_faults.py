@@ -297,6 +297,17 @@ def test_batchnorm_batch_of_one_in_train_mode_is_a_clear_error_with_a_way_out() 
     snap.assert_unchanged()
 
 
+@pytest.mark.parametrize("tracer", ["symbolic_trace", "export", "runtime"])
+def test_batchnorm_batch_of_one_gets_the_hint_whatever_the_tracer(tracer: str) -> None:
+    """torch.export wraps the model's error in its own: still the input's fault, same hint."""
+    model = bn_mlp()
+    snap = prepared(model)
+    with pytest.raises(InputError) as info:
+        gradscope.analyze(model, torch.randn(1, 8), device="cpu", tracer=tracer)
+    assert "--probe-mode eval" in info.value.one_line()
+    snap.assert_unchanged()
+
+
 def test_batchnorm_batch_of_one_via_the_cli(tmp_path: Path) -> None:
     model = write_model(tmp_path, BN_MODEL)
     one_error_line(analyze_cli(model, "--input-shape", "1,8"), "--probe-mode eval",

@@ -94,6 +94,12 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
 
     shapes = ", ".join(str(list(t.shape)) if hasattr(t, "shape") else repr(t) for t in inputs)
     assert last_error is not None
+    hint = model_error_hint(last_error)
+    if not isinstance(last_error, ModelForwardError) and hint is not None:
+        # The model's own error (BatchNorm with one value per channel) reached us through
+        # a tracer's wrapping, not the runtime recorder's: the input's fault, not ours.
+        raise InputError(f"the model could not be run on inputs of shape {shapes}: "
+                         f"{_reason(last_error)}", hint) from last_error
     if not isinstance(last_error, ModelForwardError):
         raise TraceError(
             f"no tracer could record the graph: {_reason(last_error)}",
