@@ -301,9 +301,10 @@ def test_batchnorm_batch_of_one_in_train_mode_is_a_clear_error_with_a_way_out() 
 def test_batchnorm_batch_of_one_gets_the_hint_whatever_the_tracer(tracer: str) -> None:
     """torch.export wraps the model's error in its own: still the input's fault, same hint."""
     model = bn_mlp()
+    one = torch.randn(1, 8)
     snap = prepared(model)
     with pytest.raises(InputError) as info:
-        gradscope.analyze(model, torch.randn(1, 8), device="cpu", tracer=tracer)
+        gradscope.analyze(model, one, device="cpu", tracer=tracer)
     assert "--probe-mode eval" in info.value.one_line()
     snap.assert_unchanged()
 
