@@ -21,13 +21,11 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.propagate import Mom, StaticEstimate, estimate
-from gradscope.tracing.graph import Ref, TracedModel
+from gradscope.tracing.graph import Ref, TracedModel, iter_refs
 
 #: Estimator keys of layers whose weights a re-initialisation rewrites.
 WEIGHT_KEYS = ("linear", "conv", "addmm")
-#: Hidden activations in the ReLU family: Kaiming fan_in (gain^2 = 2) keeps their gain at 1.
-RELU_LIKE = ("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
-             "prelu", "rrelu", "softplus", "hardswish")
+#: Activations with flat tails: hidden units of these are what an activation swap replaces.
 SATURATING = ("sigmoid", "tanh", "softsign", "hardsigmoid", "hardtanh", "logsigmoid")
 
 
@@ -84,7 +82,7 @@ class Variant:
         self._made += 1
         name = f"gradscope_fix_{stem}_{self._made}"
         template = self.graph.nodes[like or after]
-        inputs = [r for r in _refs((args, kwargs or {})) if r in self.graph]
+        inputs = [r for r in iter_refs((args, kwargs or {})) if r in self.graph]
         self.graph.add_node(
             name, **{**template, "index": float(self.graph.nodes[after]["index"])
                      + 1.0 - 1.0 / (self._made + 1.0),
@@ -137,12 +135,6 @@ class Variant:
     def estimate(self, inputs: tuple[Any, ...],
                  declared: dict[int, Mom] | None = None) -> StaticEstimate:
         return estimate(self.traced(), inputs, declared, self.overrides)
-
-
-def _refs(value: Any) -> Iterable[str]:
-    from gradscope.tracing.graph import iter_refs
-
-    return iter_refs(value)
 
 
 # ---------------------------------------------------------------------------

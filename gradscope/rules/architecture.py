@@ -37,8 +37,9 @@ NORM_KEYS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_nor
 
 def _worst(analysis: Analysis) -> str:
     """"low" if the entry layers' predicted ratio is below 1, else "high"."""
-    low = extreme_health(analysis.estimate, entry_nodes(analysis), "low")
-    high = extreme_health(analysis.estimate, entry_nodes(analysis), "high")
+    entries = analysis.remember("entry_nodes", lambda: entry_nodes(analysis))
+    low = extreme_health(analysis.estimate, entries, "low")
+    high = extreme_health(analysis.estimate, entries, "high")
     if low is None or high is None:
         return "low"
     return "low" if log_distance(low) >= log_distance(high) else "high"

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gradscope.fixes import (
-    RELU_LIKE,
     SATURATING,
     Variant,
     extreme_health,
@@ -62,7 +61,7 @@ class Fixer:
     def __post_init__(self) -> None:
         from gradscope.rules.checks import entry_nodes
 
-        self.entries = entry_nodes(self.analysis)
+        self.entries = self.analysis.remember("entry_nodes", lambda: entry_nodes(self.analysis))
         self.traced = self.analysis.traced
         self.graph = self.traced.graph
 
@@ -394,7 +393,3 @@ def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: floa
         if b_stats is not None and b_stats[1] > 0.1 * target:
             return False
     return True
-
-
-def relu_like(name: str | None) -> bool:
-    return name in RELU_LIKE
