@@ -335,7 +335,7 @@ def check_sigmoid_hidden(analysis: Analysis) -> list[Finding]:
                                                           "activation:hardsigmoid")]
     if not nodes:
         return []
-    fix = analysis.remember("sigmoid_swap", lambda: fixer.activation_swap("low"))
+    fix = fixer.activation_swap("low")
     return [_finding(
         "GS705",
         f"{len(nodes)} sigmoid activation(s) used as hidden units (first: "

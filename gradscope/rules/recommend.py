@@ -113,7 +113,14 @@ class Fixer:
 
     # -- recommendations -----------------------------------------------------
     def activation_swap(self, worst: str = "low") -> Recommendation | None:
-        """Saturating hidden activations -> ReLU with Kaiming fan_in, as one change."""
+        """Saturating hidden activations -> ReLU with Kaiming fan_in, as one change.
+
+        Several rules offer it (GS101/102, GS301/302, GS705): estimated once per analysis.
+        """
+        return self.analysis.remember(f"activation_swap:{worst}",
+                                      lambda: self._activation_swap(worst))
+
+    def _activation_swap(self, worst: str) -> Recommendation | None:
         nodes = self.saturating_hidden()
         if not nodes:
             return None
@@ -145,7 +152,11 @@ class Fixer:
             check)
 
     def initialization(self, worst: str) -> Recommendation | None:
-        """Re-initialise every weight layer for the model's hidden activation."""
+        """Re-initialise every weight layer for the model's hidden activation (memoised)."""
+        return self.analysis.remember(f"initialization:{worst}",
+                                      lambda: self._initialization(worst))
+
+    def _initialization(self, worst: str) -> Recommendation | None:
         act = hidden_activation(self.traced)
         if act in ("sigmoid", "hardsigmoid", "logsigmoid"):
             return None  # no scale makes a sigmoid stack critical: the activation is the fix
