@@ -1,0 +1,87 @@
+"""Golden reports: every sample model's JSON report, field by field, against a stored copy.
+
+The stored copies in ``tests/golden/`` were written from the analysis as it stood
+before a change; a restructuring must leave every stored field as it was (new
+fields may be added: the JSON schema grows by additions only). Floats compare at
+a relative 1e-6 (the probe is seeded, but summation order may move the last bits).
+Regenerate after an intended change with ``GRADSCOPE_UPDATE_GOLDEN=1 pytest
+tests/test_golden.py`` and say in the commit why the figures moved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import SAMPLE_DIR, SAMPLES
+
+import gradscope
+from gradscope.loading import load_target
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+UPDATE = os.environ.get("GRADSCOPE_UPDATE_GOLDEN") == "1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _normalise(value: Any) -> Any:
+    """Machine-independent form: absolute paths of the checkout made relative, no version."""
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items() if k != "gradscope_version"}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    if isinstance(value, str) and str(ROOT) in value:
+        return value.replace(str(ROOT), "<root>")
+    return value
+
+
+def golden_doc(name: str) -> dict[str, Any]:
+    loaded = load_target(str(SAMPLE_DIR / f"{name}.py"))
+    report = gradscope.analyze(loaded.model, loaded.inputs, device="cpu")
+    return _normalise(report.to_dict())  # type: ignore[no-any-return]
+
+
+def _compare(old: Any, new: Any, where: str, problems: list[str]) -> None:
+    if len(problems) > 20:
+        return
+    if isinstance(old, dict):
+        if not isinstance(new, dict):
+            problems.append(f"{where}: was an object, now {new!r:.80}")
+            return
+        for key, value in old.items():
+            if key not in new:
+                problems.append(f"{where}.{key}: missing")
+            else:
+                _compare(value, new[key], f"{where}.{key}", problems)
+        return
+    if isinstance(old, list):
+        if not isinstance(new, list) or len(old) != len(new):
+            problems.append(f"{where}: list of {len(old)} became {new!r:.120}")
+            return
+        for i, (a, b) in enumerate(zip(old, new)):
+            _compare(a, b, f"{where}[{i}]", problems)
+        return
+    if isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        if not math.isclose(old, new, rel_tol=1e-6, abs_tol=1e-12):
+            problems.append(f"{where}: {old!r} -> {new!r}")
+        return
+    if old != new:
+        problems.append(f"{where}: {old!r:.200} -> {new!r:.200}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SAMPLES)
+def test_sample_report_matches_golden(name: str) -> None:
+    path = GOLDEN_DIR / f"{name}.json"
+    doc = golden_doc(name)
+    if UPDATE or not path.exists():
+        if not UPDATE:
+            pytest.fail(f"no golden report for {name}: run with GRADSCOPE_UPDATE_GOLDEN=1")
+        path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        return
+    problems: list[str] = []
+    _compare(json.loads(path.read_text()), doc, name, problems)
+    assert not problems, "\n".join(problems)
