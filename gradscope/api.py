@@ -25,6 +25,7 @@ from gradscope.rules.checks import Analysis, Thresholds, probe_health, run_check
 from gradscope.rules.selection import RuleSelection, per_module_pairs, split_codes
 from gradscope.state import preserved
 from gradscope.tracing import TracedModel, trace_model
+from gradscope.tracing.graph import node_record
 
 Progress = Callable[[str], None]
 
@@ -93,12 +94,12 @@ def _layers(traced: TracedModel, est: StaticEstimate, probe: ProbeResult | None)
     graph = traced.graph
     layers = []
     for name in traced.compute_nodes():
-        d = graph.nodes[name]
+        d = node_record(graph, name)
         layers.append(Layer(
-            name=name, op=d["op"], depth=d["depth"], module=d["module"],
-            module_class=d["module_class"], kind=d["kind"], inputs=list(d["inputs"]),
-            shape=d["shape"], dtype=d["dtype"], num_params=d["num_params"], file=d["file"],
-            line=d["line"], understood=est.understood.get(name, True),
+            name=name, op=d.op, depth=d.depth, module=d.module,
+            module_class=d.module_class, kind=d.kind, inputs=list(d.inputs),
+            shape=d.shape, dtype=d.dtype, num_params=d.num_params, file=d.file,
+            line=d.line, understood=est.understood.get(name, True),
             static_grad_rms=_num(est.grad_rms.get(name)),
             probe_grad_rms=_num(probe.grad_rms.get(name)) if probe else None,
             param_grad_ratio=_num(probe.param_grad_ratio.get(name)) if probe else None,

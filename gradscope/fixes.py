@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.propagate import Mom, StaticEstimate, estimate
-from gradscope.tracing.graph import Ref, TracedModel, iter_refs
+from gradscope.tracing.graph import Ref, TracedModel, iter_refs, node_record, set_record
 
 #: Estimator keys of layers whose weights a re-initialisation rewrites.
 WEIGHT_KEYS = ("linear", "conv", "addmm")
@@ -54,10 +54,10 @@ class Variant:
     # -- graph edits ---------------------------------------------------------
     def replace_input(self, node: str, old: str, new: str) -> None:
         """Make ``node`` read ``new`` wherever it read ``old``."""
-        data = self.graph.nodes[node]
-        data["args"] = _swap_refs(data["args"], old, new)
-        data["kwargs"] = _swap_refs(data["kwargs"], old, new)
-        data["inputs"] = list(dict.fromkeys(new if r == old else r for r in data["inputs"]))
+        data = node_record(self.graph, node)
+        set_record(self.graph, dataclasses.replace(
+            data, args=_swap_refs(data.args, old, new), kwargs=_swap_refs(data.kwargs, old, new),
+            inputs=tuple(dict.fromkeys(new if r == old else r for r in data.inputs))))
         if self.graph.has_edge(old, node):
             self.graph.remove_edge(old, node)
         self.graph.add_edge(new, node)
@@ -81,16 +81,14 @@ class Variant:
         """
         self._made += 1
         name = f"gradscope_fix_{stem}_{self._made}"
-        template = self.graph.nodes[like or after]
+        template = node_record(self.graph, like or after)
         inputs = [r for r in iter_refs((args, kwargs or {})) if r in self.graph]
-        self.graph.add_node(
-            name, **{**template, "index": float(self.graph.nodes[after]["index"])
-                     + 1.0 - 1.0 / (self._made + 1.0),
-                     "kind": "call_function", "role": "compute", "op": op, "key": key,
-                     "target": op, "args": args, "kwargs": dict(kwargs or {}),
-                     "inputs": list(dict.fromkeys(inputs)), "module": None,
-                     "module_class": None, "params": [], "num_params": 0,
-                     "multi_output": False})
+        self.graph.add_node(name, rec=dataclasses.replace(
+            template, name=name,
+            index=float(node_record(self.graph, after).index) + 1.0 - 1.0 / (self._made + 1.0),
+            kind="call_function", role="compute", op=op, key=key, target=op, args=tuple(args),
+            kwargs=dict(kwargs or {}), inputs=tuple(dict.fromkeys(inputs)), module=None,
+            module_class=None, params=(), num_params=0, multi_output=False))
         for src in inputs:
             self.graph.add_edge(src, name)
         return name
@@ -104,7 +102,7 @@ class Variant:
 
     def insert_norm(self, after: str, kind: str = "layer_norm") -> str:
         """A normalisation over the last dimension (channels for BatchNorm) after ``after``."""
-        shape = self.graph.nodes[after]["shape"] or [1]
+        shape = node_record(self.graph, after).shape or [1]
         args: tuple[Any, ...] = (Ref(after), [shape[-1]]) if kind == "layer_norm" \
             else (Ref(after), None, None, None, None, True)
         node = self.insert("norm", after, kind, kind, args)
@@ -113,13 +111,14 @@ class Variant:
 
     def swap_activation(self, node: str, name: str) -> None:
         """Make ``node`` the activation ``name`` (PyTorch defaults) on its first input."""
-        data = self.graph.nodes[node]
-        signal = [r for r in data["inputs"] if self.graph.nodes[r]["role"] != "param"]
+        data = node_record(self.graph, node)
+        signal = [r for r in data.inputs if node_record(self.graph, r).role != "param"]
         if not signal:
             return
-        data.update(key=f"activation:{name}", op=name, kind="call_function",
-                    args=(Ref(signal[0]),), kwargs={}, inputs=[signal[0]],
-                    module=None, module_class=None)
+        set_record(self.graph, dataclasses.replace(
+            data, key=f"activation:{name}", op=name, kind="call_function",
+            args=(Ref(signal[0]),), kwargs={}, inputs=(signal[0],), module=None,
+            module_class=None))
         for pred in list(self.graph.predecessors(node)):
             if pred != signal[0]:
                 self.graph.remove_edge(pred, node)
@@ -144,19 +143,19 @@ class Variant:
 def weight_and_bias(traced: TracedModel, node: str,
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A weight layer's weight and bias tensors, whichever tracer made the node."""
-    data = traced.graph.nodes[node]
-    if data["kind"] == "call_module":
-        module = traced.modules.get(data["module"] or "")
+    data = node_record(traced.graph, node)
+    if data.kind == "call_module":
+        module = traced.modules.get(data.module or "")
         if module is None:
             return None, None
         w = getattr(module, "weight", None)
         b = getattr(module, "bias", None)
         return (w if isinstance(w, torch.Tensor) else None,
                 b if isinstance(b, torch.Tensor) else None)
-    params = [traced.tensors.get(r) for r in data["inputs"]
-              if traced.graph.nodes[r]["role"] == "param"]
+    params = [traced.tensors.get(r) for r in data.inputs
+              if node_record(traced.graph, r).role == "param"]
     tensors = [t for t in params if t is not None]
-    if data["key"] == "addmm":  # addmm(bias, x, W): W is the 2-D one
+    if data.key == "addmm":  # addmm(bias, x, W): W is the 2-D one
         w = next((t for t in tensors if t.dim() == 2), None)
         b = next((t for t in tensors if t.dim() == 1), None)
         return w, b
@@ -175,8 +174,8 @@ def weight_layers(traced: TracedModel) -> list[str]:
     """Linear and convolution nodes with real weight tensors, in forward order."""
     found = []
     for node in traced.order():
-        data = traced.graph.nodes[node]
-        if data["role"] == "compute" and data["key"] in WEIGHT_KEYS:
+        data = node_record(traced.graph, node)
+        if data.role == "compute" and data.key in WEIGHT_KEYS:
             w, _ = weight_and_bias(traced, node)
             if w is not None and w.dim() >= 2:
                 found.append(node)
@@ -187,7 +186,7 @@ def hidden_activation(traced: TracedModel) -> str | None:
     """The model's most common hidden activation (ties: first in forward order)."""
     counts: dict[str, int] = {}
     for node in traced.order():
-        key = traced.graph.nodes[node]["key"]
+        key = node_record(traced.graph, node).key
         if key.startswith("activation:"):
             name = key.split(":", 1)[1]
             counts[name] = counts.get(name, 0) + 1
@@ -224,7 +223,7 @@ def reinitialise(variant: Variant, nodes: Sequence[str], gain_sq: float,
         w, b = weight_and_bias(traced, node)
         if w is None:
             continue
-        variant.set_moments(w, (0.0, gain_sq / fan_in(traced.graph.nodes[node]["key"], w)))
+        variant.set_moments(w, (0.0, gain_sq / fan_in(node_record(traced.graph, node).key, w)))
         if zero_bias and b is not None:
             variant.set_moments(b, (0.0, 0.0))
 

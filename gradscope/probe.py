@@ -22,7 +22,7 @@ from torch import nn
 from gradscope.errors import ModelRunError, model_error_hint
 from gradscope.resources import Deadline
 from gradscope.tracing.fx_tracers import NodeExecutionError
-from gradscope.tracing.graph import TracedModel, tensor_leaves
+from gradscope.tracing.graph import TracedModel, node_record, tensor_leaves
 
 DEAD_KEYS = frozenset({"activation:relu", "activation:relu6"})
 #: Activation -> test on its output for "derivative below 1% of its maximum".
@@ -90,7 +90,7 @@ class _Accumulator:
         if not leaves:
             return
         self.forward_order.append(name)
-        key = self.graph.nodes[name]["key"]
+        key = node_record(self.graph, name).key
         # The checks are not the model's ops: the runtime recorder (a TorchFunctionMode)
         # must not see them, or its replayed node names (sum, sum_1, ...) would shift.
         with torch.no_grad(), torch._C.DisableTorchFunction():
@@ -213,8 +213,8 @@ def _node_weights(traced: TracedModel, params: dict[str, nn.Parameter]) -> dict[
     """Compute nodes with trainable weights, and the weights their ratios are measured on."""
     found: dict[str, list[str]] = {}
     for name in traced.graph.nodes:
-        names = traced.graph.nodes[name]["params"]
-        if not names or traced.graph.nodes[name]["role"] != "compute":
+        names = node_record(traced.graph, name).params
+        if not names or node_record(traced.graph, name).role != "compute":
             continue
         weights = _weights_of(names, params)
         if not weights:

@@ -46,6 +46,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from gradscope.tracing.ops import canonical_activation, is_activation
+
 __all__ = [
     "KNOWN_ACTIVATIONS",
     "Moments",
@@ -428,72 +430,6 @@ _FROZEN_DEFAULTS = {name: tuple(sorted(spec.defaults)) for name, spec in _SPECS.
 
 # Parameters that callers may pass through from a module or call but that do not change phi.
 _IGNORED_PARAMS = frozenset({"inplace"})
-
-# Keys are lower-cased with underscores removed, so "LeakyReLU", "leaky_relu" and
-# "aten.leaky_relu_.default" all meet at "leakyrelu".
-_NAME_TABLE: dict[str, str] = {
-    "identity": "identity",
-    "relu": "relu",
-    "relu6": "relu6",
-    "leakyrelu": "leaky_relu",
-    "prelu": "prelu",
-    "prelukernel": "prelu",  # aten._prelu_kernel, what F.prelu traces to
-    "elu": "elu",
-    "celu": "celu",
-    "selu": "selu",
-    "gelu": "gelu",
-    "silu": "silu",
-    "swish": "silu",
-    "mish": "mish",
-    "tanh": "tanh",
-    "sigmoid": "sigmoid",
-    "expit": "sigmoid",  # torch.special.expit
-    "hardsigmoid": "hardsigmoid",
-    "hardswish": "hardswish",
-    "hardtanh": "hardtanh",
-    "softplus": "softplus",
-    "softsign": "softsign",
-    "logsigmoid": "logsigmoid",
-    "logsigmoidforward": "logsigmoid",  # aten.log_sigmoid_forward: output 0 is the activation
-    "tanhshrink": "tanhshrink",
-    "hardshrink": "hardshrink",
-    "softshrink": "softshrink",
-}
-
-
-@functools.lru_cache(maxsize=4096)
-def canonical_activation(name: str) -> str | None:
-    """Canonical activation name for a module class, function or aten op name, else None.
-
-    Why so lenient: the tracer sees the same activation as ``nn.GELU``, ``F.gelu``,
-    ``torch.ops.aten.gelu.default`` or ``"aten::gelu"`` depending on how the model was
-    written and traced, and the estimator must treat them alike. Non-activation names (``linear``,
-    ``add``, ``aten.gelu_backward``...) give None rather than an error so the caller can ask
-    about every node.
-    """
-    text = name.strip()
-    if text.startswith("<") and text.endswith(">"):  # str(type(module)) or a repr
-        text = text.strip("<>").replace("class ", "").strip("'\" ")
-    text = text.replace("::", ".")
-    parts = [part for part in text.split(".") if part]
-    if not parts:
-        return None
-    if "aten" in parts:
-        # aten.<op>.<overload>: the overload (default, Tensor, out...) says nothing about phi.
-        index = parts.index("aten")
-        if index + 1 >= len(parts):
-            return None
-        op = parts[index + 1]
-    else:
-        op = parts[-1]
-    key = op.lower().replace("_", "")
-    return _NAME_TABLE.get(key)
-
-
-def is_activation(name: str) -> bool:
-    """Whether ``name`` is an elementwise activation this module can take moments of."""
-    return canonical_activation(name) is not None
-
 
 def activation_defaults(name: str) -> dict[str, ParamValue]:
     """Torch's default parameters of an activation, by any alias; ValueError when unknown."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from gradscope.estimate.propagate import StaticEstimate
-from gradscope.tracing.graph import TracedModel
+from gradscope.tracing.graph import TracedModel, node_record
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def nearest_common_ancestor(graph: nx.DiGraph, a: str, b: str) -> str | None:
     residual block costs its own size, not the whole graph's.
     """
     marks: dict[str, set[int]] = {a: {0}, b: {1}}
-    heap = [(-graph.nodes[a]["depth"], a), (-graph.nodes[b]["depth"], b)]
+    heap = [(-node_record(graph, a).depth, a), (-node_record(graph, b).depth, b)]
     heapq.heapify(heap)
     popped: set[str] = set()
     while heap:
@@ -69,11 +69,11 @@ def nearest_common_ancestor(graph: nx.DiGraph, a: str, b: str) -> str | None:
         if len(marks[node]) == 2:
             return node
         for pred in graph.predecessors(node):
-            if graph.nodes[pred]["role"] == "param":
+            if node_record(graph, pred).role == "param":
                 continue
             if pred not in marks:
                 marks[pred] = set()
-                heapq.heappush(heap, (-graph.nodes[pred]["depth"], pred))
+                heapq.heappush(heap, (-node_record(graph, pred).depth, pred))
             marks[pred] |= marks[node]
     return None
 
@@ -89,11 +89,11 @@ def residual_adds(traced: TracedModel) -> list[str]:
     wdepth = _weight_depth(traced)
     found = []
     for name in traced.order():
-        data = graph.nodes[name]
-        if data["key"] not in ("add", "sub") or data["role"] != "compute":
+        data = node_record(graph, name)
+        if data.key not in ("add", "sub") or data.role != "compute":
             continue
-        ins = [r for r in data["inputs"] if graph.nodes[r]["role"] != "param"
-               and graph.nodes[r]["is_float"]]
+        ins = [r for r in data.inputs if node_record(graph, r).role != "param"
+               and node_record(graph, r).is_float]
         for i, a in enumerate(ins):
             for b in ins[i + 1:]:
                 fork = nearest_common_ancestor(graph, a, b)
@@ -108,8 +108,8 @@ def residual_adds(traced: TracedModel) -> list[str]:
 
 
 def _is_weight_layer(traced: TracedModel, name: str) -> bool:
-    data = traced.graph.nodes[name]
-    return data["role"] == "compute" and data["num_params"] > 0 and data["is_float"]
+    data = node_record(traced.graph, name)
+    return data.role == "compute" and data.num_params > 0 and data.is_float
 
 
 def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str],

@@ -33,7 +33,7 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.activations import activation_moments
-from gradscope.tracing.graph import Ref, TracedModel
+from gradscope.tracing.graph import Ref, TracedModel, node_record
 
 EPS = 1e-12
 
@@ -125,12 +125,12 @@ class Ctx:
     def __init__(self, est: _Estimator, name: str) -> None:
         self.est = est
         self.name = name
-        self.data = est.graph.nodes[name]
-        self.args: tuple[Any, ...] = tuple(self.data["args"])
-        self.kwargs: dict[str, Any] = dict(self.data["kwargs"])
+        self.data = node_record(est.graph, name)
+        self.args: tuple[Any, ...] = tuple(self.data.args)
+        self.kwargs: dict[str, Any] = dict(self.data.kwargs)
         # Any: nn.Module's __getattr__ types every attribute as Tensor | Module.
-        self.module: Any = est.traced.modules.get(self.data["module"] or "") \
-            if self.data["kind"] == "call_module" else None
+        self.module: Any = est.traced.modules.get(self.data.module or "") \
+            if self.data.kind == "call_module" else None
 
     # arguments -----------------------------------------------------------
     def arg(self, index: int, key: str | None = None, default: Any = None) -> Any:
@@ -140,11 +140,11 @@ class Ctx:
 
     def tensor_refs(self) -> list[str]:
         """Referenced float nodes in argument order (weights included)."""
-        return [r for r in self.data["inputs"] if self.est.graph.nodes[r]["is_float"]]
+        return [r for r in self.data.inputs if node_record(self.est.graph, r).is_float]
 
     def activations_in(self) -> list[str]:
         """Referenced float nodes that are not weights: the signal inputs."""
-        return [r for r in self.tensor_refs() if self.est.graph.nodes[r]["role"] != "param"]
+        return [r for r in self.tensor_refs() if node_record(self.est.graph, r).role != "param"]
 
     def first(self) -> str | None:
         ins = self.activations_in()
@@ -154,7 +154,7 @@ class Ctx:
         """Moments of an argument: a node reference or a Python number."""
         if isinstance(value, Ref):
             found = self.est.moments.get(value.name)
-            if found is None and self.est.graph.nodes[value.name]["is_float"]:
+            if found is None and node_record(self.est.graph, value.name).is_float:
                 return UNIT  # unknown float values: the unit-variance prior
             return found
         if isinstance(value, bool):
@@ -164,7 +164,7 @@ class Ctx:
         return None
 
     def shape(self, ref: str | None = None) -> list[int] | None:
-        return self.est.graph.nodes[ref or self.name]["shape"]
+        return node_record(self.est.graph, ref or self.name).shape
 
     # weights -------------------------------------------------------------
     def weight(self, attr: str = "weight", index: int | None = None) -> torch.Tensor | None:
@@ -183,9 +183,9 @@ class Ctx:
         if self.module is not None:
             w = getattr(self.module, suffix, None)
             return w if isinstance(w, torch.Tensor) else None
-        for ref in self.data["inputs"]:
-            node = self.est.graph.nodes[ref]
-            if node["role"] == "param" and str(node["module"] or ref).endswith(suffix):
+        for ref in self.data.inputs:
+            node = node_record(self.est.graph, ref)
+            if node.role == "param" and str(node.module or ref).endswith(suffix):
                 return self.est.tensor_of(ref)
         return None
 
@@ -307,7 +307,7 @@ class _Conv:
         w = ctx.weight("weight", 1)
         b = ctx.weight("bias", 2)
         transposed = bool(ctx.arg(6, "transposed", False)) if ctx.module is None and \
-            ctx.data["op"] in ("convolution", "_convolution") else False
+            ctx.data.op in ("convolution", "_convolution") else False
         fan_in = int(w[0].numel()) if w is not None else 1
         return w, b, fan_in, transposed
 
@@ -480,7 +480,7 @@ def _act(ctx: Ctx) -> tuple[Any, str | None]:
     N(m, v + b) is wrong for a nonlinearity; averaging the per-unit moments over
     m_c is right.
     """
-    name = ctx.data["key"].split(":", 1)[1]
+    name = ctx.data.key.split(":", 1)[1]
     first = ctx.first()
     xm = ctx.est.moments.get(first) if first else None
     if xm is None:
@@ -522,7 +522,7 @@ def _dropout_p(ctx: Ctx) -> float:
         return float(ctx.module.p) if ctx.module.training else 0.0
     p = ctx.arg(1, "p", 0.5)
     train = ctx.arg(2, "training", ctx.kwargs.get("train", True))
-    if ctx.data["op"] == "native_dropout":
+    if ctx.data.op == "native_dropout":
         train = ctx.arg(2, "train", True)
     if not isinstance(p, (int, float)) or train is False:
         return 0.0
@@ -553,7 +553,7 @@ def _bn_training(ctx: Ctx) -> bool:
     if ctx.module is not None:
         running = getattr(ctx.module, "running_var", None)
         return bool(ctx.module.training or running is None)
-    op = ctx.data["op"]
+    op = ctx.data.op
     if op in ("_native_batch_norm_legit_no_training", "_batch_norm_no_update"):
         return False
     flag = ctx.arg(5, "training")
@@ -597,10 +597,10 @@ class _Norm:
             return None
         (_, g2), (bm, b2) = _norm_affine(ctx)
         eps = 1e-5
-        if ctx.data["key"] == "batch_norm" and not _bn_training(ctx):
+        if ctx.data.key == "batch_norm" and not _bn_training(ctx):
             return _bn_eval(ctx, xm, eps)
         var = var_of(xm)
-        if ctx.data["key"] == "batch_norm":
+        if ctx.data.key == "batch_norm":
             # BatchNorm normalises each channel by its own variance: the spread of
             # channel means is removed first, and does not divide the gradient.
             var = max(var - ctx.est.spread.get(ctx.first() or "", 0.0), 0.0)
@@ -655,7 +655,7 @@ class _Average:
             return None
         n = _reduction_factor(ctx)
         # Averaging keeps each unit's own mean: only the within-unit variance shrinks.
-        spread = ctx.est.spread.get(ctx.first() or "", 0.0) if ctx.data["key"] == "avg_pool" \
+        spread = ctx.est.spread.get(ctx.first() or "", 0.0) if ctx.data.key == "avg_pool" \
             else 0.0
         return xm[0], xm[0] ** 2 + spread + (var_of(xm) - spread) / n
 
@@ -876,7 +876,7 @@ class _Add:
         ma, mb = ctx.mom(a), ctx.mom(b)
         alpha = ctx.kwargs.get("alpha", 1.0)
         alpha = float(alpha) if isinstance(alpha, (int, float)) else 1.0
-        sign = -1.0 if ctx.data["key"] in ("sub", "rsub") else 1.0
+        sign = -1.0 if ctx.data.key in ("sub", "rsub") else 1.0
         if ma is None and mb is None:
             return None
         ma = ma or (0.0, 0.0)
@@ -959,7 +959,7 @@ def _pool_window(ctx: Ctx) -> int:
     kernel: Any = None
     if ctx.module is not None:
         kernel = getattr(ctx.module, "kernel_size", None)
-    elif "adaptive" not in ctx.data["op"]:
+    elif "adaptive" not in ctx.data.op:
         kernel = ctx.arg(1, "kernel_size")
     first = ctx.first()
     shape = ctx.shape(first) if first else None
@@ -1029,7 +1029,7 @@ class _Matmul:
         refs = [r for r in ctx.tensor_refs()]
         a = refs[0] if refs else None
         b = refs[1] if len(refs) > 1 else None
-        if ctx.data["op"] == "baddbmm":
+        if ctx.data.op == "baddbmm":
             a, b = (refs[1] if len(refs) > 1 else None), (refs[2] if len(refs) > 2 else None)
         ma = ctx.est.moments.get(a) if a else None
         mb = ctx.est.moments.get(b) if b else None
@@ -1058,7 +1058,7 @@ class _Matmul:
 
 
 def _power(ctx: Ctx) -> float:
-    key = ctx.data["key"]
+    key = ctx.data.key
     if key == "square":
         return 2.0
     if key == "sqrt":
@@ -1085,17 +1085,17 @@ def is_norm_statistic(ctx: Ctx, ref: str, depth: int = 5) -> bool:
     graph = ctx.est.graph
     node = ref
     for _ in range(depth):
-        data = graph.nodes[node]
-        if data["key"] in ("mean", "sum") or data["op"] in ("var", "std", "var_mean"):
-            preds = [p for p in data["inputs"] if graph.nodes[p]["role"] != "param"]
-            if data["op"] in ("var", "std", "var_mean"):
+        data = node_record(graph, node)
+        if data.key in ("mean", "sum") or data.op in ("var", "std", "var_mean"):
+            preds = [p for p in data.inputs if node_record(graph, p).role != "param"]
+            if data.op in ("var", "std", "var_mean"):
                 return True
-            return any(graph.nodes[p]["key"] in ("pow", "square") or
-                       (graph.nodes[p]["key"] == "mul" and len(set(
-                           graph.nodes[p]["inputs"])) == 1) for p in preds)
-        if data["key"] not in _STAT_PASS and data["op"] not in ("var", "std"):
+            return any(node_record(graph, p).key in ("pow", "square") or
+                       (node_record(graph, p).key == "mul" and len(set(
+                           node_record(graph, p).inputs)) == 1) for p in preds)
+        if data.key not in _STAT_PASS and data.op not in ("var", "std"):
             return False
-        preds = [p for p in data["inputs"] if graph.nodes[p]["is_float"]]
+        preds = [p for p in data.inputs if node_record(graph, p).is_float]
         if not preds:
             return False
         node = preds[0]
@@ -1171,7 +1171,7 @@ class _Clamp:
         xm = _pass_forward(ctx)
         lo = ctx.arg(1, "min")
         hi = ctx.arg(2, "max")
-        if ctx.data["op"] == "clamp_max":
+        if ctx.data.op == "clamp_max":
             lo, hi = None, ctx.arg(1, "max")
         if xm is None:
             return None
@@ -1220,9 +1220,9 @@ class _Where:
 class _NoGrad:
     @staticmethod
     def forward(ctx: Ctx) -> Mom | None:
-        if ctx.data["op"] == "zeros_like":
+        if ctx.data.op == "zeros_like":
             return 0.0, 0.0
-        if ctx.data["op"] == "ones_like":
+        if ctx.data.op == "ones_like":
             return 1.0, 1.0
         return _pass_forward(ctx)
 
@@ -1241,11 +1241,11 @@ def _rnn_entry(ctx: Ctx) -> str:
     graph = ctx.est.graph
     numel_out = numel(ctx.shape())
     for succ in graph.successors(ctx.name):
-        index = graph.nodes[succ]["args"][1] if len(graph.nodes[succ]["args"]) > 1 else None
-        if graph.nodes[succ]["key"] != "getitem" or index != 0:
+        index = node_record(graph, succ).args[1] if len(node_record(graph, succ).args) > 1 else None
+        if node_record(graph, succ).key != "getitem" or index != 0:
             continue
         for consumer in graph.successors(succ):
-            n = numel(graph.nodes[consumer]["shape"])
+            n = numel(node_record(graph, consumer).shape)
             if numel_out and n and n * 2 <= numel_out:
                 return "last"
         return "uniform"
@@ -1376,24 +1376,24 @@ class _Estimator:
         """Which nodes carry a gradient: downstream of a trainable weight or a float input."""
         needs: dict[str, bool] = {}
         for name in order:
-            data = self.graph.nodes[name]
-            if not data["is_float"]:
+            data = node_record(self.graph, name)
+            if not data.is_float:
                 needs[name] = False
-            elif data["role"] == "input":
+            elif data.role == "input":
                 needs[name] = True
-            elif data["role"] == "param":
+            elif data.role == "param":
                 tensor = self.tensor_of(name)
                 needs[name] = bool(tensor is not None and tensor.requires_grad)
-            elif data["key"] in _no_grad_keys():
+            elif data.key in _no_grad_keys():
                 needs[name] = False
-            elif data["kind"] == "call_module" and self._trains(data):
+            elif data.kind == "call_module" and self._trains(data):
                 needs[name] = True  # its weights are not graph nodes (nn.Embedding on ids)
             else:
                 needs[name] = any(needs.get(p, False) for p in self.graph.predecessors(name))
         return needs
 
     def _trains(self, data: dict[str, Any]) -> bool:
-        module = self.traced.modules.get(data["module"] or "")
+        module = self.traced.modules.get(data.module or "")
         return module is not None and any(p.requires_grad for p in module.parameters())
 
     def run(self) -> StaticEstimate:
@@ -1401,9 +1401,9 @@ class _Estimator:
         est = StaticEstimate()
         input_index = 0
         for name in order:
-            data = self.graph.nodes[name]
-            role = data["role"]
-            if not data["is_float"]:
+            data = node_record(self.graph, name)
+            role = data.role
+            if not data.is_float:
                 self.moments[name] = None
                 if role == "input":
                     input_index += 1
@@ -1420,7 +1420,7 @@ class _Estimator:
                 tensor = self.tensor_of(name)
                 self.moments[name] = tensor_stats(tensor) if tensor is not None else None
                 continue
-            key = data["key"]
+            key = data.key
             ctx = Ctx(self, name)
             known = understands(key)
             est.understood[name] = known
@@ -1443,11 +1443,11 @@ class _Estimator:
         sq[out] = 1.0
         structural[out] = 1.0
         for name in reversed(order):
-            if name not in ancestors or self.graph.nodes[name]["role"] != "compute" \
+            if name not in ancestors or node_record(self.graph, name).role != "compute" \
                     or not needs_grad[name]:
                 continue
-            data = self.graph.nodes[name]
-            key = data["key"]
+            data = node_record(self.graph, name)
+            key = data.key
             ctx = Ctx(self, name)
             bwd = BACKWARD.get(key, _Activation.backward if key.startswith("activation:")
                                else _pass_backward)
@@ -1457,7 +1457,7 @@ class _Estimator:
                 gains = _pass_backward(ctx)
             structural_gains = _structural_gains(ctx, gains)
             for src, gain in gains.items():
-                if not needs_grad.get(src) or self.graph.nodes[src]["role"] == "param":
+                if not needs_grad.get(src) or node_record(self.graph, src).role == "param":
                     continue
                 sq[src] += sq[name] * _finite(gain)
                 structural[src] = max(structural[src],
@@ -1466,22 +1466,22 @@ class _Estimator:
         est.recurrent = dict(self.recurrent)
         est.structural = structural
 
-        out_numel = numel(self.graph.nodes[out]["shape"]) or 1
+        out_numel = numel(node_record(self.graph, out).shape) or 1
         for name in order:
-            data = self.graph.nodes[name]
-            if data["role"] == "param" or not needs_grad[name] or name not in ancestors:
+            data = node_record(self.graph, name)
+            if data.role == "param" or not needs_grad[name] or name not in ancestors:
                 est.grad_rms[name] = None
                 est.health[name] = None
                 continue
-            n = numel(data["shape"]) or out_numel
+            n = numel(data.shape) or out_numel
             est.grad_rms[name] = math.sqrt(sq[name] * out_numel / n)
             est.health[name] = math.sqrt(sq[name] / structural[name]) \
                 if structural[name] > 0 else None
-        float_compute = [n for n in order if self.graph.nodes[n]["role"] == "compute"
-                         and self.graph.nodes[n]["is_float"]]
+        float_compute = [n for n in order if node_record(self.graph, n).role == "compute"
+                         and node_record(self.graph, n).is_float]
         known_count = sum(1 for n in float_compute if est.understood.get(n, False))
         est.coverage = known_count / len(float_compute) if float_compute else 1.0
-        est.unknown_ops = sorted({self.graph.nodes[n]["op"] for n in float_compute
+        est.unknown_ops = sorted({node_record(self.graph, n).op for n in float_compute
                                   if not est.understood.get(n, False)})
         return est
 
@@ -1501,7 +1501,7 @@ def _spread_of(ctx: Ctx, mom: Mom | None, pending: float | None) -> float:
     """The spread of unit means of a node's output (see ``_Estimator.spread``)."""
     if mom is None:
         return 0.0
-    key = ctx.data["key"]
+    key = ctx.data.key
     first = ctx.first()
     spread_in = ctx.est.spread.get(first, 0.0) if first else 0.0
     if pending is not None:
@@ -1540,7 +1540,7 @@ def _no_grad_keys() -> frozenset[str]:
 
 def _structural_gains(ctx: Ctx, gains: dict[str, float]) -> dict[str, float]:
     """The part of each gain that averaging ops impose by design (see module docstring)."""
-    key = ctx.data["key"]
+    key = ctx.data.key
     if key in ("avg_pool", "mean"):
         return dict(gains)
     if key == "sum":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -28,6 +29,7 @@ from gradscope.rules.checks import (
     warmup_recommendation,
 )
 from gradscope.rules.recommend import Fixer, _fmt, dense_layers, plain_run_path
+from gradscope.tracing.graph import Ref, node_record, set_record
 
 if TYPE_CHECKING:
     from gradscope.estimate.propagate import StaticEstimate
@@ -58,7 +60,8 @@ def check_plain_stack(analysis: Analysis) -> list[Finding]:
     if len(layers) < 2:
         return findings
     first, last = layers[0], layers[-1]
-    span = f"{graph.nodes[first]['module'] or first} .. {graph.nodes[last]['module'] or last}"
+    span = (f"{node_record(graph, first).module or first} .. "
+            f"{node_record(graph, last).module or last}")
     fixes = analysis.remember("plain_residual", lambda: Fixer(analysis).residual(
         _worst(analysis)))
     if len(layers) >= t.plain_depth:
@@ -68,7 +71,7 @@ def check_plain_stack(analysis: Analysis) -> list[Finding]:
             f"threshold {t.plain_depth}.",
             _location(analysis, first), None, [fixes] if fixes else [],
             {"plain_layers": len(layers), "threshold": t.plain_depth}))
-        norms = [n for n in path if graph.nodes[n]["key"] == "batch_norm"]
+        norms = [n for n in path if node_record(graph, n).key == "batch_norm"]
         if len(norms) >= 2:
             findings.append(_finding(
                 "GS702",
@@ -79,10 +82,10 @@ def check_plain_stack(analysis: Analysis) -> list[Finding]:
                 {"batchnorm_layers": len(norms), "plain_layers": len(layers)}))
     widths = []
     for node in layers[:-1]:  # the hidden layers: the last one is the head
-        shape = graph.nodes[node]["shape"]
+        shape = node_record(graph, node).shape
         if not shape:
             continue
-        width = shape[1] if graph.nodes[node]["key"] == "conv" and len(shape) > 1 else shape[-1]
+        width = shape[1] if node_record(graph, node).key == "conv" and len(shape) > 1 else shape[-1]
         if width > 0:
             widths.append(width)
     beta = sum(1.0 / w for w in widths)
@@ -111,7 +114,7 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
     add_set = set(adds)
     for add in adds:
         succ = list(graph.successors(add))
-        if len(succ) != 1 or graph.nodes[succ[0]]["key"] not in ("layer_norm", "rms_norm"):
+        if len(succ) != 1 or node_record(graph, succ[0]).key not in ("layer_norm", "rms_norm"):
             continue
         norm = succ[0]
         # the normalised sum is the stream: it feeds a later residual add or the output
@@ -123,8 +126,8 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
 
 
 def _signal_inputs(graph: nx.DiGraph, node: str) -> list[str]:
-    return [r for r in graph.nodes[node]["inputs"]
-            if graph.nodes[r]["role"] != "param" and graph.nodes[r]["is_float"]]
+    return [r for r in node_record(graph, node).inputs
+            if node_record(graph, r).role != "param" and node_record(graph, r).is_float]
 
 
 def _stream_and_branch(graph: nx.DiGraph, add: str) -> tuple[str, str] | None:
@@ -187,11 +190,11 @@ def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendati
         stream, branch_out = split
         branch = (nx.descendants(variant.graph, stream) & nx.ancestors(variant.graph, branch_out))
         branch.add(branch_out)
-        shape = variant.graph.nodes[stream]["shape"] or [1]
+        shape = node_record(variant.graph, stream).shape or [1]
         pre = variant.insert("pre_ln", stream, "layer_norm", "layer_norm",
                              (_ref(stream), [shape[-1]]), like=stream)
-        for node in sorted(branch, key=lambda n: variant.graph.nodes[n]["index"]):
-            if stream in variant.graph.nodes[node]["inputs"]:
+        for node in sorted(branch, key=lambda n: node_record(variant.graph, n).index):
+            if stream in node_record(variant.graph, node).inputs:
                 variant.replace_input(node, stream, pre)
         if i < len(pairs) - 1:
             variant.redirect(norm, add)  # the last post-norm stays: Pre-LN's final norm
@@ -210,10 +213,11 @@ def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendati
     # protects against); 10% is above the estimate's noise for the same weights.
     if before is None or after is None or not after < before / 1.1:
         return None
-    check = Verification(f"last block's output-layer ({base.nodes[last_w]['module'] or last_w}) "
+    last_module = node_record(base, last_w).module or last_w
+    check = Verification(f"last block's output-layer ({last_module}) "
                          "weight-gradient norm relative to the output gradient (static "
                          "estimate)", before, after)
-    module = base.nodes[pairs[0][1]]["module"] or pairs[0][1]
+    module = node_record(base, pairs[0][1]).module or pairs[0][1]
     return Recommendation(
         "normalization",
         f"Move to Pre-LN: normalise each sublayer's input instead of the residual sum "
@@ -231,7 +235,6 @@ def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendati
 
 
 def _ref(name: str) -> object:
-    from gradscope.tracing.graph import Ref
 
     return Ref(name)
 
@@ -265,10 +268,10 @@ _NORM_OPS = ("rsqrt", "var", "std", "var_mean", "std_mean", "norm", "normalize")
 
 def has_normalisation(graph: nx.DiGraph) -> bool:
     for node in graph.nodes:
-        data = graph.nodes[node]
-        if data["key"] in (*NORM_KEYS, "l2_normalize") or data["op"] in _NORM_OPS:
+        data = node_record(graph, node)
+        if data.key in (*NORM_KEYS, "l2_normalize") or data.op in _NORM_OPS:
             return True
-        if data["key"] == "pow" and len(data["args"]) > 1 and data["args"][1] == -0.5:
+        if data.key == "pow" and len(data.args) > 1 and data.args[1] == -0.5:
             return True
     return False
 
@@ -282,11 +285,11 @@ def check_unscaled_residuals(analysis: Analysis) -> list[Finding]:
         return []
     unscaled = []
     for add in adds:
-        alpha = graph.nodes[add]["kwargs"].get("alpha", 1.0)
+        alpha = node_record(graph, add).kwargs.get("alpha", 1.0)
         split = _stream_and_branch(graph, add)
         if split is None or alpha != 1.0:
             continue
-        branch_key = graph.nodes[split[1]]["key"]
+        branch_key = node_record(graph, split[1]).key
         if branch_key in ("mul", "div"):
             continue  # x + scale * f(x): already scaled
         unscaled.append((add, split))
@@ -295,11 +298,10 @@ def check_unscaled_residuals(analysis: Analysis) -> list[Finding]:
     alpha = 1.0 / math.sqrt(len(unscaled))
     variant = Variant(analysis.traced)
     for add, (stream, branch) in unscaled:
-        from gradscope.tracing.graph import Ref
 
-        data = variant.graph.nodes[add]
-        data["args"] = (Ref(stream), Ref(branch))
-        data["kwargs"] = {**data["kwargs"], "alpha": alpha}
+        data = node_record(variant.graph, add)
+        set_record(variant.graph, replace(data, args=(Ref(stream), Ref(branch)),
+                                          kwargs={**data.kwargs, "alpha": alpha}))
     worst = _worst(analysis)
     check = Fixer(analysis).entry_verification(variant, worst)
     fixes = []
@@ -331,7 +333,7 @@ def check_unscaled_residuals(analysis: Analysis) -> list[Finding]:
 def check_sigmoid_hidden(analysis: Analysis) -> list[Finding]:
     fixer = Fixer(analysis)
     nodes = [n for n in fixer.saturating_hidden()
-             if analysis.traced.graph.nodes[n]["key"] in ("activation:sigmoid",
+             if node_record(analysis.traced.graph, n).key in ("activation:sigmoid",
                                                           "activation:hardsigmoid")]
     if not nodes:
         return []
@@ -366,7 +368,7 @@ def _recurrent_ratio(module: torch.nn.Module, analysis: Analysis, node: str) -> 
 
 
 def _module(analysis: Analysis, node: str) -> torch.nn.Module | None:
-    return analysis.traced.modules.get(analysis.traced.graph.nodes[node]["module"] or "")
+    return analysis.traced.modules.get(node_record(analysis.traced.graph, node).module or "")
 
 
 def _verified_unroll(analysis: Analysis, node: str, module: torch.nn.Module,
@@ -406,7 +408,7 @@ def forget_bias_fix(analysis: Analysis, node: str) -> Recommendation | None:
     if verified is None:
         return None
     before, after = verified
-    path = analysis.traced.graph.nodes[node]["module"] or node
+    path = node_record(analysis.traced.graph, node).module or node
     return Recommendation(
         "initialization",
         f"Set the forget-gate bias of {path} to {bias:g} "
@@ -448,7 +450,7 @@ def orthogonal_fix(analysis: Analysis, node: str) -> Recommendation | None:
     if verified is None:
         return None
     before, after = verified
-    path = analysis.traced.graph.nodes[node]["module"] or node
+    path = node_record(analysis.traced.graph, node).module or node
     return Recommendation(
         "initialization",
         f"Initialise the recurrent matrices of {path} orthogonally (one block per gate): the "

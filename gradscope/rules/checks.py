@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradscope.report import Finding, Location, Recommendation, Severity
 from gradscope.rules.registry import get_rule
+from gradscope.tracing.graph import node_record
 
 if TYPE_CHECKING:
     from gradscope.estimate.propagate import StaticEstimate
@@ -73,8 +74,8 @@ class Analysis:
 
 
 def _location(analysis: Analysis, node: str) -> Location:
-    data = analysis.traced.graph.nodes[node]
-    return Location(module=data["module"], node=node, file=data["file"], line=data["line"])
+    data = node_record(analysis.traced.graph, node)
+    return Location(module=data.module, node=node, file=data.file, line=data.line)
 
 
 def _finding(code: str, message: str, location: Location, severity: Severity | None = None,
@@ -90,8 +91,8 @@ def trainable_nodes(analysis: Analysis) -> list[str]:
     """Nodes whose own weights train: where a starved gradient actually hurts."""
     graph = analysis.traced.graph
     return [n for n in analysis.traced.order()
-            if graph.nodes[n]["role"] == "compute" and graph.nodes[n]["num_params"] > 0
-            and graph.nodes[n]["is_float"]]
+            if node_record(graph, n).role == "compute" and node_record(graph, n).num_params > 0
+            and node_record(graph, n).is_float]
 
 
 def entry_nodes(analysis: Analysis) -> list[str]:
@@ -137,14 +138,14 @@ def probe_health(analysis: Analysis) -> dict[str, float | None]:
 
 
 def _op_of(analysis: Analysis, node: str) -> str:
-    data = analysis.traced.graph.nodes[node]
-    return f"{data['module'] or node} ({data['op']})"
+    data = node_record(analysis.traced.graph, node)
+    return data.label()
 
 
 def _activations(analysis: Analysis) -> set[str]:
     graph = analysis.traced.graph
-    return {graph.nodes[n]["key"].split(":", 1)[1] for n in graph.nodes
-            if graph.nodes[n]["key"].startswith("activation:")}
+    return {node_record(graph, n).key.split(":", 1)[1] for n in graph.nodes
+            if node_record(graph, n).key.startswith("activation:")}
 
 
 def _vanishing_fixes(analysis: Analysis) -> list[Recommendation]:
@@ -274,7 +275,7 @@ def _gradient_extremes(analysis: Analysis, values: dict[str, float | None], *, m
             f"(threshold {t.vanishing_warning:g}); its weights will barely train.",
             _location(analysis, lo_node), severity, _vanishing_fixes(analysis),
             {"gradient_ratio": lo, "threshold": t.vanishing_warning,
-             "depth": analysis.traced.graph.nodes[lo_node]["depth"]}))
+             "depth": node_record(analysis.traced.graph, lo_node).depth}))
     if hi > t.exploding_warning:
         severity = "error" if hi > t.exploding_error else "warning"
         norm = global_grad_norm(analysis)
@@ -284,7 +285,7 @@ def _gradient_extremes(analysis: Analysis, values: dict[str, float | None], *, m
             f"times the gradient at the output (threshold {t.exploding_warning:g}).",
             _location(analysis, hi_node), severity, _exploding_fixes(analysis, norm),
             {"gradient_ratio": hi, "threshold": t.exploding_warning,
-             "depth": analysis.traced.graph.nodes[hi_node]["depth"]}))
+             "depth": node_record(analysis.traced.graph, hi_node).depth}))
     return findings
 
 
@@ -305,8 +306,8 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
             continue
         severity: Severity = "error" if ratio < t.vanishing_error else "warning"
         graph = analysis.traced.graph
-        module = graph.nodes[node]["module"] or node
-        cls = graph.nodes[node]["op"]
+        module = node_record(graph, node).module or node
+        cls = node_record(graph, node).op
         from gradscope.rules.architecture import recurrent_fixes
 
         fixes = recurrent_fixes(analysis, node)
@@ -369,11 +370,11 @@ def _backward_source(analysis: Analysis, node: str, bad: set[str]) -> str:
     graph = analysis.traced.graph
     sq = analysis.probe.sq_norm if analysis.probe is not None else {}
     consumers = [s for s in graph.successors(node)
-                 if s not in bad and graph.nodes[s]["role"] == "compute"]
+                 if s not in bad and node_record(graph, s).role == "compute"]
     if not consumers:
         return node
     return min(consumers, key=lambda s: (not math.isfinite(sq.get(s, math.nan)),
-                                         graph.nodes[s]["index"]))
+                                         node_record(graph, s).index))
 
 
 def check_trace(analysis: Analysis) -> list[Finding]:
@@ -498,7 +499,7 @@ def check_layer_learning_rates(analysis: Analysis) -> list[Finding]:
         if ratio is None or lo <= ratio <= hi:
             continue
         factor = UPDATE_RATIO_TARGET / ratio
-        module = analysis.traced.graph.nodes[node]["module"] or node
+        module = node_record(analysis.traced.graph, node).module or node
         findings.append(_finding(
             "GS602",
             f"{_op_of(analysis, node)}: first update is {ratio:.1e} of its weight norm with lr "
@@ -530,7 +531,7 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     median = values[len(values) // 2]
     if median <= 0:
         return []
-    node = min(ratios, key=lambda n: (ratios[n], analysis.traced.graph.nodes[n]["index"]))
+    node = min(ratios, key=lambda n: (ratios[n], node_record(analysis.traced.graph, n).index))
     relative = ratios[node] / median
     t = analysis.thresholds
     if relative >= t.update_imbalance:
@@ -574,11 +575,11 @@ def check_saturation(analysis: Analysis) -> list[Finding]:
     findings = []
     worst_static: tuple[str, float] | None = None
     for node in analysis.traced.order():
-        key = graph.nodes[node]["key"]
+        key = node_record(graph, node).key
         name = key.split(":", 1)[1] if key.startswith("activation:") else None
         if name not in SATURATION_EDGE:
             continue
-        ins = [r for r in graph.nodes[node]["inputs"] if graph.nodes[r]["role"] != "param"]
+        ins = [r for r in node_record(graph, node).inputs if node_record(graph, r).role != "param"]
         mom = analysis.estimate.moments.get(ins[0]) if ins else None
         if mom is None:
             continue
@@ -597,7 +598,7 @@ def check_saturation(analysis: Analysis) -> list[Finding]:
     probe = analysis.probe
     if probe is not None and probe.saturated_fraction:
         node = max(probe.saturated_fraction,
-                   key=lambda n: (probe.saturated_fraction[n] or 0.0, -graph.nodes[n]["index"]))
+                   key=lambda n: (probe.saturated_fraction[n] or 0.0, -node_record(graph, n).index))
         share = probe.saturated_fraction[node] or 0.0
         if share >= t.saturated_fraction:
             findings.append(_finding(
@@ -640,8 +641,8 @@ def check_dead_units(analysis: Analysis) -> list[Finding]:
                f"any probe sample; {len(bad)} layer(s) at or above {t.dead_fraction:.0%}")
     if all_dead:
         message += (f", {len(all_dead)} entirely dead (first: "
-                    f"{graph.nodes[all_dead[0]]['module'] or all_dead[0]}): no gradient reaches "
-                    "any layer below them")
+                    f"{node_record(graph, all_dead[0]).module or all_dead[0]}): no gradient "
+                    "reaches any layer below them")
     from gradscope.rules.recommend import Fixer
 
     fixer = Fixer(analysis)
@@ -662,7 +663,7 @@ def negative_bias_layers(analysis: Analysis) -> list[tuple[str, float]]:
     found = []
     for node in weight_layers(analysis.traced):
         succ = list(graph.successors(node))
-        if not any(graph.nodes[s]["key"] in ("activation:relu", "activation:relu6")
+        if not any(node_record(graph, s).key in ("activation:relu", "activation:relu6")
                    for s in succ):
             continue
         _, bias = weight_and_bias(analysis.traced, node)

@@ -26,6 +26,7 @@ from gradscope.fixes import (
     weight_layers,
 )
 from gradscope.report import Recommendation, Verification
+from gradscope.tracing.graph import node_record
 
 if TYPE_CHECKING:
     from gradscope.estimate.propagate import StaticEstimate
@@ -97,14 +98,14 @@ class Fixer:
 
     # -- the model's pieces --------------------------------------------------
     def module_of(self, node: str) -> str:
-        return str(self.graph.nodes[node]["module"] or node)
+        return str(node_record(self.graph, node).module or node)
 
     def saturating_hidden(self) -> list[str]:
         """sigmoid/tanh-like nodes whose output reaches another weight layer (not gates)."""
         weights = set(weight_layers(self.traced))
         found = []
         for node in self.traced.order():
-            key = self.graph.nodes[node]["key"]
+            key = node_record(self.graph, node).key
             if not key.startswith("activation:") or key.split(":", 1)[1] not in SATURATING:
                 continue
             if feeds_weight_layer(self.analysis, node, weights):
@@ -131,7 +132,7 @@ class Fixer:
         check = self.entry_verification(variant, worst)
         if check is None:
             return None
-        kinds = sorted({self.graph.nodes[n]["key"].split(":", 1)[1] for n in nodes})
+        kinds = sorted({node_record(self.graph, n).key.split(":", 1)[1] for n in nodes})
         classes = ", ".join(f"nn.{_ACT_CLASS.get(k, k)}" for k in kinds)
         return Recommendation(
             "activation",
@@ -243,11 +244,11 @@ class Fixer:
     def normalization_after_layers(self, worst: str) -> Recommendation | None:
         """LayerNorm after each hidden weight layer (before its activation)."""
         layers = weight_layers(self.traced)
-        hidden = [n for n in layers[:-1] if self.graph.nodes[n]["shape"]]
+        hidden = [n for n in layers[:-1] if node_record(self.graph, n).shape]
         if len(hidden) < 2:
             return None
         variant = Variant(self.traced)
-        conv = any(self.graph.nodes[n]["key"] == "conv" for n in hidden)
+        conv = any(node_record(self.graph, n).key == "conv" for n in hidden)
         for node in hidden:
             variant.insert_norm(node, "batch_norm" if conv else "layer_norm")
         check = self.entry_verification(variant, worst)
@@ -296,7 +297,7 @@ def feeds_weight_layer(analysis: Analysis, node: str, weights: set[str]) -> bool
             if succ in seen:
                 continue
             seen.add(succ)
-            key = graph.nodes[succ]["key"]
+            key = node_record(graph, succ).key
             if succ in weights:
                 return True
             if key in ("mul", "div") or key.startswith("activation:"):
@@ -315,7 +316,7 @@ def plain_run_path(analysis: Analysis) -> list[str]:
     run: dict[str, int] = {}
     best, best_end = 0, None
     for name in traced.order():
-        if graph.nodes[name]["role"] == "param":
+        if node_record(graph, name).role == "param":
             continue
         upstream = max((run.get(p, 0) for p in graph.predecessors(name)), default=0)
         if name in skips:
@@ -329,7 +330,7 @@ def plain_run_path(analysis: Analysis) -> list[str]:
     while node is not None and run.get(node, 0) > 0:
         path.append(node)
         preds = [p for p in graph.predecessors(node) if p in run]
-        node = max(preds, key=lambda p: (run[p], graph.nodes[p]["index"]), default=None)
+        node = max(preds, key=lambda p: (run[p], node_record(graph, p).index), default=None)
     return list(reversed(path))
 
 
@@ -346,7 +347,7 @@ def plain_blocks(analysis: Analysis, size: int = 2,
     layers = dense_layers(analysis, path)
     inputs: dict[str, str] = {}
     for node in layers:
-        signal = [p for p in graph.predecessors(node) if graph.nodes[p]["role"] != "param"]
+        signal = [p for p in graph.predecessors(node) if node_record(graph, p).role != "param"]
         on_path = [p for p in signal if p in path]
         if on_path or signal:
             inputs[node] = (on_path or signal)[0]
@@ -356,10 +357,10 @@ def plain_blocks(analysis: Analysis, size: int = 2,
         first, last, after = layers[i], layers[i + size - 1], layers[i + size]
         start, end = inputs.get(first), inputs.get(after)
         if start is not None and end is not None \
-                and graph.nodes[start]["shape"] == graph.nodes[end]["shape"] \
-                and graph.nodes[start]["shape"] is not None:
-            module = (str(graph.nodes[first]["module"] or first),
-                      str(graph.nodes[last]["module"] or last))
+                and node_record(graph, start).shape == node_record(graph, end).shape \
+                and node_record(graph, start).shape is not None:
+            module = (str(node_record(graph, first).module or first),
+                      str(node_record(graph, last).module or last))
             spans.append((start, end, module))
             i += size
         else:
@@ -377,7 +378,7 @@ def dense_layers(analysis: Analysis, nodes: Sequence[str]) -> list[str]:
 
     graph = analysis.traced.graph
     return [n for n in nodes if _is_weight_layer(analysis.traced, n)
-            and graph.nodes[n]["key"] in (*WEIGHT_KEYS, "conv_transpose")]
+            and node_record(graph, n).key in (*WEIGHT_KEYS, "conv_transpose")]
 
 
 def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: float) -> bool:
@@ -397,7 +398,7 @@ def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: floa
         stats = tensor_stats(w)
         if stats is None:
             return False
-        target = gain_sq / fan_in(analysis.traced.graph.nodes[node]["key"], w)
+        target = gain_sq / fan_in(node_record(analysis.traced.graph, node).key, w)
         if not 1 / 1.5 <= stats[1] / max(target, 1e-30) <= 1.5:
             return False
         b_stats = tensor_stats(b) if b is not None else (0.0, 0.0)

@@ -355,7 +355,7 @@ def trace_symbolic(model: nn.Module, inputs: tuple[Any, ...], output_key: str | 
     output = next(n for n in gm.graph.nodes if n.op == "output")
     selected, desc = _select_fx_output(output.args[0], output_key, values, gm, inputs)
     attempts.append(TraceAttempt("symbolic_trace", True, None))
-    compute = {n for n, d in nxg.nodes(data=True) if d["role"] in ("input", "compute")}
+    compute = {n for n, d in nxg.nodes(data="rec") if d.role in ("input", "compute")}
     traced = TracedModel(
         graph=nxg, method="symbolic_trace", attempts=attempts, output_node=selected.name,
         output_desc=desc, runner=FxRunner(gm, compute, selected.name), tensors=tensors,
@@ -433,7 +433,7 @@ def trace_export(model: nn.Module, inputs: tuple[Any, ...], output_key: str | No
     nxg, _ = graph_from_fx(gm, values=values, roles=roles, tensors=tensors, root=model,
                            module_prefix=PREFIX, param_names=param_names)
     attempts.append(TraceAttempt("export", True, None))
-    compute = {n for n, d in nxg.nodes(data=True) if d["role"] in ("input", "compute")}
+    compute = {n for n, d in nxg.nodes(data="rec") if d.role in ("input", "compute")}
     output_node = user_outputs[0]
     return TracedModel(
         graph=nxg, method="export", attempts=attempts, output_node=output_node,

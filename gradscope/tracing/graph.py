@@ -12,16 +12,16 @@ import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
 import torch
 from torch import fx, nn
 
-from gradscope.estimate.activations import canonical_activation
 from gradscope.report import TraceAttempt
 from gradscope.tracing import ops
+from gradscope.tracing.ops import canonical_activation
 
 #: Observer the runners call with (node name, node output) during a forward.
 Observer = Callable[[str, Any], None]
@@ -46,6 +46,81 @@ class Runner:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class NodeRecord:
+    """One traced node: the one representation every stage reads (never a string-keyed dict).
+
+    Frozen so that a stage cannot change what another stage sees; a what-if copy of
+    the graph (``gradscope.rules.fixes.Variant``) replaces a node's record with
+    :func:`dataclasses.replace` instead. ``family`` is the op family from
+    :data:`gradscope.tracing.ops.FAMILIES` that the estimate, the rules and the
+    fixes dispatch on; ``key`` the estimator's finer key within it.
+    """
+
+    name: str
+    #: Creation order, which is topological; a what-if insert takes a fractional index.
+    index: float
+    kind: str
+    role: str
+    op: str
+    key: str
+    target: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()
+    module: str | None = None
+    module_class: str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    is_tensor: bool = False
+    is_float: bool = False
+    multi_output: bool = False
+    file: str | None = None
+    line: int | None = None
+    params: tuple[str, ...] = ()
+    num_params: int = 0
+    depth: int = 0
+
+    @property
+    def family(self) -> str:
+        """The op family of :data:`gradscope.tracing.ops.FAMILIES` (``other`` when unlisted)."""
+        return ops.family_of(self.key, self.role)
+
+    @property
+    def activation(self) -> str | None:
+        """The canonical activation name for ``activation:<name>`` keys, else None."""
+        return self.key.split(":", 1)[1] if self.key.startswith("activation:") else None
+
+    @property
+    def is_compute(self) -> bool:
+        return self.role == "compute"
+
+    @property
+    def trainable(self) -> bool:
+        """Owns floating-point weights: where a starved gradient actually hurts."""
+        return self.role == "compute" and self.num_params > 0 and self.is_float
+
+    @property
+    def is_dense(self) -> bool:
+        """A trainable linear or convolution layer: what depth counts and skips go around."""
+        return self.trainable and self.key in ops.DENSE_KEYS
+
+    def label(self) -> str:
+        """``module (op)`` as findings name a node."""
+        return f"{self.module or self.name} ({self.op})"
+
+
+def node_record(graph: nx.DiGraph, name: str) -> NodeRecord:
+    """The record of node ``name`` in a traced graph (or a what-if copy of one)."""
+    rec: NodeRecord = graph.nodes[name]["rec"]
+    return rec
+
+
+def set_record(graph: nx.DiGraph, record: NodeRecord) -> None:
+    """Replace a node's record (what-if copies and the tracers' late facts, such as depth)."""
+    graph.nodes[record.name]["rec"] = record
+
+
 @dataclass
 class TracedModel:
     """A model's graph in the form every later stage reads."""
@@ -62,13 +137,22 @@ class TracedModel:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def node(self, name: str) -> NodeRecord:
+        """The record of one node."""
+        return node_record(self.graph, name)
+
+    def records(self) -> list[NodeRecord]:
+        """Every node's record in forward order."""
+        return [self.node(n) for n in self.order()]
+
     def order(self) -> list[str]:
         """Forward order: the order nodes were created in, which is topological."""
-        return sorted(self.graph.nodes, key=lambda n: self.graph.nodes[n]["index"])
+        graph = self.graph
+        return sorted(graph.nodes, key=lambda n: graph.nodes[n]["rec"].index)
 
     def compute_nodes(self) -> list[str]:
         """Nodes that are reported as layers: inputs and operations, not weights or the sink."""
-        return [n for n in self.order() if self.graph.nodes[n]["role"] in ("input", "compute")]
+        return [n for n in self.order() if self.node(n).role in ("input", "compute")]
 
 
 # ---------------------------------------------------------------------------
@@ -190,43 +274,46 @@ def add_node(
     shape, dtype, is_tensor = describe_value(value)
     kwargs = kwargs or {}
     inputs = [r for r in iter_refs((args, kwargs)) if r in graph]
-    graph.add_node(
-        name,
+    record = NodeRecord(
+        name=name,
         index=graph.number_of_nodes(),
         kind=kind,
         role=role,
         op=op,
         key=key,
         target=str(target) if not isinstance(target, str) else target,
-        args=args,
+        args=tuple(args),
         kwargs=kwargs,
-        inputs=list(dict.fromkeys(inputs)),
+        inputs=tuple(dict.fromkeys(inputs)),
         module=module_path or None,
         module_class=type(module).__name__ if module is not None else None,
-        shape=shape,
+        shape=tuple(shape) if shape is not None else None,
         dtype=dtype,
         is_tensor=is_tensor,
         is_float=is_float_dtype(dtype),
         multi_output=len(tensor_leaves(value)) > 1 or isinstance(value, (tuple, list)),
         file=file,
         line=line,
-        params=list(params),
+        params=tuple(params),
         num_params=int(num_params),
-        depth=0,
     )
+    graph.add_node(name, rec=record)
     for src in inputs:
         graph.add_edge(src, name)
 
 
 def compute_depths(graph: nx.DiGraph) -> None:
     """Depth = longest path from an input, counting operations; weights don't add depth."""
+    depth: dict[str, int] = {}
     for name in nx.topological_sort(graph):
-        data = graph.nodes[name]
-        if data["role"] in ("input", "param"):
-            data["depth"] = 0
-            continue
-        preds = [p for p in graph.predecessors(name) if graph.nodes[p]["role"] != "param"]
-        data["depth"] = 1 + max((graph.nodes[p]["depth"] for p in preds), default=-1)
+        rec = node_record(graph, name)
+        if rec.role in ("input", "param"):
+            depth[name] = 0
+        else:
+            preds = [p for p in graph.predecessors(name) if node_record(graph, p).role != "param"]
+            depth[name] = 1 + max((depth[p] for p in preds), default=-1)
+        if rec.depth != depth[name]:
+            set_record(graph, replace(rec, depth=depth[name]))
 
 
 def module_path_from_stack(meta: dict[str, Any], strip_prefix: str = "") -> str | None:
@@ -273,13 +360,15 @@ def graph_from_fx(
             add_node(graph, node.name, kind="placeholder", role=role, target=node.target,
                      value=value, module_path=param_names.get(node.name))
             if role == "param" and node.name in tensors:
-                graph.nodes[node.name]["num_params"] = tensors[node.name].numel()
+                set_record(graph, replace(node_record(graph, node.name),
+                                          num_params=tensors[node.name].numel()))
             continue
         if node.op == "get_attr":
             add_node(graph, node.name, kind="get_attr", role="param", target=node.target,
                      value=value, module_path=str(node.target))
             tensor = tensors.get(node.name)
-            graph.nodes[node.name]["num_params"] = tensor.numel() if tensor is not None else 0
+            set_record(graph, replace(node_record(graph, node.name),
+                                      num_params=tensor.numel() if tensor is not None else 0))
             continue
         name = ops.function_name(node.target) if node.op != "call_module" else ""
         if name in ops.IGNORED:
@@ -303,9 +392,9 @@ def graph_from_fx(
         args = map_refs(node.args)
         kwargs = map_refs(dict(node.kwargs))
         for ref in iter_refs((args, kwargs)):
-            if ref in graph and graph.nodes[ref]["role"] == "param":
-                params.append(graph.nodes[ref]["module"] or ref)
-                num_params += graph.nodes[ref]["num_params"]
+            if ref in graph and node_record(graph, ref).role == "param":
+                params.append(node_record(graph, ref).module or ref)
+                num_params += node_record(graph, ref).num_params
         add_node(graph, node.name, kind=node.op, role="compute", target=node.target,
                  args=args, kwargs=kwargs, module_path=path, module=module, value=value,
                  file=file, line=line, params=params, num_params=num_params)

@@ -10,6 +10,7 @@ it) and a canonical ``key`` that the estimator dispatches on.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -252,6 +253,71 @@ FUNCTION_KEYS: dict[str, str] = {
     "randn_like": "constant",
 }
 
+# ---------------------------------------------------------------------------
+# Op families: the one table every stage reads
+#
+# The estimate, the probe, the rules and the fixes each ask "is this a weight
+# layer / a normalisation / a saturating activation?". They ask here, so that
+# the answers cannot drift apart between stages.
+
+#: Dense weight layers: what depth counts, what a skip goes around, what is re-initialised.
+DENSE_KEYS: tuple[str, ...] = ("linear", "conv", "addmm", "conv_transpose")
+#: Dense layers whose fan-in the re-initialisation fix can read off the weight.
+REINIT_KEYS: tuple[str, ...] = ("linear", "conv", "addmm")
+#: Normalisation layers (a plain run of weight layers is broken by none of them,
+#: but GS702/GS704 ask whether they are present).
+NORM_KEYS: tuple[str, ...] = ("batch_norm", "layer_norm", "group_norm", "instance_norm",
+                              "rms_norm")
+#: Functions that normalise when written out by hand (``x / x.std()``).
+NORM_FUNCTIONS: tuple[str, ...] = ("rsqrt", "var", "std", "var_mean", "std_mean", "norm",
+                                   "normalize")
+#: Saturating activations: |z| beyond which the derivative is below 1% of its maximum
+#: (GS301/GS302 count the pre-activations past it).
+SATURATION_EDGE: dict[str, float] = {"sigmoid": 5.986, "tanh": 2.993, "hardtanh": 1.0,
+                                     "hardsigmoid": 3.0, "softsign": 9.0}
+#: Activations whose swap for a non-saturating one the fixes try (logsigmoid has
+#: a flat tail on one side only, so GS30x does not measure it, but a swap helps).
+SATURATING: tuple[str, ...] = ("sigmoid", "tanh", "softsign", "hardsigmoid", "hardtanh",
+                               "logsigmoid")
+#: Activations with a hard zero: units die when their input stays negative (GS401/GS402).
+RELU_LIKE: tuple[str, ...] = ("relu", "relu6")
+#: Ops that average over positions: the gradient norm shrinks by design, not by decay.
+AVERAGING_KEYS: tuple[str, ...] = ("avg_pool", "mean")
+#: Recurrent layers unrolled over time by the estimate.
+RECURRENT_KEYS: tuple[str, ...] = ("rnn", "rnn_cell")
+#: Attention.
+ATTENTION_KEYS: tuple[str, ...] = ("mha", "sdpa")
+
+#: family name -> keys in it (``activation:<name>`` keys are resolved by name).
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "weight": (*DENSE_KEYS, "bilinear", "embedding", "embedding_bag"),
+    "normalisation": (*NORM_KEYS, "l2_normalize", "local_response_norm"),
+    "averaging": AVERAGING_KEYS,
+    "recurrent": RECURRENT_KEYS,
+    "attention": ATTENTION_KEYS,
+    "add": ("add",),
+    "dropout": ("dropout",),
+    "view": ("view",),
+}
+_FAMILY_OF_KEY = {key: family for family, keys in FAMILIES.items() for key in keys}
+
+
+def family_of(key: str, role: str = "compute") -> str:
+    """The op family of a node's key: ``input``, ``param``, one of :data:`FAMILIES`,
+    ``saturating``, ``relu_like``, ``activation`` (other elementwise activations), or
+    ``other``."""
+    if role in ("input", "param"):
+        return role
+    if key.startswith("activation:"):
+        name = key.split(":", 1)[1]
+        if name in SATURATING:
+            return "saturating"
+        if name in RELU_LIKE:
+            return "relu_like"
+        return "activation"
+    return _FAMILY_OF_KEY.get(key, "other")
+
+
 #: Nodes that never carry a gradient and are not analysed: shape queries,
 #: asserts and the like.
 IGNORED = frozenset(
@@ -306,3 +372,72 @@ def module_key(class_name: str, activation: str | None) -> str:
     if activation is not None:
         return f"activation:{activation}"
     return MODULE_KEYS.get(class_name, "unknown")
+
+
+# ---------------------------------------------------------------------------
+# Activations: one canonical name whatever the tracer called it
+
+# Keys are lower-cased with underscores removed, so "LeakyReLU", "leaky_relu" and
+# "aten.leaky_relu_.default" all meet at "leakyrelu".
+_NAME_TABLE: dict[str, str] = {
+    "identity": "identity",
+    "relu": "relu",
+    "relu6": "relu6",
+    "leakyrelu": "leaky_relu",
+    "prelu": "prelu",
+    "prelukernel": "prelu",  # aten._prelu_kernel, what F.prelu traces to
+    "elu": "elu",
+    "celu": "celu",
+    "selu": "selu",
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+    "mish": "mish",
+    "tanh": "tanh",
+    "sigmoid": "sigmoid",
+    "expit": "sigmoid",  # torch.special.expit
+    "hardsigmoid": "hardsigmoid",
+    "hardswish": "hardswish",
+    "hardtanh": "hardtanh",
+    "softplus": "softplus",
+    "softsign": "softsign",
+    "logsigmoid": "logsigmoid",
+    "logsigmoidforward": "logsigmoid",  # aten.log_sigmoid_forward: output 0 is the activation
+    "tanhshrink": "tanhshrink",
+    "hardshrink": "hardshrink",
+    "softshrink": "softshrink",
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_activation(name: str) -> str | None:
+    """Canonical activation name for a module class, function or aten op name, else None.
+
+    Why so lenient: the tracer sees the same activation as ``nn.GELU``, ``F.gelu``,
+    ``torch.ops.aten.gelu.default`` or ``"aten::gelu"`` depending on how the model was
+    written and traced, and the estimator must treat them alike. Non-activation names (``linear``,
+    ``add``, ``aten.gelu_backward``...) give None rather than an error so the caller can ask
+    about every node.
+    """
+    text = name.strip()
+    if text.startswith("<") and text.endswith(">"):  # str(type(module)) or a repr
+        text = text.strip("<>").replace("class ", "").strip("'\" ")
+    text = text.replace("::", ".")
+    parts = [part for part in text.split(".") if part]
+    if not parts:
+        return None
+    if "aten" in parts:
+        # aten.<op>.<overload>: the overload (default, Tensor, out...) says nothing about phi.
+        index = parts.index("aten")
+        if index + 1 >= len(parts):
+            return None
+        op = parts[index + 1]
+    else:
+        op = parts[-1]
+    key = op.lower().replace("_", "")
+    return _NAME_TABLE.get(key)
+
+
+def is_activation(name: str) -> bool:
+    """Whether ``name`` is an elementwise activation this module can take moments of."""
+    return canonical_activation(name) is not None

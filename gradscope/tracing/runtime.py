@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import networkx as nx
@@ -33,6 +34,8 @@ from gradscope.tracing.graph import (
     compute_depths,
     describe_value,
     is_library_file,
+    node_record,
+    set_record,
     tensor_leaves,
 )
 
@@ -116,7 +119,8 @@ class _Recorder(TorchFunctionMode):
         if node not in self.graph and self.building:
             add_node(self.graph, node, kind="get_attr", role="param", target=pname,
                      value=tensor, module_path=pname)
-            self.graph.nodes[node]["num_params"] = tensor.numel()
+            set_record(self.graph, replace(node_record(self.graph, node),
+                                           num_params=tensor.numel()))
         self.tensors[node] = tensor
         self.producer[id(tensor)] = node
         self.keep.append(tensor)
