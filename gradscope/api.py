@@ -18,10 +18,11 @@ from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.depth import summarize_depth
 from gradscope.estimate.propagate import StaticEstimate, estimate
 from gradscope.meta import is_meta_model
+from gradscope.options import Thresholds
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
-from gradscope.rules.checks import Analysis, Thresholds, probe_health, run_checks
+from gradscope.rules.checks import Analysis, probe_health, run_checks
 from gradscope.rules.selection import RuleSelection, per_module_pairs, split_codes
 from gradscope.state import preserved
 from gradscope.tracing import TracedModel, trace_model

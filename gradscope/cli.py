@@ -341,7 +341,7 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
         progress("loading")
         from gradscope.api import analyze as run_analysis
         from gradscope.loading import load_target
-        from gradscope.rules.checks import Thresholds
+        from gradscope.options import Thresholds
 
         loaded = load_target(target, list(settings.input_shape), list(settings.dtype),
                              meta=settings.meta)
