@@ -10,127 +10,26 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from gradscope._version import __version__
+from gradscope.records import (
+    CATEGORIES,
+    HEALTH_CLASSES,
+    RECOMMENDATION_KINDS,
+    SEVERITIES,
+    Finding,
+    Location,
+    Recommendation,
+    Severity,
+    TraceAttempt,
+    Verification,
+    severity_rank,
+)
 
 SCHEMA_VERSION = 1
 
-Severity = Literal["error", "warning", "info"]
 Status = Literal["healthy", "warning", "unhealthy"]
-
-#: Severities from most to least serious; ``--fail-on`` compares against it.
-SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
-
-CATEGORIES = (
-    "vanishing_gradient",
-    "exploding_gradient",
-    "saturation",
-    "dead_units",
-    "nonfinite",
-    "learning_rate",
-    "architecture",
-    "trace",
-)
-
-RECOMMENDATION_KINDS = (
-    "gradient_clipping",
-    "residual_connection",
-    "learning_rate",
-    "warmup",
-    "activation",
-    "normalization",
-    "initialization",
-)
-
-
-def severity_rank(severity: str) -> int:
-    """0 for error, 1 for warning, 2 for info: lower is more serious."""
-    return SEVERITIES.index(severity)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class Verification:
-    """A fix tried on a copy of the model's graph: the figure it targets, before and after.
-
-    Both figures come from the same static estimate (one on the model as it is,
-    one on the changed copy), so they compare like with like even when the
-    finding itself was measured by the probe.
-    """
-
-    metric: str
-    before: float
-    after: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "before": self.before, "after": self.after}
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """One fix, with its numbers already filled in."""
-
-    kind: str
-    text: str
-    code: str | None = None
-    #: Architecture, activation, normalisation and initialisation fixes carry the
-    #: estimate before and after applying them; None for advice that is not a
-    #: change of the model (clipping, learning rate, warmup).
-    verified: Verification | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "text": self.text, "code": self.code,
-                "verified": self.verified.to_dict() if self.verified else None}
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a finding points: graph node, module path and the user's source line."""
-
-    module: str | None = None
-    node: str | None = None
-    file: str | None = None
-    line: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "node": self.node, "file": self.file, "line": self.line}
-
-    def short(self) -> str:
-        """``file:line (module)`` or whatever part of it is known."""
-        parts = []
-        if self.file:
-            parts.append(f"{self.file}:{self.line}" if self.line else self.file)
-        if self.module:
-            parts.append(self.module if not parts else f"({self.module})")
-        elif self.node and not parts:
-            parts.append(self.node)
-        return " ".join(parts) if parts else "<model>"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A rule's verdict at one place; frozen so rules cannot edit each other's output."""
-
-    rule: str
-    category: str
-    severity: Severity
-    message: str
-    location: Location = Location()
-    recommendations: tuple[Recommendation, ...] = ()
-    #: The figures the verdict rests on (ratios, thresholds), for reports and diffs.
-    evidence: Mapping[str, float | int | str | None] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule,
-            "category": self.category,
-            "severity": self.severity,
-            "message": self.message,
-            "location": self.location.to_dict(),
-            "recommendations": [r.to_dict() for r in self.recommendations],
-            "evidence": dict(self.evidence),
-        }
 
 
 @dataclass
@@ -190,18 +89,6 @@ class Layer:
             "nonfinite_forward": self.nonfinite_forward,
             "nonfinite_backward": self.nonfinite_backward,
         }
-
-
-@dataclass(frozen=True)
-class TraceAttempt:
-    """One tracer tried, and why it failed if it did."""
-
-    method: str
-    ok: bool
-    message: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "ok": self.ok, "message": self.message}
 
 
 @dataclass
@@ -344,21 +231,6 @@ class Report:
         doc["notes"].extend(extra_notes)
         return doc
 
-    def write_json(self, path: str | Path) -> None:
-        from gradscope.render.json_report import write_json
-
-        write_json(self.to_dict(), path)
-
-    def write_html(self, path: str | Path) -> None:
-        from gradscope.render.html import write_html
-
-        write_html(self.to_dict(), path)
-
-    def write_sarif(self, path: str | Path) -> None:
-        from gradscope.render.sarif import write_sarif
-
-        write_sarif(self.to_dict(), path)
-
 
 def _finite_only(value: Any, where: str, notes: list[str]) -> Any:
     """Replace NaN/Inf by None (JSON has neither) and record each replacement."""
@@ -373,3 +245,25 @@ def _finite_only(value: Any, where: str, notes: list[str]) -> Any:
     if isinstance(value, list):
         return [_finite_only(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
     return value
+
+
+__all__ = [
+    "CATEGORIES",
+    "HEALTH_CLASSES",
+    "RECOMMENDATION_KINDS",
+    "SCHEMA_VERSION",
+    "SEVERITIES",
+    "Finding",
+    "Layer",
+    "Location",
+    "ModelInfo",
+    "ProbeInfo",
+    "Recommendation",
+    "Report",
+    "Severity",
+    "Status",
+    "TraceAttempt",
+    "TraceInfo",
+    "Verification",
+    "severity_rank",
+]

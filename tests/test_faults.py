@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import gradscope
 import gradscope.api
 import gradscope.probe
+import gradscope.render
 import gradscope.resources
 from gradscope._io import atomic_write_text
 from gradscope.cli import main
@@ -356,7 +357,7 @@ def test_report_path_under_a_regular_file_is_an_output_error(writer: str,
     cannot be written by anyone."""
     (tmp_path / "file.txt").write_text("a regular file")
     with pytest.raises(OutputError) as info:
-        getattr(_report(), writer)(tmp_path / "file.txt" / "report.out")
+        getattr(gradscope.render, writer)(_report(), tmp_path / "file.txt" / "report.out")
     assert "cannot write" in info.value.one_line()
     assert (tmp_path / "file.txt").read_text() == "a regular file"
     assert no_temp_files(tmp_path) == []
@@ -390,7 +391,7 @@ def test_full_disk_keeps_the_previous_report(tmp_path: Path,
     report = _report()
     monkeypatch.setattr("gradscope._io.os.fdopen", _FullDisk)
     with pytest.raises(OutputError) as info:
-        report.write_json(target)
+        gradscope.render.write_json(report, target)
     assert "No space left on device" in info.value.one_line()
     assert target.read_text() == '{"previous": true}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pyproject.toml", "report.json"]

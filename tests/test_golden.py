@@ -61,7 +61,7 @@ def _compare(old: Any, new: Any, where: str, problems: list[str]) -> None:
         if not isinstance(new, list) or len(old) != len(new):
             problems.append(f"{where}: list of {len(old)} became {new!r:.120}")
             return
-        for i, (a, b) in enumerate(zip(old, new)):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
             _compare(a, b, f"{where}[{i}]", problems)
         return
     if isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from gradscope.errors import GradscopeError, InputError, TraceError, model_error_hint
-from gradscope.report import TraceAttempt
+from gradscope.records import TraceAttempt
 from gradscope.tracing.graph import TracedModel
 
 

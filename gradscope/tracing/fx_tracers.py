@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from gradscope.errors import OutputError
 from gradscope.outputs import select_output
-from gradscope.report import TraceAttempt
+from gradscope.records import TraceAttempt
 from gradscope.tracing import ops
 from gradscope.tracing.graph import Observer, Runner, TracedModel, graph_from_fx
 

@@ -19,7 +19,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from gradscope.report import TraceAttempt
+from gradscope.records import TraceAttempt
 from gradscope.tracing import ops
 from gradscope.tracing.ops import canonical_activation
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradscope.outputs import select_output
-from gradscope.report import TraceAttempt
+from gradscope.records import TraceAttempt
 from gradscope.tracing import ops
 from gradscope.tracing.graph import (
     Observer,

@@ -1,0 +1,146 @@
+"""Plain, torch-free records that several stages share: findings and how a graph was traced.
+
+A rule (``gradscope.rules``) writes :class:`Finding` records; the tracers write
+:class:`TraceAttempt`; the report model (``gradscope.report``) and the renderers read
+both. They live below every stage so that no stage has to import a later one to
+name its output (the report model imports them, never the reverse).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Severity = Literal["error", "warning", "info"]
+
+#: Severities from most to least serious; ``--fail-on`` compares against it.
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+
+CATEGORIES = (
+    "vanishing_gradient",
+    "exploding_gradient",
+    "saturation",
+    "dead_units",
+    "nonfinite",
+    "learning_rate",
+    "architecture",
+    "trace",
+)
+
+RECOMMENDATION_KINDS = (
+    "gradient_clipping",
+    "residual_connection",
+    "learning_rate",
+    "warmup",
+    "activation",
+    "normalization",
+    "initialization",
+)
+
+
+def severity_rank(severity: str) -> int:
+    """0 for error, 1 for warning, 2 for info: lower is more serious."""
+    return SEVERITIES.index(severity)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A fix tried on a copy of the model's graph: the figure it targets, before and after.
+
+    Both figures come from the same static estimate (one on the model as it is,
+    one on the changed copy), so they compare like with like even when the
+    finding itself was measured by the probe.
+    """
+
+    metric: str
+    before: float
+    after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "before": self.before, "after": self.after}
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One fix, with its numbers already filled in."""
+
+    kind: str
+    text: str
+    code: str | None = None
+    #: Architecture, activation, normalisation and initialisation fixes carry the
+    #: estimate before and after applying them; None for advice that is not a
+    #: change of the model (clipping, learning rate, warmup).
+    verified: Verification | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "text": self.text, "code": self.code,
+                "verified": self.verified.to_dict() if self.verified else None}
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a finding points: graph node, module path and the user's source line."""
+
+    module: str | None = None
+    node: str | None = None
+    file: str | None = None
+    line: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "node": self.node, "file": self.file, "line": self.line}
+
+    def short(self) -> str:
+        """``file:line (module)`` or whatever part of it is known."""
+        parts = []
+        if self.file:
+            parts.append(f"{self.file}:{self.line}" if self.line else self.file)
+        if self.module:
+            parts.append(self.module if not parts else f"({self.module})")
+        elif self.node and not parts:
+            parts.append(self.node)
+        return " ".join(parts) if parts else "<model>"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule's verdict at one place; frozen so rules cannot edit each other's output."""
+
+    rule: str
+    category: str
+    severity: Severity
+    message: str
+    location: Location = Location()
+    recommendations: tuple[Recommendation, ...] = ()
+    #: The figures the verdict rests on (ratios, thresholds), for reports and diffs.
+    evidence: Mapping[str, float | int | str | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "category": self.category,
+            "severity": self.severity,
+            "message": self.message,
+            "location": self.location.to_dict(),
+            "recommendations": [r.to_dict() for r in self.recommendations],
+            "evidence": dict(self.evidence),
+        }
+
+
+#: Classes of a layer's gradient health (``Layer.health_class``): ``ok`` inside the
+#: thresholds, ``warn`` past a warning threshold, ``bad`` past an error threshold,
+#: ``not-judged`` where no rule judges the layer (``Layer.health_note`` says why).
+HEALTH_CLASSES = ("ok", "warn", "bad", "not-judged")
+HealthClass = Literal["ok", "warn", "bad", "not-judged"]
+
+
+@dataclass(frozen=True)
+class TraceAttempt:
+    """One tracer tried, and why it failed if it did."""
+
+    method: str
+    ok: bool
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "ok": self.ok, "message": self.message}
