@@ -16,17 +16,16 @@ from torch import nn
 
 from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.depth import summarize_depth
-from gradscope.estimate.propagate import StaticEstimate, estimate
+from gradscope.estimate.propagate import estimate
 from gradscope.meta import is_meta_model
 from gradscope.options import Thresholds
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
-from gradscope.rules.checks import Analysis, probe_health, run_checks
+from gradscope.rules.analysis import Analysis, run_rules
 from gradscope.rules.selection import RuleSelection, per_module_pairs, split_codes
 from gradscope.state import preserved
-from gradscope.tracing import TracedModel, trace_model
-from gradscope.tracing.graph import node_record
+from gradscope.tracing import trace_model
 
 Progress = Callable[[str], None]
 
@@ -91,15 +90,18 @@ def _num(x: float | None) -> float | None:
     return None if x is None else float(x)
 
 
-def _layers(traced: TracedModel, est: StaticEstimate, probe: ProbeResult | None) -> list[Layer]:
-    graph = traced.graph
+def _layers(analysis: Analysis) -> list[Layer]:
+    traced, est, probe = analysis.traced, analysis.estimate, analysis.probe
+    health = analysis.health
     layers = []
     for name in traced.compute_nodes():
-        d = node_record(graph, name)
+        d = traced.node(name)
+        judged = health.of(name)
         layers.append(Layer(
             name=name, op=d.op, depth=d.depth, module=d.module,
             module_class=d.module_class, kind=d.kind, inputs=list(d.inputs),
-            shape=d.shape, dtype=d.dtype, num_params=d.num_params, file=d.file,
+            shape=list(d.shape) if d.shape is not None else None, dtype=d.dtype,
+            num_params=d.num_params, file=d.file,
             line=d.line, understood=est.understood.get(name, True),
             static_grad_rms=_num(est.grad_rms.get(name)),
             probe_grad_rms=_num(probe.grad_rms.get(name)) if probe else None,
@@ -114,31 +116,43 @@ def _layers(traced: TracedModel, est: StaticEstimate, probe: ProbeResult | None)
             saturated_fraction=probe.saturated_fraction.get(name) if probe else None,
             nonfinite_forward=bool(probe and name in probe.nonfinite_forward),
             nonfinite_backward=bool(probe and name in probe.nonfinite_backward),
+            health=_num(judged.value), health_source=judged.source,
+            health_class=judged.cls, health_note=judged.note,
+            health_predicted=_num(health.predicted.get(name)),
+            health_measured=_num(health.measured.get(name)),
         ))
     return layers
 
 
 def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
-    from gradscope.rules.checks import _extreme, entry_nodes, trainable_nodes
-
-    nodes = entry_nodes(analysis)
+    facts, health, t = analysis.facts, analysis.health, analysis.thresholds
     summary: dict[str, float | int | str | None] = {
-        "trainable_nodes": len(trainable_nodes(analysis)), "entry_nodes": len(nodes)}
-    static = _extreme(analysis.estimate.health, nodes)
+        "trainable_nodes": len(facts.trainable), "entry_nodes": len(facts.entries)}
+    static = health.extremes(measured=False)
     if static:
         summary.update(static_min_ratio=static[1], static_min_node=static[0],
                        static_max_ratio=static[3], static_max_node=static[2])
     if analysis.probe is not None:
-        measured = _extreme(probe_health(analysis), nodes)
+        measured = health.extremes(measured=True)
         if measured:
             summary.update(probe_min_ratio=measured[1], probe_min_node=measured[0],
                            probe_max_ratio=measured[3], probe_max_node=measured[2])
-    depth = summarize_depth(analysis.traced, analysis.estimate, nodes)
+    depth = summarize_depth(analysis.traced, analysis.estimate, list(facts.entries))
     summary.update(
-        longest_plain_run=depth.longest_plain_run, plain_run_end=depth.plain_run_end,
-        residual_skips=depth.skips, static_chi_product=depth.chi_product,
+        longest_plain_run=facts.longest_plain_run, plain_run_end=facts.plain_run_end,
+        residual_skips=len(facts.residual_adds), static_chi_product=depth.chi_product,
         static_path_layers=depth.path_layers, static_chi_per_layer=depth.chi_per_layer,
         static_depth_scale=depth.depth_scale, static_coverage=analysis.estimate.coverage)
+    # The health classes' bounds, so that every view can draw and explain the same band.
+    summary.update(health_vanishing_warning=t.vanishing_warning,
+                   health_vanishing_error=t.vanishing_error,
+                   health_exploding_warning=t.exploding_warning,
+                   health_exploding_error=t.exploding_error)
+    counts = {cls: 0 for cls in ("ok", "warn", "bad", "not-judged")}
+    for name in analysis.traced.compute_nodes():
+        counts[health.of(name).cls] += 1
+    summary.update(health_ok=counts["ok"], health_warn=counts["warn"],
+                   health_bad=counts["bad"], health_not_judged=counts["not-judged"])
     return summary
 
 
@@ -276,7 +290,10 @@ def analyze(
     report_notes.extend(traced.notes)
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
                         inputs=tuple(est_inputs), declared=declared)
-    findings = run_checks(analysis)
+    findings, not_run = run_rules(analysis, selection)
+    if selection.active and not_run:
+        report_notes.append(f"{len(not_run)} rule(s) not run by select/ignore "
+                            f"({', '.join(not_run)})")
     suppressed = selection.suppressed_note(findings)
     if suppressed is not None:
         report_notes.append(suppressed)
@@ -315,5 +332,5 @@ def analyze(
     summary = _summary(analysis)
     summary = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                for k, v in summary.items()}
-    return Report(model=info, layers=_layers(traced, est, result), findings=findings,
+    return Report(model=info, layers=_layers(analysis), findings=findings,
                   probe=probe_info, summary=summary, notes=report_notes)

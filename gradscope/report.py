@@ -61,6 +61,16 @@ class Layer:
     saturated_fraction: float | None = None
     nonfinite_forward: bool = False
     nonfinite_backward: bool = False
+    #: Gradient health (``gradscope.rules.health``): the gradient-norm ratio to the output
+    #: the rules judge, its source (measured/predicted), its class (ok/warn/bad/not-judged
+    #: against the thresholds) and why it is not judged or what judged it.
+    health: float | None = None
+    health_source: str | None = None
+    health_class: str = "not-judged"
+    health_note: str | None = None
+    #: The same ratio as predicted by the static estimate and as measured by the probe.
+    health_predicted: float | None = None
+    health_measured: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +98,12 @@ class Layer:
             "probe_grad_rms_max": self.probe_grad_rms_max,
             "nonfinite_forward": self.nonfinite_forward,
             "nonfinite_backward": self.nonfinite_backward,
+            "health": self.health,
+            "health_source": self.health_source,
+            "health_class": self.health_class,
+            "health_note": self.health_note,
+            "health_predicted": self.health_predicted,
+            "health_measured": self.health_measured,
         }
 
 

@@ -1,50 +1,179 @@
-"""Architecture checks (GS7xx), and the through-time fixes of recurrent layers.
+"""GS7xx, architecture: structures known to starve or inflate gradients, found on the graph.
 
-These read the graph's structure (plain runs, residual adds, where the
-normalisations sit, layer widths) and the recurrent modules' weights. Like
-every check they only read the analysis and return findings; fixes that
-change the model are verified on a copy (:mod:`gradscope.rules.recommend`).
+Plain runs without skips (GS701), BatchNorm in them (GS702), Post-LN (GS703),
+unscaled residual stacks without normalisation (GS704), sigmoid hidden units
+(GS705), depth against width (GS706), and recurrent weights (GS707/GS708). The
+structure comes from ``analysis.facts`` (one walker for the plain run, one list of
+residual adds); the fixes are verified by ``analysis.fixer``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import networkx as nx
-import torch
 
-from gradscope.estimate.depth import _is_weight_layer, residual_adds
-from gradscope.fixes import Variant, extreme_health, improves, log_distance
-from gradscope.report import Finding, Recommendation, Verification
-from gradscope.rules.checks import (
-    Analysis,
-    _finding,
-    _location,
-    _op_of,
-    entry_nodes,
-    warmup_recommendation,
+from gradscope.records import Finding
+from gradscope.rules.base import (
+    DE_SMITH,
+    GLOROT,
+    HANIN,
+    HE_RES,
+    PASCANU,
+    SCHOENHOLZ,
+    XIONG,
+    YANG,
+    ZHANG_FIXUP,
+    Check,
+    Rule,
+    RuleFamily,
+    fmt,
+    location,
+    op_of,
+    stream_and_branch,
 )
-from gradscope.rules.recommend import Fixer, _fmt, dense_layers, plain_run_path
-from gradscope.tracing.graph import Ref, node_record, set_record
+from gradscope.rules.learning_rate import warmup_recommendation
+from gradscope.tracing.nodes import node_record
+from gradscope.tracing.ops import NORM_FUNCTIONS, NORM_KEYS
 
 if TYPE_CHECKING:
-    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.rules.analysis import Analysis
 
-NORM_KEYS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
+GS701 = Rule(
+    code="GS701",
+    name="deep-plain-stack",
+    category="architecture",
+    severity="info",
+    summary="A long run of weight layers has no skip connection around it.",
+    what="The longest path through the graph that no residual add bypasses crosses many "
+    "weight layers. The gradient has to pass through every one of them, so per-layer gains "
+    "even slightly off 1 compound (chi^L).",
+    why="Deep plain networks train worse than residual ones of the same depth even when "
+    "their gradient is healthy at initialisation (the degradation problem), and any "
+    "mis-scaled layer makes them vanish or explode.",
+    fix="Add identity skips (x + f(x)) around blocks of two weight layers, where the shapes "
+    "match; the recommendation names the spans and checks the estimate with them.",
+    references=(HE_RES, SCHOENHOLZ),
+)
 
+GS702 = Rule(
+    code="GS702",
+    name="batchnorm-in-plain-stack",
+    category="architecture",
+    severity="warning",
+    summary="BatchNorm layers inside a deep plain stack: batch normalisation makes the "
+    "gradient explode with depth at initialisation when nothing bypasses it.",
+    what="BatchNorm in training mode couples the samples of a batch; Yang et al. (2019) show "
+    "that in a plain stack this makes the gradient grow geometrically towards the input, "
+    "whatever the activation. The finding counts the BatchNorm layers on the plain run.",
+    why="With exploding early-layer gradients only very small learning rates are stable; "
+    "ResNets avoid it because the skips dominate the backward path.",
+    fix="Add residual connections around the blocks (the recommendation names them); in a "
+    "ResNet, zero-initialise each block's last BatchNorm weight.",
+    references=(YANG, DE_SMITH),
+)
 
-def _worst(analysis: Analysis) -> str:
-    """"low" if the entry layers' predicted ratio is below 1, else "high"."""
-    entries = analysis.remember("entry_nodes", lambda: entry_nodes(analysis))
-    low = extreme_health(analysis.estimate, entries, "low")
-    high = extreme_health(analysis.estimate, entries, "high")
-    if low is None or high is None:
-        return "low"
-    return "low" if log_distance(low) >= log_distance(high) else "high"
+GS703 = Rule(
+    code="GS703",
+    name="post-ln-transformer",
+    category="architecture",
+    severity="warning",
+    summary="Post-LN transformer: LayerNorm after each residual add; it needs learning-rate "
+    "warmup to train.",
+    what="Each block computes LayerNorm(x + f(x)), so the residual stream passes through a "
+    "normalisation at every block. Xiong et al. (2020) show the expected gradient of the "
+    "last layers' weights is then large at initialisation, independent of depth, so "
+    "large early steps destabilise training unless the learning rate is warmed up.",
+    why="Without warmup Post-LN transformers often diverge or get stuck; Pre-LN "
+    "(x + f(LayerNorm(x)), plus a final LayerNorm) trains without it.",
+    fix="Warm the learning rate up (thousands of steps), or move to Pre-LN: "
+    "norm_first=True on nn.TransformerEncoderLayer, or LayerNorm on each sublayer's input "
+    "and one after the last block.",
+    references=(XIONG, "Liu et al. 2020, Understanding the Difficulty of Training "
+                "Transformers (EMNLP)"),
+)
+
+GS704 = Rule(
+    code="GS704",
+    name="unscaled-residual-stack",
+    category="architecture",
+    severity="warning",
+    summary="A deep stack of residual blocks with neither normalisation nor scaled "
+    "branches: the signal's variance grows with every block.",
+    what="x + f(x) with f at unit gain doubles the variance per block; without a "
+    "normalisation or a branch scale, the forward signal and the gradient grow "
+    "geometrically with the number of blocks.",
+    why="The first steps then overshoot; Fixup and SkipInit scale each branch so the "
+    "whole stack starts near the identity.",
+    fix="Multiply each branch by a scale (1/sqrt(number of blocks), or a learnable scalar "
+    "initialised at 0), or zero-initialise each branch's last layer, or add normalisation.",
+    references=(ZHANG_FIXUP, DE_SMITH, HE_RES),
+)
+
+GS705 = Rule(
+    code="GS705",
+    name="sigmoid-hidden-units",
+    category="architecture",
+    severity="warning",
+    summary="Sigmoid used as a hidden activation (not as a gate or the output).",
+    what="A sigmoid's output feeds another weight layer. Its derivative is at most 0.25 "
+    "and its output is not centred (mean 0.5), so each such layer keeps a few percent "
+    "of the gradient's squared norm and shifts the next layer's inputs.",
+    why="Glorot & Bengio (2010) traced the failure of deep sigmoid networks to exactly "
+    "this: top hidden layers saturate and the gradient vanishes below them.",
+    fix="Use ReLU/GELU (with Kaiming init) or tanh (zero-centred) for hidden units; keep "
+    "sigmoid for gates and binary outputs.",
+    references=(GLOROT,),
+)
+
+GS706 = Rule(
+    code="GS706",
+    name="depth-large-for-width",
+    category="architecture",
+    severity="warning",
+    summary="The network is deep for its width: the sum of 1/width over its layers is "
+    "large, so gradients fluctuate wildly from sample to sample.",
+    what="Hanin (2018): in a ReLU network the variance of the squared gradient norm grows "
+    "like exp(beta) with beta = sum over hidden layers of 1/width. Large beta means "
+    "some inputs get exploding and others vanishing gradients, even at the right init.",
+    why="The average gradient may look fine while individual samples' gradients are "
+    "orders of magnitude off; training is erratic.",
+    fix="Widen the narrow layers or use fewer of them; residual connections also tame it.",
+    references=(HANIN,),
+)
+
+GS707 = Rule(
+    code="GS707",
+    name="recurrent-spectral-norm",
+    category="architecture",
+    severity="warning",
+    summary="The recurrent weight's spectral norm is small enough that the gradient "
+    "provably vanishes over the unroll.",
+    what="For a vanilla RNN h_t = f(W_hh h_(t-1) + ...), the gradient through k steps is "
+    "bounded by (sigma_max(W_hh) * max|f'|)^k (Pascanu et al. 2013); below 1 per step it "
+    "vanishes over the sequence length.",
+    why="Dependencies longer than a few steps cannot be learned.",
+    fix="Initialise W_hh orthogonally (all singular values 1), or use an LSTM/GRU.",
+    references=(PASCANU,),
+)
+
+GS708 = Rule(
+    code="GS708",
+    name="lstm-forget-bias-zero",
+    category="architecture",
+    severity="info",
+    summary="An LSTM keeps PyTorch's default forget-gate bias of 0.",
+    what="With the forget gate's bias at 0 the gate starts at sigmoid(0) = 0.5: the cell "
+    "state, and its gradient, halves every step.",
+    why="Jozefowicz et al. (2015) found a forget bias of 1 closes most of the gap between "
+    "LSTMs and the best architectures; 0 makes long dependencies hard to learn.",
+    fix="Set the forget-gate slice of bias_ih to 1 (3 or more for 100+ steps) and of "
+    "bias_hh to 0.",
+    references=("Jozefowicz, Zaremba & Sutskever 2015, An Empirical Exploration of "
+                "Recurrent Network Architectures", "Gers, Schmidhuber & Cummins 2000, "
+                "Learning to Forget"),
+)
 
 
 # ---------------------------------------------------------------------------
@@ -54,49 +183,47 @@ def _worst(analysis: Analysis) -> str:
 def check_plain_stack(analysis: Analysis) -> list[Finding]:
     t = analysis.thresholds
     graph = analysis.traced.graph
-    path = plain_run_path(analysis)
-    layers = dense_layers(analysis, path)
+    path = list(analysis.facts.plain_run)
+    layers = [n for n in path if analysis.traced.node(n).is_dense]
     findings: list[Finding] = []
     if len(layers) < 2:
         return findings
     first, last = layers[0], layers[-1]
     span = (f"{node_record(graph, first).module or first} .. "
             f"{node_record(graph, last).module or last}")
-    fixes = analysis.remember("plain_residual", lambda: Fixer(analysis).residual(
-        _worst(analysis)))
+    fixes = analysis.remember("plain_residual", lambda: analysis.fixer.residual(
+        analysis.health.worst_direction()))
     if len(layers) >= t.plain_depth:
-        findings.append(_finding(
-            "GS701",
+        findings.append(GS701.finding(
             f"{len(layers)} weight layers in a row with no skip connection ({span}); "
             f"threshold {t.plain_depth}.",
-            _location(analysis, first), None, [fixes] if fixes else [],
+            location(analysis, first), None, [fixes] if fixes else [],
             {"plain_layers": len(layers), "threshold": t.plain_depth}))
         norms = [n for n in path if node_record(graph, n).key == "batch_norm"]
         if len(norms) >= 2:
-            findings.append(_finding(
-                "GS702",
+            findings.append(GS702.finding(
                 f"{len(norms)} BatchNorm layers inside a plain run of {len(layers)} weight "
                 f"layers ({span}): batch normalisation without skips makes the gradient grow "
                 "geometrically towards the input (Yang et al. 2019).",
-                _location(analysis, norms[0]), None, [fixes] if fixes else [],
+                location(analysis, norms[0]), None, [fixes] if fixes else [],
                 {"batchnorm_layers": len(norms), "plain_layers": len(layers)}))
     widths = []
     for node in layers[:-1]:  # the hidden layers: the last one is the head
         shape = node_record(graph, node).shape
         if not shape:
             continue
-        width = shape[1] if node_record(graph, node).key == "conv" and len(shape) > 1 else shape[-1]
+        conv = node_record(graph, node).key == "conv" and len(shape) > 1
+        width = shape[1] if conv else shape[-1]
         if width > 0:
             widths.append(width)
     beta = sum(1.0 / w for w in widths)
     if beta >= t.width_beta and len(widths) >= 2:
         narrow = min(widths)
-        findings.append(_finding(
-            "GS706",
+        findings.append(GS706.finding(
             f"sum of 1/width over {len(widths)} hidden layers is {beta:.2f} (narrowest "
             f"{narrow}; threshold {t.width_beta:g}): per-sample gradient norms fluctuate "
             f"by about exp({beta:.2f}) = {math.exp(beta):.1f}x in variance (Hanin 2018).",
-            _location(analysis, first), None, [],
+            location(analysis, first), None, [],
             {"beta": beta, "hidden_layers": len(widths), "narrowest": narrow,
              "threshold": t.width_beta}))
     return findings
@@ -110,7 +237,7 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
     """(residual add, LayerNorm right after it) pairs: x_(k+1) = LayerNorm(x_k + f(x_k))."""
     graph = analysis.traced.graph
     pairs = []
-    adds = residual_adds(analysis.traced)
+    adds = analysis.facts.residual_adds
     add_set = set(adds)
     for add in adds:
         succ = list(graph.successors(add))
@@ -125,151 +252,33 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
     return pairs
 
 
-def _signal_inputs(graph: nx.DiGraph, node: str) -> list[str]:
-    return [r for r in node_record(graph, node).inputs
-            if node_record(graph, r).role != "param" and node_record(graph, r).is_float]
-
-
-def _stream_and_branch(graph: nx.DiGraph, add: str) -> tuple[str, str] | None:
-    ins = _signal_inputs(graph, add)
-    if len(ins) != 2:
-        return None
-    a, b = ins
-    if nx.has_path(graph, a, b):
-        return a, b
-    if nx.has_path(graph, b, a):
-        return b, a
-    return None
-
-
-def _branch_weight(analysis: Analysis, graph: nx.DiGraph, branch_out: str) -> str | None:
-    """The weight layer closest upstream of a residual branch's output."""
-    node: str | None = branch_out
-    seen = 0
-    while node is not None and seen < 64:
-        if _is_weight_layer(analysis.traced, node):
-            return node
-        preds = _signal_inputs(graph, node)
-        node = preds[0] if preds else None
-        seen += 1
-    return None
-
-
-def _weight_grad(graph: nx.DiGraph, est: StaticEstimate, node: str) -> float | None:
-    """Static ||grad W||^2 of a weight layer up to a constant: S(out) x q(in) x fan-in share."""
-    ins = _signal_inputs(graph, node)
-    if not ins:
-        return None
-    sq = est.sq_norm.get(node)
-    mom = est.moments.get(ins[0])
-    if sq is None or mom is None:
-        return None
-    return sq * mom[1]
-
-
-def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendation | None:
-    """Move each LayerNorm onto its sublayer's input (Pre-LN); the last one stays as final norm.
-
-    Verified on the figure Xiong et al. (2020) tie warmup to: the weight gradient
-    of the last block's output layer. Post-LN makes the last layers' weight
-    gradients large at initialisation, independent of depth; Pre-LN scales them
-    down with the depth.
-    """
-    base = analysis.traced.graph
-    ends = [(add, _stream_and_branch(base, add)) for add, _ in pairs]
-    found = [_branch_weight(analysis, base, sb[1]) for _, sb in ends if sb is not None]
-    weights = [w for w in found if w is not None]
-    if len(weights) < 2:
-        return None
-    last_w = weights[-1]
-    variant = Variant(analysis.traced)
-    for i, (add, norm) in enumerate(pairs):
-        split = _stream_and_branch(variant.graph, add)
-        if split is None:
-            return None
-        stream, branch_out = split
-        branch = (nx.descendants(variant.graph, stream) & nx.ancestors(variant.graph, branch_out))
-        branch.add(branch_out)
-        shape = node_record(variant.graph, stream).shape or [1]
-        pre = variant.insert("pre_ln", stream, "layer_norm", "layer_norm",
-                             (_ref(stream), [shape[-1]]), like=stream)
-        for node in sorted(branch, key=lambda n: node_record(variant.graph, n).index):
-            if stream in node_record(variant.graph, node).inputs:
-                variant.replace_input(node, stream, pre)
-        if i < len(pairs) - 1:
-            variant.redirect(norm, add)  # the last post-norm stays: Pre-LN's final norm
-
-    def figure(graph: nx.DiGraph, est: StaticEstimate) -> float | None:
-        value = _weight_grad(graph, est, last_w)
-        return math.sqrt(value) if value is not None and value >= 0 else None
-
-    try:
-        after_est = variant.estimate(analysis.inputs, analysis.declared)
-    except Exception:  # noqa: BLE001 - a fix we cannot estimate is not offered
-        return None
-    before = figure(base, analysis.estimate)
-    after = figure(variant.graph, after_est)
-    # Lower is the point (Xiong et al.: the last layers' large gradients are what warmup
-    # protects against); 10% is above the estimate's noise for the same weights.
-    if before is None or after is None or not after < before / 1.1:
-        return None
-    last_module = node_record(base, last_w).module or last_w
-    check = Verification(f"last block's output-layer ({last_module}) "
-                         "weight-gradient norm relative to the output gradient (static "
-                         "estimate)", before, after)
-    module = node_record(base, pairs[0][1]).module or pairs[0][1]
-    return Recommendation(
-        "normalization",
-        f"Move to Pre-LN: normalise each sublayer's input instead of the residual sum "
-        f"(x + f(LayerNorm(x))), with one LayerNorm after the last block; the last block's "
-        f"output-layer weight gradient goes from {_fmt(before)} to {_fmt(after)} of the output "
-        f"gradient, so early steps need no warmup (first Post-LN norm: {module}).",
-        "# nn.TransformerEncoderLayer / nn.TransformerDecoderLayer:\n"
-        "layer = nn.TransformerEncoderLayer(d_model, nhead, norm_first=True)\n"
-        "encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(d_model))\n\n"
-        "# hand-written blocks:\n"
-        "def forward(self, x):\n"
-        "    x = x + self.attn(self.norm1(x))\n"
-        "    return x + self.mlp(self.norm2(x))",
-        check)
-
-
-def _ref(name: str) -> object:
-
-    return Ref(name)
-
-
 def check_post_ln(analysis: Analysis) -> list[Finding]:
     pairs = post_ln_pairs(analysis)
     if len(pairs) < 2:
         return []
     optimizer = analysis.probe.optimizer if analysis.probe is not None else None
     fixes = [warmup_recommendation(optimizer or "adam")]
-    pre = pre_ln_fix(analysis, pairs)
+    pre = analysis.fixer.pre_ln(pairs)
     if pre is not None:
         fixes.append(pre)
     first_norm = pairs[0][1]
-    return [_finding(
-        "GS703",
+    return [GS703.finding(
         f"Post-LN: {len(pairs)} residual adds are each followed by a LayerNorm (first: "
-        f"{_op_of(analysis, first_norm)}); the residual stream is renormalised at every "
+        f"{op_of(analysis, first_norm)}); the residual stream is renormalised at every "
         "sublayer, which needs learning-rate warmup (Xiong et al. 2020).",
-        _location(analysis, first_norm), None, fixes,
+        location(analysis, first_norm), None, fixes,
         {"post_ln_blocks": len(pairs)})]
 
 
 # ---------------------------------------------------------------------------
 # GS704: residual stack without normalisation or scale
 
-#: Ops that only a normalisation computes: hand-written RMSNorm/LayerNorm (Llama's
-#: ``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``) has no norm module.
-_NORM_OPS = ("rsqrt", "var", "std", "var_mean", "std_mean", "norm", "normalize")
-
 
 def has_normalisation(graph: nx.DiGraph) -> bool:
+    """A normalisation module, or one written out by hand (Llama's ``x * rsqrt(mean(x^2))``)."""
     for node in graph.nodes:
         data = node_record(graph, node)
-        if data.key in (*NORM_KEYS, "l2_normalize") or data.op in _NORM_OPS:
+        if data.key in (*NORM_KEYS, "l2_normalize") or data.op in NORM_FUNCTIONS:
             return True
         if data.key == "pow" and len(data.args) > 1 and data.args[1] == -0.5:
             return True
@@ -278,7 +287,7 @@ def has_normalisation(graph: nx.DiGraph) -> bool:
 
 def check_unscaled_residuals(analysis: Analysis) -> list[Finding]:
     graph = analysis.traced.graph
-    adds = residual_adds(analysis.traced)
+    adds = analysis.facts.residual_adds
     if len(adds) < analysis.thresholds.residual_blocks:
         return []
     if has_normalisation(graph):
@@ -286,43 +295,24 @@ def check_unscaled_residuals(analysis: Analysis) -> list[Finding]:
     unscaled = []
     for add in adds:
         alpha = node_record(graph, add).kwargs.get("alpha", 1.0)
-        split = _stream_and_branch(graph, add)
+        split = stream_and_branch(graph, add)
         if split is None or alpha != 1.0:
             continue
-        branch_key = node_record(graph, split[1]).key
-        if branch_key in ("mul", "div"):
+        if node_record(graph, split[1]).key in ("mul", "div"):
             continue  # x + scale * f(x): already scaled
         unscaled.append((add, split))
     if len(unscaled) < analysis.thresholds.residual_blocks:
         return []
-    alpha = 1.0 / math.sqrt(len(unscaled))
-    variant = Variant(analysis.traced)
-    for add, (stream, branch) in unscaled:
-
-        data = node_record(variant.graph, add)
-        set_record(variant.graph, replace(data, args=(Ref(stream), Ref(branch)),
-                                          kwargs={**data.kwargs, "alpha": alpha}))
-    worst = _worst(analysis)
-    check = Fixer(analysis).entry_verification(variant, worst)
-    fixes = []
-    if check is not None:
-        fixes.append(Recommendation(
-            "residual_connection",
-            f"Scale each of the {len(unscaled)} residual branches by {alpha:.3g} "
-            f"(1/sqrt({len(unscaled)}), as in Fixup/SkipInit): the predicted gradient ratio "
-            f"at the first layers goes from {_fmt(check.before)} to {_fmt(check.after)}.",
-            f"x = x + {alpha:.3g} * self.block(x)  # in each residual block\n"
-            "# or learnable, starting at 0 (SkipInit):\n"
-            "# self.gain = nn.Parameter(torch.zeros(())); x = x + self.gain * self.block(x)",
-            check))
+    worst = analysis.health.worst_direction()
+    fix = analysis.fixer.scaled_residuals(unscaled, worst)
     first = unscaled[0][0]
-    ratio = extreme_health(analysis.estimate, entry_nodes(analysis), worst)
-    return [_finding(
-        "GS704",
+    extremes = analysis.health.extremes(measured=False)
+    ratio = None if extremes is None else (extremes[1] if worst == "low" else extremes[3])
+    return [GS704.finding(
         f"{len(unscaled)} residual blocks with neither normalisation nor a branch scale "
-        f"(first: {_op_of(analysis, first)}); predicted gradient ratio at the first layers "
-        f"{_fmt(ratio)}.",
-        _location(analysis, first), None, fixes,
+        f"(first: {op_of(analysis, first)}); predicted gradient ratio at the first layers "
+        f"{fmt(ratio)}.",
+        location(analysis, first), None, [fix] if fix else [],
         {"residual_blocks": len(unscaled), "gradient_ratio": ratio})]
 
 
@@ -331,145 +321,22 @@ def check_unscaled_residuals(analysis: Analysis) -> list[Finding]:
 
 
 def check_sigmoid_hidden(analysis: Analysis) -> list[Finding]:
-    fixer = Fixer(analysis)
+    fixer = analysis.fixer
     nodes = [n for n in fixer.saturating_hidden()
-             if node_record(analysis.traced.graph, n).key in ("activation:sigmoid",
-                                                          "activation:hardsigmoid")]
+             if analysis.traced.node(n).activation in ("sigmoid", "hardsigmoid")]
     if not nodes:
         return []
     fix = fixer.activation_swap("low")
-    return [_finding(
-        "GS705",
+    return [GS705.finding(
         f"{len(nodes)} sigmoid activation(s) used as hidden units (first: "
-        f"{_op_of(analysis, nodes[0])}); each keeps at most 1/16 of the gradient's squared "
+        f"{op_of(analysis, nodes[0])}); each keeps at most 1/16 of the gradient's squared "
         "norm and shifts the next layer's inputs by 0.5.",
-        _location(analysis, nodes[0]), None, [fix] if fix else [],
+        location(analysis, nodes[0]), None, [fix] if fix else [],
         {"sigmoid_hidden": len(nodes)})]
 
 
 # ---------------------------------------------------------------------------
-# GS707 / GS708 and the verified fixes of GS103
-
-
-def _recurrent_ratio(module: torch.nn.Module, analysis: Analysis, node: str) -> float | None:
-    """sqrt(step gain)^(steps - 1) of ``module`` unrolled like ``node``'s layer."""
-    from gradscope.estimate.recurrent import estimate_recurrent
-
-    result = analysis.estimate.recurrent.get(node)
-    ins = _signal_inputs(analysis.traced.graph, node)
-    mom = analysis.estimate.moments.get(ins[0]) if ins else None
-    if result is None or mom is None:
-        return None
-    try:
-        new = estimate_recurrent(module, mom[0], mom[1], int(result.steps))
-    except (NotImplementedError, ValueError, RuntimeError):
-        return None
-    return math.sqrt(max(new.step_gain, 0.0)) ** (int(result.steps) - 1)
-
-
-def _module(analysis: Analysis, node: str) -> torch.nn.Module | None:
-    return analysis.traced.modules.get(node_record(analysis.traced.graph, node).module or "")
-
-
-def _verified_unroll(analysis: Analysis, node: str, module: torch.nn.Module,
-                     change: Callable[[torch.nn.Module], None]) -> tuple[float, float] | None:
-    """(before, after) first/last-step ratios when ``change`` on a copy improves them."""
-    result = analysis.estimate.recurrent[node]
-    steps = int(result.steps)
-    before = math.sqrt(max(result.step_gain, 0.0)) ** (steps - 1)
-    fixed = copy.deepcopy(module)
-    with torch.no_grad():
-        change(fixed)
-    after = _recurrent_ratio(fixed, analysis, node)
-    if after is None or not improves(before, after):
-        return None
-    return before, after
-
-
-def forget_bias_fix(analysis: Analysis, node: str) -> Recommendation | None:
-    """Forget-gate bias 1 (3 for 100+ steps), verified by re-running the unroll on a copy."""
-    module = _module(analysis, node)
-    result = analysis.estimate.recurrent.get(node)
-    if not isinstance(module, torch.nn.LSTM) or result is None \
-            or any(p.is_meta for p in module.parameters()):
-        return None
-    steps = int(result.steps)
-    bias = 3.0 if steps >= 100 else 1.0
-    hidden = module.hidden_size
-
-    def change(fixed: torch.nn.Module) -> None:
-        for name, tensor in fixed.named_parameters():
-            if name.startswith("bias_ih"):
-                tensor[hidden:2 * hidden].fill_(bias)
-            elif name.startswith("bias_hh"):
-                tensor[hidden:2 * hidden].zero_()
-
-    verified = _verified_unroll(analysis, node, module, change)
-    if verified is None:
-        return None
-    before, after = verified
-    path = node_record(analysis.traced.graph, node).module or node
-    return Recommendation(
-        "initialization",
-        f"Set the forget-gate bias of {path} to {bias:g} "
-        f"({'>= 3 for 100+ steps' if bias == 3 else '>= 1'}): "
-        f"the predicted gradient reaching the first of {steps} steps, relative to the last, "
-        f"goes from {_fmt(before)} to {_fmt(after)}.",
-        f"lstm = model.get_submodule({path!r})\n"
-        "hidden = lstm.hidden_size\n"
-        "with torch.no_grad():\n"
-        "    for name, bias in lstm.named_parameters():\n"
-        "        if name.startswith(\"bias_ih\"):  # gate order: input, forget, cell, output\n"
-        f"            bias[hidden:2 * hidden].fill_({bias:g})\n"
-        "        elif name.startswith(\"bias_hh\"):\n"
-        "            bias[hidden:2 * hidden].zero_()",
-        Verification("first/last step gradient ratio through time (static estimate)",
-                     before, after))
-
-
-def orthogonal_fix(analysis: Analysis, node: str) -> Recommendation | None:
-    """Orthogonal recurrent matrices, verified by re-running the unroll on a copy."""
-    module = _module(analysis, node)
-    result = analysis.estimate.recurrent.get(node)
-    if module is None or result is None or any(p.is_meta for p in module.parameters()):
-        return None
-    steps = int(result.steps)
-    gen = torch.Generator().manual_seed(0)
-
-    def change(fixed: torch.nn.Module) -> None:
-        for name, tensor in fixed.named_parameters():
-            if name.startswith("weight_hh"):
-                rows = tensor.shape[0] // tensor.shape[1]
-                for k in range(rows):  # one orthogonal block per gate
-                    block = tensor[k * tensor.shape[1]:(k + 1) * tensor.shape[1]]
-                    q, r = torch.linalg.qr(torch.randn(block.shape, generator=gen,
-                                                       dtype=torch.float64))
-                    block.copy_((q * torch.sign(torch.diagonal(r))).to(block.dtype))
-
-    verified = _verified_unroll(analysis, node, module, change)
-    if verified is None:
-        return None
-    before, after = verified
-    path = node_record(analysis.traced.graph, node).module or node
-    return Recommendation(
-        "initialization",
-        f"Initialise the recurrent matrices of {path} orthogonally (one block per gate): the "
-        f"predicted gradient reaching the first of {steps} steps, relative to the last, goes "
-        f"from {_fmt(before)} to {_fmt(after)}.",
-        f"for name, w in model.get_submodule({path!r}).named_parameters():\n"
-        "    if name.startswith(\"weight_hh\"):\n"
-        "        for block in w.detach().chunk(w.shape[0] // w.shape[1]):\n"
-        "            torch.nn.init.orthogonal_(block)",
-        Verification("first/last step gradient ratio through time (static estimate)",
-                     before, after))
-
-
-def recurrent_fixes(analysis: Analysis, node: str) -> list[Recommendation]:
-    """GS103's fixes: forget bias for LSTMs, else orthogonal recurrent weights."""
-    module = _module(analysis, node)
-    fix = forget_bias_fix(analysis, node) if isinstance(module, torch.nn.LSTM) \
-        else orthogonal_fix(analysis, node)
-    return [fix] if fix is not None else []
+# GS707 / GS708: recurrent weights
 
 
 def check_recurrent_weights(analysis: Analysis) -> list[Finding]:
@@ -477,43 +344,37 @@ def check_recurrent_weights(analysis: Analysis) -> list[Finding]:
     t = analysis.thresholds
     findings = []
     for node in sorted(analysis.estimate.recurrent):
-        module = _module(analysis, node)
         result = analysis.estimate.recurrent[node]
-        if module is None or any(p.is_meta for p in module.parameters()):
-            continue
         steps = int(result.steps)
         vanishes = math.sqrt(max(result.step_gain, 0.0)) ** max(steps - 1, 0) \
             < t.vanishing_warning
-        if isinstance(module, torch.nn.RNN) and steps >= 2:
-            norms = [float(torch.linalg.matrix_norm(p.detach().double(), ord=2))
-                     for name, p in module.named_parameters() if name.startswith("weight_hh")]
-            sigma = max(norms) if norms else 0.0
+        sigma = analysis.fixer.recurrent_spectral_norm(node)
+        if sigma is not None and steps >= 2:
             bound = sigma ** (steps - 1)
             if sigma < 1.0 and bound < t.vanishing_warning:
-                findings.append(_finding(
-                    "GS707",
-                    f"{_op_of(analysis, node)}: spectral norm of W_hh is {sigma:.3f}, so the "
+                findings.append(GS707.finding(
+                    f"{op_of(analysis, node)}: spectral norm of W_hh is {sigma:.3f}, so the "
                     f"gradient through {steps} steps is bounded by {sigma:.3f}^{steps - 1} = "
                     f"{bound:.1e} (Pascanu et al. 2013).",
-                    _location(analysis, node), None, recurrent_fixes(analysis, node),
+                    location(analysis, node), None, analysis.fixer.recurrent(node),
                     {"spectral_norm": sigma, "steps": steps, "bound": bound}))
-        if isinstance(module, torch.nn.LSTM) and module.bias and not vanishes:
-            hidden = module.hidden_size
-            forget = [float(p.detach()[hidden:2 * hidden].double().mean())
-                      for name, p in module.named_parameters() if name.startswith("bias_")]
-            total = sum(forget) / max(module.num_layers * (2 if module.bidirectional else 1),
-                                      1)
-            if abs(total) < 0.25:
-                findings.append(_finding(
-                    "GS708",
-                    f"{_op_of(analysis, node)}: forget-gate bias {total:+.2f} on "
-                    f"average (PyTorch's default 0): over {steps} steps the cell state keeps "
-                    "about half its gradient per step.",
-                    _location(analysis, node), None, recurrent_fixes(analysis, node),
-                    {"forget_bias": total, "steps": steps}))
+        total = analysis.fixer.lstm_forget_bias(node)
+        if total is not None and not vanishes and abs(total) < 0.25:
+            findings.append(GS708.finding(
+                f"{op_of(analysis, node)}: forget-gate bias {total:+.2f} on "
+                f"average (PyTorch's default 0): over {steps} steps the cell state keeps "
+                "about half its gradient per step.",
+                location(analysis, node), None, analysis.fixer.recurrent(node),
+                {"forget_bias": total, "steps": steps}))
     return findings
 
 
-ARCHITECTURE_CHECKS = (check_plain_stack, check_post_ln, check_unscaled_residuals,
-                       check_sigmoid_hidden, check_recurrent_weights)
-
+FAMILY = RuleFamily(
+    number=7,
+    rules=(GS701, GS702, GS703, GS704, GS705, GS706, GS707, GS708),
+    checks=(Check(("GS701", "GS702", "GS706"), check_plain_stack),
+            Check(("GS703",), check_post_ln),
+            Check(("GS704",), check_unscaled_residuals),
+            Check(("GS705",), check_sigmoid_hidden),
+            Check(("GS707", "GS708"), check_recurrent_weights)),
+)

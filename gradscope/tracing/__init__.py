@@ -17,13 +17,19 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from gradscope.errors import GradscopeError, InputError, TraceError, model_error_hint
 from gradscope.records import TraceAttempt
-from gradscope.tracing.graph import TracedModel
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from gradscope.tracing.graph import TracedModel
+
+# Nothing here imports torch at import time: the node records (gradscope.tracing.nodes)
+# and the op tables (gradscope.tracing.ops) are read by the rule families and the
+# report, which stay light; the tracers load torch when they run.
 
 
 def _reason(exc: BaseException) -> str:
@@ -110,6 +116,14 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
         model_error_hint(last_error.error)
         or "check --input-shape/--dtype or example_inputs() against what forward expects",
     ) from last_error
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TracedModel":  # lazily: gradscope.tracing.graph imports torch
+        from gradscope.tracing.graph import TracedModel
+
+        return TracedModel
+    raise AttributeError(f"module 'gradscope.tracing' has no attribute {name!r}")
 
 
 __all__ = ["TracedModel", "trace_model"]

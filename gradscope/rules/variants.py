@@ -1,4 +1,4 @@
-"""Recommended changes, tried on a copy before they are offered.
+"""What-if copies of the traced graph: the changes a fix proposes, tried before it is offered.
 
 A fix is applied to a *copy* of the traced graph (an activation swapped, an
 ``add`` inserted around a span, a normalisation inserted or moved) and/or to
@@ -21,12 +21,9 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.propagate import Mom, StaticEstimate, estimate
+from gradscope.rules.health import log_distance
 from gradscope.tracing.graph import Ref, TracedModel, iter_refs, node_record, set_record
-
-#: Estimator keys of layers whose weights a re-initialisation rewrites.
-WEIGHT_KEYS = ("linear", "conv", "addmm")
-#: Activations with flat tails: hidden units of these are what an activation swap replaces.
-SATURATING = ("sigmoid", "tanh", "softsign", "hardsigmoid", "hardtanh", "logsigmoid")
+from gradscope.tracing.ops import REINIT_KEYS
 
 
 def _swap_refs(value: Any, old: str, new: str) -> Any:
@@ -175,7 +172,7 @@ def weight_layers(traced: TracedModel) -> list[str]:
     found = []
     for node in traced.order():
         data = node_record(traced.graph, node)
-        if data.role == "compute" and data.key in WEIGHT_KEYS:
+        if data.role == "compute" and data.key in REINIT_KEYS:
             w, _ = weight_and_bias(traced, node)
             if w is not None and w.dim() >= 2:
                 found.append(node)
@@ -230,13 +227,6 @@ def reinitialise(variant: Variant, nodes: Sequence[str], gain_sq: float,
 
 # ---------------------------------------------------------------------------
 # Judging
-
-
-def log_distance(ratio: float | None) -> float:
-    """How far a gradient ratio is from 1, in decades (inf for 0, None or non-finite)."""
-    if ratio is None or not math.isfinite(ratio) or ratio <= 0:
-        return math.inf
-    return abs(math.log10(ratio))
 
 
 def improves(before: float | None, after: float | None, margin: float = 0.3) -> bool:

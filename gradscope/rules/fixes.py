@@ -1,47 +1,48 @@
 """Recommendations with the numbers filled in, each change verified on a copy first.
 
 Every architecture, activation, normalisation or initialisation fix is built
-as a :class:`gradscope.fixes.Variant` of the traced graph, re-estimated, and
-returned only if it moves the targeted figure towards 1 by a clear margin
-(:func:`gradscope.fixes.improves`); the recommendation then carries the
-before -> after figures. Advice that is not a change of the model (gradient
-clipping, learning rate, warmup) carries numbers from the probe instead.
+as a :class:`~gradscope.rules.variants.Variant` of the traced graph,
+re-estimated, and returned only if it moves the targeted figure towards 1 by a
+clear margin (:func:`~gradscope.rules.variants.improves`); the recommendation
+then carries the before -> after figures. The rule families reach this module
+only through ``analysis.fixer`` (:class:`Fixer`), so that they stay free of torch
+and every costly estimate is memoised once per analysis.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from gradscope.fixes import (
-    SATURATING,
+import networkx as nx
+
+from gradscope.estimate.propagate import tensor_stats, var_of
+from gradscope.records import Recommendation, Verification
+from gradscope.rules.base import fmt, signal_inputs, stream_and_branch
+from gradscope.rules.health import log_distance
+from gradscope.rules.recurrent_fixes import lstm_forget_bias, recurrent_fixes, spectral_norm
+from gradscope.rules.variants import (
     Variant,
     extreme_health,
+    fan_in,
     hidden_activation,
     improves,
     init_scale,
     reinitialise,
+    weight_and_bias,
     weight_layers,
 )
-from gradscope.report import Recommendation, Verification
-from gradscope.tracing.graph import node_record
+from gradscope.tracing.graph import Ref, node_record, set_record
+from gradscope.tracing.ops import SATURATING
 
 if TYPE_CHECKING:
     from gradscope.estimate.propagate import StaticEstimate
-    from gradscope.rules.checks import Analysis
+    from gradscope.rules.analysis import Analysis
 
 #: Figure names used in before -> after, so reports say what moved.
 ENTRY_METRIC = "gradient ratio at the first trainable layers (static estimate)"
-
-
-def _fmt(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if x == 0:
-        return "0 (no gradient)"
-    return f"{x:.2g}" if 1e-2 <= abs(x) < 1e3 else f"{x:.2e}"
 
 
 def _names(modules: Sequence[str], limit: int = 3) -> str:
@@ -60,9 +61,7 @@ class Fixer:
     analysis: Analysis
 
     def __post_init__(self) -> None:
-        from gradscope.rules.checks import entry_nodes
-
-        self.entries = self.analysis.remember("entry_nodes", lambda: entry_nodes(self.analysis))
+        self.entries = list(self.analysis.facts.entries)
         self.traced = self.analysis.traced
         self.graph = self.traced.graph
 
@@ -139,7 +138,7 @@ class Fixer:
             f"Replace the {len(nodes)} hidden {'/'.join(kinds)} activation(s) "
             f"({_names([self.module_of(n) for n in nodes])}) with ReLU and initialise the "
             f"weight layers Kaiming fan_in: the predicted gradient ratio at the first layers "
-            f"goes from {_fmt(check.before)} to {_fmt(check.after)}.",
+            f"goes from {fmt(check.before)} to {fmt(check.after)}.",
             "import torch.nn as nn\n\n"
             "def swap_activations(module: nn.Module) -> None:\n"
             "    for name, child in module.named_children():\n"
@@ -177,15 +176,13 @@ class Fixer:
             "initialization",
             f"Initialise the {len(layers)} weight layers for {act or 'linear'} units with "
             f"std = {std} and zero biases: the predicted gradient ratio at the first layers "
-            f"goes from {_fmt(check.before)} to {_fmt(check.after)}.",
+            f"goes from {fmt(check.before)} to {fmt(check.after)}.",
             "import math\nimport torch.nn as nn\n" + _INIT_LOOP.format(how=how.replace(
                 "(w,", "(m.weight,").replace("fan_in))", "m.weight[0].numel()))")),
             check)
 
     def zero_bias(self, nodes: Sequence[str], worst: str = "low") -> Recommendation | None:
         """Biases before ReLUs set to 0."""
-        from gradscope.fixes import weight_and_bias
-
         variant = Variant(self.traced)
         for node in nodes:
             _, bias = weight_and_bias(self.traced, node)
@@ -197,7 +194,7 @@ class Fixer:
         return Recommendation(
             "initialization",
             f"Initialise the biases of {_names(modules)} to 0: the predicted gradient ratio at "
-            f"the first layers goes from {_fmt(check.before)} to {_fmt(check.after)}.",
+            f"the first layers goes from {fmt(check.before)} to {fmt(check.after)}.",
             "import torch.nn as nn\n\nwith torch.no_grad():\n"
             f"    for name in {modules!r}:\n"
             "        nn.init.zeros_(model.get_submodule(name).bias)",
@@ -229,7 +226,7 @@ class Fixer:
             f"Add {len(spans)} identity skip(s){scale} around blocks of two weight layers "
             f"where the shapes match ({where}{more}); each add goes after the block's last "
             f"activation: the predicted gradient ratio at the first layers goes from "
-            f"{_fmt(check.before)} to {_fmt(check.after)}.",
+            f"{fmt(check.before)} to {fmt(check.after)}.",
             "class Residual(nn.Module):\n"
             "    def __init__(self, block: nn.Module, scale: float = "
             f"{alpha:.3g}) -> None:\n"
@@ -259,14 +256,61 @@ class Fixer:
             "normalization",
             f"Put a {norm.split('(')[0]} after each of the {len(hidden)} hidden weight layers "
             f"({_names([self.module_of(n) for n in hidden])}), before the activation: the "
-            f"predicted gradient ratio at the first layers goes from {_fmt(check.before)} to "
-            f"{_fmt(check.after)}.",
+            f"predicted gradient ratio at the first layers goes from {fmt(check.before)} to "
+            f"{fmt(check.after)}.",
             f"nn.Sequential(layer, {norm}, activation)  # for each hidden layer",
             check)
+
+    # -- fixes the architecture rules offer -----------------------------------
+    def pre_ln(self, pairs: list[tuple[str, str]]) -> Recommendation | None:
+        """GS703's Pre-LN fix (see :func:`pre_ln_fix`), estimated once per analysis."""
+        return self.analysis.remember("pre_ln", lambda: pre_ln_fix(self.analysis, pairs))  # type: ignore[no-any-return]
+
+    def scaled_residuals(self, unscaled: list[tuple[str, tuple[str, str]]],
+                         worst: str) -> Recommendation | None:
+        """GS704's fix: scale each residual branch by 1/sqrt(blocks), verified at the entries."""
+        alpha = 1.0 / math.sqrt(len(unscaled))
+        variant = Variant(self.traced)
+        for add, (stream, branch) in unscaled:
+            data = node_record(variant.graph, add)
+            set_record(variant.graph, replace(data, args=(Ref(stream), Ref(branch)),
+                                              kwargs={**data.kwargs, "alpha": alpha}))
+        check = self.entry_verification(variant, worst)
+        if check is None:
+            return None
+        return Recommendation(
+            "residual_connection",
+            f"Scale each of the {len(unscaled)} residual branches by {alpha:.3g} "
+            f"(1/sqrt({len(unscaled)}), as in Fixup/SkipInit): the predicted gradient ratio "
+            f"at the first layers goes from {fmt(check.before)} to {fmt(check.after)}.",
+            f"x = x + {alpha:.3g} * self.block(x)  # in each residual block\n"
+            "# or learnable, starting at 0 (SkipInit):\n"
+            "# self.gain = nn.Parameter(torch.zeros(())); x = x + self.gain * self.block(x)",
+            check)
+
+    def recurrent(self, node: str) -> list[Recommendation]:
+        """GS103/GS707/GS708's fixes: forget bias for LSTMs, else orthogonal weights."""
+        return recurrent_fixes(self.analysis, node)
+
+    def recurrent_spectral_norm(self, node: str) -> float | None:
+        """sigma_max of a vanilla RNN's W_hh (GS707); None for other layers or on meta."""
+        return spectral_norm(self.analysis, node)
+
+    def lstm_forget_bias(self, node: str) -> float | None:
+        """Mean forget-gate bias of an LSTM (GS708); None for other layers or on meta."""
+        return lstm_forget_bias(self.analysis, node)
+
+    # -- measurements of the weights the rules read ---------------------------
+    def negative_bias_layers(self) -> list[tuple[str, float]]:
+        """Weight layers feeding a ReLU whose bias mean is below -k pre-activation stds."""
+        return self.analysis.remember(  # type: ignore[no-any-return]
+            "negative_bias_layers", lambda: negative_bias_layers(self.analysis))
+
 
 
 _ACT_CLASS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "softsign": "Softsign",
               "hardsigmoid": "Hardsigmoid", "hardtanh": "Hardtanh", "logsigmoid": "LogSigmoid"}
+
 
 _INIT_LOOP = (
     "\nfor m in model.modules():\n"
@@ -281,8 +325,6 @@ def _finite_or_zero(x: float | None) -> float:
 
 
 def _closer(a: float, b: float) -> bool:
-    from gradscope.fixes import log_distance
-
     return log_distance(a) < log_distance(b)
 
 
@@ -306,34 +348,6 @@ def feeds_weight_layer(analysis: Analysis, node: str, weights: set[str]) -> bool
     return False
 
 
-def plain_run_path(analysis: Analysis) -> list[str]:
-    """The nodes of the longest plain run (weight layers no skip bypasses), in forward order."""
-    from gradscope.estimate.depth import _is_weight_layer, residual_adds
-
-    traced = analysis.traced
-    graph = traced.graph
-    skips = set(residual_adds(traced))
-    run: dict[str, int] = {}
-    best, best_end = 0, None
-    for name in traced.order():
-        if node_record(graph, name).role == "param":
-            continue
-        upstream = max((run.get(p, 0) for p in graph.predecessors(name)), default=0)
-        if name in skips:
-            run[name] = 0
-            continue
-        run[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
-        if run[name] > best:
-            best, best_end = run[name], name
-    path: list[str] = []
-    node = best_end
-    while node is not None and run.get(node, 0) > 0:
-        path.append(node)
-        preds = [p for p in graph.predecessors(node) if p in run]
-        node = max(preds, key=lambda p: (run[p], node_record(graph, p).index), default=None)
-    return list(reversed(path))
-
-
 def plain_blocks(analysis: Analysis, size: int = 2,
                  ) -> list[tuple[str, str, tuple[str, str]]]:
     """Spans of ``size`` weight layers on the plain run whose input and output shapes match.
@@ -343,7 +357,7 @@ def plain_blocks(analysis: Analysis, size: int = 2,
     """
     traced = analysis.traced
     graph = traced.graph
-    path = plain_run_path(analysis)
+    path = list(analysis.facts.plain_run)
     layers = dense_layers(analysis, path)
     inputs: dict[str, str] = {}
     for node in layers:
@@ -373,12 +387,7 @@ def dense_layers(analysis: Analysis, nodes: Sequence[str]) -> list[str]:
 
     Normalisations own weights too, but they are not layers a skip goes around.
     """
-    from gradscope.estimate.depth import _is_weight_layer
-    from gradscope.fixes import WEIGHT_KEYS
-
-    graph = analysis.traced.graph
-    return [n for n in nodes if _is_weight_layer(analysis.traced, n)
-            and node_record(graph, n).key in (*WEIGHT_KEYS, "conv_transpose")]
+    return [n for n in nodes if analysis.traced.node(n).is_dense]
 
 
 def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: float) -> bool:
@@ -388,9 +397,6 @@ def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: floa
     idealised moments would look better than the realised draw, but a user
     applying the fix would get another draw of the same thing.
     """
-    from gradscope.estimate.propagate import tensor_stats
-    from gradscope.fixes import fan_in, weight_and_bias
-
     for node in layers:
         w, b = weight_and_bias(analysis.traced, node)
         if w is None:
@@ -405,3 +411,120 @@ def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: floa
         if b_stats is not None and b_stats[1] > 0.1 * target:
             return False
     return True
+
+
+def _branch_weight(analysis: Analysis, graph: nx.DiGraph, branch_out: str) -> str | None:
+    """The weight layer closest upstream of a residual branch's output."""
+    node: str | None = branch_out
+    seen = 0
+    while node is not None and seen < 64:
+        if analysis.traced.node(node).trainable:
+            return node
+        preds = signal_inputs(graph, node)
+        node = preds[0] if preds else None
+        seen += 1
+    return None
+
+
+def _weight_grad(graph: nx.DiGraph, est: StaticEstimate, node: str) -> float | None:
+    """Static ||grad W||^2 of a weight layer up to a constant: S(out) x q(in) x fan-in share."""
+    ins = signal_inputs(graph, node)
+    if not ins:
+        return None
+    sq = est.sq_norm.get(node)
+    mom = est.moments.get(ins[0])
+    if sq is None or mom is None:
+        return None
+    return sq * mom[1]
+
+
+def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendation | None:
+    """Move each LayerNorm onto its sublayer's input (Pre-LN); the last one stays as final norm.
+
+    Verified on the figure Xiong et al. (2020) tie warmup to: the weight gradient
+    of the last block's output layer. Post-LN makes the last layers' weight
+    gradients large at initialisation, independent of depth; Pre-LN scales them
+    down with the depth.
+    """
+    base = analysis.traced.graph
+    ends = [(add, stream_and_branch(base, add)) for add, _ in pairs]
+    found = [_branch_weight(analysis, base, sb[1]) for _, sb in ends if sb is not None]
+    weights = [w for w in found if w is not None]
+    if len(weights) < 2:
+        return None
+    last_w = weights[-1]
+    variant = Variant(analysis.traced)
+    for i, (add, norm) in enumerate(pairs):
+        split = stream_and_branch(variant.graph, add)
+        if split is None:
+            return None
+        stream, branch_out = split
+        branch = (nx.descendants(variant.graph, stream) & nx.ancestors(variant.graph, branch_out))
+        branch.add(branch_out)
+        shape = node_record(variant.graph, stream).shape or [1]
+        pre = variant.insert("pre_ln", stream, "layer_norm", "layer_norm",
+                             (Ref(stream), [shape[-1]]), like=stream)
+        for node in sorted(branch, key=lambda n: node_record(variant.graph, n).index):
+            if stream in node_record(variant.graph, node).inputs:
+                variant.replace_input(node, stream, pre)
+        if i < len(pairs) - 1:
+            variant.redirect(norm, add)  # the last post-norm stays: Pre-LN's final norm
+
+    def figure(graph: nx.DiGraph, est: StaticEstimate) -> float | None:
+        value = _weight_grad(graph, est, last_w)
+        return math.sqrt(value) if value is not None and value >= 0 else None
+
+    try:
+        after_est = variant.estimate(analysis.inputs, analysis.declared)
+    except Exception:  # noqa: BLE001 - a fix we cannot estimate is not offered
+        return None
+    before = figure(base, analysis.estimate)
+    after = figure(variant.graph, after_est)
+    # Lower is the point (Xiong et al.: the last layers' large gradients are what warmup
+    # protects against); 10% is above the estimate's noise for the same weights.
+    if before is None or after is None or not after < before / 1.1:
+        return None
+    last_module = node_record(base, last_w).module or last_w
+    check = Verification(f"last block's output-layer ({last_module}) "
+                         "weight-gradient norm relative to the output gradient (static "
+                         "estimate)", before, after)
+    module = node_record(base, pairs[0][1]).module or pairs[0][1]
+    return Recommendation(
+        "normalization",
+        f"Move to Pre-LN: normalise each sublayer's input instead of the residual sum "
+        f"(x + f(LayerNorm(x))), with one LayerNorm after the last block; the last block's "
+        f"output-layer weight gradient goes from {fmt(before)} to {fmt(after)} of the output "
+        f"gradient, so early steps need no warmup (first Post-LN norm: {module}).",
+        "# nn.TransformerEncoderLayer / nn.TransformerDecoderLayer:\n"
+        "layer = nn.TransformerEncoderLayer(d_model, nhead, norm_first=True)\n"
+        "encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(d_model))\n\n"
+        "# hand-written blocks:\n"
+        "def forward(self, x):\n"
+        "    x = x + self.attn(self.norm1(x))\n"
+        "    return x + self.mlp(self.norm2(x))",
+        check)
+
+
+def negative_bias_layers(analysis: Analysis) -> list[tuple[str, float]]:
+    """Weight layers feeding a ReLU whose bias mean is below -k pre-activation stds."""
+    graph = analysis.traced.graph
+    found = []
+    for node in weight_layers(analysis.traced):
+        succ = list(graph.successors(node))
+        if not any(node_record(graph, s).key in ("activation:relu", "activation:relu6")
+                   for s in succ):
+            continue
+        _, bias = weight_and_bias(analysis.traced, node)
+        mom = analysis.estimate.moments.get(node)
+        if bias is None or mom is None:
+            continue
+        stats = tensor_stats(bias)
+        if stats is None:
+            continue
+        # An input that is already all zero leaves only the bias: any negative bias
+        # then switches every unit off (score capped at -10 std).
+        sd = math.sqrt(max(var_of(mom), 0.0))
+        score = max(stats[0] / sd, -10.0) if sd > 1e-12 else (-10.0 if stats[0] < 0 else 0.0)
+        if score < -analysis.thresholds.negative_bias:
+            found.append((node, score))
+    return found

@@ -1,0 +1,173 @@
+"""The analysis the rules read, the structural facts computed once, and the rule run.
+
+:class:`Analysis` bundles what the earlier stages produced (the traced graph,
+the static estimate, the probe's measurements) with what every rule needs and no
+rule should compute on its own: the :class:`StructuralFacts` of the graph (which
+layers train, which are entry layers, where the skips are, the longest plain
+run), the gradient health table (``gradscope.rules.health``) and the
+:class:`~gradscope.rules.fixes.Fixer` that builds verified fixes. Each is
+computed once per analysis and handed to every check, to the summary and to the
+report, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gradscope.estimate.depth import residual_adds
+from gradscope.estimate.propagate import var_of
+from gradscope.options import Thresholds
+from gradscope.records import Finding, severity_rank
+from gradscope.rules.health import HealthTable, build_health
+from gradscope.rules.registry import CHECKS
+from gradscope.tracing.graph import TracedModel
+
+if TYPE_CHECKING:
+    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.probe import ProbeResult
+    from gradscope.rules.base import Check
+    from gradscope.rules.fixes import Fixer
+    from gradscope.rules.selection import RuleSelection
+
+
+@dataclass(frozen=True)
+class StructuralFacts:
+    """Facts of the graph's structure that several rules, the summary and the fixes read."""
+
+    #: Nodes whose own weights train, in forward order.
+    trainable: tuple[str, ...]
+    #: The first trainable layer on each path from the inputs: where vanishing is judged.
+    entries: tuple[str, ...]
+    #: ``add`` nodes that give the gradient a shorter way around weight layers.
+    residual_adds: tuple[str, ...]
+    #: The nodes of the longest plain run (weight layers no skip bypasses), forward order.
+    plain_run: tuple[str, ...]
+    #: Weight layers on that run, and the node where it ends.
+    longest_plain_run: int
+    plain_run_end: str | None
+
+
+def trainable_nodes(traced: TracedModel) -> list[str]:
+    """Nodes whose own weights train: where a starved gradient actually hurts."""
+    return [n for n in traced.order() if traced.node(n).trainable]
+
+
+def entry_nodes(traced: TracedModel, trainable: Sequence[str]) -> list[str]:
+    """The first trainable layers on each path from the inputs.
+
+    The gradient has to travel the whole depth to reach them. Side paths that are
+    weak by design at initialisation (attention's query/key projections under a
+    near-uniform softmax) are not entry layers, so they do not raise alarms.
+    """
+    graph = traced.graph
+    train = set(trainable)
+    behind: dict[str, bool] = {}
+    entries = []
+    for node in traced.order():
+        preds = list(graph.predecessors(node))
+        behind[node] = any(p in train or behind.get(p, False) for p in preds)
+        if node in train and not behind[node]:
+            entries.append(node)
+    return entries
+
+
+def plain_run(traced: TracedModel, skips: set[str]) -> tuple[list[str], int, str | None]:
+    """The longest plain run: (its nodes in forward order, its weight layers, its last node).
+
+    The one walker: a residual add resets the count (the gradient has a way
+    around the layers before it); every trainable layer adds one.
+    """
+    graph = traced.graph
+    run: dict[str, int] = {}
+    best, best_end = 0, None
+    for name in traced.order():
+        if traced.node(name).role == "param":
+            continue
+        upstream = max((run.get(p, 0) for p in graph.predecessors(name)), default=0)
+        if name in skips:
+            run[name] = 0
+            continue
+        run[name] = upstream + (1 if traced.node(name).trainable else 0)
+        if run[name] > best:
+            best, best_end = run[name], name
+    path: list[str] = []
+    node = best_end
+    while node is not None and run.get(node, 0) > 0:
+        path.append(node)
+        preds = [p for p in graph.predecessors(node) if p in run]
+        node = max(preds, key=lambda p: (run[p], traced.node(p).index), default=None)
+    return list(reversed(path)), best, best_end
+
+
+def structural_facts(traced: TracedModel) -> StructuralFacts:
+    """Compute the facts once."""
+    trainable = trainable_nodes(traced)
+    skips = residual_adds(traced)
+    path, longest, end = plain_run(traced, set(skips))
+    return StructuralFacts(trainable=tuple(trainable),
+                           entries=tuple(entry_nodes(traced, trainable)),
+                           residual_adds=tuple(skips), plain_run=tuple(path),
+                           longest_plain_run=longest, plain_run_end=end)
+
+
+@dataclass
+class Analysis:
+    """Everything the checks may read."""
+
+    traced: TracedModel
+    estimate: StaticEstimate
+    probe: ProbeResult | None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    #: What the estimate ran on (fixes are re-estimated on the same inputs).
+    inputs: tuple[Any, ...] = ()
+    declared: dict[int, tuple[float, float]] | None = None
+    #: Results shared between checks (verified fixes are costly: one estimate each).
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def remember(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+    @functools.cached_property
+    def facts(self) -> StructuralFacts:
+        return structural_facts(self.traced)
+
+    @functools.cached_property
+    def health(self) -> HealthTable:
+        return build_health(self)
+
+    def mean_and_variance(self, node: str) -> tuple[float, float] | None:
+        """The estimate's (mean, variance) of a node's output, None where it has none."""
+        mom = self.estimate.moments.get(node)
+        return None if mom is None else (mom[0], var_of(mom))
+
+    @functools.cached_property
+    def fixer(self) -> Fixer:
+        from gradscope.rules.fixes import Fixer  # the fixes read this module's Analysis
+
+        return Fixer(self)
+
+
+def run_rules(analysis: Analysis, selection: RuleSelection | None = None,
+              checks: Sequence[Check] | None = None) -> tuple[list[Finding], list[str]]:
+    """Run the selected checks; (findings most serious first, codes not run by selection).
+
+    Selection decides before a check runs: a check none of whose codes is
+    selected is skipped with its costly what-if estimates. A check that runs for
+    one selected code may still emit another; those findings are dropped after.
+    """
+    selects = selection.selects if selection is not None else (lambda _code: True)
+    findings: list[Finding] = []
+    not_run: list[str] = []
+    for check in checks if checks is not None else CHECKS:
+        chosen = [code for code in check.codes if selects(code)]
+        not_run.extend(code for code in check.codes if code not in chosen)
+        if not chosen:
+            continue
+        findings.extend(f for f in check.run(analysis) if f.rule in chosen)
+    findings.sort(key=lambda f: (severity_rank(f.severity), f.rule, f.location.node or ""))
+    return findings, sorted(set(not_run))

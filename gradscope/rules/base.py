@@ -1,0 +1,174 @@
+"""What every rule family shares: the rule record, its findings, how a family declares checks.
+
+A rule family is one module of ``gradscope.rules`` (GS1xx vanishing, GS2xx
+exploding, ... GS8xx tracing) holding, for each of its codes, the metadata users
+read (:class:`Rule`), the check that decides, the message it writes and the fixes
+it offers. The family hands :data:`FAMILY` (a :class:`RuleFamily`) to the
+registry. Nothing here imports torch, and neither do the family modules: what
+needs torch (the what-if estimates behind fixes, recurrent unrolls) is reached
+through the :class:`~gradscope.rules.analysis.Analysis` a check receives, so the
+registry, ``gradscope rules``, the settings and the renderers stay light.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import networkx as nx
+
+from gradscope.records import Finding, Location, Recommendation, Severity
+from gradscope.tracing.nodes import node_record
+
+if TYPE_CHECKING:
+    from gradscope.rules.analysis import Analysis
+
+#: Code families by hundreds and their category; a code's third character names it.
+CATEGORIES_BY_FAMILY: dict[int, str] = {
+    1: "vanishing_gradient",
+    2: "exploding_gradient",
+    3: "saturation",
+    4: "dead_units",
+    5: "nonfinite",
+    6: "learning_rate",
+    7: "architecture",
+    8: "trace",
+}
+
+
+#: The location of a finding about the whole model.
+NOWHERE = Location()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Everything a user needs to understand a code without reading gradscope's source."""
+
+    code: str
+    name: str
+    category: str
+    severity: Severity
+    summary: str
+    what: str
+    why: str
+    fix: str
+    references: tuple[str, ...] = ()
+
+    def explain(self) -> str:
+        """The long text of ``gradscope rules CODE``."""
+        refs = "\n".join(f"  - {r}" for r in self.references) or "  (none)"
+        return (
+            f"{self.code} {self.name} [{self.category}, default severity {self.severity}]\n"
+            f"{self.summary}\n\n"
+            f"What: {self.what}\n\nWhy: {self.why}\n\nHow to fix: {self.fix}\n\n"
+            f"References:\n{refs}\n"
+        )
+
+    def finding(self, message: str, location: Location = NOWHERE,
+                severity: Severity | None = None,
+                recommendations: Iterable[Recommendation] = (),
+                evidence: Mapping[str, float | int | str | None] | None = None) -> Finding:
+        """A finding of this rule (its category; its default severity unless told)."""
+        return Finding(rule=self.code, category=self.category,
+                       severity=severity or self.severity, message=message,
+                       location=location, recommendations=tuple(recommendations),
+                       evidence=dict(evidence or {}))
+
+
+#: A check reads the analysis and returns findings of its family's codes.
+CheckFunction = Callable[["Analysis"], list[Finding]]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check and the codes it may emit: the registry runs it only if one is selected."""
+
+    codes: tuple[str, ...]
+    run: CheckFunction
+
+
+@dataclass(frozen=True)
+class RuleFamily:
+    """A family module's rules and checks, handed to :mod:`gradscope.rules.registry`."""
+
+    number: int
+    rules: tuple[Rule, ...]
+    checks: tuple[Check, ...]
+
+
+# ---------------------------------------------------------------------------
+# Helpers the checks share
+
+
+def location(analysis: Analysis, node: str) -> Location:
+    """Where a finding about ``node`` points: module, node and the user's source line."""
+    rec = analysis.traced.node(node)
+    return Location(module=rec.module, node=node, file=rec.file, line=rec.line)
+
+
+def op_of(analysis: Analysis, node: str) -> str:
+    """``module (op)`` as findings name a node."""
+    return analysis.traced.node(node).label()
+
+
+def fmt(x: float | None) -> str:
+    """A figure as recommendations print it: 2 significant digits, ``n/a``, or no gradient."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if x == 0:
+        return "0 (no gradient)"
+    return f"{x:.2g}" if 1e-2 <= abs(x) < 1e3 else f"{x:.2e}"
+
+
+def median(values: list[float]) -> float:
+    """The upper median of sorted-or-not values (what every rule calls "the median layer")."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+# ---------------------------------------------------------------------------
+# References cited by several families
+
+SCHOENHOLZ = "Schoenholz et al. 2017, Deep Information Propagation (ICLR)"
+GLOROT = "Glorot & Bengio 2010, Understanding the difficulty of training deep feedforward networks"
+HE = "He et al. 2015, Delving Deep into Rectifiers (ICCV)"
+HE_RES = "He et al. 2016, Deep Residual Learning for Image Recognition (CVPR)"
+PASCANU = "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural networks"
+
+YANG = "Yang et al. 2019, A Mean Field Theory of Batch Normalization (ICLR)"
+XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (ICML)"
+HANIN = "Hanin 2018, Which Neural Net Architectures Give Rise to Exploding and Vanishing " \
+    "Gradients? (NeurIPS)"
+DE_SMITH = "De & Smith 2020, Batch Normalization Biases Residual Blocks Towards the Identity " \
+    "Function in Deep Networks (NeurIPS)"
+ZHANG_FIXUP = "Zhang, Dauphin & Ma 2019, Fixup Initialization: Residual Learning Without " \
+    "Normalization (ICLR)"
+LU = "Lu et al. 2020, Dying ReLU and Initialization: Theory and Numerical Examples"
+BROCK = "Brock et al. 2021, High-Performance Large-Scale Image Recognition Without " \
+    "Normalization (adaptive gradient clipping)"
+
+
+
+# ---------------------------------------------------------------------------
+# Graph helpers the checks and the fixes share
+
+
+def signal_inputs(graph: nx.DiGraph, node: str) -> list[str]:
+    """A node's floating-point inputs that are activations, not weights."""
+    return [r for r in node_record(graph, node).inputs
+            if node_record(graph, r).role != "param" and node_record(graph, r).is_float]
+
+
+def stream_and_branch(graph: nx.DiGraph, add: str) -> tuple[str, str] | None:
+    """(stream, branch output) of a residual add ``stream + branch(stream)``, else None."""
+    ins = signal_inputs(graph, add)
+    if len(ins) != 2:
+        return None
+    a, b = ins
+    if nx.has_path(graph, a, b):
+        return a, b
+    if nx.has_path(graph, b, a):
+        return b, a
+    return None

@@ -1,0 +1,190 @@
+"""GS2xx, exploding gradients: predicted and measured, with clipping thresholds from the probe.
+
+Judged at the entry layers from the health table (``gradscope.rules.health``),
+like the vanishing family; the fixes add clipping figures measured by the probe
+to the verified model changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from gradscope.records import Finding, Recommendation, Severity
+from gradscope.rules.base import (
+    PASCANU,
+    SCHOENHOLZ,
+    Check,
+    Rule,
+    RuleFamily,
+    location,
+    op_of,
+)
+
+if TYPE_CHECKING:
+    from gradscope.rules.analysis import Analysis
+
+GS201 = Rule(
+    code="GS201",
+    name="exploding-gradient-predicted",
+    category="exploding_gradient",
+    severity="error",
+    summary="The static estimate predicts the gradient grows by orders of magnitude "
+    "towards the first layers.",
+    what="The per-layer backward gains multiply to a large factor between the output "
+    "and the earliest trainable layers.",
+    why="Early layers then take steps far larger than late ones: training diverges or "
+    "needs a learning rate so small that the rest of the network stalls.",
+    fix="Reduce the initial weight scale (Kaiming fan_in for ReLU; for tanh stay at the "
+    "critical sigma_w rather than above it), normalise, and clip the gradient norm "
+    "while the cause is fixed.",
+    references=(SCHOENHOLZ, PASCANU),
+)
+
+GS202 = Rule(
+    code="GS202",
+    name="exploding-gradient-measured",
+    category="exploding_gradient",
+    severity="error",
+    summary="The probe measured the gradient growing by orders of magnitude towards the "
+    "first layers.",
+    what="The measured RMS of dLoss/d(activation) at the earliest trainable layers is "
+    "many times the RMS at the output, after discounting pooling and width changes.",
+    why="Exploding gradients make the first optimiser steps destroy the early layers; "
+    "losses turn to NaN within a few steps.",
+    fix="Clip the global gradient norm (threshold from the probe), lower the initial "
+    "weight scale, and add normalisation.",
+    references=(PASCANU,),
+)
+
+
+def global_grad_norm(analysis: Analysis) -> float | None:
+    """The probe's global gradient norm over every measured weight (a typical batch)."""
+    if analysis.probe is None:
+        return None
+    norms = [v for v in analysis.probe.param_grad_norm.values()
+             if v is not None and math.isfinite(v)]
+    return math.sqrt(sum(v * v for v in norms)) if norms else None
+
+
+def healthy_clip_norm(analysis: Analysis) -> tuple[float, float, int] | None:
+    """(sqrt(L) x g_out, g_out, L): the global norm if every layer had the output layers' norm.
+
+    g_out is the median ||grad W|| over the quarter of trainable layers nearest
+    the output, which an exploding or vanishing stack below them does not
+    change. A global norm far above sqrt(L) g_out comes from the layers that
+    explode, and is what the clip should cut.
+    """
+    probe = analysis.probe
+    if probe is None:
+        return None
+    norms = [probe.param_grad_norm[n] for n in analysis.traced.order()
+             if probe.param_grad_norm.get(n) is not None]
+    values = [v for v in norms if v is not None and math.isfinite(v) and v > 0]
+    if not values:
+        return None
+    tail = sorted(values[-max(1, len(values) // 4):])
+    g_out = tail[len(tail) // 2]
+    return math.sqrt(len(values)) * g_out, g_out, len(values)
+
+
+def clipping_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommendation]:
+    """clip_grad_norm_ at a norm derived from the probe, and adaptive clipping for large batches.
+
+    The threshold is the global norm the network would have if each of its L
+    layers had the gradient norm its output layers measured
+    (:func:`healthy_clip_norm`), rounded to 2 significant digits: it leaves a
+    healthy step alone and cuts what the exploding layers add (Pascanu et al.
+    2013 clip at the typical norm). AGC
+    (Brock et al. 2021) clips each unit at lambda * ||W||; lambda = 0.01 is
+    their value for batch 4096, and the probe's median ||grad W||/||W|| says
+    how much of the network it would clip at this initialisation.
+    """
+    fixes = []
+    reference = healthy_clip_norm(analysis)
+    if grad_norm is not None and math.isfinite(grad_norm) and grad_norm > 0:
+        if reference is not None:
+            max_norm = float(f"{reference[0]:.2g}")
+            why = (f"{reference[2]} layers at the {reference[1]:.2g} the layers nearest the "
+                   f"output measured, sqrt({reference[2]}) x {reference[1]:.2g}; the probe "
+                   f"measured {grad_norm:.2g} in all")
+        else:
+            max_norm = float(f"{grad_norm:.2g}")
+            why = "the global norm the probe measured"
+        fixes.append(Recommendation(
+            "gradient_clipping",
+            f"Clip the global gradient norm at {max_norm:g} ({why}; Pascanu et al. 2013) "
+            "while the cause is fixed.",
+            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})"))
+    ratios = sorted(v for v in (analysis.probe.param_grad_ratio.values() if analysis.probe
+                                else ()) if v is not None and math.isfinite(v) and v > 0)
+    if ratios:
+        lam = 0.01
+        median = ratios[len(ratios) // 2]
+        share = sum(1 for v in ratios if v > lam) / len(ratios)
+        fixes.append(Recommendation(
+            "gradient_clipping",
+            f"For large batches (1024+), adaptive gradient clipping with lambda = {lam:g} "
+            f"(Brock et al. 2021) clips each unit's gradient at {lam:g} x its weight norm: at "
+            f"this initialisation the median layer's ||grad W||/||W|| is {median:.2g}, so "
+            f"{share:.0%} of the layers would be clipped.",
+            "def adaptive_clip_(parameters, clipping: float = "
+            f"{lam:g}, eps: float = 1e-3) -> None:\n"
+            "    for p in parameters:\n"
+            "        if p.grad is None or p.dim() < 2:\n"
+            "            continue\n"
+            "        dims = tuple(range(1, p.dim()))\n"
+            "        w = p.detach().norm(dim=dims, keepdim=True).clamp_min(eps)\n"
+            "        g = p.grad.detach().norm(dim=dims, keepdim=True)\n"
+            "        p.grad.mul_(torch.where(g > clipping * w, clipping * w / g.clamp_min(1e-6), "
+            "1.0))"))
+    return fixes
+
+
+def exploding_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommendation]:
+    """Clipping at measured figures, then verified re-initialisation and normalisation."""
+
+    def build() -> list[Recommendation]:
+        fixer = analysis.fixer
+        found = [fixer.initialization("high"), fixer.normalization_after_layers("high")]
+        return [r for r in found if r is not None]
+
+    return clipping_fixes(analysis, grad_norm) + list(analysis.remember("exploding_fixes", build))
+
+
+def _exploding(analysis: Analysis, measured: bool) -> list[Finding]:
+    ext = analysis.health.extremes(measured)
+    if ext is None:
+        return []
+    _, _, hi_node, hi = ext
+    t = analysis.thresholds
+    if not hi > t.exploding_warning:
+        return []
+    rule = GS202 if measured else GS201
+    source = "measured" if measured else "predicted"
+    severity: Severity = "error" if hi > t.exploding_error else "warning"
+    norm = global_grad_norm(analysis)
+    return [rule.finding(
+        f"Exploding gradient ({source}): {op_of(analysis, hi_node)} receives {hi:.2e} "
+        f"times the gradient at the output (threshold {t.exploding_warning:g}).",
+        location(analysis, hi_node), severity, exploding_fixes(analysis, norm),
+        {"gradient_ratio": hi, "threshold": t.exploding_warning,
+         "depth": analysis.traced.node(hi_node).depth})]
+
+
+def check_static_exploding(analysis: Analysis) -> list[Finding]:
+    return _exploding(analysis, measured=False)
+
+
+def check_measured_exploding(analysis: Analysis) -> list[Finding]:
+    if not analysis.health.measured_judged:
+        return []
+    return _exploding(analysis, measured=True)
+
+
+FAMILY = RuleFamily(
+    number=2,
+    rules=(GS201, GS202),
+    checks=(Check(("GS201",), check_static_exploding),
+            Check(("GS202",), check_measured_exploding)),
+)

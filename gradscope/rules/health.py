@@ -1,0 +1,149 @@
+"""Gradient health: the one figure the rules judge, per layer, and its class.
+
+The figure is the *gradient ratio*: the norm of dLoss/d(node output) relative to
+the output's, with averaging ops (global pooling, means) discounted because they
+shrink the gradient by design, not by decay (``health = sqrt(S / structural)``,
+see ``docs/static-estimate.md``). The static estimate predicts it for every node;
+the probe measures it (``sq_norm`` over the same structural gain).
+
+It is *judged* only at the entry layers: the first trainable layer on each path
+from the inputs, the farthest the gradient must travel. Layers behind them are
+not judged (attention's query/key projections are weak by design at
+initialisation; a layer next to the output is healthy whenever an entry layer
+is), and each says why in :attr:`LayerHealth.note`. The vanishing and exploding
+rules (GS101/GS102/GS201/GS202) read the classes made here, and the report shows
+the same classes: a layer is coloured bad or warn exactly where the rules say so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gradscope.options import Thresholds
+from gradscope.records import HealthClass
+
+if TYPE_CHECKING:
+    from gradscope.rules.analysis import Analysis
+
+_RANK: dict[HealthClass, int] = {"not-judged": -1, "ok": 0, "warn": 1, "bad": 2}
+
+NOT_ENTRY = ("not judged: only the first trainable layer on each path from the inputs is "
+             "(the gradient's longest way); layers behind it are weak or strong by design")
+NO_FIGURE = "not judged: no finite gradient ratio (no estimate and no measurement)"
+NONFINITE = "bad: non-finite values here on the probe batches (GS501/GS502)"
+
+
+def log_distance(ratio: float | None) -> float:
+    """How far a gradient ratio is from 1, in decades (inf for 0, None or non-finite)."""
+    if ratio is None or not math.isfinite(ratio) or ratio <= 0:
+        return math.inf
+    return abs(math.log10(ratio))
+
+
+def classify(value: float | None, t: Thresholds) -> HealthClass:
+    """The class of one gradient ratio against the thresholds the rules use.
+
+    The bounds are the rules' own: below ``vanishing_warning`` a warning, below
+    ``vanishing_error`` an error (``bad``); above ``exploding_warning`` a warning,
+    above ``exploding_error`` an error. A value that is missing or not finite is
+    not judged (no rule compares it).
+    """
+    if value is None or not math.isfinite(value):
+        return "not-judged"
+    if value < t.vanishing_error or value > t.exploding_error:
+        return "bad"
+    if value < t.vanishing_warning or value > t.exploding_warning:
+        return "warn"
+    return "ok"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class LayerHealth:
+    """One layer's gradient health as the report shows it and the rules judged it."""
+
+    #: The figure behind ``cls`` (the worse of the judged ones; measured on ties).
+    value: float | None
+    #: ``measured``, ``predicted`` or None when no figure exists.
+    source: str | None
+    cls: HealthClass
+    #: Why the layer is not judged, or what judged it.
+    note: str | None
+
+
+@dataclass
+class HealthTable:
+    """Predicted and measured gradient ratios for every node, classes for the judged ones."""
+
+    thresholds: Thresholds
+    entries: tuple[str, ...]
+    predicted: dict[str, float | None] = field(default_factory=dict)
+    measured: dict[str, float | None] = field(default_factory=dict)
+    #: Whether the measured ratios are judged (the probe ran and stayed finite).
+    measured_judged: bool = False
+    nonfinite: frozenset[str] = frozenset()
+
+    def extremes(self, measured: bool) -> tuple[str, float, str, float] | None:
+        """(argmin, min, argmax, max) of the finite ratios over the entry layers."""
+        values = self.measured if measured else self.predicted
+        finite = [(n, float(v)) for n in self.entries
+                  if (v := values.get(n)) is not None and math.isfinite(v)]
+        if not finite:
+            return None
+        lo = min(finite, key=lambda item: item[1])
+        hi = max(finite, key=lambda item: item[1])
+        return lo[0], lo[1], hi[0], hi[1]
+
+    def worst_direction(self) -> str:
+        """``low`` if the entry layers' predicted ratio is farther below 1 than above, else
+        ``high``: which way a fix that changes the whole stack has to move it."""
+        ext = self.extremes(measured=False)
+        if ext is None:
+            return "low"
+        return "low" if log_distance(ext[1]) >= log_distance(ext[3]) else "high"
+
+    def of(self, node: str) -> LayerHealth:
+        """The health of ``node`` (any node; only entry layers get a judged class)."""
+        if node in self.nonfinite:
+            return LayerHealth(self.measured.get(node), "measured", "bad", NONFINITE)
+        predicted = self.predicted.get(node)
+        measured = self.measured.get(node)
+        if node not in self.entries:
+            shown, source = (measured, "measured") if _finite(measured) else (
+                (predicted, "predicted") if _finite(predicted) else (None, None))
+            return LayerHealth(shown, source, "not-judged", NOT_ENTRY)
+        candidates: list[tuple[HealthClass, str, float | None]] = []
+        if self.measured_judged and _finite(measured):
+            candidates.append((classify(measured, self.thresholds), "measured", measured))
+        if _finite(predicted):
+            candidates.append((classify(predicted, self.thresholds), "predicted", predicted))
+        if not candidates:
+            return LayerHealth(None, None, "not-judged", NO_FIGURE)
+        # The worst class decides; on a tie the measurement is shown (it is listed first).
+        cls, source, value = max(candidates, key=lambda c: _RANK[c[0]])
+        rules = {"measured": "GS102/GS202", "predicted": "GS101/GS201"}[source]
+        note = f"judged {source} ({rules})" if cls != "ok" else f"entry layer, {source}"
+        return LayerHealth(value, source, cls, note)
+
+
+def build_health(analysis: Analysis) -> HealthTable:
+    """The health table of one analysis (computed once; every stage reads this one)."""
+    probe = analysis.probe
+    est = analysis.estimate
+    measured: dict[str, float | None] = {}
+    nonfinite: set[str] = set()
+    judged = False
+    if probe is not None:
+        for node, sq in probe.sq_norm.items():
+            structural = est.structural.get(node, 1.0) or 1.0
+            measured[node] = math.sqrt(sq / structural) if math.isfinite(sq) else None
+        judged = not (probe.nonfinite_forward or probe.nonfinite_backward)
+        nonfinite = set(probe.nonfinite_forward) | set(probe.nonfinite_backward)
+    return HealthTable(thresholds=analysis.thresholds, entries=tuple(analysis.facts.entries),
+                       predicted=dict(est.health), measured=measured, measured_judged=judged,
+                       nonfinite=frozenset(nonfinite))

@@ -1,0 +1,218 @@
+"""GS1xx, vanishing gradients: predicted, measured, through time, and per-layer updates.
+
+GS101/GS102 judge the gradient ratio at the entry layers, from the health table
+(``gradscope.rules.health``) that the report shows too; GS103 judges the
+estimate's unroll of each recurrent layer; GS104 the measured ||grad W||/||W||
+of each weight layer against the median layer's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from gradscope.records import Finding, Recommendation, Severity
+from gradscope.rules.base import (
+    GLOROT,
+    HE,
+    HE_RES,
+    PASCANU,
+    SCHOENHOLZ,
+    Check,
+    Rule,
+    RuleFamily,
+    location,
+    median,
+    op_of,
+)
+
+if TYPE_CHECKING:
+    from gradscope.rules.analysis import Analysis
+
+GS101 = Rule(
+    code="GS101",
+    name="vanishing-gradient-predicted",
+    category="vanishing_gradient",
+    severity="error",
+    summary="The static estimate predicts the gradient shrinks by orders of magnitude "
+    "before it reaches the first layers.",
+    what="From the weights' measured scales and the activations' derivative moments, "
+    "the backward signal reaching the earliest trainable layers is predicted to be a "
+    "small fraction of the signal at the output, after discounting pooling, averaging "
+    "and width changes, which rescale the gradient without starving any layer.",
+    why="Layers that receive almost no gradient barely move: the early layers stay at "
+    "their initialisation while the late layers fit the data alone. The product of "
+    "per-layer gains chi over a plain stack of depth L behaves as chi^L.",
+    fix="Initialise for the activation (Kaiming fan_in for ReLU, the critical sigma_w "
+    "for tanh), swap saturating activations (sigmoid) for ReLU-like ones, add residual "
+    "connections around the long plain stack, or put normalisation in it.",
+    references=(SCHOENHOLZ, GLOROT, HE),
+)
+
+GS102 = Rule(
+    code="GS102",
+    name="vanishing-gradient-measured",
+    category="vanishing_gradient",
+    severity="error",
+    summary="The probe measured the gradient shrinking by orders of magnitude towards "
+    "the first layers.",
+    what="A real forward and backward pass on the target device measured the RMS of "
+    "dLoss/d(activation) at every node; at the earliest trainable layers it is a small "
+    "fraction of the RMS at the output, after discounting pooling, averaging and width "
+    "changes.",
+    why="Measured, not predicted: whatever the cause (initialisation, saturation, dead "
+    "units), the early layers get too little gradient to learn.",
+    fix="See the estimate's explanation of where the signal is lost; fix the "
+    "initialisation or activation there, or add a residual connection around it.",
+    references=(GLOROT, HE, HE_RES),
+)
+
+GS103 = Rule(
+    code="GS103",
+    name="vanishing-through-time",
+    category="vanishing_gradient",
+    severity="error",
+    summary="A recurrent layer is predicted to lose the gradient over its unroll: early "
+    "time steps get almost none.",
+    what="The static estimate unrolls nn.LSTM/GRU/RNN over the sequence with the actual "
+    "gate weights and biases; the gradient's squared norm shrinks by the step gain chi "
+    "per step back in time, so the first step receives chi^(T-1) of what the last gets.",
+    why="Long-range dependencies cannot be learned when their gradient is 1e-20 of the "
+    "local one; LSTMs with PyTorch's default forget-gate bias 0 forget almost as fast as "
+    "a vanilla RNN.",
+    fix="For LSTMs set the forget-gate bias to 1 (3 or more for 100+ steps); for vanilla "
+    "RNNs use an LSTM/GRU or an orthogonal recurrent matrix; shorten the unroll "
+    "(truncated BPTT) if long memory is not needed.",
+    references=(PASCANU,
+                "Hochreiter & Schmidhuber 1997, Long Short-Term Memory",
+                "Jozefowicz, Zaremba & Sutskever 2015, An Empirical Exploration of "
+                "Recurrent Network Architectures"),
+)
+
+GS104 = Rule(
+    code="GS104",
+    name="update-imbalance-measured",
+    category="vanishing_gradient",
+    severity="warning",
+    summary="Some layers' weight gradients are orders of magnitude smaller, relative to "
+    "their weights, than the rest's: they will not train at the same learning rate.",
+    what="For every trainable layer the probe measured ||grad W|| / ||W||, the relative "
+    "step a plain SGD update takes. The smallest is far below the median layer's. "
+    "Judged on the ratio, not on ||grad W|| alone: a layer with huge weights (or one "
+    "followed by a normalisation) can show an ordinary gradient norm and still not move.",
+    why="With one learning rate for all layers, a layer whose relative step is 1e-4 of the "
+    "others' stays at its initialisation for the whole run.",
+    fix="Rescale that layer's initialisation to match its neighbours' (a weight far larger "
+    "than Kaiming's scale is the usual cause), or give it its own parameter group.",
+    references=(HE, "You et al. 2017, Large Batch Training of Convolutional Networks "
+                "(LARS: per-layer ||grad W|| / ||W||)"),
+)
+
+
+def vanishing_fixes(analysis: Analysis) -> list[Recommendation]:
+    """Verified changes for a vanishing gradient: activation, init, skips, in that order."""
+
+    def build() -> list[Recommendation]:
+        fixer = analysis.fixer
+        found = [fixer.activation_swap("low"), fixer.initialization("low"),
+                 fixer.residual("low")]
+        return [r for r in found if r is not None]
+
+    return list(analysis.remember("vanishing_fixes", build))
+
+
+def _vanishing(analysis: Analysis, measured: bool) -> list[Finding]:
+    ext = analysis.health.extremes(measured)
+    if ext is None:
+        return []
+    lo_node, lo, _, _ = ext
+    t = analysis.thresholds
+    if not lo < t.vanishing_warning:
+        return []
+    rule = GS102 if measured else GS101
+    source = "measured" if measured else "predicted"
+    severity: Severity = "error" if lo < t.vanishing_error else "warning"
+    amount = "no gradient at all" if lo == 0 else f"{lo:.2e} of the gradient at the output"
+    return [rule.finding(
+        f"Vanishing gradient ({source}): {op_of(analysis, lo_node)} receives {amount} "
+        f"(threshold {t.vanishing_warning:g}); its weights will barely train.",
+        location(analysis, lo_node), severity, vanishing_fixes(analysis),
+        {"gradient_ratio": lo, "threshold": t.vanishing_warning,
+         "depth": analysis.traced.node(lo_node).depth})]
+
+
+def check_static_vanishing(analysis: Analysis) -> list[Finding]:
+    return _vanishing(analysis, measured=False)
+
+
+def check_measured_vanishing(analysis: Analysis) -> list[Finding]:
+    if not analysis.health.measured_judged:
+        return []  # no probe, or NaN appeared: GS501/GS502 report that instead
+    return _vanishing(analysis, measured=True)
+
+
+def check_recurrent(analysis: Analysis) -> list[Finding]:
+    """GS103: the gradient through time, from the estimate's unroll of each RNN."""
+    t = analysis.thresholds
+    findings = []
+    for node, result in sorted(analysis.estimate.recurrent.items()):
+        steps = int(result.steps)
+        if steps < 2 or not result.step_gain > 0:
+            continue
+        ratio = math.sqrt(result.step_gain) ** (steps - 1)
+        if ratio >= t.vanishing_warning:
+            continue
+        severity: Severity = "error" if ratio < t.vanishing_error else "warning"
+        rec = analysis.traced.node(node)
+        findings.append(GS103.finding(
+            f"Vanishing gradient through time (predicted): {rec.module or node} ({rec.op}) "
+            f"keeps {result.step_gain:.3g} of the gradient's squared norm per step, so after "
+            f"{steps} steps the first one receives {ratio:.2e} of the last ({result.note}).",
+            location(analysis, node), severity, analysis.fixer.recurrent(node),
+            {"step_gain": result.step_gain, "steps": steps, "gradient_ratio": ratio,
+             "threshold": t.vanishing_warning}))
+    return findings
+
+
+def check_update_imbalance(analysis: Analysis) -> list[Finding]:
+    """GS104: a layer's ||grad W||/||W|| far below the median layer's, measured."""
+    probe = analysis.probe
+    if probe is None or probe.nonfinite_forward or probe.nonfinite_backward:
+        return []
+    ratios = {n: v for n, v in probe.param_grad_ratio.items()
+              if v is not None and math.isfinite(v)}
+    if len(ratios) < 2:
+        return []
+    typical_ratio = median(list(ratios.values()))
+    if typical_ratio <= 0:
+        return []
+    node = min(ratios, key=lambda n: (ratios[n], analysis.traced.node(n).index))
+    relative = ratios[node] / typical_ratio
+    t = analysis.thresholds
+    if relative >= t.update_imbalance:
+        return []
+    norm = probe.param_grad_norm.get(node)
+    norms = [v for v in probe.param_grad_norm.values() if v is not None and v > 0]
+    typical = median(norms) if norms else None
+    detail = ""
+    if norm is not None and typical:
+        share = norm / typical
+        detail = (f"; its ||grad W|| alone ({share:.2g}x the median layer's) would not show it"
+                  if 0.1 <= share <= 10 else f"; ||grad W|| alone: {share:.2g}x the median")
+    severity: Severity = "error" if relative < t.update_imbalance ** 2 else "warning"
+    return [GS104.finding(
+        f"{op_of(analysis, node)}: ||grad W||/||W|| = {ratios[node]:.2e}, {relative:.1e} of "
+        f"the median layer's ({typical_ratio:.2e}){detail}.",
+        location(analysis, node), severity, [],
+        {"param_grad_ratio": ratios[node], "median_param_grad_ratio": typical_ratio,
+         "relative": relative, "threshold": t.update_imbalance})]
+
+
+FAMILY = RuleFamily(
+    number=1,
+    rules=(GS101, GS102, GS103, GS104),
+    checks=(Check(("GS101",), check_static_vanishing),
+            Check(("GS102",), check_measured_vanishing),
+            Check(("GS103",), check_recurrent),
+            Check(("GS104",), check_update_imbalance)),
+)
