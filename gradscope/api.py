@@ -291,9 +291,9 @@ def analyze(
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
                         inputs=tuple(est_inputs), declared=declared)
     findings, not_run = run_rules(analysis, selection)
-    if selection.active and not_run:
-        report_notes.append(f"{len(not_run)} rule(s) not run by select/ignore "
-                            f"({', '.join(not_run)})")
+    not_run_note = selection.not_run_note(not_run)
+    if not_run_note is not None:
+        report_notes.append(not_run_note)
     suppressed = selection.suppressed_note(findings)
     if suppressed is not None:
         report_notes.append(suppressed)

@@ -32,7 +32,7 @@ from helpers import SAMPLE_DIR, SAMPLES
 
 import gradscope
 from gradscope.loading import load_target
-from gradscope.rules.recommend import _fmt
+from gradscope.rules.base import fmt as _fmt
 from gradscope.schema import validate_report
 
 VANISHING = ("deep_sigmoid_mlp", "plain_deep_cnn", "dead_relu_mlp")

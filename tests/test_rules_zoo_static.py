@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.fixes import log_distance
+from gradscope.rules.health import log_distance
 from gradscope.report import Finding, Report
 from gradscope.rules.registry import RULES
 

@@ -192,8 +192,21 @@ class RuleSelection:
         """The findings kept, in their order."""
         return [f for f in findings if self.keeps(f)]
 
+    def not_run_note(self, codes: Sequence[str]) -> str | None:
+        """The report note naming the rules that select/ignore kept from running.
+
+        Selection decides before a rule runs (its costly what-if estimates
+        included), so what it would have found is not known; the note says which
+        rules a reader of a healthy report cannot rely on.
+        """
+        if not self.active or not codes:
+            return None
+        noun = "rule" if len(codes) == 1 else "rules"
+        return f"{len(codes)} {noun} not run by select/ignore ({', '.join(sorted(codes))})"
+
     def suppressed_note(self, findings: Sequence[Finding]) -> str | None:
-        """The report note saying what the selection dropped from ``findings``, if anything.
+        """The report note saying what the selection dropped from ``findings`` after they ran
+        (per-module ignores, and other codes of a check that ran for a selected one).
 
         A suppressed finding must stay visible somewhere: a reader of a healthy
         report should be able to tell it was made healthy by configuration.
