@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from gradscope.options import Thresholds
 from gradscope.render.graph_view import (
     GRAPH_SCRIPT,
     GRAPH_SCRIPT_CSP,
@@ -17,17 +18,24 @@ from gradscope.render.graph_view import (
     health_class,
     render_graph,
 )
+from gradscope.rules.health import classify
 
 XSS_IMG = "<img src=x onerror=alert(1)>"
 XSS_SCRIPT = "</script><script>alert(1)</script>"
 
 
 def _layer(name: str, module: str | None, op: str = "Linear", *, static: float | None = 1.0,
-           probe: float | None = None, inputs: list[str] | None = None) -> dict[str, Any]:
+           probe: float | None = None, inputs: list[str] | None = None,
+           judged: bool = True) -> dict[str, Any]:
+    """A layer as the report writes it: the health figure is the probe's if any, else the
+    estimate's, classed by the rules' own classifier (entry layers only: ``judged``)."""
+    health = probe if probe is not None else static
     layer: dict[str, Any] = {
         "name": name, "module": module, "op": op, "depth": 0,
         "static_grad_rms": static, "probe_grad_rms": probe,
         "param_grad_ratio": None, "dead_fraction": None, "saturated_fraction": None,
+        "health": health,
+        "health_class": classify(health, Thresholds()) if judged else "not-judged",
     }
     if inputs is not None:
         layer["inputs"] = inputs
@@ -173,24 +181,30 @@ def test_no_layers_gives_no_graph() -> None:
 
 
 @pytest.mark.parametrize(("ratio", "css"), [
-    (1.0, "ok"), (0.1, "ok"), (10.0, "ok"),
-    (0.0999, "warn"), (0.01, "warn"), (10.01, "warn"), (100.0, "warn"),
-    (0.00999, "bad"), (100.1, "bad"), (0.0, "bad"), (float("inf"), "bad"),
-    (None, "none"),
+    (1.0, "ok"), (0.01, "ok"), (100.0, "ok"),
+    (0.00999, "warn"), (0.001, "warn"), (100.1, "warn"), (1000.0, "warn"),
+    (0.000999, "bad"), (1000.1, "bad"), (0.0, "bad"),
+    (float("inf"), "none"), (None, "none"),
 ])
-def test_health_class_thresholds(ratio: float | None, css: str) -> None:
-    assert health_class(ratio) == css
+def test_health_class_is_the_rules_class(ratio: float | None, css: str) -> None:
+    """The colour is the class the rules judged with: the vanishing/exploding thresholds."""
+    assert health_class(_layer("a", "m.a", static=ratio)) == css
+
+
+def test_health_class_of_layers_not_judged_or_from_older_reports() -> None:
+    assert health_class(_layer("a", "m.a", static=1e-9, judged=False)) == "none"
+    assert health_class({"name": "a", "probe_grad_rms": 1e-9}) == "none"
 
 
 def test_worst_ratio_in_the_subtree_decides_and_probe_wins_over_static() -> None:
     doc = _doc([
         _layer("a", "m.a", static=1.0),
-        _layer("b", "m.b", static=50.0),             # warn
+        _layer("b", "m.b", static=500.0),            # warn
         _layer("c", "m.n.c", static=1e-5, probe=0.5),  # probe says ok
         _layer("d", "m.n.d", static=None),            # no figure
         _layer("e", "z.e", static=None),
         _layer("f", "z.f", static=None),
-        _layer("g", "y.g", static=3e-3),               # bad
+        _layer("g", "y.g", static=3e-4),               # bad
         _layer("h", "y.h", static=2.0),
         _layer("i", "w.i", static=0.0),                # bad: a dead gradient
         _layer("j", "w.j", static=1e-9),
@@ -198,7 +212,7 @@ def test_worst_ratio_in_the_subtree_decides_and_probe_wins_over_static() -> None
     g = graph_view(doc)
     assert g is not None
     m = _find(g["children"], "m")
-    assert (m["css"], m["worst"], m["count"]) == ("warn", "5.00e+01", 4)
+    assert (m["css"], m["worst"], m["count"]) == ("warn", "5.00e+02", 4)
     n = _find(m["children"], "n")
     assert (n["css"], n["worst"]) == ("ok", "5.00e-01")
     assert _find(n["children"], "d")["css"] == "none"
@@ -212,6 +226,7 @@ def test_worst_ratio_in_the_subtree_decides_and_probe_wins_over_static() -> None
 def test_nonfinite_layer_is_bad() -> None:
     layer = _layer("a", "m.a", static=None)
     layer["nonfinite_backward"] = True
+    layer["health_class"] = "bad"  # what gradscope.rules.health gives a non-finite layer
     g = graph_view(_doc([layer, _layer("b", "m.b")]))
     assert g is not None
     m = _find(g["children"], "m")

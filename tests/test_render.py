@@ -80,6 +80,11 @@ def healthy_report() -> Report:
             line=10 + i,
             static_grad_rms=1.0 - 0.01 * i,
             probe_grad_rms=1.02 - 0.01 * i,
+            health_predicted=1.0 - 0.01 * i,
+            health_measured=1.02 - 0.01 * i,
+            health=1.02 if i == 0 else 1.02 - 0.01 * i,
+            health_source="measured",
+            health_class="ok" if i == 0 else "not-judged",
             param_grad_ratio=1.5e-3,
             dead_fraction=0.1 if i % 2 else None,
         )
@@ -116,6 +121,12 @@ def unhealthy_report(file: str = "/src/model.py") -> Report:
             num_params=100,
             static_grad_rms=2e-8,
             probe_grad_rms=float("nan"),
+            health_predicted=2e-8,
+            health_measured=float("nan"),
+            health=2e-8,
+            health_source="predicted",
+            health_class="bad",
+            health_note="judged predicted (GS101/GS201)",
             param_grad_ratio=float("inf"),
         ),
         Layer(
@@ -125,11 +136,13 @@ def unhealthy_report(file: str = "/src/model.py") -> Report:
             module=XSS_SCRIPT,
             static_grad_rms=1e-4,
             probe_grad_rms=3e-4,
+            health_predicted=1e-4,
+            health_measured=3e-4,
             saturated_fraction=0.75,
             understood=False,
         ),
         Layer(name="out", op="Linear", depth=3, module=ANSI_NAME, static_grad_rms=1.0,
-              probe_grad_rms=1.0),
+              probe_grad_rms=1.0, health_predicted=1.0, health_measured=1.0),
     ]
     findings = [
         Finding(
@@ -542,6 +555,7 @@ def _interactive_doc() -> dict[str, Any]:
     rec["verified"] = Verification("input-grad ratio", 2e-8, 0.41).to_dict()
     for i, layer in enumerate(doc["layers"][1:], start=1):
         layer["probe_grad_rms"] = 10.0 ** -i
+        layer["health_measured"] = 10.0 ** -i
         layer["probe_grad_rms_min"] = 0.5 * 10.0 ** -i
         layer["probe_grad_rms_max"] = 2.0 * 10.0 ** -i
     doc["layers"][1]["update_ratio"] = 3e-3
@@ -660,6 +674,7 @@ def test_html_size_stays_small_for_large_models() -> None:
                      module=f"transformer.h.{i // 16}.attn.c_attn", depth=i, line=100 + i,
                      file="/site-packages/transformers/models/gpt2/modeling_gpt2.py")
         layer.update(static_grad_rms=1.0 / (1 + i), probe_grad_rms=1.1 / (1 + i),
+                     health_predicted=1.0 / (1 + i), health_measured=1.1 / (1 + i),
                      probe_grad_rms_min=0.9 / (1 + i), probe_grad_rms_max=1.3 / (1 + i),
                      update_ratio=1e-3 * (1 + i % 7), param_grad_norm=0.1)
         layers.append(layer)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.rules.health import log_distance
 from gradscope.report import Finding, Report
+from gradscope.rules.health import log_distance
 from gradscope.rules.registry import RULES
 
 MODEL_CHANGES = {"activation", "normalization", "initialization", "residual_connection"}

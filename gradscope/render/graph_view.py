@@ -4,17 +4,16 @@ The JSON report lists graph nodes (``layers``) in execution order, each with the
 module path it ran in (``encoder.layers.0.linear1``) or none (free functions at
 the top level, the input placeholders). :func:`graph_view` turns that list into
 a tree keyed by the path's segments whose leaves are the layers, and gives
-every tree node the colour of the worst gradient ratio below it, so that a
-model of thousands of nodes can be read top down: open the red branch.
+every tree node the colour of the worst layer below it, so that a model of
+thousands of nodes can be read top down: open the red branch.
 
-The gradient ratio of a layer is its ``probe_grad_rms`` when the probe measured
-one, else the static estimate ``static_grad_rms``; both are already relative to
-the gradient at the model output, so 1 is perfect flow. Classes:
-
-* ``ok``   0.1 <= r <= 10
-* ``warn`` 0.01 <= r < 0.1 or 10 < r <= 100
-* ``bad``  r < 0.01 (0 included) or r > 100, or a non-finite value seen by the probe
-* ``none`` no figure at all
+A layer's colour is its ``health_class``, the class the rules judged it with
+(``gradscope.rules.health``): ``ok``, ``warn`` or ``bad`` against the report's own
+thresholds, ``none`` for a layer no rule judges (``health_note`` says why; only
+the entry layers are judged). The figure shown is ``health``, the gradient-norm
+ratio to the output the verdict used. Nothing is re-classified here, so the
+colours cannot disagree with the findings. A document without health fields
+(written by an older gradscope) shows every layer as ``none``.
 
 Residual connections are shown as a ``skip`` badge on the ``add`` that closes
 them, naming the layer the skip comes from; the ``inputs`` edges of the report
@@ -43,9 +42,10 @@ ADD_OPS = frozenset({"add", "iadd", "radd", "add_"})
 #: Tree nodes deeper than this start folded; the top level (depth 1) is open.
 OPEN_DEPTH = 1
 
-#: Bounds of the colour classes on the gradient ratio (inclusive for the healthier class).
-OK_RANGE = (0.1, 10.0)
-WARN_RANGE = (0.01, 100.0)
+#: The report's health classes and the CSS class of each (``not-judged`` is ``none``).
+CSS_CLASS = {"ok": "ok", "warn": "warn", "bad": "bad", "not-judged": "none"}
+#: Worse classes first when a module takes the colour of its worst layer.
+_CLASS_RANK = {"none": 0, "ok": 1, "warn": 2, "bad": 3}
 
 #: "Expand all"/"Collapse all": set ``open`` on every ``details.module``. Kept
 #: here, not in the template, so its CSP hash is computed over exactly the text
@@ -64,40 +64,25 @@ GRAPH_SCRIPT_CSP = (
     "'sha256-" + base64.b64encode(hashlib.sha256(GRAPH_SCRIPT.encode()).digest()).decode() + "'"
 )
 
-_BADNESS_NONFINITE = math.inf
-
-
 def layer_ratio(layer: Mapping[str, Any]) -> float | None:
-    """The probe's figure when there is one, else the static estimate; None if neither."""
-    for key in ("probe_grad_rms", "static_grad_rms"):
-        value = layer.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    """The layer's gradient health figure (``health``), None when it has none."""
+    value = layer.get("health")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     return None
 
 
-def health_class(ratio: float | None) -> str:
-    """``ok``, ``warn``, ``bad`` or ``none`` for a gradient ratio (see the module docstring)."""
-    if ratio is None:
-        return "none"
-    if not math.isfinite(ratio) or ratio <= 0.0:
-        return "bad"
-    if OK_RANGE[0] <= ratio <= OK_RANGE[1]:
-        return "ok"
-    if WARN_RANGE[0] <= ratio <= WARN_RANGE[1]:
-        return "warn"
-    return "bad"
+def health_class(layer: Mapping[str, Any]) -> str:
+    """The CSS class of a layer: its judged ``health_class``, ``none`` when not judged."""
+    return CSS_CLASS.get(str(layer.get("health_class")), "none")
 
 
-def _badness(ratio: float | None, nonfinite: bool) -> float:
-    """How far from 1 (in decades) a ratio is; -1 for no figure, inf for 0 or non-finite."""
-    if nonfinite:
-        return _BADNESS_NONFINITE
-    if ratio is None:
-        return -1.0
-    if not math.isfinite(ratio) or ratio <= 0.0:
-        return _BADNESS_NONFINITE
-    return abs(math.log10(ratio))
+def _badness(layer: Mapping[str, Any]) -> tuple[int, float]:
+    """Order of layers by how bad they look: class first, then decades from 1."""
+    ratio = layer_ratio(layer)
+    distance = math.inf if ratio is None or not math.isfinite(ratio) or ratio <= 0 \
+        else abs(math.log10(ratio))
+    return _CLASS_RANK[health_class(layer)], distance if ratio is not None else -1.0
 
 
 def fmt_ratio(ratio: float | None) -> str:
@@ -240,17 +225,18 @@ def graph_view(doc: Mapping[str, Any]) -> dict[str, Any] | None:
     ratios = [layer_ratio(layer) for layer in layers]
     nonfinite = [bool(layer.get("nonfinite_forward") or layer.get("nonfinite_backward"))
                  for layer in layers]
+    badness = [_badness(layer) for layer in layers]
 
     def leaf(i: int, label: str) -> dict[str, Any]:
         layer = layers[i]
-        css = "bad" if nonfinite[i] else health_class(ratios[i])
         return {
             "kind": "layer",
             "node": str(layer.get("name", "")),
             "label": label,
             "op": str(layer.get("op", "")),
             "ratio": "non-finite" if nonfinite[i] and ratios[i] is None else fmt_ratio(ratios[i]),
-            "css": css,
+            "css": health_class(layer),
+            "title": str(layer.get("health_note") or ""),
             "skip": i in skips,
             "skip_from": skips.get(i, ""),
         }
@@ -258,10 +244,9 @@ def graph_view(doc: Mapping[str, Any]) -> dict[str, Any] | None:
     def _summary(i: int | None) -> dict[str, str]:
         if i is None:
             return {"worst": fmt_ratio(None), "css": "none"}
-        if nonfinite[i]:
-            return {"worst": "non-finite" if ratios[i] is None else fmt_ratio(ratios[i]),
-                    "css": "bad"}
-        return {"worst": fmt_ratio(ratios[i]), "css": health_class(ratios[i])}
+        if nonfinite[i] and ratios[i] is None:
+            return {"worst": "non-finite", "css": health_class(layers[i])}
+        return {"worst": fmt_ratio(ratios[i]), "css": health_class(layers[i])}
 
     num_modules = 0
 
@@ -274,8 +259,7 @@ def graph_view(doc: Mapping[str, Any]) -> dict[str, Any] | None:
 
         def consider(i: int | None) -> None:
             nonlocal worst
-            if i is not None and (worst is None or _badness(ratios[i], nonfinite[i])
-                                  > _badness(ratios[worst], nonfinite[worst])):
+            if i is not None and (worst is None or badness[i] > badness[worst]):
                 worst = i
 
         for kind, item in mod.children:
@@ -315,9 +299,25 @@ def graph_view(doc: Mapping[str, Any]) -> dict[str, Any] | None:
         "has_edges": has_edges,
         "num_skips": len(skips),
         "num_modules": num_modules,
+        "judged": sum(1 for layer in layers if health_class(layer) != "none"),
+        "legend": health_legend(doc.get("summary") or {}),
         "script": Markup(GRAPH_SCRIPT),  # a constant: no model string is in it
         "script_csp": GRAPH_SCRIPT_CSP,
     }
+
+
+def health_legend(summary: Mapping[str, Any]) -> str:
+    """What the colours mean, with the thresholds the analysis judged against."""
+    keys = ("health_vanishing_error", "health_vanishing_warning", "health_exploding_warning",
+            "health_exploding_error")
+    values = [summary.get(k) for k in keys]
+    if not all(isinstance(v, (int, float)) for v in values):
+        return "Colour: the class the rules judged the worst layer below with."
+    v_err, v_warn, e_warn, e_err = (f"{float(v):g}" for v in values)  # type: ignore[arg-type]
+    return (f"Colour: the class the rules judged the worst layer below with, on the gradient "
+            f"ratio to the output: ok {v_warn}\u2013{e_warn}, warn {v_err}\u2013{v_warn} or "
+            f"{e_warn}\u2013{e_err}, bad beyond; grey: not judged (only the first trainable "
+            "layer on each input path is).")
 
 
 def render_graph(graph: dict[str, Any] | None) -> str:

@@ -211,27 +211,48 @@ def _decade_label(k: int) -> str:
     return "1" if k == 0 else f"1e{k}"
 
 
-def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Coordinates for the inline SVG of log10 gradient RMS against layer index.
+def _spread(layer: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """The measured health's min and max across probe batches.
 
-    Gaps (null, zero or negative values, which have no logarithm) break the
-    static line instead of being bridged, so a missing estimate never looks
-    like a measured trend.
+    The probe keeps the per-batch spread of the gradient RMS; the health figure is
+    the same gradient's norm ratio, so the spread scales by the same factors.
     """
+    measured, rms = layer.get("health_measured"), layer.get("probe_grad_rms")
+    if not (_is_real(measured) and _is_real(rms)) or not rms > 0:
+        return None, None
+    lo, hi = layer.get("probe_grad_rms_min"), layer.get("probe_grad_rms_max")
+    if not (_is_real(lo) and _is_real(hi)):
+        return None, None
+    return (_positive_log10(measured * lo / rms), _positive_log10(measured * hi / rms))
+
+
+def depth_profile(layers: Sequence[Mapping[str, Any]],
+                  summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Coordinates for the inline SVG of log10 gradient health against layer index.
+
+    The figure is each layer's gradient health, the ratio the rules judge
+    (``health_predicted`` from the static estimate, ``health_measured`` from the
+    probe); the band between the vanishing and exploding warning thresholds is
+    shaded, and the judged layers are ringed in their class's colour. Gaps (null,
+    zero or negative values, which have no logarithm) break the static line
+    instead of being bridged, so a missing estimate never looks like a measured
+    trend.
+    """
+    summary = summary or {}
     n = len(layers)
-    static = [_positive_log10(layer.get("static_grad_rms")) for layer in layers]
-    probe = [_positive_log10(layer.get("probe_grad_rms")) for layer in layers]
-    spread = [
-        (_positive_log10(layer.get("probe_grad_rms_min")),
-         _positive_log10(layer.get("probe_grad_rms_max")))
-        for layer in layers
-    ]
+    static = [_positive_log10(layer.get("health_predicted")) for layer in layers]
+    probe = [_positive_log10(layer.get("health_measured")) for layer in layers]
+    spread = [_spread(layer) for layer in layers]
     spread_ends = [v for pair in spread for v in pair if v is not None]
+    band = (_positive_log10(summary.get("health_vanishing_warning")),
+            _positive_log10(summary.get("health_exploding_warning")))
     values = [v for v in static + probe + spread_ends if v is not None]
+    if values:
+        values += [v for v in band if v is not None]
     skipped = sum(
         1
         for layer in layers
-        for key in ("static_grad_rms", "probe_grad_rms")
+        for key in ("health_predicted", "health_measured")
         if layer.get(key) is not None and _positive_log10(layer.get(key)) is None
     )
     base: dict[str, Any] = {
@@ -244,6 +265,10 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "has_spread": False,
         "compact": n > COMPACT_LAYERS,
         "update_chart": update_profile(layers),
+        "band_top": None,
+        "band_height": None,
+        "band_label": None,
+        "judged_points": [],
     }
     if not values:
         return base
@@ -275,8 +300,8 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             continue
         x, y = r(x_of(i)), r(y_of(v))
         current.append(("M" if not current else "L") + f"{x},{y}")
-        value = fmt_num(layers[i].get("static_grad_rms"))
-        title = f"{i}: {layers[i].get('name')} static {value}"
+        value = fmt_num(layers[i].get("health_predicted"))
+        title = f"{i}: {layers[i].get('name')} predicted {value}"
         static_points.append({"x": x, "y": y, "title": title})
     if current:
         segments.append(" ".join(current))
@@ -285,8 +310,8 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         {
             "x": r(x_of(i)),
             "y": r(y_of(v)),
-            "title": f"{i}: {layers[i].get('name')} probe "
-            + fmt_num(layers[i].get("probe_grad_rms")),
+            "title": f"{i}: {layers[i].get('name')} measured "
+            + fmt_num(layers[i].get("health_measured")),
         }
         for i, v in enumerate(probe)
         if v is not None
@@ -302,12 +327,27 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "y1": r(y_of(smin)),
                 "y2": r(y_of(smax)),
                 "title": f"{i}: {layers[i].get('name')} across batches "
-                + fmt_num(layers[i].get("probe_grad_rms_min"))
+                + fmt_num(10.0 ** smin)
                 + " \u2013 "
-                + fmt_num(layers[i].get("probe_grad_rms_max")),
+                + fmt_num(10.0 ** smax),
             }
         )
 
+    judged_points = []
+    for i, layer in enumerate(layers):
+        css = str(layer.get("health_class") or "")
+        v = _positive_log10(layer.get("health"))
+        if css not in ("ok", "warn", "bad") or v is None:
+            continue
+        judged_points.append({
+            "x": r(x_of(i)), "y": r(y_of(v)), "css": css,
+            "title": f"{i}: {layers[i].get('name')} judged {css}: "
+            + fmt_num(layer.get("health")) + f" ({layer.get('health_source')})"})
+    if band[0] is not None and band[1] is not None:
+        base["band_top"] = r(y_of(band[1]))
+        base["band_height"] = r(y_of(band[0]) - y_of(band[1]))
+        base["band_label"] = (f"healthy band {fmt_num(summary.get('health_vanishing_warning'))}"
+                              f" \u2013 {fmt_num(summary.get('health_exploding_warning'))}")
     step = max(1, math.ceil((hi - lo) / 8))
     yticks = [
         {"y": r(y_of(k)), "label": _decade_label(k)}
@@ -328,6 +368,8 @@ def depth_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "static_points": static_points,
             "probe_points": probe_points,
             "spread_bars": spread_bars,
+            "judged_points": judged_points,
+            "plot_w": r(plot_w),
             "has_spread": base["has_spread"] or bool(spread_bars),
             "yticks": yticks,
             "xticks": xticks,
@@ -512,8 +554,9 @@ def _numel(shape: Any) -> int | None:
 
 #: Numeric sort keys of the layer table: ``data-KEY`` on each row, from these layer fields.
 SORT_FIELDS = (
-    ("i", None), ("depth", "depth"), ("numel", None), ("static", "static_grad_rms"),
-    ("probe", "probe_grad_rms"), ("ratio", "param_grad_ratio"), ("update", "update_ratio"),
+    ("i", None), ("depth", "depth"), ("numel", None), ("health", "health"),
+    ("static", "health_predicted"), ("probe", "health_measured"), ("ratio", "param_grad_ratio"),
+    ("update", "update_ratio"),
     ("dead", "dead_fraction"), ("saturated", "saturated_fraction"), ("params", "num_params"),
 )
 
@@ -565,8 +608,12 @@ def _layer_rows(
                 "understood": layer.get("understood", True) is not False,
                 "depth": fmt_num(layer.get("depth")),
                 "shape": fmt_shape(layer.get("shape")),
-                "static": fmt_num(layer.get("static_grad_rms")),
-                "probe": fmt_num(layer.get("probe_grad_rms")),
+                "health": fmt_num(layer.get("health")),
+                "health_css": {"ok": "ok", "warn": "warn", "bad": "bad"}.get(
+                    str(layer.get("health_class")), "none"),
+                "health_note": str(layer.get("health_note") or ""),
+                "static": fmt_num(layer.get("health_predicted")),
+                "probe": fmt_num(layer.get("health_measured")),
                 "ratio": fmt_num(layer.get("param_grad_ratio")),
                 "upd": fmt_num(layer.get("update_ratio")),
                 "data": data,
@@ -683,7 +730,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "counts": counts,
         "groups": _finding_groups(findings),
         "num_findings": len(findings),
-        "profile": depth_profile(layers),
+        "profile": depth_profile(layers, doc.get("summary") or {}),
         "rows": rows,
         "files": [(short, full) for full, short in sorted(files.items(), key=lambda kv: kv[1])
                   if short != full],

@@ -129,15 +129,12 @@ def _ratio_rows(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
     joined = " ".join(label for label, _ in rows)
     layers: Sequence[Mapping[str, Any]] = doc.get("layers") or []
-    for word, key, label in (
-        ("static", "static_grad_rms", "worst static"),
-        ("probe", "probe_grad_rms", "worst measured"),
-    ):
-        if word in joined or (word == "probe" and "measured" in joined):
-            continue
-        found = _extreme(layers, key)
+    if "static" not in joined and "probe" not in joined:
+        # The judged layers' health, the figure the verdict used (never a raw RMS).
+        judged = [layer for layer in layers if layer.get("health_class") in ("ok", "warn", "bad")]
+        found = _extreme(judged, "health")
         if found is not None:
-            rows.append((label, f"{_num(found[0])} at {clean(found[1])}"))
+            rows.append(("worst judged", f"{_num(found[0])} at {clean(found[1])}"))
     return rows
 
 
