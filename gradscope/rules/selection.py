@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from gradscope.errors import ConfigError
-from gradscope.report import Finding
+from gradscope.records import Finding
 from gradscope.rules import registry
 
 #: Selects (or ignores) every rule; it is the least specific entry.
