@@ -20,6 +20,7 @@ from torch import nn
 import gradscope
 from gradscope.errors import OutputError
 from gradscope.tracing import TracedModel, trace_model
+from gradscope.tracing.nodes import node_record
 
 TRACERS = ("symbolic_trace", "export", "runtime")
 
@@ -56,7 +57,7 @@ class DataDependent(nn.Module):
 
 def _linear_nodes(traced: TracedModel) -> list[str]:
     g = traced.graph
-    return [n for n in traced.order() if g.nodes[n]["op"] in ("Linear", "linear")]
+    return [n for n in traced.order() if node_record(g, n).op in ("Linear", "linear")]
 
 
 def _check_graph(traced: TracedModel) -> None:
@@ -68,8 +69,8 @@ def _check_graph(traced: TracedModel) -> None:
     for src, dst in g.edges:
         assert position[src] < position[dst], (src, dst)
     assert traced.output_node in g
-    for n, d in g.nodes(data=True):
-        for ref in d["inputs"]:
+    for n, d in g.nodes(data="rec"):
+        for ref in d.inputs:
             assert g.has_edge(ref, n)
 
 
@@ -98,18 +99,18 @@ def test_transformer_encoder_falls_back_to_export() -> None:
     _check_graph(traced)
 
     real = {name for name, _ in model.named_modules()}
-    paths = {d["module"] for _, d in traced.graph.nodes(data=True)
-             if d["role"] == "compute" and d["module"]}
+    paths = {d.module for _, d in traced.graph.nodes(data="rec")
+             if d.role == "compute" and d.module}
     assert paths <= real, paths - real
     assert {"layers.0.linear1", "layers.0.linear2", "layers.1.linear1",
             "layers.0.self_attn", "layers.1.norm2"} <= paths
     # Every linear1/linear2 of the two layers is one linear node, with its module path.
-    linear_paths = sorted(traced.graph.nodes[n]["module"] for n in _linear_nodes(traced)
-                          if "linear" in (traced.graph.nodes[n]["module"] or ""))
+    linear_paths = sorted(node_record(traced.graph, n).module for n in _linear_nodes(traced)
+                          if "linear" in (node_record(traced.graph, n).module or ""))
     assert linear_paths == ["layers.0.linear1", "layers.0.linear2",
                             "layers.1.linear1", "layers.1.linear2"]
     # Lifted weights are named by their real parameter names.
-    param_names = {d["module"] for _, d in traced.graph.nodes(data=True) if d["role"] == "param"}
+    param_names = {d.module for _, d in traced.graph.nodes(data="rec") if d.role == "param"}
     assert "layers.0.linear1.weight" in param_names
     assert param_names <= {n for n, _ in model.named_parameters()} | \
         {n for n, _ in model.named_buffers()} | {None}
@@ -131,7 +132,7 @@ def test_data_dependent_control_flow_falls_back_to_runtime() -> None:
     # Only the branch that ran is in the graph.
     with torch.no_grad():
         took_b = bool(model.a(x).sum() > 0)
-    modules = {d["module"] for _, d in traced.graph.nodes(data=True)}
+    modules = {d.module for _, d in traced.graph.nodes(data="rec")}
     assert ("b" in modules) == took_b and ("c" in modules) != took_b
 
 
@@ -163,17 +164,17 @@ def test_forced_tracers_agree_on_structure(method: str) -> None:
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     linears = _linear_nodes(traced)
     assert len(linears) == n_linear == 3
-    assert [g.nodes[n]["module"] for n in linears] == ["fc1", "fc2", "head"]
+    assert [node_record(g, n).module for n in linears] == ["fc1", "fc2", "head"]
     # Each linear node carries its own weights.
     for n in linears:
-        mod = g.nodes[n]["module"]
-        assert g.nodes[n]["num_params"] == sum(
+        mod = node_record(g, n).module
+        assert node_record(g, n).num_params == sum(
             p.numel() for p in model.get_submodule(mod).parameters())
     # Depth counts operations along the longest path: input 0, fc1 1, relu 2, fc2 3, ...
-    assert [g.nodes[n]["depth"] for n in linears] == [1, 3, 5]
-    assert g.nodes[traced.output_node]["module"] == "head"
-    inputs = [n for n in traced.order() if g.nodes[n]["role"] == "input"]
-    assert len(inputs) == 1 and g.nodes[inputs[0]]["shape"] == [4, 8]
+    assert [node_record(g, n).depth for n in linears] == [1, 3, 5]
+    assert node_record(g, traced.output_node).module == "head"
+    inputs = [n for n in traced.order() if node_record(g, n).role == "input"]
+    assert len(inputs) == 1 and list(node_record(g, inputs[0]).shape or ()) == [4, 8]
 
 
 @pytest.mark.parametrize("method", TRACERS)
@@ -191,11 +192,11 @@ def test_shapes_and_dtypes_match_a_real_forward(method: str) -> None:
         h.remove()
     traced = trace_model(model, (x,), method=method)
     g = traced.graph
-    got = {g.nodes[n]["module"]: (g.nodes[n]["shape"], g.nodes[n]["dtype"])
+    got = {node_record(g, n).module: (list(node_record(g, n).shape or ()), node_record(g, n).dtype)
            for n in _linear_nodes(traced)}
     assert got == seen
     for n in _linear_nodes(traced):
-        assert g.nodes[n]["is_float"] and g.nodes[n]["is_tensor"]
+        assert node_record(g, n).is_float and node_record(g, n).is_tensor
 
 
 def test_source_locations_point_at_the_users_lines() -> None:
@@ -206,9 +207,9 @@ def test_source_locations_point_at_the_users_lines() -> None:
     for method in TRACERS:
         traced = trace_model(MLP(), (_randn(4, 8),), method=method)
         for n in _linear_nodes(traced):
-            d = traced.graph.nodes[n]
-            assert d["file"] == __file__, (method, n, d["file"])
-            assert d["line"] == call_line, (method, n)
+            d = traced.node(n)
+            assert d.file == __file__, (method, n, d.file)
+            assert d.line == call_line, (method, n)
 
 
 # ---------------------------------------------------------------------------
@@ -244,10 +245,10 @@ def test_integer_inputs(method: str) -> None:
     ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
     traced = trace_model(model, (ids,), method=method)
     g = traced.graph
-    inputs = [n for n in traced.order() if g.nodes[n]["role"] == "input"]
+    inputs = [n for n in traced.order() if node_record(g, n).role == "input"]
     assert len(inputs) == 1
-    assert g.nodes[inputs[0]]["dtype"] == "int64" and not g.nodes[inputs[0]]["is_float"]
-    assert g.nodes[traced.output_node]["shape"] == [3, 5, 4]
+    assert node_record(g, inputs[0]).dtype == "int64" and not node_record(g, inputs[0]).is_float
+    assert list(node_record(g, traced.output_node).shape or ()) == [3, 5, 4]
     report = gradscope.analyze(model, ids, device="cpu", tracer=method)
     by_op = {layer.op.lower(): layer for layer in report.layers}
     assert by_op["input"].probe_grad_rms is None  # integer ids have no gradient
@@ -262,9 +263,9 @@ def test_two_positional_inputs(method: str) -> None:
     a, b = _randn(4, 6, seed=1), _randn(4, 3, seed=2)
     traced = trace_model(model, (a, b), method=method)
     g = traced.graph
-    inputs = [n for n in traced.order() if g.nodes[n]["role"] == "input"]
-    assert [g.nodes[n]["shape"] for n in inputs] == [[4, 6], [4, 3]]
-    linears = {g.nodes[n]["module"]: n for n in _linear_nodes(traced)}
+    inputs = [n for n in traced.order() if node_record(g, n).role == "input"]
+    assert [list(node_record(g, n).shape or ()) for n in inputs] == [[4, 6], [4, 3]]
+    linears = {node_record(g, n).module: n for n in _linear_nodes(traced)}
     assert nx.has_path(g, inputs[0], linears["left"])
     assert not nx.has_path(g, inputs[0], linears["right"])
     assert nx.has_path(g, inputs[1], linears["right"])
@@ -327,10 +328,10 @@ def test_output_selection(kind: str, method: str) -> None:
     desc, shape = OUTPUTS[kind]
     traced = trace_model(MultiOutput(kind), (_randn(4, 8),), method=method)
     assert traced.output_desc == desc
-    node = traced.graph.nodes[traced.output_node]
-    assert node["shape"] == shape
+    node = traced.node(traced.output_node)
+    assert list(node.shape or ()) == shape
     if shape == [4, 3]:
-        assert node["module"] == "head"
+        assert node.module == "head"
 
 
 @pytest.mark.parametrize("kind", list(OUTPUTS))
@@ -347,10 +348,10 @@ def test_output_key_override(method: str) -> None:
     traced = trace_model(MultiOutput("dict"), (_randn(4, 8),), output_key="features",
                          method=method)
     assert traced.output_desc == "output['features']"
-    assert traced.graph.nodes[traced.output_node]["shape"] == [4, 16]
+    assert list(node_record(traced.graph, traced.output_node).shape or ()) == [4, 16]
     traced = trace_model(MultiOutput("tuple"), (_randn(4, 8),), output_key="2", method=method)
     assert traced.output_desc == "output[2]"
-    assert traced.graph.nodes[traced.output_node]["shape"] == [4, 3]
+    assert list(node_record(traced.graph, traced.output_node).shape or ()) == [4, 3]
     with pytest.raises(OutputError, match="no entry"):
         trace_model(MultiOutput("dict"), (_randn(4, 8),), output_key="nope", method=method)
 
@@ -390,4 +391,4 @@ def test_huggingface_model_output() -> None:
                 continue  # fx may not follow ModelOutput construction; export must
             raise
         assert traced.output_desc in ("output['logits']", "output.logits"), method
-        assert traced.graph.nodes[traced.output_node]["module"] == "head"
+        assert node_record(traced.graph, traced.output_node).module == "head"
