@@ -112,12 +112,11 @@ class AnalysisOptions:
     tracer: str | None = field(default=None, metadata=_meta(
         "Force one tracer instead of trying them in order", "text", choices=TRACERS))
     lr: float | None = field(default=None, metadata=_meta(
-        "Learning rate: turn on the per-layer update/weight checks", "float", minimum=0,
-        min_open=True))
+        "Learning rate: turn on the per-layer update/weight checks", "float"))
     optimizer: str = field(default="sgd", metadata=_meta(
         "Optimizer for --lr", "text", choices=OPTIMIZERS))
     momentum: float = field(default=0.0, metadata=_meta(
-        "SGD momentum for --lr (the first step does not depend on it)", "float"))
+        "SGD momentum for --lr; the first step does not depend on it", "float"))
     weight_decay: float = field(default=0.0, metadata=_meta(
         "Weight decay for --lr (coupled for sgd/adam, decoupled for adamw)", "float"))
     batches: int = field(default=3, metadata=_meta(
