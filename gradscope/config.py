@@ -23,10 +23,12 @@ from gradscope.options import (
     LOSSES,
     OPTIMIZERS,
     OPTION_FIELDS,
+    OPTION_NAMES,
     PROBE_MODES,
     THRESHOLDS,
     TRACERS,
     AnalysisOptions,
+    Thresholds,
     settings_defaults,
 )
 
@@ -99,7 +101,7 @@ class Settings:
         """
         given = {k: v for k, v in overrides.items() if v is not None and v != ()}
         own = {k: v for k, v in given.items() if k in _OWN_KEYS}
-        options = {k: v for k, v in given.items() if k in ANALYSIS_KEYS}
+        options = {k: v for k, v in given.items() if k in OPTION_NAMES}  # thresholds too
         limits = {k: v for k, v in given.items() if k in THRESHOLDS}
         unknown = set(given) - set(own) - set(options) - set(limits)
         if unknown:
@@ -108,7 +110,11 @@ class Settings:
             analysis = self.analysis
             try:
                 if limits:
-                    options["thresholds"] = replace(analysis.thresholds, **limits)
+                    base = options.get("thresholds", analysis.thresholds)
+                    if not isinstance(base, Thresholds):
+                        raise ConfigError(f"thresholds must be a gradscope.Thresholds, not "
+                                          f"{base!r}", "fix the setting")
+                    options["thresholds"] = replace(base, **limits)
                 own["analysis"] = analysis.replaced(**options)
             except ConfigError as error:
                 raise _with_where(error, _where(self)) from None
