@@ -8,7 +8,7 @@ happens (``gradscope.state.preserved``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.depth import summarize_depth
 from gradscope.estimate.propagate import estimate
 from gradscope.meta import is_meta_model
-from gradscope.options import Thresholds
+from gradscope.options import OPTION_NAMES, AnalysisOptions, Thresholds
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
@@ -159,37 +159,29 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
 def analyze(
     model: nn.Module | Callable[[], nn.Module],
     example_inputs: Any,
-    device: str = "cpu",
-    probe: bool = True,
+    options: AnalysisOptions | None = None,
     *,
-    output: str | None = None,
-    thresholds: Thresholds | None = None,
-    tracer: str | None = None,
     name: str | None = None,
-    seed: int = 0,
     source: str | None = None,
     notes: list[str] | None = None,
     progress: Progress | None = None,
-    lr: float | None = None,
-    optimizer: str = "sgd",
-    weight_decay: float = 0.0,
-    meta: bool = False,
     declared: dict[int, tuple[float, float]] | None = None,
-    batches: int = 3,
-    loss: str | Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor] = "dot",
-    probe_mode: str = "train",
-    momentum: float = 0.0,
-    select: Sequence[str] | None = None,
-    ignore: Sequence[str] | None = None,
-    per_module_ignore: Mapping[str, Sequence[str]]
-    | Iterable[tuple[str, Sequence[str]]] | None = None,
-    timeout: float | None = None,
+    **keywords: Any,
 ) -> Report:
     """Analyse ``model`` on ``example_inputs`` and return the report.
 
-    ``device`` is where the probe runs (``auto`` picks CUDA when available);
-    ``probe=False`` gives the static estimate only. ``output`` names the
-    output entry to differentiate (``logits``, ``0``, ...). The model is left
+    The options of the analysis are the fields of :class:`gradscope.options.AnalysisOptions`
+    (their defaults and help are declared there): pass one as ``options``, or its fields
+    as keywords (``device="cpu"``, ``probe=False``, ``lr=1e-3``, ``thresholds=...``), or
+    both, the keywords then overriding the fields. A keyword that is no option is a
+    ``TypeError``; a bad value is a ``ConfigError`` raised before anything runs.
+    ``name``, ``source``, ``notes`` (the report's), ``progress`` (called with each
+    stage's name) and ``declared`` are not options of the analysis but what the caller
+    knows about the model.
+
+    ``device`` is where the probe runs (``auto`` picks CUDA when available; the
+    default is the CPU); ``probe=False`` gives the static estimate only. ``output``
+    names the output entry to differentiate (``logits``, ``0``, ...). The model is left
     exactly as it was found. ``lr`` (with ``optimizer`` sgd/adam/adamw) adds
     each layer's first-update/weight ratio and the learning-rate check.
 
@@ -202,15 +194,17 @@ def analyze(
 
     The probe runs ``batches`` seeded batches (the example inputs first), in
     ``probe_mode`` train or eval, with ``loss`` "dot" (<output, fixed random
-    direction>), "sum", "mse", "cross_entropy" or a ``loss_fn(output, inputs)``.
+    direction>, the default), "sum", "mse", "cross_entropy" or a ``loss_fn(output, inputs)``.
     ``momentum`` is accepted for the learning-rate check: the first step of SGD
     with momentum equals plain SGD's, so it does not change the figures.
 
     ``select``/``ignore`` (rule codes or prefixes such as ``"GS1"``; ``"ALL"``)
-    and ``per_module_ignore`` (module glob -> codes) drop findings the ruff way
-    (``gradscope.rules.selection``) before the report is built, so its status
-    and every renderer see the same findings; a note counts what was dropped.
-    An unknown code is a ``ConfigError`` raised before anything runs.
+    decide the ruff way (``gradscope.rules.selection``) which rules run at all, so
+    a deselected rule costs nothing; ``per_module_ignore`` (module glob -> codes)
+    drops findings of the rules that ran. The report's status and every renderer
+    see the same findings, and its notes name the rules not run and count the
+    findings dropped. An unknown code is a ``ConfigError`` raised before anything
+    runs.
 
     ``timeout`` (seconds, counted from this call) bounds the probe: once it has
     passed, the probe stops at the next node or batch and the report holds the
@@ -220,6 +214,21 @@ def analyze(
     with the free memory there (``gradscope.resources``); a model that would not
     fit is a ``ResourceError`` that suggests ``meta=True``.
     """
+    if options is not None and not isinstance(options, AnalysisOptions):
+        raise TypeError(f"options must be a gradscope.options.AnalysisOptions, not "
+                        f"{type(options).__name__} (pass device=... and the rest as keywords)")
+    unknown = sorted(set(keywords) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"analyze() got an unexpected keyword argument {unknown[0]!r}")
+    opts = (options or AnalysisOptions()).replaced(**keywords)
+    device, probe, output, tracer, seed = (opts.device, opts.probe, opts.output, opts.tracer,
+                                           opts.seed)
+    # momentum: the first step of SGD with momentum is plain SGD's (see the docstring).
+    lr, optimizer, weight_decay = opts.lr, opts.optimizer, opts.weight_decay
+    meta, batches, probe_mode, timeout = opts.meta, opts.batches, opts.probe_mode, opts.timeout
+    loss = "dot" if opts.loss is None else opts.loss
+    select, ignore, per_module_ignore = opts.select, opts.ignore, opts.per_module_ignore
+    thresholds = opts.thresholds
     deadline = Deadline(timeout)
     say = progress or (lambda _msg: None)
     # split_codes: a bare "GS1,GS8" string is a list of codes, not of letters.

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -20,14 +21,14 @@ import click
 from gradscope._version import __version__
 from gradscope.errors import ConfigError, ExitCode, GradscopeError, NoModelError
 
+# The declarations the analyze options are built from (torch-free, no settings layer).
+from gradscope.options import FAIL_ON, OPTION_FIELDS, settings_default_of
+
 if TYPE_CHECKING:
     from pathlib import Path
 
     from gradscope.config import Settings
 
-#: The same as ``gradscope.config.FAIL_ON`` (a test checks), here so that building the
-#: options does not import the configuration module.
-FAIL_ON = ("error", "warning", "info", "never")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -120,39 +121,58 @@ def main() -> None:
     """
 
 
+def _default_text(value: Any) -> str:
+    """`` (default X)`` for the help, when the default is worth saying."""
+    if value is None or value == () or isinstance(value, bool):
+        return ""
+    return f" (default {value})"
+
+
+def _analysis_option(f: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one ``AnalysisOptions`` field, from its declaration.
+
+    ``default=None`` throughout: an option not given leaves the ``[tool.gradscope]``
+    value (or the default) in place (``Settings.merged``).
+    """
+    meta = f.metadata
+    flag = "--" + f.name.replace("_", "-")
+    kind = meta["kind"]
+    help_text = meta["help"] + _default_text(settings_default_of(f)) + "."
+    kwargs: dict[str, Any] = {"default": None, "help": help_text}
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if kind == "switch":
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kwargs)
+    if kind == "flag":
+        return click.option(flag, f.name, is_flag=True, **kwargs)
+    if kind in ("codes", "pairs"):
+        del kwargs["default"]
+        return click.option(flag, f.name, multiple=True, **kwargs)
+    if meta["choices"]:
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif kind == "float":
+        kwargs["type"] = float if meta["minimum"] is None else click.FloatRange(
+            min=meta["minimum"], min_open=meta["min_open"])
+    elif kind == "int":
+        kwargs["type"] = int if meta["minimum"] is None else click.IntRange(min=meta["minimum"])
+    return click.option(flag, f.name, **kwargs)
+
+
+def _analysis_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every option of the analysis, in the order ``gradscope.options`` declares them."""
+    for f in reversed(OPTION_FIELDS):
+        if f.metadata["cli"]:
+            command = _analysis_option(f)(command)
+    return command
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("targets", nargs=-1, required=False)
 @click.option("--input-shape", "input_shape", multiple=True, metavar="N,C,H,W",
               help="Shape of one positional input; repeat for several inputs.")
 @click.option("--dtype", multiple=True, metavar="DTYPE",
               help="Input dtype (float32, int64, ...): one for all inputs or one per input.")
-@click.option("--device", default=None, metavar="DEVICE",
-              help="auto|cpu|cuda|cuda:N|mps: where the probe runs (default auto).")
-@click.option("--probe/--no-probe", "probe", default=None,
-              help="--no-probe: static analysis only, nothing is run on the model.")
-@click.option("--output", "output", default=None, metavar="KEY",
-              help="Output entry to differentiate (logits, 0, hidden_states.1 ...).")
-@click.option("--tracer", type=click.Choice(["symbolic_trace", "export", "runtime"]),
-              default=None, help="Force one tracer instead of trying them in order.")
-@click.option("--lr", type=float, default=None,
-              help="Learning rate: turn on the per-layer update/weight checks.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=None,
-              help="Optimizer for --lr (default sgd).")
-@click.option("--momentum", type=float, default=None,
-              help="SGD momentum for --lr (the first step does not depend on it).")
-@click.option("--weight-decay", "weight_decay", type=float, default=None,
-              help="Weight decay for --lr (coupled for sgd/adam, decoupled for adamw).")
-@click.option("--batches", type=click.IntRange(min=1), default=None,
-              help="Probe batches: the example inputs and N-1 seeded ones (default 3).")
-@click.option("--loss", type=click.Choice(["dot", "sum", "mse", "cross_entropy"]), default=None,
-              help="Probe loss (default: loss_fn() in the model file, else dot with a "
-                   "fixed random direction).")
-@click.option("--probe-mode", "probe_mode", type=click.Choice(["train", "eval"]), default=None,
-              help="Run the probe in train (default) or eval mode.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="SECONDS",
-              help="Stop the probe once the analysis has run this long: the report keeps "
-                   "the batches done (or the static estimate alone) and says so.")
+@_analysis_options
 @click.option("--html", default=None, metavar="PATH", help="Write the HTML report.")
 @click.option("--open", "open_html", is_flag=True,
               help="Open the HTML report in a browser once written (needs --html).")
@@ -164,21 +184,9 @@ def main() -> None:
                    "or the JSON report (json, as --json -).")
 @click.option("--fail-on", "fail_on", type=click.Choice(FAIL_ON), default=None,
               help="Exit 1 when a finding at or above this severity exists (default error).")
-@click.option("--seed", type=int, default=None, help="Seed of the probe (default 0).")
 @click.option("--baseline", "baseline", default=None, metavar="OLD.json",
               help="A JSON report written earlier: only findings not in it decide the exit "
                    "code (all are still shown).")
-@click.option("--select", "select", multiple=True, metavar="CODES",
-              help="Only these rule codes or prefixes (GS1,GS802; ALL); repeatable.")
-@click.option("--ignore", "ignore", multiple=True, metavar="CODES",
-              help="Drop these rule codes or prefixes; the longest match with --select wins, "
-                   "ignore on a tie; repeatable.")
-@click.option("--per-module-ignore", "per_module_ignore", multiple=True, metavar="GLOB=CODES",
-              help="Drop these codes for findings in modules matching GLOB ('encoder.*', "
-                   "'*.attn'; '*' also matches the whole model); repeatable.")
-@click.option("--meta", "meta", is_flag=True, default=None,
-              help="Build the model on the meta device (no weights allocated) and estimate "
-                   "from declared initialisations; implies --no-probe.")
 @click.option("--skip-non-models", "skip_non_models", is_flag=True,
               help="Skip (exit 0 for) files that define no model instead of failing on "
                    "them: for pre-commit hooks handed every changed .py file.")
@@ -186,16 +194,9 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No terminal summary and no progress.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple[str, ...],
-            device: str | None, probe: bool | None, output: str | None, tracer: str | None,
-            skip_non_models: bool,
-            lr: float | None, optimizer: str | None, html: str | None, json_path: str | None,
-            sarif: str | None, fail_on: str | None, seed: int | None, meta: bool | None,
-            momentum: float | None, weight_decay: float | None, batches: int | None,
-            loss: str | None, probe_mode: str | None, select: tuple[str, ...],
-            ignore: tuple[str, ...], per_module_ignore: tuple[str, ...],
-            baseline: str | None, timeout: float | None,
-            color: bool | None, quiet: bool, debug: bool, open_html: bool,
-            fmt: str = "text") -> None:
+            html: str | None, json_path: str | None, sarif: str | None, fail_on: str | None,
+            skip_non_models: bool, baseline: str | None, color: bool | None, quiet: bool,
+            debug: bool, open_html: bool, fmt: str = "text", **options: Any) -> None:
     """Analyse the gradient flow of one or more models.
 
     TARGET is path/to/file.py, path/to/file.py:NAME or package.module:NAME;
@@ -208,17 +209,15 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
 
     try:
         # Checked here, before merging, so an unknown code names the option it came from.
-        selected = check_codes(split_codes(select), "--select")
-        ignored = check_codes(split_codes(ignore), "--ignore")
-        per_module = tuple((glob, check_codes(codes, f"--per-module-ignore {glob!r}"))
-                           for glob, codes in map(parse_per_module, per_module_ignore))
+        # ``options``: the analysis options given, by field name (``_analysis_options``).
+        options["select"] = check_codes(split_codes(options["select"]), "--select")
+        options["ignore"] = check_codes(split_codes(options["ignore"]), "--ignore")
+        options["per_module_ignore"] = tuple(
+            (glob, check_codes(codes, f"--per-module-ignore {glob!r}"))
+            for glob, codes in map(parse_per_module, options["per_module_ignore"]))
         settings = load_settings().merged(
-            input_shape=input_shape, dtype=dtype, device=device,
-            probe=probe, output=output, tracer=tracer, lr=lr,
-            optimizer=optimizer, html=html, json=json_path, sarif=sarif, fail_on=fail_on,
-            seed=seed, meta=meta, momentum=momentum, weight_decay=weight_decay,
-            batches=batches, loss=loss, probe_mode=probe_mode, select=selected, ignore=ignored,
-            per_module_ignore=per_module, timeout=timeout)
+            input_shape=input_shape, dtype=dtype, html=html, json=json_path, sarif=sarif,
+            fail_on=fail_on, **options)
         validate(settings)
         if not targets:
             from gradscope.config import resolve_targets
@@ -341,23 +340,12 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
         progress("loading")
         from gradscope.api import analyze as run_analysis
         from gradscope.loading import load_target
-        from gradscope.options import Thresholds
 
         loaded = load_target(target, list(settings.input_shape), list(settings.dtype),
-                             meta=settings.meta)
-        from gradscope.config import THRESHOLDS
-
-        thresholds = Thresholds(**{name: getattr(settings, name) for name in THRESHOLDS})
-        report = run_analysis(
-            loaded.model, loaded.inputs, device=settings.device, probe=settings.probe,
-            output=settings.output, thresholds=thresholds, tracer=settings.tracer,
-            name=loaded.name, seed=settings.seed, source=loaded.source, notes=loaded.notes,
-            progress=progress, lr=settings.lr, optimizer=settings.optimizer,
-            meta=settings.meta, declared=loaded.declared, batches=settings.batches,
-            loss=settings.loss or loaded.loss_fn or "dot", probe_mode=settings.probe_mode,
-            momentum=settings.momentum, weight_decay=settings.weight_decay,
-            select=settings.select, ignore=settings.ignore,
-            per_module_ignore=settings.per_module_ignore, timeout=settings.timeout)
+                             meta=settings.analysis.meta)
+        report = run_analysis(loaded.model, loaded.inputs, settings.options(loaded.loss_fn),
+                              name=loaded.name, source=loaded.source, notes=loaded.notes,
+                              progress=progress, declared=loaded.declared)
         progress("writing reports")
         deciding: list[Any] = list(report.findings)
         if baseline is not None:  # all findings are shown; only new ones decide the exit code

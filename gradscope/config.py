@@ -18,74 +18,123 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib  # type: ignore[no-redef]
 
 from gradscope.errors import ConfigError
-from gradscope.rules.selection import check_codes
+from gradscope.options import (
+    FAIL_ON,
+    LOSSES,
+    OPTIMIZERS,
+    OPTION_FIELDS,
+    OPTION_NAMES,
+    PROBE_MODES,
+    THRESHOLDS,
+    TRACERS,
+    AnalysisOptions,
+    Thresholds,
+    settings_defaults,
+)
 
-FAIL_ON = ("error", "warning", "info", "never")
-LOSSES = ("dot", "sum", "mse", "cross_entropy")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-TRACERS = ("symbolic_trace", "export", "runtime")
-THRESHOLDS = ("vanishing_warning", "vanishing_error", "exploding_warning", "exploding_error",
-              "min_coverage", "saturated_fraction", "dead_fraction", "negative_bias",
-              "update_imbalance", "plain_depth", "residual_blocks", "width_beta")
+# The choices and the analysis options are declared once, in gradscope.options.
+__all__ = [
+    "ANALYSIS_KEYS",
+    "FAIL_ON",
+    "LOSSES",
+    "OPTIMIZERS",
+    "PROBE_MODES",
+    "THRESHOLDS",
+    "TRACERS",
+    "Settings",
+    "find_pyproject",
+    "load_settings",
+    "resolve_targets",
+    "shapes_for",
+    "validate",
+]
+
+#: Keys of the analysis: the fields of AnalysisOptions but ``thresholds``, whose entries
+#: are keys of their own (``[tool.gradscope.thresholds]``, or at the top level).
+ANALYSIS_KEYS: tuple[str, ...] = tuple(f.name for f in OPTION_FIELDS if f.name != "thresholds")
+
+
+def _with_where(error: ConfigError, where: str) -> ConfigError:
+    return ConfigError(f"{error.message}{where}", error.hint) if where else error
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything ``gradscope analyze`` can be told, with its defaults."""
+    """Everything ``gradscope analyze`` can be told, with its defaults.
+
+    The options of the analysis live in ``analysis`` (an :class:`AnalysisOptions`
+    starting from :func:`gradscope.options.settings_defaults`) and read as attributes
+    of their own (``settings.lr``, ``settings.vanishing_warning``); the fields here
+    are the command line's own settings, which never reach ``gradscope.analyze``.
+    """
 
     fail_on: str = "error"
-    device: str = "auto"
-    probe: bool = True
-    meta: bool = False
-    output: str | None = None
-    tracer: str | None = None
     input_shape: tuple[str, ...] = ()
     dtype: tuple[str, ...] = ()
     html: str | None = None
     json: str | None = None
     sarif: str | None = None
-    seed: int = 0
-    vanishing_warning: float = 1e-2
-    vanishing_error: float = 1e-3
-    exploding_warning: float = 1e2
-    exploding_error: float = 1e3
-    min_coverage: float = 0.9
-    saturated_fraction: float = 0.2
-    dead_fraction: float = 0.5
-    negative_bias: float = 0.5
-    update_imbalance: float = 1e-3
-    plain_depth: int = 10
-    residual_blocks: int = 4
-    width_beta: float = 1.0
-    lr: float | None = None
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batches: int = 3
-    loss: str | None = None
-    probe_mode: str = "train"
-    #: Seconds the analysis may take before the probe stops early (None: no limit).
-    timeout: float | None = None
-    #: Rule codes or prefixes kept / dropped, ruff-style (``gradscope.rules.selection``).
-    select: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()
-    #: ``(module glob, codes)`` pairs: codes dropped for findings in matching modules.
-    per_module_ignore: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: Globs of model files, relative to the pyproject.toml's folder, analysed when
     #: ``gradscope analyze`` is given no target (:func:`resolve_targets`).
     targets: tuple[str, ...] = ()
     #: ``(target glob or path, shapes)`` pairs: input shapes of the targets that match,
     #: used when the command line gives no ``--input-shape`` (:func:`shapes_for`).
     input_shapes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    analysis: AnalysisOptions = field(default_factory=settings_defaults)
     source: str | None = field(default=None, compare=False)
 
+    def __getattr__(self, name: str) -> Any:
+        """``settings.lr``: an option of the analysis; ``settings.plain_depth``: a threshold."""
+        analysis = self.__dict__.get("analysis")
+        if analysis is not None:
+            if name in ANALYSIS_KEYS:
+                return getattr(analysis, name)
+            if name in THRESHOLDS:
+                return getattr(analysis.thresholds, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def merged(self, **overrides: Any) -> Settings:
-        """A copy with the given values set, ignoring ``None`` (an option not given)."""
+        """A copy with the given values set, ignoring ``None`` (an option not given).
+
+        Options of the analysis and thresholds go into ``analysis``, which checks
+        them; a bad one is a :class:`ConfigError` that says where it came from.
+        """
         given = {k: v for k, v in overrides.items() if v is not None and v != ()}
-        return replace(self, **given)
+        own = {k: v for k, v in given.items() if k in _OWN_KEYS}
+        options = {k: v for k, v in given.items() if k in OPTION_NAMES}  # thresholds too
+        limits = {k: v for k, v in given.items() if k in THRESHOLDS}
+        unknown = set(given) - set(own) - set(options) - set(limits)
+        if unknown:
+            raise TypeError(f"unknown setting {sorted(unknown)[0]!r}")
+        if options or limits:
+            analysis = self.analysis
+            try:
+                if limits:
+                    base = options.get("thresholds", analysis.thresholds)
+                    if not isinstance(base, Thresholds):
+                        raise ConfigError(f"thresholds must be a gradscope.Thresholds, not "
+                                          f"{base!r}", "fix the setting")
+                    options["thresholds"] = replace(base, **limits)
+                own["analysis"] = analysis.replaced(**options)
+            except ConfigError as error:
+                raise _with_where(error, _where(self)) from None
+        return replace(self, **own) if own else self
+
+    def options(self, loss_fn: Any = None) -> AnalysisOptions:
+        """The options of the analysis; a model file's ``loss_fn`` stands in for no ``loss``."""
+        if self.analysis.loss is None and loss_fn is not None:
+            return self.analysis.replaced(loss=loss_fn)
+        return self.analysis
 
 
-_KEYS = {f.name for f in fields(Settings)} - {"source"}
+_OWN_KEYS = {f.name for f in fields(Settings)} - {"source", "analysis"}
+#: Every key of ``[tool.gradscope]`` (with ``-`` or ``_``), ``thresholds`` a table of them.
+_KEYS = _OWN_KEYS | set(ANALYSIS_KEYS) | set(THRESHOLDS)
+_KINDS = {f.name: f.metadata["kind"] for f in OPTION_FIELDS}
+
+
+def _where(settings: Settings) -> str:
+    return f" (from {settings.source})" if settings.source else ""
 
 
 def find_pyproject(start: Path) -> Path | None:
@@ -126,9 +175,9 @@ def load_settings(start: Path | None = None) -> Settings:
                               "see the README for the settings")
         if key in ("input_shape", "dtype"):
             value = _string_list(key, value, path)
-        elif key in ("select", "ignore"):
+        elif _KINDS.get(key) == "codes":  # select, ignore
             value = _code_list(raw_key, value, path)
-        elif key == "per_module_ignore":
+        elif _KINDS.get(key) == "pairs":  # per-module-ignore
             value = _per_module_table(raw_key, value, path)
         elif key == "targets":
             value = _glob_list(raw_key, value, path)
@@ -269,85 +318,33 @@ def shapes_for(settings: Settings, target: str) -> tuple[str, ...] | None:
     return None
 
 
-def _check_selection(settings: Settings, where: str) -> None:
-    """Types of select/ignore/per-module-ignore, then every code against the registry."""
-    for name in ("select", "ignore"):
-        value = getattr(settings, name)
-        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name} must be a list of rule codes, not {value!r}{where}",
-                              "fix the setting")
-        check_codes(value, f"{name}{where}")
-    pairs = settings.per_module_ignore
-    if not isinstance(pairs, tuple) or not all(
-            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and p[0].strip()
-            and isinstance(p[1], tuple) for p in pairs):
-        raise ConfigError(f"per-module-ignore must map module globs to rule codes, not "
-                          f"{pairs!r}{where}", "fix the setting")
-    for glob, codes in pairs:
-        check_codes(codes, f"per-module-ignore {glob!r}{where}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate(settings: Settings) -> None:
-    """Check every setting's type and range: a bad value is a one-line error, not a crash."""
-    where = f" (from {settings.source})" if settings.source else ""
+    """Check every setting's type and range: a bad value is a one-line error, not a crash.
+
+    The options of the analysis check themselves (:meth:`AnalysisOptions.validate`);
+    the command line's own settings are checked here.
+    """
+    where = _where(settings)
     if settings.fail_on not in FAIL_ON:
         raise ConfigError(f"fail-on must be one of {', '.join(FAIL_ON)}, not "
                           f"{settings.fail_on!r}{where}", "fix the setting")
-    if settings.loss is not None and settings.loss not in LOSSES:
-        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {settings.loss!r}{where}",
+    if not isinstance(settings.analysis, AnalysisOptions):
+        raise ConfigError(f"analysis must be AnalysisOptions, not {settings.analysis!r}",
                           "fix the setting")
-    if settings.probe_mode not in ("train", "eval"):
-        raise ConfigError(f"probe-mode must be train or eval, not {settings.probe_mode!r}{where}",
-                          "fix the setting")
-    if not isinstance(settings.batches, int) or isinstance(settings.batches, bool) \
-            or settings.batches < 1:
-        raise ConfigError(f"batches must be a whole number >= 1, not {settings.batches!r}{where}",
-                          "fix the setting")
-    for name in ("momentum", "weight_decay"):
-        value = getattr(settings, name)
-        if not _is_number(value) or value < 0:
-            raise ConfigError(f"{name} must be a non-negative number, not {value!r}{where}",
-                              "fix the setting")
-    if settings.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not "
-                          f"{settings.optimizer!r}{where}", "fix the setting")
-    if settings.tracer is not None and settings.tracer not in TRACERS:
-        raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not "
-                          f"{settings.tracer!r}{where}", "fix the setting")
-    for name in ("device", "output", "html", "json", "sarif"):
+    try:
+        settings.analysis.validate()
+    except ConfigError as error:
+        raise _with_where(error, where) from None
+    for name in ("html", "json", "sarif"):
         value = getattr(settings, name)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, not {value!r}{where}",
                               "fix the setting")
-    for flag in ("probe", "meta"):
-        if not isinstance(getattr(settings, flag), bool):
-            raise ConfigError(f"{flag} must be true or false, not "
-                              f"{getattr(settings, flag)!r}{where}", "fix the setting")
-    if not isinstance(settings.seed, int) or isinstance(settings.seed, bool):
-        raise ConfigError(f"seed must be an integer, not {settings.seed!r}{where}",
-                          "fix the setting")
-    if settings.timeout is not None and (not _is_number(settings.timeout)
-                                         or not 0 < settings.timeout < float("inf")):
-        raise ConfigError(f"timeout must be a positive number of seconds, not "
-                          f"{settings.timeout!r}{where}", "fix the setting")
-    if settings.lr is not None and (not _is_number(settings.lr) or not settings.lr > 0):
-        raise ConfigError(f"lr must be a positive number, not {settings.lr!r}{where}",
-                          "fix the setting")
     for name in ("input_shape", "dtype"):
         value = getattr(settings, name)
         if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name.replace('_', '-')} must be a list of strings, not "
                               f"{value!r}{where}", "fix the setting")
-    for name in THRESHOLDS:
-        value = getattr(settings, name)
-        if not _is_number(value) or not value >= 0:
-            raise ConfigError(f"{name} must be a non-negative number, not {value!r}{where}",
-                              "fix the setting")
-    _check_selection(settings, where)
     if not isinstance(settings.targets, tuple) or not all(
             isinstance(t, str) for t in settings.targets):
         raise ConfigError(f"targets must be a list of file globs, not {settings.targets!r}{where}",

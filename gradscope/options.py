@@ -1,13 +1,33 @@
-"""The options of one analysis, declared once: thresholds the rules judge against.
+"""The options of one analysis, declared once: :class:`AnalysisOptions` and its thresholds.
 
-No torch here: the settings layer (``gradscope.config``) and the command line read
-these declarations before deciding whether torch is needed at all.
+Every option that reaches :func:`gradscope.analyze` is a field of
+:class:`AnalysisOptions`, with its default, a one-line help and, where there
+are some, its allowed choices. The other layers come from these declarations:
+``gradscope analyze``'s options are generated from the fields (``gradscope.cli``),
+the ``[tool.gradscope]`` keys and their defaults are the fields' (``gradscope.config``),
+and ``gradscope.analyze`` takes the fields as keywords; ``tests/test_options.py``
+checks the three against this module.
+
+No torch here (and no click): the settings layer and the command line read these
+declarations before deciding whether torch is needed at all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from typing import Any
 
+from gradscope.errors import ConfigError
+
+#: Severities ``--fail-on`` / ``fail-on`` accept (a command-line setting, not an option
+#: of the analysis: the report is the same whatever it is).
+FAIL_ON: tuple[str, ...] = ("error", "warning", "info", "never")
+LOSSES: tuple[str, ...] = ("dot", "sum", "mse", "cross_entropy")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+TRACERS: tuple[str, ...] = ("symbolic_trace", "export", "runtime")
+PROBE_MODES: tuple[str, ...] = ("train", "eval")
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -38,3 +58,205 @@ class Thresholds:
     residual_blocks: int = 4
     #: Hanin's beta = sum of 1/width over the plain run's hidden layers (GS706).
     width_beta: float = 1.0
+
+
+#: The names of the thresholds, the keys of ``[tool.gradscope.thresholds]``.
+THRESHOLDS: tuple[str, ...] = tuple(f.name for f in fields(Thresholds))
+
+#: ``metadata["kind"]`` of an option: how it is spelled on the command line and checked.
+KINDS = ("text", "float", "int", "switch", "flag", "codes", "pairs", "table")
+
+
+def _meta(help: str, kind: str, *, choices: tuple[str, ...] | None = None,
+          metavar: str | None = None, minimum: float | None = None, min_open: bool = False,
+          cli: bool = True, settings_default: Any = MISSING) -> dict[str, Any]:
+    """The declaration of an :class:`AnalysisOptions` field, kept in its ``metadata``.
+
+    ``help`` is one line, without the default (the command line adds it). ``kind``
+    (:data:`KINDS`) says how the option is spelled on the command line and read from
+    ``[tool.gradscope]``. ``settings_default``: the default of the command line and
+    ``[tool.gradscope]`` where it differs from the library's (``device``: auto there,
+    cpu in a test suite, so a test gives the same verdict on every machine).
+    ``cli=False``: no command-line option (``tests/test_options.py`` lists why).
+    """
+    assert kind in KINDS, kind
+    return {"help": help, "kind": kind, "choices": choices, "metavar": metavar,
+            "minimum": minimum, "min_open": min_open, "cli": cli,
+            "settings_default": settings_default}
+
+
+#: A probe loss given as a function: ``loss_fn(output, inputs) -> scalar tensor``.
+LossFn = Callable[[Any, tuple[Any, ...]], Any]
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Every option of one analysis, with its default; the fields' order is the help's.
+
+    Building one checks every value (a :class:`ConfigError` with a one-line
+    reason), so an ``AnalysisOptions`` that exists is one the pipeline accepts.
+    ``select``/``ignore`` given as one comma-separated string become tuples of
+    codes (case kept; the rule selection upper-cases them), ``per_module_ignore``
+    as a mapping becomes ``(glob, codes)`` pairs, ``None`` for those and for
+    ``thresholds`` is their default, and an integer ``output`` is its text.
+    """
+
+    device: str = field(default="cpu", metadata=_meta(
+        "auto|cpu|cuda|cuda:N|mps: where the probe runs", "text", metavar="DEVICE",
+        settings_default="auto"))
+    probe: bool = field(default=True, metadata=_meta(
+        "--no-probe: static analysis only, nothing is run on the model", "switch"))
+    output: str | None = field(default=None, metadata=_meta(
+        "Output entry to differentiate (logits, 0, hidden_states.1 ...)", "text",
+        metavar="KEY"))
+    tracer: str | None = field(default=None, metadata=_meta(
+        "Force one tracer instead of trying them in order", "text", choices=TRACERS))
+    lr: float | None = field(default=None, metadata=_meta(
+        "Learning rate: turn on the per-layer update/weight checks", "float"))
+    optimizer: str = field(default="sgd", metadata=_meta(
+        "Optimizer for --lr", "text", choices=OPTIMIZERS))
+    momentum: float = field(default=0.0, metadata=_meta(
+        "SGD momentum for --lr; the first step does not depend on it", "float"))
+    weight_decay: float = field(default=0.0, metadata=_meta(
+        "Weight decay for --lr (coupled for sgd/adam, decoupled for adamw)", "float"))
+    batches: int = field(default=3, metadata=_meta(
+        "Probe batches: the example inputs and N-1 seeded ones", "int", minimum=1))
+    #: A name from LOSSES, a ``loss_fn(output, inputs)``, or None: the model file's
+    #: ``loss_fn()`` when the CLI loaded one, else ``dot``.
+    loss: str | LossFn | None = field(default=None, metadata=_meta(
+        "Probe loss (default: loss_fn() in the model file, else dot with a fixed random "
+        "direction)", "text", choices=LOSSES))
+    probe_mode: str = field(default="train", metadata=_meta(
+        "Run the probe in train or eval mode", "text", choices=PROBE_MODES))
+    timeout: float | None = field(default=None, metadata=_meta(
+        "Stop the probe once the analysis has run this long: the report keeps the batches "
+        "done (or the static estimate alone) and says so", "float", metavar="SECONDS",
+        minimum=0, min_open=True))
+    seed: int = field(default=0, metadata=_meta("Seed of the probe", "int"))
+    select: tuple[str, ...] = field(default=(), metadata=_meta(
+        "Only these rule codes or prefixes (GS1,GS802; ALL); repeatable", "codes",
+        metavar="CODES"))
+    ignore: tuple[str, ...] = field(default=(), metadata=_meta(
+        "Drop these rule codes or prefixes; the longest match with --select wins, ignore on "
+        "a tie; repeatable", "codes", metavar="CODES"))
+    per_module_ignore: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), metadata=_meta(
+        "Drop these codes for findings in modules matching GLOB ('encoder.*', '*.attn'; '*' "
+        "also matches the whole model); repeatable", "pairs", metavar="GLOB=CODES"))
+    meta: bool = field(default=False, metadata=_meta(
+        "Build the model on the meta device (no weights allocated) and estimate from "
+        "declared initialisations; implies --no-probe", "flag"))
+    thresholds: Thresholds = field(default_factory=Thresholds, metadata=_meta(
+        "Limits the rules judge against ([tool.gradscope.thresholds])", "table", cli=False))
+
+    def __post_init__(self) -> None:
+        # Frozen: normalise through object.__setattr__, once, at construction.
+        from gradscope.rules.selection import per_module_pairs, split_codes
+
+        set_ = object.__setattr__
+        if self.thresholds is None:
+            set_(self, "thresholds", Thresholds())
+        for name in ("select", "ignore"):
+            value = getattr(self, name)
+            if value is None:
+                set_(self, name, ())
+            elif isinstance(value, str) or (isinstance(value, (list, tuple))
+                                            and all(isinstance(v, str) for v in value)):
+                set_(self, name, split_codes(value))
+        if not isinstance(self.per_module_ignore, tuple) or not all(
+                isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], tuple)
+                for p in self.per_module_ignore):
+            set_(self, "per_module_ignore", per_module_pairs(self.per_module_ignore))
+        if isinstance(self.output, int) and not isinstance(self.output, bool):
+            set_(self, "output", str(self.output))  # output = 0: a tuple output's first entry
+        self.validate()
+
+    def replaced(self, **changes: Any) -> AnalysisOptions:
+        """A copy with ``changes`` set; a name that is no option is a ``TypeError``."""
+        unknown = sorted(set(changes) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"unknown analysis option {unknown[0]!r} (options: "
+                            f"{', '.join(OPTION_NAMES)})")
+        return replace(self, **changes) if changes else self
+
+    def validate(self) -> None:
+        """Check every value's type and range: a bad one is a one-line :class:`ConfigError`."""
+        from gradscope.rules.selection import check_codes
+
+        def bad(name: str, wants: str, value: Any) -> ConfigError:
+            return ConfigError(f"{name} {wants}, not {value!r}", "fix the setting")
+
+        if not isinstance(self.device, str):
+            raise bad("device", "must be a string", self.device)
+        if self.output is not None and not isinstance(self.output, str):
+            raise bad("output", "must be a string", self.output)
+        for name in ("probe", "meta"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false", getattr(self, name))
+        if not _is_int(self.seed):
+            raise bad("seed", "must be an integer", self.seed)
+        for name, choices in (("tracer", TRACERS), ("optimizer", OPTIMIZERS),
+                              ("probe_mode", PROBE_MODES)):
+            value = getattr(self, name)
+            if (value is not None or name != "tracer") and value not in choices:
+                raise bad(name.replace("_", "-"), f"must be one of {', '.join(choices)}", value)
+        if self.loss is not None and not callable(self.loss) and self.loss not in LOSSES:
+            raise bad("loss", f"must be one of {', '.join(LOSSES)} or a function", self.loss)
+        if self.lr is not None and (not _is_number(self.lr) or not self.lr > 0):
+            raise bad("lr", "must be a positive number", self.lr)
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value >= 0:
+                raise bad(name, "must be a non-negative number", value)
+        if not _is_int(self.batches) or self.batches < 1:
+            raise bad("batches", "must be a whole number >= 1", self.batches)
+        if self.timeout is not None and (not _is_number(self.timeout)
+                                         or not 0 < self.timeout < math.inf):
+            raise bad("timeout", "must be a positive number of seconds", self.timeout)
+        if not isinstance(self.thresholds, Thresholds):
+            raise bad("thresholds", "must be a gradscope.Thresholds", self.thresholds)
+        for name in THRESHOLDS:
+            value = getattr(self.thresholds, name)
+            if not _is_number(value) or not value >= 0:
+                raise bad(name, "must be a non-negative number", value)
+        for name in ("select", "ignore"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                raise bad(name, "must be a list of rule codes", value)
+            check_codes(value, name)
+        for glob, codes in self.per_module_ignore:
+            if not glob.strip():
+                raise ConfigError("empty module glob in per-module-ignore",
+                                  "use '*' for every module, 'encoder.*' for a subtree")
+            check_codes(codes, f"per-module-ignore {glob!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: The options' fields, in declaration order.
+OPTION_FIELDS: tuple[Field[Any], ...] = tuple(fields(AnalysisOptions))
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in OPTION_FIELDS)
+
+
+def default_of(f: Field[Any]) -> Any:
+    """The library's default of an option (``gradscope.analyze``)."""
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def settings_default_of(f: Field[Any]) -> Any:
+    """The default on the command line and in ``[tool.gradscope]``: mostly the library's."""
+    declared = f.metadata["settings_default"]
+    return default_of(f) if declared is MISSING else declared
+
+
+def settings_defaults() -> AnalysisOptions:
+    """The options before ``[tool.gradscope]`` and the command line change any."""
+    return AnalysisOptions(**{f.name: f.metadata["settings_default"] for f in OPTION_FIELDS
+                              if f.metadata["settings_default"] is not MISSING})

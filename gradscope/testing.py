@@ -17,15 +17,15 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from gradscope.report import SEVERITIES
+from gradscope.options import FAIL_ON
 
 if TYPE_CHECKING:
     from gradscope.report import Finding, Report
 
 __all__ = ["FAIL_ON", "assert_healthy_gradients", "failure_message"]
 
-#: Accepted values of ``fail_on``: a severity, or ``never`` (report, do not fail).
-FAIL_ON: tuple[str, ...] = (*SEVERITIES, "never")
+#: ``FAIL_ON``, the accepted values of ``fail_on`` (a severity, or ``never``: report, do
+#: not fail), is ``gradscope.options.FAIL_ON``, the command line's ``--fail-on`` choices.
 
 #: Recommendations quoted per finding: the first is the one the rule ranks best,
 #: the second its usual alternative; more would bury the next finding.
@@ -85,7 +85,8 @@ def assert_healthy_gradients(model: Any, example_inputs: Any, fail_on: str = "er
     ``fail_on`` is the least serious severity that fails the assertion
     (``"error"``, ``"warning"``, ``"info"``, or ``"never"`` to only return the
     report). ``analyze_options`` go to :func:`gradscope.analyze` unchanged
-    (``device``, ``probe``, ``lr``, ``ignore``, ``thresholds`` ...); the default
+    (``options=AnalysisOptions(...)`` or its fields: ``device``, ``probe``, ``lr``,
+    ``ignore``, ``thresholds`` ...); the default
     device is the CPU, so a test gives the same verdict on every machine.
     Returns the report when no finding is at or above ``fail_on``, for further
     checks of your own. A bad ``fail_on`` is a ``ValueError`` raised before
