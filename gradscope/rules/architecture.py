@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import networkx as nx
-
 from gradscope.records import Finding
 from gradscope.rules.base import (
     DE_SMITH,
@@ -38,6 +36,8 @@ from gradscope.tracing.nodes import node_record
 from gradscope.tracing.ops import NORM_FUNCTIONS, NORM_KEYS
 
 if TYPE_CHECKING:
+    import networkx as nx
+
     from gradscope.rules.analysis import Analysis
 
 GS701 = Rule(
@@ -235,6 +235,8 @@ def check_plain_stack(analysis: Analysis) -> list[Finding]:
 
 def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
     """(residual add, LayerNorm right after it) pairs: x_(k+1) = LayerNorm(x_k + f(x_k))."""
+    from networkx import descendants  # at call time: `gradscope rules` needs no graph library
+
     graph = analysis.traced.graph
     pairs = []
     adds = analysis.facts.residual_adds
@@ -245,7 +247,7 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
             continue
         norm = succ[0]
         # the normalised sum is the stream: it feeds a later residual add or the output
-        downstream = nx.descendants(graph, norm)
+        downstream = descendants(graph, norm)
         if downstream & add_set or norm == analysis.traced.output_node \
                 or analysis.traced.output_node in downstream:
             pairs.append((add, norm))

@@ -7,11 +7,12 @@ loading torch; the tracers (``gradscope.tracing.graph``) create the records.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import networkx as nx
+from typing import TYPE_CHECKING, Any
 
 from gradscope.tracing import ops
+
+if TYPE_CHECKING:  # networkx is not needed to read a record, and costs `gradscope rules`
+    import networkx as nx
 
 
 @dataclass(frozen=True)
