@@ -22,10 +22,11 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gradscope.errors import ConfigError
+from gradscope.records import finding_identity, reaches
 from gradscope.report import SCHEMA_VERSION, SEVERITIES, Finding, severity_rank
 
 __all__ = [
@@ -120,12 +121,7 @@ def finding_key(finding: Finding | Mapping[str, Any]) -> FindingKey:
     it), not the directory (CI checkouts and laptops differ).
     """
     d = _as_dict(finding)
-    loc = d.get("location") or {}
-    file = loc.get("file")
-    # PurePath splits on the separators of this OS; a Windows report read on Linux
-    # keeps backslashes, so split those by hand.
-    base = PurePath(str(file).replace("\\", "/")).name if file else None
-    return (str(d.get("rule")), loc.get("module") or loc.get("node"), base)
+    return finding_identity(str(d.get("rule")), d.get("location") or {})
 
 
 def _match(known: Iterable[Finding | Mapping[str, Any]], current: Sequence[F],
@@ -176,10 +172,7 @@ def new_findings(baseline_doc: Mapping[str, Any], findings: Sequence[F]) -> list
 
 def fails(findings: Iterable[Finding | Mapping[str, Any]], fail_on: str) -> bool:
     """Whether a finding at or above ``fail_on`` is among ``findings`` (``never``: no)."""
-    if fail_on == "never":
-        return False
-    limit = severity_rank(fail_on)
-    return any(severity_rank(_as_dict(f)["severity"]) <= limit for f in findings)
+    return any(reaches(_as_dict(f)["severity"], fail_on) for f in findings)
 
 
 def baseline_note(path: str | Path, findings: Sequence[Finding | Mapping[str, Any]],

@@ -44,6 +44,29 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)  # type: ignore[arg-type]
 
 
+def reaches(severity: str, fail_on: str) -> bool:
+    """Whether a finding of ``severity`` is at or above ``fail_on`` (``never``: nothing is).
+
+    The one definition behind the exit code, ``Report.fails``, baselines and the
+    pytest helper.
+    """
+    return fail_on != "never" and severity_rank(severity) <= severity_rank(fail_on)
+
+
+def finding_identity(rule: str, location: Mapping[str, Any]) -> tuple[str, str | None,
+                                                                       str | None]:
+    """(rule, module or node, file base name): what "the same finding" means across runs.
+
+    Not the message (its figures change with every fix attempt), not the line
+    (unrelated edits move it), not the directory (CI checkouts and laptops
+    differ). Baselines match findings on it; SARIF's fingerprint is built from it.
+    """
+    file = location.get("file")
+    # Split on both separators: a Windows report read on Linux keeps its backslashes.
+    base = str(file).replace("\\", "/").rsplit("/", 1)[-1] if file else None
+    return str(rule), location.get("module") or location.get("node"), base
+
+
 @dataclass(frozen=True)
 class Verification:
     """A fix tried on a copy of the model's graph: the figure it targets, before and after.

@@ -24,6 +24,7 @@ from gradscope.records import (
     Severity,
     TraceAttempt,
     Verification,
+    reaches,
     severity_rank,
 )
 
@@ -218,10 +219,7 @@ class Report:
 
     def fails(self, fail_on: str) -> bool:
         """Whether a finding at or above ``fail_on`` exists (``never`` never fails)."""
-        if fail_on == "never":
-            return False
-        limit = severity_rank(fail_on)
-        return any(severity_rank(f.severity) <= limit for f in self.findings)
+        return any(reaches(f.severity, fail_on) for f in self.findings)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:

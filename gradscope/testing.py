@@ -96,12 +96,9 @@ def assert_healthy_gradients(model: Any, example_inputs: Any, fail_on: str = "er
     from gradscope.api import analyze
 
     report = analyze(model, example_inputs, **analyze_options)
-    if fail_on == "never":
-        return report
-    from gradscope.report import severity_rank
+    from gradscope.records import reaches, severity_rank
 
-    limit = severity_rank(fail_on)
-    failing = [f for f in report.findings if severity_rank(f.severity) <= limit]
+    failing = [f for f in report.findings if reaches(f.severity, fail_on)]
     if failing:
         # Most serious first, the order the terminal report uses.
         failing.sort(key=lambda f: severity_rank(f.severity))

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
+from gradscope.records import finding_identity
 from gradscope.rules.registry import iter_rules
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -100,10 +101,11 @@ def _result(finding: Mapping[str, Any], index: Mapping[str, int], cwd: Path) -> 
     if location:
         result["locations"] = [location]
 
-    # A stable identity for "the same problem at the same place" across runs,
-    # independent of the figures in the message, which change with every fix attempt.
-    where = module or loc.get("node") or ""
-    result["partialFingerprints"] = {"gradscopeLocation/v1": f"{code}:{where}"}
+    # A stable identity for "the same problem at the same place" across runs (the one
+    # baselines use), independent of the figures in the message. The file is SARIF's
+    # own location, so the fingerprint keeps rule and place, as in its first version.
+    _, where, _ = finding_identity(str(code), loc)
+    result["partialFingerprints"] = {"gradscopeLocation/v1": f"{code}:{where or ''}"}
     properties: dict[str, Any] = {"category": finding.get("category")}
     if finding.get("evidence"):
         properties["evidence"] = dict(finding["evidence"])
