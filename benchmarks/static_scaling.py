@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gradscope.api import analyze  # noqa: E402
-from gradscope.estimate.propagate import estimate  # noqa: E402
+from gradscope.estimate.engine import estimate  # noqa: E402
 from gradscope.tracing import trace_model  # noqa: E402
 
 WIDTH = 64

@@ -16,7 +16,7 @@ from torch import nn
 
 from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.depth import summarize_depth
-from gradscope.estimate.propagate import StaticEstimate, estimate
+from gradscope.estimate.engine import StaticEstimate, estimate
 from gradscope.meta import is_meta_model
 from gradscope.options import Thresholds
 from gradscope.probe import ProbeResult, run_probe

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from gradscope.estimate.propagate import StaticEstimate
+from gradscope.estimate.engine import StaticEstimate
 from gradscope.tracing.graph import TracedModel, node_record
 
 
@@ -45,7 +45,7 @@ def _weight_depth(traced: TracedModel) -> dict[str, int]:
     depth: dict[str, int] = {}
     for name in traced.order():
         upstream = max((depth.get(p, 0) for p in traced.graph.predecessors(name)), default=0)
-        depth[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
+        depth[name] = upstream + (1 if traced.node(name).trainable else 0)
     return depth
 
 
@@ -108,8 +108,8 @@ def residual_adds(traced: TracedModel) -> list[str]:
 
 
 def _is_weight_layer(traced: TracedModel, name: str) -> bool:
-    data = node_record(traced.graph, name)
-    return data.role == "compute" and data.num_params > 0 and data.is_float
+    """``traced.node(name).trainable``, for callers in ``gradscope.rules`` that still ask here."""
+    return traced.node(name).trainable
 
 
 def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str],
@@ -126,7 +126,7 @@ def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str]
         if name in skips:
             run[name] = 0  # a skip gives the gradient a path around the run
             continue
-        run[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
+        run[name] = upstream + (1 if traced.node(name).trainable else 0)
         if run[name] > best:
             best, best_end = run[name], name
 
@@ -143,7 +143,7 @@ def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str]
         if name not in layers_to:
             continue
         for succ in graph.successors(name):
-            count = layers_to[name] + (1 if _is_weight_layer(traced, succ) else 0)
+            count = layers_to[name] + (1 if traced.node(succ).trainable else 0)
             layers_to[succ] = max(layers_to.get(succ, 0), count)
     path_layers = layers_to.get(traced.output_node, 1)
     chi_product = health * health

@@ -32,7 +32,7 @@ from gradscope.rules.recommend import Fixer, _fmt, dense_layers, plain_run_path
 from gradscope.tracing.graph import Ref, node_record, set_record
 
 if TYPE_CHECKING:
-    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.estimate.engine import StaticEstimate
 
 NORM_KEYS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
 

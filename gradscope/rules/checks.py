@@ -18,7 +18,7 @@ from gradscope.rules.registry import get_rule
 from gradscope.tracing.graph import node_record
 
 if TYPE_CHECKING:
-    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.estimate.engine import StaticEstimate
     from gradscope.probe import ProbeResult
     from gradscope.tracing.graph import TracedModel
 
@@ -538,7 +538,7 @@ def _tail_share(mean: float, var: float, edge: float) -> float:
 
 def check_saturation(analysis: Analysis) -> list[Finding]:
     """GS301 (predicted, from the pre-activation moments) and GS302 (measured)."""
-    from gradscope.estimate.propagate import var_of
+    from gradscope.estimate.statistics import var_of
 
     t = analysis.thresholds
     graph = analysis.traced.graph
@@ -626,7 +626,7 @@ def check_dead_units(analysis: Analysis) -> list[Finding]:
 
 def negative_bias_layers(analysis: Analysis) -> list[tuple[str, float]]:
     """Weight layers feeding a ReLU whose bias mean is below -k pre-activation stds."""
-    from gradscope.estimate.propagate import tensor_stats, var_of
+    from gradscope.estimate.statistics import tensor_stats, var_of
     from gradscope.fixes import weight_and_bias, weight_layers
 
     graph = analysis.traced.graph

@@ -29,7 +29,7 @@ from gradscope.report import Recommendation, Verification
 from gradscope.tracing.graph import node_record
 
 if TYPE_CHECKING:
-    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.estimate.engine import StaticEstimate
     from gradscope.rules.checks import Analysis
 
 #: Figure names used in before -> after, so reports say what moved.
@@ -388,7 +388,7 @@ def already_initialised(analysis: Analysis, layers: Sequence[str], gain_sq: floa
     idealised moments would look better than the realised draw, but a user
     applying the fix would get another draw of the same thing.
     """
-    from gradscope.estimate.propagate import tensor_stats
+    from gradscope.estimate.statistics import tensor_stats
     from gradscope.fixes import fan_in, weight_and_bias
 
     for node in layers:
