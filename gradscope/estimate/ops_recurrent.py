@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gradscope.estimate.ops_base import Ctx, pass_backward, rule
+from gradscope.estimate.recurrent import estimate_cell, estimate_recurrent
 from gradscope.estimate.statistics import Mom, numel
 from gradscope.tracing.graph import node_record
 
@@ -36,8 +37,6 @@ def _rnn_entry(ctx: Ctx) -> str:
 
 
 def _rnn(ctx: Ctx) -> Any:
-    from gradscope.estimate.recurrent import estimate_recurrent
-
     if ctx.name in ctx.est.recurrent:
         return ctx.est.recurrent[ctx.name]  # the unroll is costly: forward and backward share it
     first = ctx.first()
@@ -76,8 +75,6 @@ class _RNNCell:
 
     @staticmethod
     def _run(ctx: Ctx) -> tuple[float, float, dict[str, float]] | None:
-        from gradscope.estimate.recurrent import estimate_cell
-
         refs = [r for r in ctx.activations_in()]
         if not refs or ctx.module is None:
             return None
