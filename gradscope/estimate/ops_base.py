@@ -25,8 +25,7 @@ from gradscope.tracing.graph import Ref, TracedModel, node_record
 
 
 class SweepState:
-    """What the sweep has computed so far, which the rules read (and the activation rule adds to).
-    """
+    """What the sweep has computed so far: what the rules read (and the activation rule adds to)."""
 
     def __init__(self, traced: TracedModel, inputs: tuple[Any, ...]) -> None:
         self.traced = traced
@@ -128,6 +127,8 @@ BACKWARD: dict[str, Backward] = {}
 
 
 def rule(*keys: str) -> Callable[[Any], Any]:
+    """Class decorator: register its static ``forward`` and ``backward`` for ``keys``."""
+
     def deco(cls: Any) -> Any:
         for key in keys:
             FORWARD[key] = cls.forward
@@ -138,10 +139,12 @@ def rule(*keys: str) -> Callable[[Any], Any]:
 
 
 def pass_forward(ctx: Ctx) -> Mom | None:
+    """The first signal input's moments, unchanged (also the fallback for unknown ops)."""
     first = ctx.first()
     return ctx.est.moments.get(first) if first else None
 
 
 def pass_backward(ctx: Ctx) -> dict[str, float]:
+    """Gain 1 to every signal input (also the fallback for unknown ops)."""
     return {r: 1.0 for r in ctx.activations_in()}
 
