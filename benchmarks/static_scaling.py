@@ -6,7 +6,7 @@ For each depth, the model is ``nn.Sequential`` of ``depth`` x (Linear(64, 64), R
 is the least disturbed run):
 
 - trace: ``gradscope.tracing.trace_model(model, inputs, allow_run=False)``;
-- estimate: ``gradscope.estimate.propagate.estimate(traced, inputs)``;
+- estimate: ``gradscope.estimate.engine.estimate(traced, inputs)``;
 - static pass: ``gradscope.analyze(model, inputs, probe=False)`` end to end
   (trace + estimate + rules + report).
 
@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gradscope.api import analyze  # noqa: E402
-from gradscope.estimate.propagate import estimate  # noqa: E402
+from gradscope.estimate.engine import estimate  # noqa: E402
 from gradscope.tracing import trace_model  # noqa: E402
 
 WIDTH = 64

@@ -16,14 +16,20 @@ from torch import nn
 
 from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.depth import summarize_depth
-from gradscope.estimate.propagate import estimate
+from gradscope.estimate.engine import estimate
 from gradscope.meta import is_meta_model
-from gradscope.options import OPTION_NAMES, AnalysisOptions, Thresholds
+from gradscope.options import (
+    OPTION_NAMES,
+    AnalysisOptions,
+    Thresholds,
+    per_module_pairs,
+    split_codes,
+)
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
 from gradscope.rules.analysis import Analysis, run_rules
-from gradscope.rules.selection import RuleSelection, per_module_pairs, split_codes
+from gradscope.rules.selection import RuleSelection
 from gradscope.state import preserved
 from gradscope.tracing import trace_model
 
@@ -137,7 +143,8 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
         if measured:
             summary.update(probe_min_ratio=measured[1], probe_min_node=measured[0],
                            probe_max_ratio=measured[3], probe_max_node=measured[2])
-    depth = summarize_depth(analysis.traced, analysis.estimate, list(facts.entries))
+    depth = summarize_depth(analysis.traced, analysis.estimate, list(facts.entries),
+                            list(facts.residual_adds))
     summary.update(
         longest_plain_run=facts.longest_plain_run, plain_run_end=facts.plain_run_end,
         residual_skips=len(facts.residual_adds), static_chi_product=depth.chi_product,

@@ -205,7 +205,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
     run could not be done.
     """
     from gradscope.config import load_settings, validate
-    from gradscope.rules.selection import check_codes, parse_per_module, split_codes
+    from gradscope.options import parse_per_module, split_codes
+    from gradscope.rules.selection import check_codes
 
     try:
         # Checked here, before merging, so an unknown code names the option it came from.

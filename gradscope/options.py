@@ -15,7 +15,7 @@ declarations before deciding whether torch is needed at all.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
 
@@ -34,7 +34,7 @@ class Thresholds:
     """Limits on the gradient ratio (earliest trainable layers / output), after pooling.
 
     Ratios are of gradient norms, discounting averaging ops (see
-    ``gradscope.estimate.propagate``). Defaults follow docs/static-estimate.md:
+    ``gradscope.rules.health``). Defaults follow docs/static-estimate.md:
     a plain stack whose product of gains leaves [1e-2, 1e2] needs attention.
     """
 
@@ -150,8 +150,6 @@ class AnalysisOptions:
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__, once, at construction.
-        from gradscope.rules.selection import per_module_pairs, split_codes
-
         set_ = object.__setattr__
         if self.thresholds is None:
             set_(self, "thresholds", Thresholds())
@@ -180,8 +178,6 @@ class AnalysisOptions:
 
     def validate(self) -> None:
         """Check every value's type and range: a bad one is a one-line :class:`ConfigError`."""
-        from gradscope.rules.selection import check_codes
-
         def bad(name: str, wants: str, value: Any) -> ConfigError:
             return ConfigError(f"{name} {wants}, not {value!r}", "fix the setting")
 
@@ -222,12 +218,13 @@ class AnalysisOptions:
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 raise bad(name, "must be a list of rule codes", value)
-            check_codes(value, name)
-        for glob, codes in self.per_module_ignore:
+        # Each code is checked against the rule registry where a selection is built
+        # (gradscope.rules.selection.RuleSelection, before anything runs, and the
+        # settings layer): the options sit below the rules and cannot know the codes.
+        for glob, _codes in self.per_module_ignore:
             if not glob.strip():
                 raise ConfigError("empty module glob in per-module-ignore",
                                   "use '*' for every module, 'encoder.*' for a subtree")
-            check_codes(codes, f"per-module-ignore {glob!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -260,3 +257,66 @@ def settings_defaults() -> AnalysisOptions:
     """The options before ``[tool.gradscope]`` and the command line change any."""
     return AnalysisOptions(**{f.name: f.metadata["settings_default"] for f in OPTION_FIELDS
                               if f.metadata["settings_default"] is not MISSING})
+
+
+# ---------------------------------------------------------------------------
+# Parsing the rule-selection options (their codes are checked by gradscope.rules.selection)
+
+#: ``per_module_ignore`` as held: (module glob, codes) pairs in the order given.
+PerModule = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def split_codes(values: str | Iterable[str]) -> tuple[str, ...]:
+    """``("GS101,GS102", "GS8")`` -> ``("GS101", "GS102", "GS8")``.
+
+    Options are comma-separated and repeatable (``--ignore GS101,GS102 --ignore GS8``),
+    so every value is split; empty pieces of a trailing comma are dropped.
+    """
+    items = [values] if isinstance(values, str) else list(values)
+    codes: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            codes.extend(piece.strip() for piece in item.split(",") if piece.strip())
+        else:  # not a string: left for check_codes to report with where it came from
+            codes.append(item)
+    return tuple(codes)
+
+
+def parse_per_module(value: str) -> tuple[str, tuple[str, ...]]:
+    """The command-line form ``GLOB=CODE[,CODE...]`` -> ``(GLOB, (CODE, ...))``.
+
+    The last ``=`` splits, as codes never contain one. Codes are not checked
+    against the registry here; :class:`RuleSelection` does that with the others.
+    """
+    glob, sep, codes = value.rpartition("=")
+    parsed = split_codes(codes)
+    if not sep or not glob.strip() or not parsed:
+        raise ConfigError(f"--per-module-ignore wants GLOB=CODE[,CODE...], not {value!r}",
+                          "for example --per-module-ignore 'encoder.layers.*=GS1'")
+    return glob.strip(), parsed
+
+
+def per_module_pairs(value: Mapping[str, str | Sequence[str]]
+                     | Iterable[tuple[str, str | Sequence[str]]] | None) -> PerModule:
+    """A mapping ``glob -> codes`` (or ``(glob, codes)`` pairs) as the tuple a selection holds.
+
+    Pairs are accepted too because a repeated command-line option may name the
+    same glob twice; a mapping could not hold both.
+    """
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    pairs: list[tuple[str, tuple[str, ...]]] = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2
+                and isinstance(item[0], str)):
+            raise ConfigError(f"per-module-ignore must map module globs to rule codes, not "
+                              f"{item!r}", 'write it like {"encoder.*": ["GS1"]}')
+        glob, codes = item
+        if isinstance(codes, str):
+            codes = split_codes(codes)
+        elif not isinstance(codes, (list, tuple)):
+            raise ConfigError(f"per-module-ignore {glob!r} must list rule codes, not {codes!r}",
+                              'write it like {"encoder.*": ["GS1"]}')
+        pairs.append((glob, tuple(codes)))
+    return tuple(pairs)

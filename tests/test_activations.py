@@ -1,7 +1,7 @@
 """Tests for gradscope.estimate.activations.
 
 Why these checks: the moments feed every forward and backward gain the estimator reports, so
-they are pinned three independent ways: the published table (SIGNAL_PROPAGATION.md), exact
+they are pinned three independent ways: the published table (docs/static-estimate.md), exact
 closed forms and limits, and sampling through torch's own functions.
 """
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradscope.estimate import activations as acts
+from gradscope.estimate import quadrature
 from gradscope.estimate.activations import (
     KNOWN_ACTIVATIONS,
     Moments,
@@ -42,7 +43,7 @@ def _rel(got: float, want: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# The table in SIGNAL_PROPAGATION.md, q = 1: (name, params, E[phi'^2], E[phi^2])
+# The table in docs/static-estimate.md, q = 1: (name, params, E[phi'^2], E[phi^2])
 # --------------------------------------------------------------------------------------------
 
 TABLE: list[tuple[str, dict[str, float], float, float]] = [
@@ -99,7 +100,7 @@ def test_relu_shifted_mean(mean: float, var: float) -> None:
     assert m.second == pytest.approx((mean**2 + var) * _cdf(a) + mean * s * pdf, rel=1e-9, abs=0)
     # The same through torch's relu and the composite quadrature, which knows nothing of erf.
     # It integrates over +-10 sigma only, so deep-tail values are absolutely, not relatively, right.
-    quad = acts._compute(acts._bind("relu", ()), mean, var, force_composite=True)
+    quad = quadrature.compute_moments(acts._bind("relu", ()), mean, var, force_composite=True)
     assert quad.grad_second == pytest.approx(m.grad_second, rel=1e-12, abs=1e-20)
     assert quad.second == pytest.approx(m.second, rel=1e-12, abs=1e-20)
 
@@ -155,8 +156,8 @@ def test_closed_forms_match_torch_quadrature(
     name: str, params: dict[str, float], tol: float, mean: float, var: float
 ) -> None:
     act = acts._bind(name, acts._freeze_params(name, params))
-    closed = acts._compute(act, mean, var)
-    quad = acts._compute(act, mean, var, force_composite=True)
+    closed = quadrature.compute_moments(act, mean, var)
+    quad = quadrature.compute_moments(act, mean, var, force_composite=True)
     for got, want in zip(
         (quad.mean, quad.second, quad.grad_second),
         (closed.mean, closed.second, closed.grad_second),
@@ -171,8 +172,8 @@ def test_closed_forms_match_torch_quadrature(
 @pytest.mark.parametrize(("mean", "var"), [(0.0, 0.01), (0.4, 0.2), (-1.0, 0.24)])
 def test_hermite_and_composite_rules_agree(name: str, mean: float, var: float) -> None:
     act = acts._bind(name, acts._FROZEN_DEFAULTS[name])
-    hermite = acts._compute(act, mean, var)
-    composite = acts._compute(act, mean, var, force_composite=True)
+    hermite = quadrature.compute_moments(act, mean, var)
+    composite = quadrature.compute_moments(act, mean, var, force_composite=True)
     assert hermite.second == pytest.approx(composite.second, rel=1e-12)
     assert hermite.grad_second == pytest.approx(composite.grad_second, rel=1e-12)
     assert hermite.mean == pytest.approx(composite.mean, rel=1e-12, abs=1e-15)
@@ -577,7 +578,7 @@ def test_params_from_traced_calls() -> None:
 def test_derivative_is_torch_autograd(name: str) -> None:
     act = acts._bind(name, acts._FROZEN_DEFAULTS[name])
     z = np.linspace(-7.3, 7.1, 301)
-    phi, grad = acts._phi_and_grad(act, z)
+    phi, grad = quadrature.phi_and_grad(act, z)
     x = torch.from_numpy(z.copy()).requires_grad_(True)
     y = act.fn(x)
     (want,) = torch.autograd.grad(y, x, torch.ones_like(y))
@@ -595,7 +596,7 @@ def test_array_matches_scalar(name: str) -> None:
     for i in range(means.shape[0]):
         # Against the unrounded scalar computation: the public function rounds (mean, var) to
         # 12 digits for its cache key, which moves deep-tail values by up to ~1e-9.
-        m = acts._compute(act, *acts._clean(float(means[i]), float(variances[i])))
+        m = quadrature.compute_moments(act, *acts._clean(float(means[i]), float(variances[i])))
         scale = 1 + abs(float(means[i])) + math.sqrt(float(variances[i]))
         assert e1[i] == pytest.approx(m.mean, rel=1e-9, abs=1e-12 * scale)
         assert e2[i] == pytest.approx(m.second, rel=1e-9)
@@ -607,11 +608,10 @@ def test_array_matches_scalar(name: str) -> None:
 
 
 def test_works_under_no_grad_and_inference_mode() -> None:
-    expected = acts._compute(acts._bind("gelu", acts._FROZEN_DEFAULTS["gelu"]), 0.123, 2.34)
+    gelu = acts._bind("gelu", acts._FROZEN_DEFAULTS["gelu"])
+    expected = quadrature.compute_moments(gelu, 0.123, 2.34)
     with torch.no_grad():
-        assert acts._compute(acts._bind("gelu", acts._FROZEN_DEFAULTS["gelu"]), 0.123, 2.34) == (
-            expected
-        )
+        assert quadrature.compute_moments(gelu, 0.123, 2.34) == expected
     with torch.inference_mode():
         assert activation_moments("gelu", 0.123, 2.34) == expected
         e1, _, _ = activation_moments_array("silu", [0.1, 0.2], 3.0)

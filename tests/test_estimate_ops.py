@@ -1,6 +1,6 @@
 """Each op rule of the static estimator against a brute-force autograd measurement.
 
-For every op family the estimator models (gradscope/estimate/propagate.py), a
+For every op family the estimator models (gradscope/estimate/ops_*.py), a
 tiny model ``body(inputs) -> y -> readout`` is analysed statically and then
 measured eagerly, independently of gradscope's probe:
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope.estimate.propagate import estimate
+from gradscope.estimate.engine import estimate
 from gradscope.tracing import trace_model
 
 TOL = 0.3
@@ -363,8 +363,8 @@ def static(case: Case) -> Numbers:
         # analyze() puts the model in train mode; eval rules are reachable only here
         traced = trace_model(model, inputs, method=TRACER, allow_run=False)
         est = estimate(traced, inputs)
-        readout = next(n for n, d in traced.graph.nodes(data=True) if d["module"] == "readout")
-        y = traced.graph.nodes[readout]["inputs"][0]
+        readout = next(r.name for r in traced.records() if r.module == "readout")
+        y = traced.node(readout).inputs[0]
         sq = {n: est.sq_norm[n] for n in [*names, y]}
         assert all(est.understood.get(n, True) for n in est.understood), est.unknown_ops
     else:

@@ -67,10 +67,10 @@ from gradscope.estimate.recurrent import (
     RecurrentEstimate,
     estimate_cell,
     estimate_recurrent,
-    gate_moments,
     input_gradient_profile,
 )
 from gradscope.estimate.recurrent import _run as run_both  # estimate and profile in one run
+from gradscope.estimate.rnn_gates import gate_moments
 
 BATCH, FEATURES, HIDDEN = 64, 16, 64
 WINDOW = (10, 40)  # positions of a 50-step sequence where the per-step gain is measured
@@ -252,7 +252,7 @@ def test_cell_matches_brute_force(name: str, h_second: float, c_second: float) -
 
 
 def test_forget_bias_trend_over_100_steps() -> None:
-    """SIGNAL_PROPAGATION.md's LSTM figures (first/last input-gradient RMS over 100 steps).
+    """docs/static-estimate.md's LSTM figures (first/last input-gradient RMS, 100 steps).
 
     Reference: 5.4e-22 (bias 0), 5e-9 (bias 1), 1.6 (bias 3); sample_models/lstm.py: 4.7e-21,
     1.4e-8, 0.75. Measured here (H=64, batch 64): brute force 2.8e-21, 1.2e-8, 1.2; estimate

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.estimate.propagate import understands
+from gradscope.estimate.catalogue import understands
 from gradscope.report import Finding, Report
 from gradscope.rules.registry import FAMILIES, get_rule
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from gradscope.estimate.propagate import StaticEstimate
+from gradscope.estimate.engine import StaticEstimate
 from gradscope.tracing.graph import TracedModel, node_record
 
 
@@ -45,7 +45,7 @@ def _weight_depth(traced: TracedModel) -> dict[str, int]:
     depth: dict[str, int] = {}
     for name in traced.order():
         upstream = max((depth.get(p, 0) for p in traced.graph.predecessors(name)), default=0)
-        depth[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
+        depth[name] = upstream + (1 if traced.node(name).trainable else 0)
     return depth
 
 
@@ -107,28 +107,43 @@ def residual_adds(traced: TracedModel) -> list[str]:
     return found
 
 
-def _is_weight_layer(traced: TracedModel, name: str) -> bool:
-    data = node_record(traced.graph, name)
-    return data.role == "compute" and data.num_params > 0 and data.is_float
+def plain_run(traced: TracedModel, skips: set[str]) -> tuple[list[str], int, str | None]:
+    """The longest plain run: (its nodes in forward order, its weight layers, its last node).
+
+    The one walker (the summary and GS701 read the same run): a residual add resets
+    the count, since the gradient has a way around the layers before it; every
+    trainable layer adds one.
+    """
+    graph = traced.graph
+    run: dict[str, int] = {}
+    best, best_end = 0, None
+    for name in traced.order():
+        if traced.node(name).role == "param":
+            continue
+        upstream = max((run.get(p, 0) for p in graph.predecessors(name)), default=0)
+        if name in skips:
+            run[name] = 0
+            continue
+        run[name] = upstream + (1 if traced.node(name).trainable else 0)
+        if run[name] > best:
+            best, best_end = run[name], name
+    path: list[str] = []
+    node = best_end
+    while node is not None and run.get(node, 0) > 0:
+        path.append(node)
+        preds = [p for p in graph.predecessors(node) if p in run]
+        node = max(preds, key=lambda p: (run[p], traced.node(p).index), default=None)
+    return list(reversed(path)), best, best_end
 
 
 def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str],
-                    ) -> DepthSummary:
-    """Compute the depth figures; ``entries`` are the first trainable layers (the rules')."""
+                    skips: list[str] | None = None) -> DepthSummary:
+    """Compute the depth figures; ``entries`` are the first trainable layers (the rules'),
+    ``skips`` the residual adds when the caller has them already."""
     graph = traced.graph
     order = traced.order()
-    skips = set(residual_adds(traced))
-    run: dict[str, int] = {}
-    best, best_end = 0, None
-    for name in order:
-        preds = list(graph.predecessors(name))
-        upstream = max((run.get(p, 0) for p in preds), default=0)
-        if name in skips:
-            run[name] = 0  # a skip gives the gradient a path around the run
-            continue
-        run[name] = upstream + (1 if _is_weight_layer(traced, name) else 0)
-        if run[name] > best:
-            best, best_end = run[name], name
+    skips = list(residual_adds(traced)) if skips is None else list(skips)
+    _, best, best_end = plain_run(traced, set(skips))
 
     # Worst entry layer: the one whose static health is lowest (or highest, if exploding).
     candidates = [(n, est.health.get(n)) for n in entries]
@@ -143,7 +158,7 @@ def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str]
         if name not in layers_to:
             continue
         for succ in graph.successors(name):
-            count = layers_to[name] + (1 if _is_weight_layer(traced, succ) else 0)
+            count = layers_to[name] + (1 if traced.node(succ).trainable else 0)
             layers_to[succ] = max(layers_to.get(succ, 0), count)
     path_layers = layers_to.get(traced.output_node, 1)
     chi_product = health * health

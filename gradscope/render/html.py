@@ -217,12 +217,11 @@ def _spread(layer: Mapping[str, Any]) -> tuple[float | None, float | None]:
     The probe keeps the per-batch spread of the gradient RMS; the health figure is
     the same gradient's norm ratio, so the spread scales by the same factors.
     """
-    measured, rms = layer.get("health_measured"), layer.get("probe_grad_rms")
-    if not (_is_real(measured) and _is_real(rms)) or not rms > 0:
+    figures = [layer.get(k) for k in ("health_measured", "probe_grad_rms", "probe_grad_rms_min",
+                                      "probe_grad_rms_max")]
+    if not all(_is_real(v) and math.isfinite(v) for v in figures) or not figures[1] > 0:
         return None, None
-    lo, hi = layer.get("probe_grad_rms_min"), layer.get("probe_grad_rms_max")
-    if not (_is_real(lo) and _is_real(hi)):
-        return None, None
+    measured, rms, lo, hi = (float(v) for v in figures)
     return (_positive_log10(measured * lo / rms), _positive_log10(measured * hi / rms))
 
 

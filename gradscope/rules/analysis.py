@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gradscope.estimate.depth import residual_adds
-from gradscope.estimate.propagate import var_of
+from gradscope.estimate.depth import plain_run, residual_adds
+from gradscope.estimate.statistics import var_of
 from gradscope.options import Thresholds
 from gradscope.records import Finding, severity_rank
 from gradscope.rules.health import HealthTable, build_health
@@ -26,7 +26,7 @@ from gradscope.rules.registry import CHECKS
 from gradscope.tracing.graph import TracedModel
 
 if TYPE_CHECKING:
-    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.estimate.engine import StaticEstimate
     from gradscope.probe import ProbeResult
     from gradscope.rules.base import Check
     from gradscope.rules.fixes import Fixer
@@ -72,34 +72,6 @@ def entry_nodes(traced: TracedModel, trainable: Sequence[str]) -> list[str]:
         if node in train and not behind[node]:
             entries.append(node)
     return entries
-
-
-def plain_run(traced: TracedModel, skips: set[str]) -> tuple[list[str], int, str | None]:
-    """The longest plain run: (its nodes in forward order, its weight layers, its last node).
-
-    The one walker: a residual add resets the count (the gradient has a way
-    around the layers before it); every trainable layer adds one.
-    """
-    graph = traced.graph
-    run: dict[str, int] = {}
-    best, best_end = 0, None
-    for name in traced.order():
-        if traced.node(name).role == "param":
-            continue
-        upstream = max((run.get(p, 0) for p in graph.predecessors(name)), default=0)
-        if name in skips:
-            run[name] = 0
-            continue
-        run[name] = upstream + (1 if traced.node(name).trainable else 0)
-        if run[name] > best:
-            best, best_end = run[name], name
-    path: list[str] = []
-    node = best_end
-    while node is not None and run.get(node, 0) > 0:
-        path.append(node)
-        preds = [p for p in graph.predecessors(node) if p in run]
-        node = max(preds, key=lambda p: (run[p], traced.node(p).index), default=None)
-    return list(reversed(path)), best, best_end
 
 
 def structural_facts(traced: TracedModel) -> StructuralFacts:

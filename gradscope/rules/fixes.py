@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from gradscope.estimate.propagate import tensor_stats, var_of
+from gradscope.estimate.statistics import tensor_stats, var_of
 from gradscope.records import Recommendation, Verification
 from gradscope.rules.base import fmt, signal_inputs, stream_and_branch
 from gradscope.rules.health import log_distance
@@ -38,7 +38,7 @@ from gradscope.tracing.graph import Ref, node_record, set_record
 from gradscope.tracing.ops import SATURATING
 
 if TYPE_CHECKING:
-    from gradscope.estimate.propagate import StaticEstimate
+    from gradscope.estimate.engine import StaticEstimate
     from gradscope.rules.analysis import Analysis
 
 #: Figure names used in before -> after, so reports say what moved.

@@ -27,11 +27,12 @@ validates settings before deciding whether torch is needed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from gradscope.errors import ConfigError
+from gradscope.options import PerModule, per_module_pairs, split_codes
 from gradscope.records import Finding
 from gradscope.rules import registry
 
@@ -40,23 +41,6 @@ ALL = "ALL"
 
 _HINT = "run 'gradscope rules' for the codes; a prefix such as GS1 covers GS1xx"
 
-PerModule = tuple[tuple[str, tuple[str, ...]], ...]
-
-
-def split_codes(values: str | Iterable[str]) -> tuple[str, ...]:
-    """``("GS101,GS102", "GS8")`` -> ``("GS101", "GS102", "GS8")``.
-
-    Options are comma-separated and repeatable (``--ignore GS101,GS102 --ignore GS8``),
-    so every value is split; empty pieces of a trailing comma are dropped.
-    """
-    items = [values] if isinstance(values, str) else list(values)
-    codes: list[str] = []
-    for item in items:
-        if isinstance(item, str):
-            codes.extend(piece.strip() for piece in item.split(",") if piece.strip())
-        else:  # not a string: left for check_codes to report with where it came from
-            codes.append(item)
-    return tuple(codes)
 
 
 def check_codes(codes: Iterable[str], where: str) -> tuple[str, ...]:
@@ -80,46 +64,6 @@ def check_codes(codes: Iterable[str], where: str) -> tuple[str, ...]:
         if text not in checked:
             checked.append(text)
     return tuple(checked)
-
-
-def parse_per_module(value: str) -> tuple[str, tuple[str, ...]]:
-    """The command-line form ``GLOB=CODE[,CODE...]`` -> ``(GLOB, (CODE, ...))``.
-
-    The last ``=`` splits, as codes never contain one. Codes are not checked
-    against the registry here; :class:`RuleSelection` does that with the others.
-    """
-    glob, sep, codes = value.rpartition("=")
-    parsed = split_codes(codes)
-    if not sep or not glob.strip() or not parsed:
-        raise ConfigError(f"--per-module-ignore wants GLOB=CODE[,CODE...], not {value!r}",
-                          "for example --per-module-ignore 'encoder.layers.*=GS1'")
-    return glob.strip(), parsed
-
-
-def per_module_pairs(value: Mapping[str, str | Sequence[str]]
-                     | Iterable[tuple[str, str | Sequence[str]]] | None) -> PerModule:
-    """A mapping ``glob -> codes`` (or ``(glob, codes)`` pairs) as the tuple a selection holds.
-
-    Pairs are accepted too because a repeated command-line option may name the
-    same glob twice; a mapping could not hold both.
-    """
-    if value is None:
-        return ()
-    items = value.items() if isinstance(value, Mapping) else value
-    pairs: list[tuple[str, tuple[str, ...]]] = []
-    for item in items:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2
-                and isinstance(item[0], str)):
-            raise ConfigError(f"per-module-ignore must map module globs to rule codes, not "
-                              f"{item!r}", 'write it like {"encoder.*": ["GS1"]}')
-        glob, codes = item
-        if isinstance(codes, str):
-            codes = split_codes(codes)
-        elif not isinstance(codes, (list, tuple)):
-            raise ConfigError(f"per-module-ignore {glob!r} must list rule codes, not {codes!r}",
-                              'write it like {"encoder.*": ["GS1"]}')
-        pairs.append((glob, tuple(codes)))
-    return tuple(pairs)
 
 
 def _longest(code: str, prefixes: Iterable[str]) -> int:

@@ -20,7 +20,8 @@ from typing import Any
 import networkx as nx
 import torch
 
-from gradscope.estimate.propagate import Mom, StaticEstimate, estimate
+from gradscope.estimate.engine import StaticEstimate, estimate
+from gradscope.estimate.statistics import Mom
 from gradscope.rules.health import log_distance
 from gradscope.tracing.graph import Ref, TracedModel, iter_refs, node_record, set_record
 from gradscope.tracing.ops import REINIT_KEYS

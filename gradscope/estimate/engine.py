@@ -1,0 +1,261 @@
+"""The static estimate's sweeps: forward moments, backward gains, and what they imply.
+
+Mean-field propagation (``docs/static-estimate.md``): a forward sweep carries
+each node's output mean m and second moment q (over units and samples); a
+backward sweep carries S, the expected squared norm of dLoss/d(node output)
+relative to the model output. Working in squared norms rather than
+per-element variances makes routing ops (reshape, slicing, concat,
+broadcasting) exactly gain 1, so only ops that really scale the gradient
+have a gain. Per-element RMS, the report's ``static_grad_rms``, is derived
+at the end.
+
+A second backward sweep, the *structural* gain, applies only the gains of
+averaging ops (mean, average pooling): they shrink the gradient norm by
+design without starving any weight. ``health = S / structural`` is what the
+vanishing and exploding rules judge, so global average pooling or a width
+change is never mistaken for attenuation.
+
+This module is the driver only: each op's rule comes from the op catalogue
+(``gradscope.estimate.catalogue``) by the node's canonical key, the weights'
+moments from ``gradscope.estimate.statistics``. It also tracks the spread of
+unit means from node to node, which the activation, normalisation and
+pooling rules read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
+from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
+from gradscope.estimate.statistics import (
+    Mom,
+    numel,
+    statistics_scope,
+    tensor_stats,
+    unit_means_spread,
+    var_of,
+    weight_stats,
+)
+from gradscope.tracing.graph import NodeRecord, TracedModel, node_record
+from gradscope.tracing.ops import AVERAGING_KEYS, DENSE_KEYS, NORM_KEYS
+
+
+@dataclass
+class StaticEstimate:
+    """Per-node forward moments and backward gains, and what they imply."""
+
+    moments: dict[str, Mom | None] = field(default_factory=dict)
+    sq_norm: dict[str, float] = field(default_factory=dict)
+    structural: dict[str, float] = field(default_factory=dict)
+    understood: dict[str, bool] = field(default_factory=dict)
+    grad_rms: dict[str, float | None] = field(default_factory=dict)
+    health: dict[str, float | None] = field(default_factory=dict)
+    coverage: float = 1.0
+    unknown_ops: list[str] = field(default_factory=list)
+    #: Recurrent layers' unrolls by node: step gain through time, steps, what dominates.
+    recurrent: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# The sweeps
+
+
+class _Estimator(SweepState):
+    """One estimate of one traced model: the sweep state plus the sweeps themselves."""
+
+    def _needs_grad(self, order: list[str]) -> dict[str, bool]:
+        """Which nodes carry a gradient: downstream of a trainable weight or a float input."""
+        needs: dict[str, bool] = {}
+        for name in order:
+            data = node_record(self.graph, name)
+            if not data.is_float:
+                needs[name] = False
+            elif data.role == "input":
+                needs[name] = True
+            elif data.role == "param":
+                tensor = self.tensor_of(name)
+                needs[name] = bool(tensor is not None and tensor.requires_grad)
+            elif data.key in _no_grad_keys():
+                needs[name] = False
+            elif data.kind == "call_module" and self._trains(data):
+                needs[name] = True  # its weights are not graph nodes (nn.Embedding on ids)
+            else:
+                needs[name] = any(needs.get(p, False) for p in self.graph.predecessors(name))
+        return needs
+
+    def _trains(self, data: NodeRecord) -> bool:
+        module = self.traced.modules.get(data.module or "")
+        return module is not None and any(p.requires_grad for p in module.parameters())
+
+    def run(self) -> StaticEstimate:
+        order = self.traced.order()
+        est = StaticEstimate()
+        input_index = 0
+        for name in order:
+            data = node_record(self.graph, name)
+            role = data.role
+            if not data.is_float:
+                self.moments[name] = None
+                if role == "input":
+                    input_index += 1
+                continue
+            if role == "input":
+                value = self.inputs[input_index] if input_index < len(self.inputs) else None
+                input_index += 1
+                self.spread[name] = unit_means_spread(value) \
+                    if isinstance(value, torch.Tensor) else 0.0
+                self.moments[name] = tensor_stats(value) if isinstance(value, torch.Tensor) \
+                    else (0.0, 1.0)
+                continue
+            if role == "param":
+                tensor = self.tensor_of(name)
+                self.moments[name] = tensor_stats(tensor) if tensor is not None else None
+                continue
+            key = data.key
+            ctx = Ctx(self, name)
+            known = understands(key)
+            est.understood[name] = known
+            fwd = forward_rule(key)
+            self.pending_spread = None
+            try:
+                mom = fwd(ctx)
+            except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+                mom, est.understood[name] = pass_forward(ctx), False
+            self.moments[name] = _finite_moments(mom)
+            self.spread[name] = _spread_of(ctx, self.moments[name], self.pending_spread)
+        est.moments = dict(self.moments)
+        needs_grad = self._needs_grad(order)
+
+        out = self.traced.output_node
+        ancestors = nx.ancestors(self.graph, out) | {out}
+        sq: dict[str, float] = {n: 0.0 for n in order}
+        structural: dict[str, float] = {n: 0.0 for n in order}
+        sq[out] = 1.0
+        structural[out] = 1.0
+        for name in reversed(order):
+            if name not in ancestors or node_record(self.graph, name).role != "compute" \
+                    or not needs_grad[name]:
+                continue
+            data = node_record(self.graph, name)
+            key = data.key
+            ctx = Ctx(self, name)
+            bwd = backward_rule(key)
+            try:
+                gains = bwd(ctx)
+            except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+                gains = pass_backward(ctx)
+            structural_gains = _structural_gains(ctx, gains)
+            for src, gain in gains.items():
+                if not needs_grad.get(src) or node_record(self.graph, src).role == "param":
+                    continue
+                sq[src] += sq[name] * _finite(gain)
+                structural[src] = max(structural[src],
+                                      structural[name] * structural_gains.get(src, 1.0))
+        est.sq_norm = sq
+        est.recurrent = dict(self.recurrent)
+        est.structural = structural
+
+        out_numel = numel(node_record(self.graph, out).shape) or 1
+        for name in order:
+            data = node_record(self.graph, name)
+            if data.role == "param" or not needs_grad[name] or name not in ancestors:
+                est.grad_rms[name] = None
+                est.health[name] = None
+                continue
+            n = numel(data.shape) or out_numel
+            est.grad_rms[name] = math.sqrt(sq[name] * out_numel / n)
+            est.health[name] = math.sqrt(sq[name] / structural[name]) \
+                if structural[name] > 0 else None
+        float_compute = [n for n in order if node_record(self.graph, n).role == "compute"
+                         and node_record(self.graph, n).is_float]
+        known_count = sum(1 for n in float_compute if est.understood.get(n, False))
+        est.coverage = known_count / len(float_compute) if float_compute else 1.0
+        est.unknown_ops = sorted({node_record(self.graph, n).op for n in float_compute
+                                  if not est.understood.get(n, False)})
+        return est
+
+
+def _spread_of(ctx: Ctx, mom: Mom | None, pending: float | None) -> float:
+    """The spread of unit means of a node's output (see ``SweepState.spread``)."""
+    if mom is None:
+        return 0.0
+    key = ctx.data.key
+    first = ctx.first()
+    spread_in = ctx.est.spread.get(first, 0.0) if first else 0.0
+    if pending is not None:
+        value = pending
+    elif key in DENSE_KEYS:
+        # unit c's mean is sum_j W_cj mu_j + b_c: it varies with the weights even when
+        # every input unit has the same mean.
+        xm = ctx.est.moments.get(first) if first else None
+        if xm is None:
+            return 0.0
+        w = ctx.weight("mat2", 2) if key == "addmm" else ctx.weight("weight", 1)
+        b = ctx.weight("input", 0) if key == "addmm" else ctx.weight("bias", 2)
+        if w is None:
+            return 0.0
+        fan = float(w.shape[0]) if key == "addmm" else float(w[0].numel())
+        _, w2 = weight_stats(w, (0.0, 1.0 / (3.0 * fan)))
+        _, b2 = weight_stats(b, (0.0, 0.0)) if b is not None else (0.0, 0.0)
+        unit_mean_sq = fan * w2 * (xm[0] ** 2 + spread_in) + b2
+        value = unit_mean_sq - mom[0] ** 2
+    elif key in NORM_KEYS:
+        beta = ctx.param_by_suffix("bias")
+        value = var_of(weight_stats(beta, (0.0, 0.0))) if key == "batch_norm" else 0.0
+    elif key in ("add", "sub", "rsub"):
+        value = sum(ctx.est.spread.get(r, 0.0) for r in ctx.activations_in())
+    elif key in ("view", "getitem", "max_pool", "avg_pool", "mean", "dropout", "neg", "cat",
+                 "split") or key == "input":
+        value = spread_in
+    else:
+        value = 0.0
+    return min(max(value, 0.0), var_of(mom))
+
+
+def _no_grad_keys() -> frozenset[str]:
+    return frozenset({"detach", "constant"})
+
+
+def _structural_gains(ctx: Ctx, gains: dict[str, float]) -> dict[str, float]:
+    """The part of each gain that averaging ops impose by design (see module docstring)."""
+    key = ctx.data.key
+    if key in AVERAGING_KEYS:
+        return dict(gains)
+    if key == "sum":
+        return dict(gains)
+    if key == "cat":
+        return dict(gains)
+    return {}
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 1e300
+
+
+def _finite_moments(m: Mom | None) -> Mom | None:
+    if m is None:
+        return None
+    mean, second = m
+    if not (math.isfinite(mean) and math.isfinite(second)):
+        return None
+    return mean, max(second, 0.0)
+
+
+def estimate(traced: TracedModel, inputs: tuple[Any, ...],
+             declared: dict[int, Mom] | None = None,
+             overrides: dict[int, Mom] | None = None) -> StaticEstimate:
+    """Run the forward and backward sweeps over ``traced``'s graph.
+
+    ``inputs`` give the input moments (real tensors, even when the graph was
+    traced on meta ones); ``declared`` maps ``id(tensor)`` of meta weights to
+    their declared init moments; ``overrides`` replaces any weight's moments
+    (by ``id``), for what-if estimates of a re-initialisation.
+    """
+    with statistics_scope(declared, overrides):
+        return _Estimator(traced, inputs).run()

@@ -1,0 +1,200 @@
+"""Op rules for softmax and attention: ``softmax``, ``log_softmax``,
+``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``.
+
+Per softmax row, A = E[sum p^2] (how concentrated the row is) and B, the
+squared norm of the softmax Jacobian applied to a random direction, for
+Gaussian logits of the predicted variance; the value path's gain is A, the
+query and key paths' gains go through B (``docs/static-estimate.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from gradscope.estimate.ops_base import Ctx, pass_backward, pass_forward, rule
+from gradscope.estimate.statistics import UNIT, Mom, var_of, weight_stats
+from gradscope.tracing.graph import Ref
+
+
+def _softmax_size(ctx: Ctx) -> int:
+    first = ctx.first()
+    shape = ctx.shape(first) if first else None
+    if not shape:
+        return 1
+    dim = ctx.module.dim if ctx.module is not None and getattr(ctx.module, "dim", None) \
+        is not None else ctx.arg(1, "dim", -1)
+    if not isinstance(dim, int):
+        dim = -1
+    return int(shape[dim]) if -len(shape) <= dim < len(shape) else 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _softmax_row_terms(n: int, var: float) -> tuple[float, float]:
+    """(A, B) for one softmax row over ``n`` Gaussian logits of variance ``var``.
+
+    A = E[sum p^2] (how concentrated the row is); B = E[sum p^2 - 2 sum p^3 +
+    (sum p^2)^2], the squared norm of the softmax Jacobian applied to a random
+    direction. Closed forms exist only in limits (near-uniform, large n), which
+    are off by 3x for short rows or sharp attention, so both are computed by a
+    seeded Monte Carlo over rows and cached.
+    """
+    if n <= 1:
+        return 1.0, 0.0
+    rows = max(64, 32768 // n)
+    generator = torch.Generator().manual_seed(n * 7919 + int(var * 1000))
+    logits = torch.randn(rows, n, generator=generator, dtype=torch.float64) * math.sqrt(var)
+    p = torch.softmax(logits, dim=-1)
+    p2 = (p * p).sum(-1)
+    p3 = (p * p * p).sum(-1)
+    return float(p2.mean()), float((p2 - 2 * p3 + p2 * p2).mean())
+
+
+def softmax_terms(n: int, var: float, causal: bool = False) -> tuple[float, float]:
+    """Row terms (A, B), averaged over the rows of a causal mask (row i sees i+1 keys)."""
+    var = round(min(max(var, 0.0), 50.0), 3)
+    if not causal or n <= 1:
+        return _softmax_row_terms(max(n, 1), var)
+    sizes = sorted({max(1, round(x)) for x in
+                    [1 + (n - 1) * k / 47 for k in range(48)]}) if n > 48 else range(1, n + 1)
+    terms = [_softmax_row_terms(size, var) for size in sizes]
+    return (sum(a for a, _ in terms) / len(terms), sum(b for _, b in terms) / len(terms))
+
+
+@rule("softmax")
+class _Softmax:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = pass_forward(ctx)
+        t = _softmax_size(ctx)
+        a, _ = softmax_terms(t, var_of(xm) if xm else 0.0)
+        return 1.0 / t, a / t
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        xm = pass_forward(ctx)
+        t = _softmax_size(ctx)
+        _, b = softmax_terms(t, var_of(xm) if xm else 0.0)
+        # dx = p * (dy - <p, dy>): per row E||dx||^2 = B E[dy^2], over t elements
+        return {r: b / t for r in ctx.activations_in()[:1]}
+
+
+@rule("log_softmax")
+class _LogSoftmax:
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        xm = pass_forward(ctx)
+        t = _softmax_size(ctx)
+        return -math.log(t), math.log(t) ** 2 + (var_of(xm) if xm else 0.0)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        return {r: 1.0 for r in ctx.activations_in()[:1]}
+
+
+def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
+               causal: bool) -> tuple[Mom, float, float, float]:
+    """Output moments and S-gains to (q, k, v) of softmax(q k^T * scale) v.
+
+    Value path: each value row is averaged with weights p, so S_v = A. Query and
+    key paths: the softmax Jacobian (B) times the logits' sensitivity
+    scale^2 d E[k^2] E[v^2] (resp. E[q^2]). Causal rows see 1..T keys; the
+    first sees one and passes no gradient to q or k at all.
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(max(d, 1))
+    logit_var = scale * scale * d * qm[1] * km[1]
+    a, b = softmax_terms(max(t, 1), logit_var, causal)
+    out = (vm[0], vm[0] ** 2 + var_of(vm) * a)
+    s_qk = scale * scale * d * vm[1] * b
+    return out, s_qk * km[1], s_qk * qm[1], a
+
+
+@rule("sdpa")
+class _SDPA:
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[Mom, float, float, float, list[str]] | None:
+        refs = [ctx.arg(i) for i in range(3)]
+        if not all(isinstance(r, Ref) for r in refs):
+            return None
+        names = [r.name for r in refs]
+        moms = [ctx.mom(r) or UNIT for r in refs]
+        kshape = ctx.shape(names[1]) or [1, 1]
+        qshape = ctx.shape(names[0]) or [1]
+        causal = bool(ctx.arg(5, "is_causal", False))
+        scale = ctx.kwargs.get("scale")
+        out, sq, sk, sv = _attention(int(kshape[-2]) if len(kshape) > 1 else 1,
+                                     int(qshape[-1]), scale if isinstance(scale, float) else None,
+                                     moms[0], moms[1], moms[2], causal)  # type: ignore[arg-type]
+        return out, sq, sk, sv, names
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        parts = _SDPA._parts(ctx)
+        return parts[0] if parts else pass_forward(ctx)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        parts = _SDPA._parts(ctx)
+        if not parts:
+            return pass_backward(ctx)
+        _, sq, sk, sv, names = parts
+        gains: dict[str, float] = {}
+        for name, gain in zip(names, (sq, sk, sv), strict=True):
+            gains[name] = gains.get(name, 0.0) + gain
+        return gains
+
+
+@rule("mha")
+class _MHA:
+    """nn.MultiheadAttention: in-projections, scaled dot-product attention, out-projection."""
+
+    @staticmethod
+    def _parts(ctx: Ctx) -> tuple[Mom, dict[str, float]] | None:
+        m = ctx.module
+        if m is None:
+            return None
+        refs = [ctx.arg(i, k) for i, k in enumerate(("query", "key", "value"))]
+        if not all(isinstance(r, Ref) for r in refs):
+            return None
+        names = [r.name for r in refs]
+        moms = [ctx.est.moments.get(n) for n in names]
+        if any(x is None for x in moms):
+            return None
+        e = int(m.embed_dim)
+        if m.in_proj_weight is not None:
+            ws = m.in_proj_weight.chunk(3) if not m.in_proj_weight.is_meta else [None] * 3
+        else:
+            ws = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+        kd, vd = (m.kdim, m.vdim)
+        fans = (e, kd, vd)
+        proj = []
+        w2s = []
+        for w, fan, mom in zip(ws, fans, moms, strict=True):
+            _, w2 = weight_stats(w, (0.0, 1.0 / (2.0 * fan)))  # xavier_uniform_ default
+            w2s.append(w2)
+            proj.append((0.0, fan * w2 * mom[1]))  # type: ignore[index]
+        kshape = ctx.shape(names[1]) or [1, 1, 1]
+        t = int(kshape[1] if m.batch_first else kshape[0]) if len(kshape) == 3 else \
+            int(kshape[0])
+        d = e // m.num_heads
+        out, sq, sk, sv = _attention(t, d, None, proj[0], proj[1], proj[2], False)
+        _, wo2 = weight_stats(m.out_proj.weight, (0.0, 1.0 / (3.0 * e)))
+        bm, b2 = weight_stats(m.out_proj.bias, (0.0, 0.0))
+        q_out = e * wo2 * out[1] + b2
+        s_attn = e * wo2
+        gains: dict[str, float] = {}
+        for name, fan, w2, s in zip(names, fans, w2s, (sq, sk, sv), strict=True):
+            gains[name] = gains.get(name, 0.0) + s_attn * s * fan * w2 * e / max(fan, 1)
+        return (bm, q_out), gains
+
+    @staticmethod
+    def forward(ctx: Ctx) -> Mom | None:
+        parts = _MHA._parts(ctx)
+        return parts[0] if parts else pass_forward(ctx)
+
+    @staticmethod
+    def backward(ctx: Ctx) -> dict[str, float]:
+        parts = _MHA._parts(ctx)
+        return parts[1] if parts else pass_backward(ctx)

@@ -1,0 +1,119 @@
+"""Moments of tensors: the numbers the static estimate starts from, and their cache.
+
+Every op rule reads weights as a (mean, second moment) pair (:data:`Mom`), never
+as values, so that a meta model (declared initialisations, ``gradscope.meta``)
+and a what-if re-initialisation (``gradscope.fixes``) enter the estimate the
+same way a real tensor does. Where those numbers come from is decided here, in
+one place: an override for the tensor, else its declared init (meta tensors),
+else a measurement, cached per estimate because several rules read the same
+weight (measuring was the hot spot of the sweep on deep models).
+
+The per-estimate state lives in context variables that :func:`statistics_scope`
+sets, so concurrent estimates never see each other's declarations or overrides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+EPS = 1e-12
+
+#: (mean, second moment) of a node's output; None where unknown or not floating.
+Mom = tuple[float, float]
+UNIT: Mom = (0.0, 1.0)
+
+
+def numel(shape: Sequence[int] | None) -> int | None:
+    if shape is None:
+        return None
+    return math.prod(shape) if shape else 1
+
+
+def var_of(m: Mom) -> float:
+    return max(m[1] - m[0] * m[0], 0.0)
+
+
+#: Declared init moments of meta tensors, by id, for the estimate being run
+#: (see gradscope.meta); a context variable so concurrent estimates stay apart.
+_DECLARED: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextVar(
+    "declared", default=None)
+
+
+#: Measured moments of weight tensors for the estimate being run: each weight is
+#: read by several rules (forward, backward, spread), and reading is the hot spot.
+_STATS: contextvars.ContextVar[dict[tuple[int, int], Mom] | None] = contextvars.ContextVar(
+    "stats", default=None)
+
+
+#: Moments that replace a weight's own for the estimate being run, by id: how a
+#: recommended re-initialisation is tried on a copy without touching the model
+#: (gradscope.fixes).
+_OVERRIDES: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextVar(
+    "overrides", default=None)
+
+
+@contextlib.contextmanager
+def statistics_scope(declared: dict[int, Mom] | None = None,
+                     overrides: dict[int, Mom] | None = None) -> Iterator[None]:
+    """One estimate's declared moments, overrides and a fresh measurement cache."""
+    token = _DECLARED.set(declared or {})
+    stats_token = _STATS.set({})
+    override_token = _OVERRIDES.set(overrides or {})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(override_token)
+        _STATS.reset(stats_token)
+        _DECLARED.reset(token)
+
+
+def tensor_stats(t: torch.Tensor) -> Mom | None:
+    """(mean, second moment) of a tensor: measured, or declared for meta tensors.
+
+    None for meta tensors whose initialisation was not seen: callers then use
+    the module's documented default.
+    """
+    overrides = _OVERRIDES.get()
+    if overrides and id(t) in overrides:
+        return overrides[id(t)]
+    if t.is_meta:
+        return (_DECLARED.get() or {}).get(id(t))
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return None
+    cache = _STATS.get()
+    if cache is not None:
+        key = (id(t), t._version)
+        if key not in cache:
+            cache[key] = _measure(t)
+        return cache[key]
+    return _measure(t)
+
+
+def _measure(t: torch.Tensor) -> Mom:
+    with torch.no_grad():
+        x = t.detach().to(torch.float64)
+        return float(x.mean()), float((x * x).mean())
+
+
+def weight_stats(t: torch.Tensor | None, default: Mom) -> Mom:
+    """:func:`tensor_stats` of a weight, or ``default`` (its module's documented init)."""
+    if t is None:
+        return default
+    stats = tensor_stats(t)
+    return stats if stats is not None else default
+
+
+def unit_means_spread(t: torch.Tensor) -> float:
+    """Variance across units (dim 1, else the last dim) of each unit's mean over the rest."""
+    if t.is_meta or t.dim() < 2 or not t.is_floating_point():
+        return 0.0
+    with torch.no_grad():
+        x = t.detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1]
+        means = x.mean(dim=dims)
+        return float(means.var(unbiased=False)) if means.numel() > 1 else 0.0
