@@ -217,11 +217,15 @@ def _spread(layer: Mapping[str, Any]) -> tuple[float | None, float | None]:
     The probe keeps the per-batch spread of the gradient RMS; the health figure is
     the same gradient's norm ratio, so the spread scales by the same factors.
     """
-    figures = [layer.get(k) for k in ("health_measured", "probe_grad_rms", "probe_grad_rms_min",
-                                      "probe_grad_rms_max")]
-    if not all(_is_real(v) and math.isfinite(v) for v in figures) or not figures[1] > 0:
+    figures: list[float] = []
+    for key in ("health_measured", "probe_grad_rms", "probe_grad_rms_min", "probe_grad_rms_max"):
+        value = layer.get(key)
+        if not (_is_real(value) and math.isfinite(value)):
+            return None, None
+        figures.append(float(value))
+    measured, rms, lo, hi = figures
+    if not rms > 0:
         return None, None
-    measured, rms, lo, hi = (float(v) for v in figures)
     return (_positive_log10(measured * lo / rms), _positive_log10(measured * hi / rms))
 
 
