@@ -220,7 +220,8 @@ def _spread(layer: Mapping[str, Any]) -> tuple[float | None, float | None]:
     figures: list[float] = []
     for key in ("health_measured", "probe_grad_rms", "probe_grad_rms_min", "probe_grad_rms_max"):
         value = layer.get(key)
-        if not (_is_real(value) and math.isfinite(value)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value):
             return None, None
         figures.append(float(value))
     measured, rms, lo, hi = figures
