@@ -18,21 +18,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gradscope.render.terminal import _ANSI_RE
+from gradscope.render.text import ANSI_RE, BREAKS, controls_except
 
 #: gradscope severities to workflow commands (GitHub has no "info"; "notice" is its peer).
 COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
 
-# Line breaks other than CR/LF become spaces; other C0/C1 controls, DEL and the bidi
-# overrides are dropped. CR and LF are kept here and escaped afterwards.
-_OTHER_BREAKS_RE = re.compile(r"[\t\v\f\x85\u2028\u2029]")
-_CTRL_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200e\u200f\u202a-\u202e"
-                      r"\u2066-\u2069]")
+# Line breaks other than CR/LF become spaces; the other controls (gradscope.render.text)
+# are dropped. CR and LF are kept here and escaped afterwards, as GitHub reads them.
+_OTHER_BREAKS_RE = re.compile("[" + BREAKS.replace("\r", "").replace("\n", "") + "]")
+_CTRL_RE = controls_except(BREAKS)
 
 
 def _sanitize(value: Any) -> str:
     text = "" if value is None else str(value)
-    text = _ANSI_RE.sub("", text)
+    text = ANSI_RE.sub("", text)
     text = _OTHER_BREAKS_RE.sub(" ", text)
     return _CTRL_RE.sub("", text)
 

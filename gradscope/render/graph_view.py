@@ -34,6 +34,8 @@ from typing import Any
 
 from markupsafe import Markup
 
+from gradscope.render.jinja import environment
+
 TEMPLATE_NAME = "_graph.html.j2"
 
 #: Display names of the ops that add tensors (``operator.add``, ``x += y``, ``torch.add``).
@@ -322,6 +324,4 @@ def health_legend(summary: Mapping[str, Any]) -> str:
 
 def render_graph(graph: dict[str, Any] | None) -> str:
     """The ``_graph.html.j2`` fragment alone, with the report's Jinja environment (for tests)."""
-    from gradscope.render.html import _environment
-
-    return _environment().get_template(TEMPLATE_NAME).render(v={"graph": graph})
+    return environment().get_template(TEMPLATE_NAME).render(v={"graph": graph})

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib
 import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
 from gradscope._io import atomic_write_text
+from gradscope.render.graph_view import graph_view
+from gradscope.render.jinja import TEMPLATE_NAME, environment
 from gradscope.rules.registry import RULES
-
-TEMPLATE_NAME = "report.html.j2"
 
 _STATUS_LABELS = {"healthy": "Healthy", "warning": "Warnings", "unhealthy": "Unhealthy"}
 _SEVERITY_ORDER = ("error", "warning", "info")
@@ -51,74 +48,6 @@ UPDATE_BAND = (1e-4, 1e-2)
 #: the CSP allows exactly those scripts and nothing injected.
 _CSP_SCRIPT_SENTINEL = "script-src-gradscope-placeholder"
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
-
-
-def _graph_view(doc: Mapping[str, Any]) -> Any:
-    """The graph section's view, or None where the graph renderer is not installed."""
-    try:
-        module = importlib.import_module("gradscope.render.graph_view")
-    except ImportError:
-        return None
-    build = getattr(module, "graph_view", None)
-    return build(doc) if callable(build) else None
-
-
-def template_dirs() -> list[Path]:
-    """Where the template may live: inside an installed wheel first, then a source checkout.
-
-    The wheel build copies the top-level ``templates/`` into the package; in a
-    checkout or editable install it sits next to the package instead.
-    """
-    here = Path(__file__).resolve()
-    candidates = [here.parents[1] / "templates", here.parents[2] / "templates"]
-    return [d for d in candidates if (d / TEMPLATE_NAME).is_file()]
-
-
-#: C0 controls (but tab and newline), DEL and the bidi overrides/isolates, shown as
-#: Unicode control pictures or code points: an ESC or a right-to-left override in
-#: a module name must be seen, not interpreted (or silently reorder the text).
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
-
-
-def _picture(match: re.Match[str]) -> str:
-    char = match.group()
-    if char == "\x7f":
-        return "\u2421"
-    if ord(char) < 0x20:
-        return chr(0x2400 + ord(char))
-    return f"<U+{ord(char):04X}>"
-
-
-def visible_controls(value: Any) -> Any:
-    """Jinja's ``finalize``: every printed string has its control characters made visible.
-
-    Runs before autoescaping, so the replacement is escaped like the rest.
-    """
-    if isinstance(value, str) and not hasattr(value, "__html__"):
-        return _CONTROLS.sub(_picture, value)
-    return value
-
-
-@lru_cache(maxsize=1)
-def _environment() -> Environment:
-    dirs = template_dirs()
-    if not dirs:
-        raise RuntimeError(
-            f"gradscope's HTML template {TEMPLATE_NAME} is missing; the installation is "
-            "incomplete (reinstall gradscope)"
-        )
-    return Environment(
-        loader=FileSystemLoader([str(d) for d in dirs]),
-        # default=True: escape even if the template is ever renamed.
-        autoescape=select_autoescape(
-            enabled_extensions=("html", "htm", "xml", "j2"), default_for_string=True, default=True
-        ),
-        undefined=StrictUndefined,
-        finalize=visible_controls,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
 
 
 # ---------------------------------------------------------------- formatting
@@ -739,7 +668,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "files": [(short, full) for full, short in sorted(files.items(), key=lambda kv: kv[1])
                   if short != full],
         "has_update": any(layer.get("update_ratio") is not None for layer in layers),
-        "graph": _graph_view(doc),
+        "graph": graph_view(doc),
         "facts": _facts(doc),
         "summary": [(str(k), fmt_any(v)) for k, v in (doc.get("summary") or {}).items()],
         "notes": [str(n) for n in doc.get("notes") or []],
@@ -750,7 +679,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 def render_html(doc: dict[str, Any]) -> str:
     """The report as one HTML5 page; deterministic (no timestamps) so reruns diff cleanly."""
-    template = _environment().get_template(TEMPLATE_NAME)
+    template = environment().get_template(TEMPLATE_NAME)
     return _pin_scripts(template.render(v=build_view(doc)))
 
 

@@ -15,19 +15,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradscope.render.text import ANSI_RE, BREAKS, CONTROL_RE
+
 _SEVERITY_ORDER = ("error", "warning", "info")
 
-# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), other two-byte ESC sequences,
-# and the 8-bit C1 CSI/OSC introducers.
-_ANSI_RE = re.compile(
-    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
-    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
-    r"|\x1b[ -/]*[0-~]"
-)
-# Remaining C0/C1 controls, DEL, and the bidi overrides that can visually reorder
-# text ("Trojan Source"); whitespace controls become a space so words stay apart.
-_WHITESPACE_CTRL_RE = re.compile(r"[\t\n\r\v\f\x85\u2028\u2029]+")
-_CTRL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# What may not be printed raw is defined once (gradscope.render.text): escape
+# sequences are removed whole, line breaks become a space so words stay apart, and
+# every other control character is dropped.
+_ANSI_RE = ANSI_RE
+_WHITESPACE_CTRL_RE = re.compile(f"[{BREAKS}]+")
+_CTRL_RE = CONTROL_RE
 
 _RESET = "\x1b[0m"
 _STYLES = {

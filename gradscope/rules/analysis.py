@@ -21,6 +21,7 @@ from gradscope.estimate.depth import plain_run, residual_adds
 from gradscope.estimate.statistics import var_of
 from gradscope.options import Thresholds
 from gradscope.records import Finding, severity_rank
+from gradscope.rules.base import StructuralFacts
 from gradscope.rules.health import HealthTable, build_health
 from gradscope.rules.registry import CHECKS
 from gradscope.tracing.graph import TracedModel
@@ -31,23 +32,6 @@ if TYPE_CHECKING:
     from gradscope.rules.base import Check
     from gradscope.rules.fixes import Fixer
     from gradscope.rules.selection import RuleSelection
-
-
-@dataclass(frozen=True)
-class StructuralFacts:
-    """Facts of the graph's structure that several rules, the summary and the fixes read."""
-
-    #: Nodes whose own weights train, in forward order.
-    trainable: tuple[str, ...]
-    #: The first trainable layer on each path from the inputs: where vanishing is judged.
-    entries: tuple[str, ...]
-    #: ``add`` nodes that give the gradient a shorter way around weight layers.
-    residual_adds: tuple[str, ...]
-    #: The nodes of the longest plain run (weight layers no skip bypasses), forward order.
-    plain_run: tuple[str, ...]
-    #: Weight layers on that run, and the node where it ends.
-    longest_plain_run: int
-    plain_run_end: str | None
 
 
 def trainable_nodes(traced: TracedModel) -> list[str]:
@@ -110,7 +94,7 @@ class Analysis:
 
     @functools.cached_property
     def health(self) -> HealthTable:
-        return build_health(self)
+        return build_health(self.estimate, self.probe, self.thresholds, self.facts.entries)
 
     def mean_and_variance(self, node: str) -> tuple[float, float] | None:
         """The estimate's (mean, variance) of a node's output, None where it has none."""

@@ -38,7 +38,7 @@ from gradscope.tracing.ops import NORM_FUNCTIONS, NORM_KEYS
 if TYPE_CHECKING:
     import networkx as nx
 
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS701 = Rule(
     code="GS701",

@@ -13,9 +13,9 @@ registry, ``gradscope rules``, the settings and the renderers stay light.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gradscope.records import Finding, Location, Recommendation, Severity
 from gradscope.tracing.nodes import node_record
@@ -23,7 +23,11 @@ from gradscope.tracing.nodes import node_record
 if TYPE_CHECKING:
     import networkx as nx
 
-    from gradscope.rules.analysis import Analysis
+    from gradscope.estimate.engine import StaticEstimate
+    from gradscope.options import Thresholds
+    from gradscope.probe import ProbeResult
+    from gradscope.rules.health import HealthTable
+    from gradscope.tracing.graph import TracedModel
 
 #: Code families by hundreds and their category; a code's third character names it.
 CATEGORIES_BY_FAMILY: dict[int, str] = {
@@ -77,8 +81,75 @@ class Rule:
                        evidence=dict(evidence or {}))
 
 
+# ---------------------------------------------------------------------------
+# What a check may read: the analysis, and the fixes it may ask for
+
+
+@dataclass(frozen=True)
+class StructuralFacts:
+    """Facts of the graph's structure that several rules, the summary and the fixes read."""
+
+    #: Nodes whose own weights train, in forward order.
+    trainable: tuple[str, ...]
+    #: The first trainable layer on each path from the inputs: where vanishing is judged.
+    entries: tuple[str, ...]
+    #: ``add`` nodes that give the gradient a shorter way around weight layers.
+    residual_adds: tuple[str, ...]
+    #: The nodes of the longest plain run (weight layers no skip bypasses), forward order.
+    plain_run: tuple[str, ...]
+    #: Weight layers on that run, and the node where it ends.
+    longest_plain_run: int
+    plain_run_end: str | None
+
+
+class Fixes(Protocol):
+    """The verified fixes and the weight measurements a check may ask for.
+
+    Implemented by :class:`gradscope.rules.fixes.Fixer`, which needs torch and the
+    static estimate; the rule families see only this interface, so they stay light
+    and every costly what-if is memoised in one place.
+    """
+
+    def activation_swap(self, worst: str = "low") -> Recommendation | None: ...
+    def initialization(self, worst: str) -> Recommendation | None: ...
+    def residual(self, worst: str) -> Recommendation | None: ...
+    def normalization_after_layers(self, worst: str) -> Recommendation | None: ...
+    def zero_bias(self, nodes: Sequence[str], worst: str = "low") -> Recommendation | None: ...
+    def pre_ln(self, pairs: list[tuple[str, str]]) -> Recommendation | None: ...
+    def scaled_residuals(self, unscaled: list[tuple[str, tuple[str, str]]],
+                         worst: str) -> Recommendation | None: ...
+    def recurrent(self, node: str) -> list[Recommendation]: ...
+    def saturating_hidden(self) -> list[str]: ...
+    def negative_bias_layers(self) -> list[tuple[str, float]]: ...
+    def recurrent_spectral_norm(self, node: str) -> float | None: ...
+    def lstm_forget_bias(self, node: str) -> float | None: ...
+
+
+class Analysis(Protocol):
+    """What a check reads: the earlier stages' results and what is computed once for all.
+
+    Implemented by :class:`gradscope.rules.analysis.Analysis`.
+    """
+
+    traced: TracedModel
+    estimate: StaticEstimate
+    probe: ProbeResult | None
+    thresholds: Thresholds
+    inputs: tuple[Any, ...]
+    declared: dict[int, tuple[float, float]] | None
+
+    def remember(self, key: str, compute: Callable[[], Any]) -> Any: ...
+    def mean_and_variance(self, node: str) -> tuple[float, float] | None: ...
+    @property
+    def facts(self) -> StructuralFacts: ...
+    @property
+    def health(self) -> HealthTable: ...
+    @property
+    def fixer(self) -> Fixes: ...
+
+
 #: A check reads the analysis and returns findings of its family's codes.
-CheckFunction = Callable[["Analysis"], list[Finding]]
+CheckFunction = Callable[[Analysis], list[Finding]]
 
 
 @dataclass(frozen=True)

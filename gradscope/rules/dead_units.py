@@ -14,7 +14,7 @@ from gradscope.records import Finding, Severity
 from gradscope.rules.base import HE, LU, Check, Rule, RuleFamily, location, op_of
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS401 = Rule(
     code="GS401",

@@ -22,7 +22,7 @@ from gradscope.rules.base import (
 )
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS201 = Rule(
     code="GS201",

@@ -39,7 +39,7 @@ from gradscope.tracing.ops import SATURATING
 
 if TYPE_CHECKING:
     from gradscope.estimate.engine import StaticEstimate
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 #: Figure names used in before -> after, so reports say what moved.
 ENTRY_METRIC = "gradient ratio at the first trainable layers (static estimate)"

@@ -18,6 +18,7 @@ the same classes: a layer is coloured bad or warn exactly where the rules say so
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,8 @@ from gradscope.options import Thresholds
 from gradscope.records import HealthClass
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.estimate.engine import StaticEstimate
+    from gradscope.probe import ProbeResult
 
 _RANK: dict[HealthClass, int] = {"not-judged": -1, "ok": 0, "warn": 1, "bad": 2}
 
@@ -131,10 +133,9 @@ class HealthTable:
         return LayerHealth(value, source, cls, note)
 
 
-def build_health(analysis: Analysis) -> HealthTable:
+def build_health(est: StaticEstimate, probe: ProbeResult | None, thresholds: Thresholds,
+                 entries: Sequence[str]) -> HealthTable:
     """The health table of one analysis (computed once; every stage reads this one)."""
-    probe = analysis.probe
-    est = analysis.estimate
     measured: dict[str, float | None] = {}
     nonfinite: set[str] = set()
     judged = False
@@ -144,6 +145,6 @@ def build_health(analysis: Analysis) -> HealthTable:
             measured[node] = math.sqrt(sq / structural) if math.isfinite(sq) else None
         judged = not (probe.nonfinite_forward or probe.nonfinite_backward)
         nonfinite = set(probe.nonfinite_forward) | set(probe.nonfinite_backward)
-    return HealthTable(thresholds=analysis.thresholds, entries=tuple(analysis.facts.entries),
+    return HealthTable(thresholds=thresholds, entries=tuple(entries),
                        predicted=dict(est.health), measured=measured, measured_judged=judged,
                        nonfinite=frozenset(nonfinite))

@@ -14,7 +14,7 @@ from gradscope.records import Finding, Recommendation
 from gradscope.rules.base import Check, Rule, RuleFamily, location, op_of
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS601 = Rule(
     code="GS601",

@@ -9,7 +9,7 @@ from gradscope.records import Finding
 from gradscope.rules.base import PASCANU, Check, Rule, RuleFamily, location, op_of
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS501 = Rule(
     code="GS501",

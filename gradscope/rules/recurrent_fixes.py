@@ -23,7 +23,7 @@ from gradscope.rules.variants import improves
 from gradscope.tracing.nodes import node_record
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 
 def _recurrent_ratio(module: torch.nn.Module, analysis: Analysis, node: str) -> float | None:

@@ -15,7 +15,7 @@ from gradscope.rules.base import GLOROT, SCHOENHOLZ, Check, Rule, RuleFamily, lo
 from gradscope.tracing.ops import SATURATION_EDGE
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS301 = Rule(
     code="GS301",

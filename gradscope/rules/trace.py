@@ -8,7 +8,7 @@ from gradscope.records import Finding, Location
 from gradscope.rules.base import SCHOENHOLZ, Check, Rule, RuleFamily
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS801 = Rule(
     code="GS801",

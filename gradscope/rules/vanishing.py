@@ -27,7 +27,7 @@ from gradscope.rules.base import (
 )
 
 if TYPE_CHECKING:
-    from gradscope.rules.analysis import Analysis
+    from gradscope.rules.base import Analysis
 
 GS101 = Rule(
     code="GS101",
