@@ -13,7 +13,7 @@ import enum
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes of the CLI (CONTRACT section 2)."""
+    """Process exit codes of the CLI (docs/contract.md section 2)."""
 
     OK = 0
     FINDINGS = 1

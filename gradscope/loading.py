@@ -1,4 +1,4 @@
-"""Loading: a target string becomes a model and its example inputs (CONTRACT section 1).
+"""Loading: a target string becomes a model and its example inputs (docs/contract.md section 1).
 
 Targets are ``path/to/file.py``, ``path/to/file.py:NAME`` or
 ``package.module:NAME``. In a file without NAME the loader looks, in order,

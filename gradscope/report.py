@@ -194,7 +194,7 @@ class ProbeInfo:
 
 @dataclass
 class Report:
-    """Everything one analysis found; ``to_dict`` is the JSON report of CONTRACT section 4."""
+    """Everything one analysis found; ``to_dict`` is the JSON report (docs/contract.md s. 4)."""
 
     model: ModelInfo
     layers: list[Layer]
@@ -206,7 +206,7 @@ class Report:
 
     @property
     def status(self) -> Status:
-        """unhealthy iff an error finding, warning iff a warning finding (CONTRACT 4)."""
+        """unhealthy iff an error finding, warning iff a warning one (docs/contract.md s. 4)."""
         severities = {f.severity for f in self.findings}
         if "error" in severities:
             return "unhealthy"

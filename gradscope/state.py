@@ -1,4 +1,4 @@
-"""Leave the user's model exactly as it was found (CONTRACT section 3).
+"""Leave the user's model exactly as it was found (docs/contract.md section 3).
 
 Everything gradscope might touch is recorded on entry and put back in a
 ``finally``, also when the forward raises midway or the user presses Ctrl-C:

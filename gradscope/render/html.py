@@ -1,4 +1,4 @@
-"""The HTML report (CONTRACT section 5): one self-contained file for people.
+"""The HTML report (docs/contract.md section 5): one self-contained file for people.
 
 It is opened from CI artifacts and ``file://`` URLs, often on machines with no
 network, and it displays strings that come from arbitrary user code (module

@@ -1,4 +1,4 @@
-"""The JSON report (CONTRACT section 4): the machine-readable form CI scripts parse.
+"""The JSON report (docs/contract.md section 4): the machine-readable form CI scripts parse.
 
 Output is byte-for-byte reproducible for the same document, so reports can
 be diffed and cached: key order is the order ``Report.to_dict`` builds, never

@@ -1,4 +1,4 @@
-"""The JSON Schema of the report (CONTRACT section 4), shipped inside the package.
+"""The JSON Schema of the report (docs/contract.md section 4), shipped inside the package.
 
 CI scripts and gradscope's own tests check reports against the same file, so
 the contract is enforced by a machine-readable artefact rather than by prose.
