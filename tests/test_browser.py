@@ -14,6 +14,7 @@ needed. Without either, every test here is skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ def write_report(target: Path, html: Path) -> Path:
                      notes=loaded.notes, declared=loaded.declared,
                      loss=loaded.loss_fn or "dot")
     write_html(report.to_dict(), html)
+    html.with_suffix(".json").write_text(json.dumps(report.to_dict()), encoding="utf-8")
     return html
 
 
@@ -249,6 +251,45 @@ def test_graph_expand_and_collapse_fold_every_module(reports: dict[str, Path],
     assert all(open_states())
     page.locator("#graph-collapse").click()
     assert not any(open_states())
+    opened.assert_clean()
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_rendered_health_classes_are_the_judged_ones(reports: dict[str, Path],
+                                                     open_report: Any, name: str) -> None:
+    """What the browser shows (classes and colours of the hierarchy and the table) is the
+    class the rules judged each layer with, and the findings name exactly the bad ones."""
+    doc = json.loads(reports[name].with_suffix(".json").read_text(encoding="utf-8"))
+    css = {"ok": "ok", "warn": "warn", "bad": "bad", "not-judged": "none"}
+    expected = {layer["name"]: css[layer["health_class"]] for layer in doc["layers"]}
+    opened = open_report(reports[name])
+    page = opened.page
+    hierarchy = dict(page.eval_on_selector_all(
+        "li.layer[data-node]",
+        "ls => ls.map(l => [l.dataset.node, ['ok', 'warn', 'bad', 'none']"
+        ".find(c => l.classList.contains(c))])"))
+    assert hierarchy == expected
+    table = dict(page.eval_on_selector_all(
+        "table.layers tr[data-name]",
+        "rows => rows.map(r => [r.dataset.name, ['ok', 'warn', 'bad', 'none']"
+        ".find(c => r.querySelector('td.health').classList.contains(c))])"))
+    assert table == expected
+    # The colours follow the classes: every bad cell is drawn in the error colour.
+    colours = dict(page.eval_on_selector_all(
+        "table.layers td.health",
+        "cs => cs.map(c => [c.parentElement.dataset.name, getComputedStyle(c).color])"))
+    error = page.evaluate("getComputedStyle(document.documentElement)"
+                          ".getPropertyValue('--error').trim()")
+    bad = {n for n, c in expected.items() if c == "bad"}
+    assert error
+    if bad:
+        assert {colours[n] for n in bad} == {page.evaluate(
+            "c => { const d = document.createElement('div'); d.style.color = c; "
+            "document.body.appendChild(d); const v = getComputedStyle(d).color; d.remove(); "
+            "return v; }", error)}
+    gradient = {f["location"]["node"] for f in doc["findings"]
+                if f["rule"] in ("GS101", "GS102", "GS201", "GS202") and f["severity"] == "error"}
+    assert gradient <= bad, "an error finding's layer is drawn bad"
     opened.assert_clean()
 
 
