@@ -23,11 +23,13 @@ from gradscope.errors import ModelRunError, model_error_hint
 from gradscope.resources import Deadline
 from gradscope.tracing.fx_tracers import NodeExecutionError
 from gradscope.tracing.graph import TracedModel, node_record, tensor_leaves
+from gradscope.tracing.ops import RELU_LIKE, SATURATION_EDGE
 
-DEAD_KEYS = frozenset({"activation:relu", "activation:relu6"})
-#: Activation -> test on its output for "derivative below 1% of its maximum".
-SATURATION_KEYS = frozenset({"activation:sigmoid", "activation:tanh", "activation:hardtanh",
-                             "activation:hardsigmoid", "activation:softsign"})
+#: Activations whose units can die: the ReLU-like family of the op table.
+DEAD_KEYS = frozenset(f"activation:{name}" for name in RELU_LIKE)
+#: Activations whose outputs are tested for "derivative below 1% of its maximum": those
+#: the op table gives a saturation edge (GS301 predicts the same share from moments).
+SATURATION_KEYS = frozenset(f"activation:{name}" for name in SATURATION_EDGE)
 
 
 @dataclass
