@@ -213,6 +213,7 @@ def test_fail_on_from_the_file_sets_the_exit_code(project: Path) -> None:
     assert analyze(UNHEALTHY, "--no-probe", "-q").exit_code == 0
 
 
+@pytest.mark.slow
 def test_thresholds_from_the_file_change_the_findings(project: Path) -> None:
     write_pyproject(project, """
         [tool.gradscope.thresholds]
@@ -235,6 +236,7 @@ def test_thresholds_from_the_file_change_the_findings(project: Path) -> None:
     assert doc["status"] == "warning", "GS705 (sigmoid hidden units) is left"
 
 
+@pytest.mark.slow
 def test_architecture_thresholds_from_the_file(project: Path) -> None:
     doc = json.loads(analyze(UNHEALTHY, "--no-probe", "--json", "-").stdout)
     assert "GS701" in {f["rule"] for f in doc["findings"]}, "10 plain layers, threshold 10"
@@ -246,6 +248,7 @@ def test_architecture_thresholds_from_the_file(project: Path) -> None:
     assert "GS701" not in {f["rule"] for f in doc["findings"]}
 
 
+@pytest.mark.slow
 def test_command_line_wins_over_the_file(project: Path) -> None:
     write_pyproject(project, """
         [tool.gradscope]
@@ -454,6 +457,7 @@ def test_bad_input_shapes_name_the_key(project: Path, body: str, fragment: str) 
 # ------------------------------------------------------------------ the other keys, end to end
 
 
+@pytest.mark.slow
 def test_device_select_and_ignore_from_the_file(project: Path) -> None:
     write_pyproject(project, """
         [tool.gradscope]

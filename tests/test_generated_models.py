@@ -162,24 +162,28 @@ def _draw_run(data: st.DataObject, spec: ModelSpec) -> Any:
     return check_analyze(spec, mode, batches, probe, lr, tracer, loss)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(families=("vector", "free")), st.data())
 def test_generated_vector_models(spec: ModelSpec, data: st.DataObject) -> None:
     _draw_run(data, spec)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(families=("conv1d", "conv2d")), st.data())
 def test_generated_conv_models(spec: ModelSpec, data: st.DataObject) -> None:
     _draw_run(data, spec)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(families=("sequence", "tokens")), st.data())
 def test_generated_sequence_models(spec: ModelSpec, data: st.DataObject) -> None:
     _draw_run(data, spec)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(max_blocks=5, max_width=8), st.data())
 def test_generated_models_any_family(spec: ModelSpec, data: st.DataObject) -> None:

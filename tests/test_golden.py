@@ -63,7 +63,6 @@ def _compare(old: Any, new: Any, where: str, problems: list[str]) -> None:
         problems.append(f"{where}: {old!r:.200} -> {new!r:.200}")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", SAMPLES)
 def test_sample_report_matches_golden(sample_report: Any, name: str) -> None:
     path = GOLDEN_DIR / f"{name}.json"

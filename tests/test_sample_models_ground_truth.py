@@ -60,7 +60,7 @@ def module_classes(module: ModuleType) -> list[type[nn.Module]]:
 
 
 def build(name: str) -> nn.Module:
-    """Build a sample the way docs/contract.md section 1 orders it: build_model(), then the class."""
+    """Build a sample in the order of docs/contract.md section 1: build_model(), then the class."""
     module = load_sample(name)
     if hasattr(module, "build_model"):
         return module.build_model()
