@@ -236,7 +236,6 @@ def test_thresholds_from_the_file_change_the_findings(project: Path) -> None:
     assert doc["status"] == "warning", "GS705 (sigmoid hidden units) is left"
 
 
-@pytest.mark.slow
 def test_architecture_thresholds_from_the_file(project: Path) -> None:
     doc = json.loads(analyze(UNHEALTHY, "--no-probe", "--json", "-").stdout)
     assert "GS701" in {f["rule"] for f in doc["findings"]}, "10 plain layers, threshold 10"
@@ -248,7 +247,6 @@ def test_architecture_thresholds_from_the_file(project: Path) -> None:
     assert "GS701" not in {f["rule"] for f in doc["findings"]}
 
 
-@pytest.mark.slow
 def test_command_line_wins_over_the_file(project: Path) -> None:
     write_pyproject(project, """
         [tool.gradscope]
@@ -457,7 +455,6 @@ def test_bad_input_shapes_name_the_key(project: Path, body: str, fragment: str) 
 # ------------------------------------------------------------------ the other keys, end to end
 
 
-@pytest.mark.slow
 def test_device_select_and_ignore_from_the_file(project: Path) -> None:
     write_pyproject(project, """
         [tool.gradscope]

@@ -413,7 +413,6 @@ def test_analyze_ignore_removes_the_vanishing_findings(sigmoid: Any) -> None:
                for n in everything.notes)
 
 
-@pytest.mark.slow
 def test_analyze_select_and_per_module_ignore(sigmoid: Any) -> None:
     report = gradscope.analyze(sigmoid.model, sigmoid.inputs, device="cpu", select=["gs102"])
     assert [f.rule for f in report.findings] == ["GS102"]
