@@ -167,16 +167,9 @@ def test_health_of_a_small_model_against_brute_force_autograd() -> None:
 
 
 @pytest.fixture(scope="module")
-def sample_docs() -> Any:
-    cache: dict[str, dict[str, Any]] = {}
-
-    def get(name: str) -> dict[str, Any]:
-        if name not in cache:
-            loaded = load_target(str(SAMPLE_DIR / f"{name}.py"))
-            cache[name] = gradscope.analyze(loaded.model, loaded.inputs, device="cpu").to_dict()
-        return cache[name]
-
-    return get
+def sample_docs(sample_report: Any) -> Any:
+    """The session's shared analysis of each sample (tests/conftest.py), as its JSON doc."""
+    return lambda name: sample_report(name).doc
 
 
 def _direction(finding: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ except ImportError as error:  # absent, or a broken install: skip, do not error
     pytest.skip(f"playwright cannot be imported ({error}; pip install -c constraints.txt "
                 "-e '.[dev]')", allow_module_level=True)
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SAMPLES = ("deep_sigmoid_mlp", "resnet_bn", "post_ln_transformer")
 #: Copy buttons sit on fixes that come with code; the healthy resnet_bn has none.

@@ -638,6 +638,7 @@ def test_terminal_colour_only_when_asked() -> None:
 # ------------------------------------------------------------------ real processes
 
 
+@pytest.mark.slow
 def test_process_healthy_run_writes_reports_without_ansi(tmp_path: Path) -> None:
     proc = run_cli("analyze", HEALTHY, "--json", "r.json", "--html", "r.html",
                    "--sarif", "r.sarif", cwd=tmp_path)
@@ -653,6 +654,7 @@ def test_process_healthy_run_writes_reports_without_ansi(tmp_path: Path) -> None
     assert json.loads((tmp_path / "r.sarif").read_text())["version"] == "2.1.0"
 
 
+@pytest.mark.slow
 def test_process_unhealthy_exits_1_with_json_on_stdout(tmp_path: Path) -> None:
     proc = run_cli("analyze", UNHEALTHY, "--no-probe", "--json", "-", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
@@ -661,6 +663,7 @@ def test_process_unhealthy_exits_1_with_json_on_stdout(tmp_path: Path) -> None:
     assert {f["rule"] for f in doc["findings"]} >= {"GS101"}
 
 
+@pytest.mark.slow
 def test_process_error_is_one_line_and_debug_adds_the_traceback(tmp_path: Path) -> None:
     write_model(tmp_path, "model.py", ERROR_CASES["syntax_error"][0] or "")
     proc = run_cli("analyze", "model.py", cwd=tmp_path)
@@ -672,6 +675,7 @@ def test_process_error_is_one_line_and_debug_adds_the_traceback(tmp_path: Path) 
     assert proc.stderr.splitlines()[-1].startswith("gradscope: error: syntax error")
 
 
+@pytest.mark.slow
 def test_process_missing_file_exits_2(tmp_path: Path) -> None:
     proc = run_cli("analyze", "does_not_exist.py", "--no-probe", cwd=tmp_path)
     assert proc.returncode == 2

@@ -213,6 +213,7 @@ def test_fail_on_from_the_file_sets_the_exit_code(project: Path) -> None:
     assert analyze(UNHEALTHY, "--no-probe", "-q").exit_code == 0
 
 
+@pytest.mark.slow
 def test_thresholds_from_the_file_change_the_findings(project: Path) -> None:
     write_pyproject(project, """
         [tool.gradscope.thresholds]

@@ -4,7 +4,7 @@ For every model :mod:`strategies` draws, ``gradscope.analyze(model, inputs,
 device="cpu")`` either returns a report that validates against the JSON schema
 and serialises with ``allow_nan=False``, or raises a subclass of
 ``gradscope.GradscopeError`` defined in ``gradscope/errors.py``, with a
-one-line message. Either way the model is left as CONTRACT section 3 says:
+one-line message. Either way the model is left as docs/contract.md section 3 says:
 parameters and buffers bit for bit (BatchNorm running statistics and
 ``num_batches_tracked`` included), ``.grad`` fields set beforehand, the
 ``requires_grad`` flags, the train/eval flag of every submodule, no hook added
@@ -61,7 +61,7 @@ GLOBAL_HOOKS = tuple(sorted(name for name, value in vars(nn.modules.module).item
 
 
 class Snapshot:
-    """Everything CONTRACT section 3 promises to keep, recorded without gradscope's help."""
+    """Everything docs/contract.md section 3 promises to keep, recorded without gradscope's help."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -162,24 +162,28 @@ def _draw_run(data: st.DataObject, spec: ModelSpec) -> Any:
     return check_analyze(spec, mode, batches, probe, lr, tracer, loss)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(families=("vector", "free")), st.data())
 def test_generated_vector_models(spec: ModelSpec, data: st.DataObject) -> None:
     _draw_run(data, spec)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(families=("conv1d", "conv2d")), st.data())
 def test_generated_conv_models(spec: ModelSpec, data: st.DataObject) -> None:
     _draw_run(data, spec)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(families=("sequence", "tokens")), st.data())
 def test_generated_sequence_models(spec: ModelSpec, data: st.DataObject) -> None:
     _draw_run(data, spec)
 
 
+@pytest.mark.slow
 @settings(PROFILE)
 @given(model_specs(max_blocks=5, max_width=8), st.data())
 def test_generated_models_any_family(spec: ModelSpec, data: st.DataObject) -> None:

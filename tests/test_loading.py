@@ -1,4 +1,4 @@
-"""Targets become a model and example inputs (CONTRACT section 1), in-process.
+"""Targets become a model and example inputs (docs/contract.md section 1), in-process.
 
 Each test writes the smallest model file that shows one rule of the loader:
 which object is picked, how NAME is resolved, where inputs come from, and

@@ -1,7 +1,7 @@
 """End to end: every sample model through ``gradscope.analyze``, checked against its diagnosis.
 
 Each sample is loaded the way the CLI loads it (``gradscope.loading.load_target``)
-and analysed once per test module (the ``reports`` fixture caches the report).
+and analysed once per test session (the ``sample_report`` fixture of conftest.py).
 The expected diagnoses come from sample_models/README.md, as far as the current
 rules reach:
 
@@ -31,7 +31,6 @@ import pytest
 from helpers import SAMPLE_DIR, SAMPLES
 
 import gradscope
-from gradscope.loading import load_target
 from gradscope.rules.base import fmt as _fmt
 from gradscope.schema import validate_report
 
@@ -72,21 +71,6 @@ AGREEMENT = {
 }
 
 
-@pytest.fixture(scope="module")
-def reports() -> Any:
-    """Lazily analyse each sample once for the whole module."""
-    cache: dict[str, tuple[Any, gradscope.Report, dict[str, Any]]] = {}
-
-    def get(name: str) -> tuple[Any, gradscope.Report, dict[str, Any]]:
-        if name not in cache:
-            loaded = load_target(str(SAMPLE_DIR / f"{name}.py"))
-            report = gradscope.analyze(loaded.model, loaded.inputs, device="cpu")
-            cache[name] = (loaded, report, report.to_dict())
-        return cache[name]
-
-    return get
-
-
 def _rules(report: gradscope.Report) -> set[str]:
     return {f.rule for f in report.findings}
 
@@ -96,8 +80,8 @@ def _rules(report: gradscope.Report) -> set[str]:
 
 
 @pytest.mark.parametrize("name", SAMPLES)
-def test_report_is_valid(reports: Any, name: str) -> None:
-    _, report, doc = reports(name)
+def test_report_is_valid(sample_report: Any, name: str) -> None:
+    _, report, doc = sample_report(name)
     validate_report(doc)
     json.dumps(doc, allow_nan=False)  # strict JSON: no NaN/Infinity anywhere
     assert doc["status"] == report.status
@@ -110,8 +94,8 @@ def test_report_is_valid(reports: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SAMPLES)
-def test_layers_in_topological_order(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_layers_in_topological_order(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     position = {layer.name: i for i, layer in enumerate(report.layers)}
     assert len(position) == len(report.layers), "duplicate layer names"
     depth = {layer.name: layer.depth for layer in report.layers}
@@ -131,17 +115,17 @@ def test_layers_in_topological_order(reports: Any, name: str) -> None:
 
 @pytest.mark.parametrize("name", (*VANISHING, *EXPLODING, "relu_mlp_kaiming",
                                   "tuple_output_mlp"))
-def test_trainable_layers_get_deeper(reports: Any, name: str) -> None:
+def test_trainable_layers_get_deeper(sample_report: Any, name: str) -> None:
     """Along the main path of every plain stack, depth strictly grows layer after layer."""
-    _, report, _ = reports(name)
+    _, report, _ = sample_report(name)
     depths = [layer.depth for layer in report.layers if layer.num_params > 0]
     assert len(depths) >= 6
     assert all(a < b for a, b in itertools.pairwise(depths)), depths
 
 
 @pytest.mark.parametrize("name", SAMPLES)
-def test_trace_method(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_trace_method(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     trace = report.model.trace
     method = TRACE_METHOD.get(name, "symbolic_trace")
     assert trace.method == method
@@ -171,9 +155,9 @@ def _forward_lines(path: Path) -> set[int]:
 
 @pytest.mark.parametrize("name", [s for s in SAMPLES
                                   if s not in SEQUENTIAL_ROOT and s not in TRACE_METHOD])
-def test_source_locations(reports: Any, name: str) -> None:
+def test_source_locations(sample_report: Any, name: str) -> None:
     """Symbolic traces of user-written forwards: every module call has its file:line."""
-    _, report, _ = reports(name)
+    _, report, _ = sample_report(name)
     assert report.model.trace.method == "symbolic_trace"
     path = (SAMPLE_DIR / f"{name}.py").resolve()
     inside_forward = _forward_lines(path)
@@ -185,8 +169,8 @@ def test_source_locations(reports: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SAMPLES)
-def test_probed_output(reports: Any, name: str) -> None:
-    _, report, doc = reports(name)
+def test_probed_output(sample_report: Any, name: str) -> None:
+    _, report, doc = sample_report(name)
     expected = {"two_input_model": "output['logits']", "tuple_output_mlp": "output[0]"}
     assert report.model.output == expected.get(name, "output")
     assert doc["model"]["output"] == report.model.output
@@ -197,8 +181,8 @@ def test_probed_output(reports: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(AGREEMENT))
-def test_static_and_probe_agree(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_static_and_probe_agree(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     logs = [abs(math.log10(layer.static_grad_rms / layer.probe_grad_rms))
             for layer in report.layers
             if layer.static_grad_rms and layer.probe_grad_rms
@@ -213,8 +197,8 @@ def test_static_and_probe_agree(reports: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", VANISHING)
-def test_vanishing(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_vanishing(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     assert report.status == "unhealthy"
     found = {f.rule: f for f in report.findings}
     assert {"GS101", "GS102"} <= set(found)
@@ -231,8 +215,8 @@ def test_vanishing(reports: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", EXPLODING)
-def test_exploding(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_exploding(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     assert report.status == "unhealthy"
     found = {f.rule: f for f in report.findings}
     assert {"GS201", "GS202"} <= set(found)
@@ -244,8 +228,8 @@ def test_exploding(reports: Any, name: str) -> None:
     assert {"gradient_clipping", "initialization"} <= kinds
 
 
-def test_nan_points_at_torch_log(reports: Any) -> None:
-    _, report, _ = reports("nan_model")
+def test_nan_points_at_torch_log(sample_report: Any) -> None:
+    _, report, _ = sample_report("nan_model")
     path = (SAMPLE_DIR / "nan_model.py").resolve()
     lines = path.read_text().splitlines()
     log_line = 1 + next(i for i, text in enumerate(lines)
@@ -267,15 +251,15 @@ def test_nan_points_at_torch_log(reports: Any) -> None:
 
 
 @pytest.mark.parametrize("name", HEALTHY_FLOW)
-def test_no_gradient_finding(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_no_gradient_finding(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     assert not GRADIENT_RULES & _rules(report), [f.message for f in report.findings]
     assert report.status != "unhealthy"
 
 
-def test_transformers_are_traced_with_export(reports: Any) -> None:
+def test_transformers_are_traced_with_export(sample_report: Any) -> None:
     for name in ("pre_ln_transformer", "post_ln_transformer"):
-        _, report, _ = reports(name)
+        _, report, _ = sample_report(name)
         assert report.model.trace.method == "export"
         assert "GS801" in _rules(report)
         modules = {layer.module for layer in report.layers if layer.module}
@@ -285,8 +269,8 @@ def test_transformers_are_traced_with_export(reports: Any) -> None:
         assert report.status == ("warning" if name.startswith("post") else "healthy")
 
 
-def test_data_dependent_runtime_graph(reports: Any) -> None:
-    _, report, _ = reports("data_dependent")
+def test_data_dependent_runtime_graph(sample_report: Any) -> None:
+    _, report, _ = sample_report("data_dependent")
     assert report.model.trace.method == "runtime"
     assert "GS801" in _rules(report)
     modules = {layer.module for layer in report.layers if layer.module}
@@ -295,10 +279,10 @@ def test_data_dependent_runtime_graph(reports: Any) -> None:
     assert any("branches" in note for note in report.notes)
 
 
-def test_lstm_vanishes_through_time(reports: Any) -> None:
+def test_lstm_vanishes_through_time(sample_report: Any) -> None:
     """Forget-gate bias 0 over 100 steps: measured first/last input-gradient ratio 4.7e-21
     (tests/test_sample_models_ground_truth.py); the unrolled estimate predicts ~1e-20."""
-    _, report, _ = reports("lstm")
+    _, report, _ = sample_report("lstm")
     found = {f.rule: f for f in report.findings}
     assert "GS103" in found and found["GS103"].severity == "error"
     ratio = found["GS103"].evidence["gradient_ratio"]
@@ -311,9 +295,9 @@ def test_lstm_vanishes_through_time(reports: Any) -> None:
     assert lstm.understood
 
 
-def test_dead_relu_layers_are_dead(reports: Any) -> None:
+def test_dead_relu_layers_are_dead(sample_report: Any) -> None:
     """The measured dead fraction reaches 1 from hidden layer 6 on (README: exactly 0 active)."""
-    _, report, _ = reports("dead_relu_mlp")
+    _, report, _ = sample_report("dead_relu_mlp")
     dead = [layer.dead_fraction for layer in report.layers if layer.op == "ReLU"]
     assert len(dead) == 7
     assert dead[5] == 1.0 and dead[6] == 1.0
@@ -322,8 +306,8 @@ def test_dead_relu_layers_are_dead(reports: Any) -> None:
     assert all(r == 0.0 for r in weights[:-1])  # every hidden weight gradient is exactly 0
 
 
-def test_saturation_measured_on_sigmoid(reports: Any) -> None:
-    _, report, _ = reports("deep_sigmoid_mlp")
+def test_saturation_measured_on_sigmoid(sample_report: Any) -> None:
+    _, report, _ = sample_report("deep_sigmoid_mlp")
     sat = [layer.saturated_fraction for layer in report.layers if layer.op == "Sigmoid"]
     assert len(sat) == 9 and all(s is not None and 0.0 <= s <= 1.0 for s in sat)
 
@@ -346,8 +330,8 @@ HEALTHY = ("relu_mlp_kaiming", "resnet_bn", "tuple_output_mlp", "two_input_model
 
 
 @pytest.mark.parametrize("name", sorted(DIAGNOSIS))
-def test_sample_diagnosis_with_verified_fix(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_sample_diagnosis_with_verified_fix(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     found = {f.rule: f for f in report.findings}
     for code, kind in DIAGNOSIS[name]:
         assert code in found, f"{name}: {code} missing from {sorted(found)}"
@@ -363,6 +347,6 @@ def test_sample_diagnosis_with_verified_fix(reports: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", HEALTHY)
-def test_healthy_samples_are_healthy(reports: Any, name: str) -> None:
-    _, report, _ = reports(name)
+def test_healthy_samples_are_healthy(sample_report: Any, name: str) -> None:
+    _, report, _ = sample_report(name)
     assert report.status == "healthy", [(f.rule, f.severity) for f in report.findings]

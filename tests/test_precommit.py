@@ -251,6 +251,7 @@ def _try_repo(hook_repo: tuple[Path, str], project: Path, env: dict[str, str],
                             "--files", *files), project, env)
 
 
+@pytest.mark.slow
 def test_try_repo_healthy_model_passes(hook_repo: tuple[Path, str], project: Path,
                                        env: dict[str, str]) -> None:
     result = _try_repo(hook_repo, project, env, "models/healthy.py", "tools.py")
@@ -259,6 +260,7 @@ def test_try_repo_healthy_model_passes(hook_repo: tuple[Path, str], project: Pat
     assert "skipped tools.py" in result.stdout  # --verbose shows the hook's output
 
 
+@pytest.mark.slow
 def test_try_repo_unhealthy_model_fails(hook_repo: tuple[Path, str], project: Path,
                                         env: dict[str, str]) -> None:
     result = _try_repo(hook_repo, project, env, "models/vanishing.py")
@@ -292,6 +294,7 @@ def _commit(repo: Path, env: dict[str, str], *files: str) -> subprocess.Complete
     return _run(["git", "commit", "-m", "change"], repo, env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["local", "remote"])
 def test_installed_hook_blocks_the_commit_of_an_unhealthy_model(
         config: str, hook_repo: tuple[Path, str], project: Path,

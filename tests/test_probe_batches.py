@@ -948,6 +948,7 @@ def _disturb(model: nn.Module, seed: int) -> None:
     model.register_forward_hook(lambda m, a, o: None)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(generated_models(), st.sampled_from(["train", "eval"]))

@@ -165,7 +165,7 @@ def _log_ratio(a: float, b: float) -> float:
 
 
 @pytest.mark.parametrize("entry", ["last", "uniform"])
-@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("steps", [10, pytest.param(50, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(CASES))
 def test_input_gain_matches_brute_force(name: str, steps: int, entry: str) -> None:
     est, profile, bf = _compare(name, steps, entry)

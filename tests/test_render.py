@@ -381,7 +381,7 @@ def test_optional_extras_are_type_checked_when_present() -> None:
 
 
 def test_contract_only_document_validates() -> None:
-    """A producer that writes nothing beyond CONTRACT section 4 is still valid."""
+    """A producer that writes nothing beyond docs/contract.md section 4 is still valid."""
     doc = {
         "schema_version": 1,
         "gradscope_version": "9.9",

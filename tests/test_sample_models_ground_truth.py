@@ -60,7 +60,7 @@ def module_classes(module: ModuleType) -> list[type[nn.Module]]:
 
 
 def build(name: str) -> nn.Module:
-    """Build a sample the way CONTRACT section 1 orders it: build_model(), then the class."""
+    """Build a sample in the order of docs/contract.md section 1: build_model(), then the class."""
     module = load_sample(name)
     if hasattr(module, "build_model"):
         return module.build_model()
@@ -207,7 +207,7 @@ def test_deep_sigmoid_mlp_vanishes() -> None:
     layers = linears(model)
     assert len(layers) == load_sample("deep_sigmoid_mlp").DEPTH
     ratio = first_last_ratio(model, inputs_of("deep_sigmoid_mlp"), layers[0], layers[-1])
-    # Measured 2.13e-8; SIGNAL_PROPAGATION.md: 2.1e-8, theory 2.15e-8. 10x either side.
+    # Measured 2.13e-8; docs/static-estimate.md: 2.1e-8, theory 2.15e-8. 10x either side.
     assert 2e-9 < ratio < 2e-7
 
 
@@ -216,7 +216,7 @@ def test_relu_mlp_kaiming_is_healthy() -> None:
     layers = linears(model)
     assert len(layers) == load_sample("relu_mlp_kaiming").DEPTH
     ratio = first_last_ratio(model, inputs_of("relu_mlp_kaiming"), layers[0], layers[-1])
-    # Measured 0.95 (SIGNAL_PROPAGATION.md: 1.04; theory chi = 1).
+    # Measured 0.95 (docs/static-estimate.md: 1.04; theory chi = 1).
     assert 0.1 < ratio < 10
 
 
@@ -416,7 +416,7 @@ def _lstm_input_grad_ratio(forget_bias: float | None) -> float:
 def test_lstm_vanishes_through_time() -> None:
     assert load_sample("lstm").SEQ_LEN == 100
     ratio = _lstm_input_grad_ratio(None)
-    # Measured 4.7e-21 (SIGNAL_PROPAGATION.md: 5.4e-22). The lower bound only checks
+    # Measured 4.7e-21 (docs/static-estimate.md: 5.4e-22). The lower bound only checks
     # that the signal decays rather than being cut off or underflowing.
     assert 1e-30 < ratio < 1e-12
 

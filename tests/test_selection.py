@@ -298,6 +298,7 @@ def static_rules(*args: str) -> set[str]:
     return {f["rule"] for f in json.loads(result.stdout)["findings"]}
 
 
+@pytest.mark.slow
 def test_command_line_selection_wins_over_the_file(project: Path) -> None:
     assert "GS101" in static_rules()
     write_config(project, 'ignore = ["GS1"]\n')
@@ -332,6 +333,7 @@ def test_bad_selection_option_is_exit_2_before_loading(project: Path, args: list
     assert "missing_model.py" not in line
 
 
+@pytest.mark.slow
 def test_ignore_changes_the_exit_code(project: Path) -> None:
     baseline = analyze_cli(UNHEALTHY, "--fail-on", "error", "--json", "-")
     assert baseline.exit_code == 1

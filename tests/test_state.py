@@ -1,4 +1,4 @@
-"""``analyze`` leaves the model exactly as it found it (CONTRACT section 3).
+"""``analyze`` leaves the model exactly as it found it (docs/contract.md section 3).
 
 Parameters and buffers bit for bit (BatchNorm running statistics and
 ``num_batches_tracked`` included), the identity of every parameter, buffer and

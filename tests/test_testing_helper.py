@@ -62,6 +62,7 @@ class Cumulative(nn.Module):
         return self.b(self.a(x).cumsum(-1).cummax(-1).values)
 
 
+@pytest.mark.slow
 def test_example_file_passes_under_a_real_pytest() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
