@@ -20,7 +20,7 @@ Papers: Kaiming He, Xiangyu Zhang, Shaoqing Ren and Jian Sun (2015), "Delving
 Deep into Rectifiers"; Lu Lu, Yeonjong Shin, Yanhui Su and George Em
 Karniadakis (2020), "Dying ReLU and Initialization: Theory and Numerical
 Examples", Communications in Computational Physics.
-SIGNAL_PROPAGATION.md: "A ReLU layer with bias <= -0.5 at He init kills the
+docs/static-estimate.md (reference behaviour): "A ReLU layer with bias <= -0.5 at He init kills the
 net within a few layers: every upstream weight gradient is exactly 0".
 """
 

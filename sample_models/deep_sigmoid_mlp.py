@@ -15,7 +15,7 @@ the default init shrinks it further. Sigmoid units also sit off-centre
 
 Paper: Xavier Glorot and Yoshua Bengio (2010), "Understanding the difficulty
 of training deep feedforward neural networks", AISTATS.
-SIGNAL_PROPAGATION.md: "10 layers, width 256, default init: first/last delta
+docs/static-estimate.md (reference behaviour): "10 layers, width 256, default init: first/last delta
 ratio 2.1e-8 (theory 2.15e-8)".
 """
 

@@ -11,7 +11,7 @@ sigmoid(~0) ~ 0.5, the cell state keeps about half of itself per step, so the
 gradient reaching the input at step 0 from a loss on step 99 is ~1e-21 of the
 gradient at step 99 (the per-element RMS of dLoss/dx[:, 0] over
 dLoss/dx[:, -1]: measured 4.7e-21, a factor ~0.62 per step or ~100x per 10
-steps; SIGNAL_PROPAGATION.md measured 5.4e-22 for the same setup). The LSTM
+steps; docs/static-estimate.md gives 5.4e-22 for the same setup). The LSTM
 cannot learn dependencies more than a few dozen steps long at this init.
 Fix: forget-gate bias 1 (measured here 1.4e-8; the reference figure is 5e-9)
 or, for 100+ steps, 3 (measured here 0.75; reference 1.6).
@@ -22,7 +22,7 @@ Memory", Neural Computation; Razvan Pascanu, Tomas Mikolov and Yoshua Bengio
 (vanishing and exploding gradients through time); Rafal Jozefowicz, Wojciech
 Zaremba and Ilya Sutskever (2015), "An Empirical Exploration of Recurrent
 Network Architectures", ICML (forget-gate bias 1).
-SIGNAL_PROPAGATION.md: "An LSTM with PyTorch's default forget-gate bias (0)
+docs/static-estimate.md (reference behaviour): "An LSTM with PyTorch's default forget-gate bias (0)
 vanishes nearly as fast (5.4e-22); forget bias 1: 5e-9; bias 3: 1.6".
 """
 

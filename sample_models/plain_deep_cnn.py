@@ -19,7 +19,7 @@ Papers: Kaiming He, Xiangyu Zhang, Shaoqing Ren and Jian Sun (2016), "Deep
 Residual Learning for Image Recognition", CVPR (plain deep nets degrade; the
 motivation for skips); Kaiming He et al. (2015), "Delving Deep into
 Rectifiers" (the chi = 1 init that the default one misses by 6x per layer).
-SIGNAL_PROPAGATION.md: "Plain deep CNN with default init vanishes".
+docs/static-estimate.md (reference behaviour): "Plain deep CNN with default init vanishes".
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ layers start from identical weights (stock PyTorch behaviour, kept here).
 Paper: Ruibin Xiong, Yunchang Yang, Di He, Kai Zheng, Shuxin Zheng, Chen
 Xing, Huishuai Zhang, Yanyan Lan, Liwei Wang and Tie-Yan Liu (2020), "On Layer
 Normalization in the Transformer Architecture", ICML.
-SIGNAL_PROPAGATION.md: "Post-LN's last-layer gradient does not shrink with
+docs/static-estimate.md (reference behaviour): "Post-LN's last-layer gradient does not shrink with
 depth and Post-LN needs learning-rate warmup (BLEU 8.45 without warmup vs
 ~34 with 4000 warmup steps)".
 """

@@ -25,7 +25,7 @@ the whole model only because ``nn.TransformerEncoder`` is kept as one leaf.
 Paper: Ruibin Xiong, Yunchang Yang, Di He, Kai Zheng, Shuxin Zheng, Chen
 Xing, Huishuai Zhang, Yanyan Lan, Liwei Wang and Tie-Yan Liu (2020), "On Layer
 Normalization in the Transformer Architecture", ICML.
-SIGNAL_PROPAGATION.md: "Pre-LN's shrinks as 1/sqrt(L) and trains without
+docs/static-estimate.md (reference behaviour): "Pre-LN's shrinks as 1/sqrt(L) and trains without
 warmup".
 """
 

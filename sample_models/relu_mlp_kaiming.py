@@ -14,8 +14,8 @@ the init, not the depth, that matters.
 Paper: Kaiming He, Xiangyu Zhang, Shaoqing Ren and Jian Sun (2015), "Delving
 Deep into Rectifiers: Surpassing Human-Level Performance on ImageNet
 Classification", ICCV.
-SIGNAL_PROPAGATION.md: "ReLU + Kaiming is stable (He et al. 2015): 20 layers,
-ratio 1.04".
+docs/static-estimate.md (reference behaviour): "ReLU + Kaiming is stable (He et al.
+2015): 20 layers, ratio 1.04".
 """
 
 from __future__ import annotations

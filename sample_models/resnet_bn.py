@@ -23,7 +23,7 @@ Papers: Kaiming He, Xiangyu Zhang, Shaoqing Ren and Jian Sun (2016), "Deep
 Residual Learning for Image Recognition", CVPR; Soham De and Samuel L. Smith
 (2020), "Batch Normalization Biases Residual Blocks Towards the Identity
 Function in Deep Networks", NeurIPS.
-SIGNAL_PROPAGATION.md: "ResNet + BN stays within ~10x (He et al. 2016; De &
+docs/static-estimate.md (reference behaviour): "ResNet + BN stays within ~10x (He et al. 2016; De &
 Smith 2020)".
 """
 

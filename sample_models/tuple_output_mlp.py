@@ -7,7 +7,7 @@ Kaiming init (fan_in, ReLU) and zero biases. ``forward`` returns the tuple
 
 This file deliberately has NO ``build_model()`` and no module-level ``model``:
 it defines exactly one ``nn.Module`` subclass, constructible with no
-arguments, which is the loader's third rule (CONTRACT section 1). Inputs come
+arguments, which is the loader's third rule (docs/contract.md section 1). Inputs come
 from ``example_inputs()``. The class draws its init from a private
 ``torch.Generator`` seeded with ``INIT_SEED``, so every instance has the same
 weights without the constructor touching the global RNG's result.

@@ -19,7 +19,7 @@ inputs (``example_inputs()`` returns a tuple, or ``--input-shape`` twice) and
 pick ``"logits"`` (or reduce over every float output) to build a loss.
 
 Papers: Kaiming He et al. (2015), "Delving Deep into Rectifiers" (the init);
-SIGNAL_PROPAGATION.md: "concat | each input keeps its slice | 0.985".
+docs/static-estimate.md (reference behaviour): "concat | each input keeps its slice | 0.985".
 """
 
 from __future__ import annotations

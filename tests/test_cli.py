@@ -1,4 +1,4 @@
-"""The command line as users, pre-commit hooks and CI scripts meet it (CONTRACT section 2).
+"""The command line as users, pre-commit hooks and CI scripts meet it (docs/contract.md section 2).
 
 Most cases run in-process through click's CliRunner (torch is imported once);
 the few that only a real process can show (the exit status seen by a shell,

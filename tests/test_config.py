@@ -1,4 +1,4 @@
-"""``[tool.gradscope]`` in the nearest pyproject.toml, under the command line (CONTRACT s. 2).
+"""``[tool.gradscope]`` in the nearest pyproject.toml, below the CLI (docs/contract.md section 2).
 
 A typo in a CI configuration must not silently turn a check off, so unknown
 keys and ill-typed values are one-line errors (exit 2), never a crash.
