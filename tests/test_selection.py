@@ -24,14 +24,10 @@ import gradscope
 from gradscope.cli import main
 from gradscope.config import load_settings
 from gradscope.errors import ConfigError
+from gradscope.options import parse_per_module, per_module_pairs, split_codes
 from gradscope.report import Finding, Location
 from gradscope.rules import registry
-from gradscope.rules.selection import (
-    RuleSelection,
-    parse_per_module,
-    per_module_pairs,
-    split_codes,
-)
+from gradscope.rules.selection import RuleSelection
 
 UNHEALTHY = SAMPLE_DIR / "deep_sigmoid_mlp.py"  # GS101 (static) and GS102 (probe), module "0"
 
