@@ -31,6 +31,7 @@ from gradscope.options import (
     Thresholds,
     settings_defaults,
 )
+from gradscope.rules.selection import RuleSelection
 
 # The choices and the analysis options are declared once, in gradscope.options.
 __all__ = [
@@ -116,6 +117,7 @@ class Settings:
                                           f"{base!r}", "fix the setting")
                     options["thresholds"] = replace(base, **limits)
                 own["analysis"] = analysis.replaced(**options)
+                check_selection(own["analysis"])
             except ConfigError as error:
                 raise _with_where(error, _where(self)) from None
         return replace(self, **own) if own else self
@@ -318,6 +320,16 @@ def shapes_for(settings: Settings, target: str) -> tuple[str, ...] | None:
     return None
 
 
+def check_selection(options: AnalysisOptions) -> None:
+    """Every code of select/ignore/per-module-ignore against the rule registry.
+
+    The options sit below the rules and cannot know the codes; the settings can, so
+    a code that matches no rule is an error that names where it was written.
+    """
+    RuleSelection(select=options.select, ignore=options.ignore,
+                  per_module_ignore=options.per_module_ignore)
+
+
 def validate(settings: Settings) -> None:
     """Check every setting's type and range: a bad value is a one-line error, not a crash.
 
@@ -333,6 +345,7 @@ def validate(settings: Settings) -> None:
                           "fix the setting")
     try:
         settings.analysis.validate()
+        check_selection(settings.analysis)
     except ConfigError as error:
         raise _with_where(error, where) from None
     for name in ("html", "json", "sarif"):
