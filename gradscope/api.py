@@ -155,11 +155,11 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
                    health_vanishing_error=t.vanishing_error,
                    health_exploding_warning=t.exploding_warning,
                    health_exploding_error=t.exploding_error)
-    counts = {cls: 0 for cls in ("ok", "warn", "bad", "not-judged")}
+    counts: dict[str | None, int] = {"ok": 0, "warn": 0, "bad": 0, None: 0}
     for name in analysis.traced.compute_nodes():
         counts[health.of(name).cls] += 1
     summary.update(health_ok=counts["ok"], health_warn=counts["warn"],
-                   health_bad=counts["bad"], health_not_judged=counts["not-judged"])
+                   health_bad=counts["bad"], health_not_judged=counts[None])
     return summary
 
 

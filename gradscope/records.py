@@ -152,9 +152,10 @@ class Finding:
 
 #: Classes of a layer's gradient health (``Layer.health_class``): ``ok`` inside the
 #: thresholds, ``warn`` past a warning threshold, ``bad`` past an error threshold,
-#: ``not-judged`` where no rule judges the layer (``Layer.health_note`` says why).
-HEALTH_CLASSES = ("ok", "warn", "bad", "not-judged")
-HealthClass = Literal["ok", "warn", "bad", "not-judged"]
+#: None where no rule judges the layer (``Layer.health_note`` says why), as the
+#: JSON report's ``null`` (docs/contract.md section 4).
+HEALTH_CLASSES = ("ok", "warn", "bad")
+HealthClass = Literal["ok", "warn", "bad"]
 
 
 @dataclass(frozen=True)

@@ -63,11 +63,12 @@ class Layer:
     nonfinite_forward: bool = False
     nonfinite_backward: bool = False
     #: Gradient health (``gradscope.rules.health``): the gradient-norm ratio to the output
-    #: the rules judge, its source (measured/predicted), its class (ok/warn/bad/not-judged
-    #: against the thresholds) and why it is not judged or what judged it.
+    #: the rules judge, its source (measured/predicted), its class against the thresholds
+    #: (ok/warn/bad; None when no rule judges the layer) and why it is not judged or what
+    #: judged it.
     health: float | None = None
     health_source: str | None = None
-    health_class: str = "not-judged"
+    health_class: str | None = None
     health_note: str | None = None
     #: The same ratio as predicted by the static estimate and as measured by the probe.
     health_predicted: float | None = None

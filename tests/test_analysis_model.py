@@ -131,9 +131,9 @@ def test_a_deselected_rule_costs_no_fix_estimate(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(("ratio", "cls"), [
     (1.0, "ok"), (0.01, "ok"), (100.0, "ok"), (0.0099, "warn"), (0.001, "warn"),
     (100.5, "warn"), (1000.0, "warn"), (0.00099, "bad"), (0.0, "bad"), (1000.5, "bad"),
-    (None, "not-judged"), (math.inf, "not-judged"), (math.nan, "not-judged"),
+    (None, None), (math.inf, None), (math.nan, None),
 ])
-def test_classify_uses_the_rules_bounds(ratio: float | None, cls: str) -> None:
+def test_classify_uses_the_rules_bounds(ratio: float | None, cls: str | None) -> None:
     """The rules warn below vanishing_warning and err below vanishing_error (strictly), and
     likewise above the exploding thresholds: the classes are those comparisons."""
     assert classify(ratio, Thresholds()) == cls
@@ -149,7 +149,7 @@ def test_health_of_a_small_model_against_brute_force_autograd() -> None:
                           nn.Linear(32, 4))
     x = torch.randn(8, 16)
     report = gradscope.analyze(model, (x,), device="cpu", batches=1)
-    entry = next(layer for layer in report.layers if layer.health_class != "not-judged")
+    entry = next(layer for layer in report.layers if layer.health_class is not None)
     assert entry.health_source == "measured" and entry.name == "_0"
     # Brute force: the probe's loss is <output, fixed direction>; the ratio does not
     # depend on the direction's scale, only on d(loss)/d(first layer's output).
@@ -201,8 +201,8 @@ def test_health_classes_agree_with_the_findings(sample_docs: Any, name: str) -> 
     # Every layer shown warn/bad is covered by a finding of that direction and severity.
     for layer in doc["layers"]:
         cls = layer["health_class"]
-        if cls in ("ok", "not-judged"):
-            if cls == "not-judged":
+        if cls in ("ok", None):
+            if cls is None:
                 assert layer["health_note"], f"{layer['name']}: not judged must say why"
             if cls == "ok":
                 assert not [f for f in gradient if f["location"]["node"] == layer["name"]]
@@ -217,7 +217,7 @@ def test_health_classes_agree_with_the_findings(sample_docs: Any, name: str) -> 
                     and _RANK[f["severity"]] >= _RANK["error" if cls == "bad" else "warning"]]
         assert covering, f"{layer['name']} is {cls} but no rule says so"
     counts = {c: sum(1 for layer in doc["layers"] if layer["health_class"] == c)
-              for c in ("ok", "warn", "bad", "not-judged")}
+              for c in ("ok", "warn", "bad", None)}
     assert (summary["health_ok"], summary["health_warn"], summary["health_bad"],
             summary["health_not_judged"]) == tuple(counts.values())
 
@@ -229,7 +229,7 @@ def test_the_views_show_the_judged_classes(sample_docs: Any, name: str) -> None:
     from gradscope.render.html import render_html
 
     doc = sample_docs(name)
-    css = {"ok": "ok", "warn": "warn", "bad": "bad", "not-judged": "none"}
+    css = {"ok": "ok", "warn": "warn", "bad": "bad", None: "none"}
     expected = {layer["name"]: css[layer["health_class"]] for layer in doc["layers"]}
     view = graph_view(doc)
     assert view is not None

@@ -260,7 +260,7 @@ def test_rendered_health_classes_are_the_judged_ones(reports: dict[str, Path],
     """What the browser shows (classes and colours of the hierarchy and the table) is the
     class the rules judged each layer with, and the findings name exactly the bad ones."""
     doc = json.loads(reports[name].with_suffix(".json").read_text(encoding="utf-8"))
-    css = {"ok": "ok", "warn": "warn", "bad": "bad", "not-judged": "none"}
+    css = {"ok": "ok", "warn": "warn", "bad": "bad", None: "none"}
     expected = {layer["name"]: css[layer["health_class"]] for layer in doc["layers"]}
     opened = open_report(reports[name])
     page = opened.page

@@ -35,7 +35,7 @@ def _layer(name: str, module: str | None, op: str = "Linear", *, static: float |
         "static_grad_rms": static, "probe_grad_rms": probe,
         "param_grad_ratio": None, "dead_fraction": None, "saturated_fraction": None,
         "health": health,
-        "health_class": classify(health, Thresholds()) if judged else "not-judged",
+        "health_class": classify(health, Thresholds()) if judged else None,
     }
     if inputs is not None:
         layer["inputs"] = inputs

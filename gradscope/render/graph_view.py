@@ -44,8 +44,8 @@ ADD_OPS = frozenset({"add", "iadd", "radd", "add_"})
 #: Tree nodes deeper than this start folded; the top level (depth 1) is open.
 OPEN_DEPTH = 1
 
-#: The report's health classes and the CSS class of each (``not-judged`` is ``none``).
-CSS_CLASS = {"ok": "ok", "warn": "warn", "bad": "bad", "not-judged": "none"}
+#: The report's health classes and the CSS class of each (not judged, ``null``: ``none``).
+CSS_CLASS = {"ok": "ok", "warn": "warn", "bad": "bad"}
 #: Worse classes first when a module takes the colour of its worst layer.
 _CLASS_RANK = {"none": 0, "ok": 1, "warn": 2, "bad": 3}
 

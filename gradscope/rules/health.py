@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from gradscope.estimate.engine import StaticEstimate
     from gradscope.probe import ProbeResult
 
-_RANK: dict[HealthClass, int] = {"not-judged": -1, "ok": 0, "warn": 1, "bad": 2}
+_RANK: dict[HealthClass | None, int] = {None: -1, "ok": 0, "warn": 1, "bad": 2}
 
 NOT_ENTRY = ("not judged: only the first trainable layer on each path from the inputs is "
              "(the gradient's longest way); layers behind it are weak or strong by design")
@@ -44,16 +44,16 @@ def log_distance(ratio: float | None) -> float:
     return abs(math.log10(ratio))
 
 
-def classify(value: float | None, t: Thresholds) -> HealthClass:
+def classify(value: float | None, t: Thresholds) -> HealthClass | None:
     """The class of one gradient ratio against the thresholds the rules use.
 
     The bounds are the rules' own: below ``vanishing_warning`` a warning, below
     ``vanishing_error`` an error (``bad``); above ``exploding_warning`` a warning,
     above ``exploding_error`` an error. A value that is missing or not finite is
-    not judged (no rule compares it).
+    not judged (no rule compares it): None.
     """
     if value is None or not math.isfinite(value):
-        return "not-judged"
+        return None
     if value < t.vanishing_error or value > t.exploding_error:
         return "bad"
     if value < t.vanishing_warning or value > t.exploding_warning:
@@ -73,7 +73,8 @@ class LayerHealth:
     value: float | None
     #: ``measured``, ``predicted`` or None when no figure exists.
     source: str | None
-    cls: HealthClass
+    #: ``ok``, ``warn`` or ``bad``; None when the layer is not judged.
+    cls: HealthClass | None
     #: Why the layer is not judged, or what judged it.
     note: str | None
 
@@ -118,14 +119,14 @@ class HealthTable:
         if node not in self.entries:
             shown, source = (measured, "measured") if _finite(measured) else (
                 (predicted, "predicted") if _finite(predicted) else (None, None))
-            return LayerHealth(shown, source, "not-judged", NOT_ENTRY)
-        candidates: list[tuple[HealthClass, str, float | None]] = []
+            return LayerHealth(shown, source, None, NOT_ENTRY)
+        candidates: list[tuple[HealthClass | None, str, float | None]] = []
         if self.measured_judged and _finite(measured):
             candidates.append((classify(measured, self.thresholds), "measured", measured))
         if _finite(predicted):
             candidates.append((classify(predicted, self.thresholds), "predicted", predicted))
         if not candidates:
-            return LayerHealth(None, None, "not-judged", NO_FIGURE)
+            return LayerHealth(None, None, None, NO_FIGURE)
         # The worst class decides; on a tie the measurement is shown (it is listed first).
         cls, source, value = max(candidates, key=lambda c: _RANK[c[0]])
         rules = {"measured": "GS102/GS202", "predicted": "GS101/GS201"}[source]
