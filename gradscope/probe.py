@@ -381,8 +381,12 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
     if not out.requires_grad:
         return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
     value, _ = _loss(out, tuple(probe_inputs), loss, seed)
-    targets: list[torch.Tensor] = [*grad_inputs, *wanted]
+    # dLoss/d(output) itself, not only through the output node's hook: an output that is
+    # an alias of an earlier tensor (``logits.float()`` on float logits, nn.Identity) has
+    # no hook of its own, and without its gradient no figure could be normalised.
+    targets: list[torch.Tensor] = [out, *grad_inputs, *wanted]
     grads = torch.autograd.grad(value, targets, allow_unused=True)
+    out_grad, grads = grads[0], grads[1:]
     lr, optimizer, weight_decay = update
     param_stats: dict[int, tuple[float, float] | None] = {}
     for p, g in zip(wanted, grads[len(grad_inputs):], strict=True):
@@ -393,6 +397,8 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
             first_update_sq(g, p, lr, optimizer, weight_decay) if lr is not None else 0.0)
     del grads
     name = traced.output_node
+    if name not in acc.sq and out_grad is not None:
+        acc._hook(name)(out_grad)  # the aliased output's own row: the same gradient
     out_sq = _total(acc.sq[name]) if name in acc.sq else 0.0
     return _Batch(acc, out_sq, acc.numel.get(name, out.numel()), param_stats,
                   _batch_size(inputs), True)

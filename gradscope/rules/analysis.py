@@ -58,15 +58,24 @@ def entry_nodes(traced: TracedModel, trainable: Sequence[str]) -> list[str]:
     return entries
 
 
+def differentiated_path(traced: TracedModel) -> frozenset[str]:
+    """Nodes whose output reaches the differentiated output (the output node included)."""
+    from networkx import ancestors
+
+    out = traced.output_node
+    return frozenset(ancestors(traced.graph, out) | {out})
+
+
 def structural_facts(traced: TracedModel) -> StructuralFacts:
     """Compute the facts once."""
-    trainable = trainable_nodes(traced)
+    on_path = differentiated_path(traced)
+    trainable = [n for n in trainable_nodes(traced) if n in on_path]
     skips = residual_adds(traced)
     path, longest, end = plain_run(traced, set(skips))
     return StructuralFacts(trainable=tuple(trainable),
                            entries=tuple(entry_nodes(traced, trainable)),
                            residual_adds=tuple(skips), plain_run=tuple(path),
-                           longest_plain_run=longest, plain_run_end=end)
+                           longest_plain_run=longest, plain_run_end=end, on_path=on_path)
 
 
 @dataclass
@@ -94,7 +103,8 @@ class Analysis:
 
     @functools.cached_property
     def health(self) -> HealthTable:
-        return build_health(self.estimate, self.probe, self.thresholds, self.facts.entries)
+        return build_health(self.estimate, self.probe, self.thresholds, self.facts.entries,
+                            self.facts.on_path)
 
     def mean_and_variance(self, node: str) -> tuple[float, float] | None:
         """The estimate's (mean, variance) of a node's output, None where it has none."""

@@ -89,7 +89,8 @@ class Rule:
 class StructuralFacts:
     """Facts of the graph's structure that several rules, the summary and the fixes read."""
 
-    #: Nodes whose own weights train, in forward order.
+    #: Nodes whose own weights train and whose output reaches the differentiated
+    #: output, in forward order.
     trainable: tuple[str, ...]
     #: The first trainable layer on each path from the inputs: where vanishing is judged.
     entries: tuple[str, ...]
@@ -100,6 +101,10 @@ class StructuralFacts:
     #: Weight layers on that run, and the node where it ends.
     longest_plain_run: int
     plain_run_end: str | None
+    #: Nodes whose output reaches the output the probe differentiates (the selected
+    #: output): the others (a BERT pooler when the hidden states are probed, a second
+    #: head) get no gradient from this loss, by construction, and are not judged.
+    on_path: frozenset[str] = frozenset()
 
 
 class Fixes(Protocol):

@@ -179,8 +179,9 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     probe = analysis.probe
     if probe is None or probe.nonfinite_forward or probe.nonfinite_backward:
         return []
+    on_path = analysis.facts.on_path  # a layer the loss cannot reach is not "imbalanced"
     ratios = {n: v for n, v in probe.param_grad_ratio.items()
-              if v is not None and math.isfinite(v)}
+              if v is not None and math.isfinite(v) and n in on_path}
     if len(ratios) < 2:
         return []
     typical_ratio = median(list(ratios.values()))
@@ -192,7 +193,8 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     if relative >= t.update_imbalance:
         return []
     norm = probe.param_grad_norm.get(node)
-    norms = [v for v in probe.param_grad_norm.values() if v is not None and v > 0]
+    norms = [v for n, v in probe.param_grad_norm.items()
+             if v is not None and v > 0 and n in on_path]
     typical = median(norms) if norms else None
     detail = ""
     if norm is not None and typical:

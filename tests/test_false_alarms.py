@@ -1,0 +1,95 @@
+"""Verdicts that hold on real architectures: each defect class found on the zoo
+(``benchmarks/zoo/``), reduced to the smallest plain-torch model that shows it, with the
+root-cause fix it needed. A model here trains from its initialisation; gradscope must not
+call it unhealthy, and where it measures, the measurement must be what autograd says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import gradscope
+
+
+def _errors(report: gradscope.Report) -> list[str]:
+    return [f"{f.rule}: {f.message}" for f in report.findings if f.severity == "error"]
+
+
+# ------------------------------------------------------------------ off the differentiated path
+
+
+class TwoHeads(nn.Module):
+    """Hidden states as the output, plus a pooler head the loss never reaches (BertModel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.body = nn.Linear(32, 32)
+        self.pooler = nn.Linear(32, 32)
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = torch.relu(self.body(self.emb(ids)))
+        return {"last_hidden_state": hidden,
+                "pooler_output": torch.tanh(self.pooler(hidden[:, 0]))}
+
+
+def test_a_layer_off_the_differentiated_path_is_not_judged() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = gradscope.analyze(TwoHeads(), (ids,), device="cpu", output="last_hidden_state")
+    assert "GS104" not in {f.rule for f in report.findings}, _errors(report)
+    assert report.status == "healthy", report.findings
+    pooler = [layer for layer in report.layers if layer.module == "pooler"]
+    assert pooler and all(layer.health_class is None for layer in pooler)
+    assert all("off the differentiated path" in (layer.health_note or "") for layer in pooler)
+    # The head the loss does reach is judged as before.
+    assert any(layer.health_class == "ok" for layer in report.layers)
+
+
+# ------------------------------------------------------------------ an aliased output
+
+
+class AliasedLogits(nn.Module):
+    """Returns ``logits.float()`` on float32 logits: the same tensor (Mamba's LM head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.body = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.body(self.emb(ids)))).float()}
+
+
+def test_an_aliased_output_is_still_measured() -> None:
+    torch.manual_seed(0)
+    model = AliasedLogits()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = gradscope.analyze(model, (ids,), device="cpu", batches=1)
+    assert report.probe.output_grad_rms is not None and report.probe.output_grad_rms > 0
+    assert not any("zero or non-finite" in n for n in report.notes), report.notes
+    entry = next(layer for layer in report.layers if layer.health_class is not None)
+    assert entry.health_source == "measured"
+    # Against autograd: the embedding output's gradient norm over the logits', same loss.
+    probe_direction = _probe_direction(model, ids)
+    emb = model.emb(ids)
+    emb.retain_grad()
+    logits = model.head(torch.relu(model.body(emb)))
+    logits.retain_grad()
+    (logits * probe_direction).sum().backward()
+    expected = float(emb.grad.norm() / logits.grad.norm())  # type: ignore[union-attr]
+    assert math.isclose(entry.health_measured or 0.0, expected, rel_tol=1e-4)
+
+
+def _probe_direction(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The fixed random direction of the probe's default loss for the first batch."""
+    from gradscope.probe import _loss
+
+    out = model(ids)["logits"].detach().requires_grad_(True)
+    value, _ = _loss(out, (ids,), "dot", 0)
+    (grad,) = torch.autograd.grad(value, [out])
+    return grad
