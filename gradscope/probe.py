@@ -55,6 +55,9 @@ class ProbeResult:
     saturated_fraction: dict[str, float] = field(default_factory=dict)
     nonfinite_forward: list[str] = field(default_factory=list)
     nonfinite_backward: list[str] = field(default_factory=list)
+    #: Nodes with non-finite forward values that reached neither the output nor any
+    #: gradient (masked by ``torch.where`` and the like): harmless, noted, not judged.
+    contained_nonfinite: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     batches: int = 1
     #: (min, max) over batches of each node's gradient RMS ratio.
@@ -488,7 +491,28 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
     if not done:
         return result
     _combine(done, traced, params, result, lr, optimizer, weight_decay)
+    _contain_nonfinite(traced, result)
     return result
+
+
+def _contain_nonfinite(traced: TracedModel, result: ProbeResult) -> None:
+    """Set aside non-finite forward values that never reached the output or a gradient.
+
+    T5 takes ``log`` of relative positions that include 0 and discards the ``-inf``
+    with ``torch.where``: the loss and every gradient stay finite, so nothing the
+    training run sees is affected. A NaN/Inf matters when it reaches the differentiated
+    output or any gradient; only then is it reported (GS501/GS502).
+    """
+    if not result.nonfinite_forward or result.nonfinite_backward \
+            or traced.output_node in result.nonfinite_forward:
+        return
+    first = result.nonfinite_forward[0]
+    result.contained_nonfinite = result.nonfinite_forward
+    result.nonfinite_forward = []
+    result.notes.append(
+        f"non-finite values appeared in the forward pass at {traced.node(first).label()} "
+        f"({len(result.contained_nonfinite)} node(s)) but reached neither the output nor "
+        "any gradient (masked, as torch.where does): not a finding")
 
 
 def _retry_smaller(batch: tuple[Any, ...], error: BaseException,

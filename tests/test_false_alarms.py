@@ -93,3 +93,38 @@ def _probe_direction(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     value, _ = _loss(out, (ids,), "dot", 0)
     (grad,) = torch.autograd.grad(value, [out])
     return grad
+
+
+# ------------------------------------------------------------------ non-finite values that are masked
+
+
+class MaskedLog(nn.Module):
+    """log of positions that include 0, discarded by torch.where (T5's position buckets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(16, 16)
+        self.l2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+        buckets = torch.where(pos > 0, torch.log(pos), torch.zeros_like(pos))
+        return self.l2(torch.relu(self.l1(x + buckets)))
+
+
+def test_non_finite_values_that_never_reach_the_output_are_not_a_finding() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    report = gradscope.analyze(MaskedLog(), (x,), device="cpu")
+    assert not {"GS501", "GS502"} & {f.rule for f in report.findings}, report.findings
+    assert any("reached neither the output nor any gradient" in n for n in report.notes)
+    assert report.probe.nonfinite_forward is None
+    # The same log reaching the output is still GS501 (sample_models/nan_model.py too).
+
+    class Unmasked(MaskedLog):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+            return self.l2(torch.relu(self.l1(x + torch.log(pos))))
+
+    bad = gradscope.analyze(Unmasked(), (x,), device="cpu")
+    assert "GS501" in {f.rule for f in bad.findings}
