@@ -95,7 +95,7 @@ def _probe_direction(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-# ------------------------------------------------------------------ non-finite values that are masked
+# ------------------------------------------------------------------ masked non-finite values
 
 
 class MaskedLog(nn.Module):
