@@ -153,23 +153,33 @@ def exploding_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recomme
 
 
 def _exploding(analysis: Analysis, measured: bool) -> list[Finding]:
-    ext = analysis.health.extremes(measured)
-    if ext is None:
-        return []
-    _, _, hi_node, hi = ext
     t = analysis.thresholds
-    if not hi > t.exploding_warning:
-        return []
+    evidence: dict[str, float | int | str | None] = {}
+    if measured:
+        ext = analysis.health.extremes(True)
+        if ext is None or not ext[3] > t.exploding_warning:
+            return []
+        hi_node, hi = ext[2], ext[3]
+        severity: Severity = "error" if hi > t.exploding_error else "warning"
+    else:
+        # A measurement outranks the prediction at the same layer (gradscope.rules.health).
+        found = analysis.health.predicted_extreme(low=False)
+        if found is None:
+            return []
+        hi_node, hi, cls = found
+        severity = "error" if cls == "bad" else "warning"
+        confirmed_by = analysis.health.measured.get(hi_node)
+        if analysis.health.measured_judged and confirmed_by is not None:
+            evidence["measured_ratio"] = confirmed_by
     rule = GS202 if measured else GS201
     source = "measured" if measured else "predicted"
-    severity: Severity = "error" if hi > t.exploding_error else "warning"
     norm = global_grad_norm(analysis)
     return [rule.finding(
         f"Exploding gradient ({source}): {op_of(analysis, hi_node)} receives {hi:.2e} "
         f"times the gradient at the output (threshold {t.exploding_warning:g}).",
         location(analysis, hi_node), severity, exploding_fixes(analysis, norm),
         {"gradient_ratio": hi, "threshold": t.exploding_warning,
-         "depth": analysis.traced.node(hi_node).depth})]
+         "depth": analysis.traced.node(hi_node).depth, **evidence})]
 
 
 def check_static_exploding(analysis: Analysis) -> list[Finding]:

@@ -126,18 +126,60 @@ class HealthTable:
             shown, source = (measured, "measured") if _finite(measured) else (
                 (predicted, "predicted") if _finite(predicted) else (None, None))
             return LayerHealth(shown, source, None, NOT_ENTRY)
-        candidates: list[tuple[HealthClass | None, str, float | None]] = []
+        # A measurement outranks the estimate at the same layer: the probe ran the real
+        # model, the estimate is a mean-field model of it.
         if self.measured_judged and _finite(measured):
-            candidates.append((classify(measured, self.thresholds), "measured", measured))
-        if _finite(predicted):
-            candidates.append((classify(predicted, self.thresholds), "predicted", predicted))
-        if not candidates:
+            cls, source, value = classify(measured, self.thresholds), "measured", measured
+        elif _finite(predicted):
+            cls, source, value = classify(predicted, self.thresholds), "predicted", predicted
+        else:
             return LayerHealth(None, None, None, NO_FIGURE)
-        # The worst class decides; on a tie the measurement is shown (it is listed first).
-        cls, source, value = max(candidates, key=lambda c: _RANK[c[0]])
         rules = {"measured": "GS102/GS202", "predicted": "GS101/GS201"}[source]
         note = f"judged {source} ({rules})" if cls != "ok" else f"entry layer, {source}"
         return LayerHealth(value, source, cls, note)
+
+    def predicted_extreme(self, low: bool) -> tuple[str, float, HealthClass] | None:
+        """The entry layer a predicted finding (GS101 low, GS201 high) points at.
+
+        Among the entry layers whose predicted ratio is past the warning threshold in
+        that direction and that the measurement confirms (:meth:`confirmed`), the most
+        extreme prediction: (node, predicted ratio, confirmed class); None if none.
+        """
+        t = self.thresholds
+        found: list[tuple[str, float, HealthClass]] = []
+        for node in self.entries:
+            value = self.predicted.get(node)
+            if value is None or not math.isfinite(value):
+                continue
+            if not (value < t.vanishing_warning if low else value > t.exploding_warning):
+                continue
+            predicted = classify(value, t)
+            cls = self.confirmed(node, predicted) if predicted is not None else None
+            if cls in ("warn", "bad"):
+                found.append((node, value, cls))  # type: ignore[arg-type]
+        if not found:
+            return None
+        pick = min if low else max
+        return pick(found, key=lambda item: item[1])
+
+    def measured_class(self, node: str) -> HealthClass | None:
+        """The measured class of an entry layer, None where the probe did not judge it."""
+        value = self.measured.get(node)
+        if not self.measured_judged or not _finite(value):
+            return None
+        return classify(value, self.thresholds)
+
+    def confirmed(self, node: str, predicted: HealthClass) -> HealthClass | None:
+        """A predicted class as far as the measurement at the same layer confirms it.
+
+        Where the probe measured the layer, the predicted finding keeps at most the
+        measured class (a measurement of ok drops it: the estimate was wrong there);
+        where it did not, the prediction stands.
+        """
+        measured = self.measured_class(node)
+        if measured is None:
+            return predicted
+        return predicted if _RANK[predicted] <= _RANK[measured] else measured
 
 
 def build_health(est: StaticEstimate, probe: ProbeResult | None, thresholds: Thresholds,
