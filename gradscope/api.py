@@ -307,6 +307,15 @@ def analyze(
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
                         inputs=tuple(est_inputs), declared=declared)
     findings, not_run = run_rules(analysis, selection)
+    facts = analysis.facts
+    if facts.zero_init:
+        first = traced.node(facts.zero_init[0]).label()
+        report_notes.append(
+            f"{len(facts.zero_init)} zero-initialised layer(s) (first: {first}): by design "
+            "(ReZero/SkipInit gains, Fixup, a zero-initialised head) they receive a gradient "
+            "and leave zero at the first update; the "
+            f"{len(facts.behind_zero_init)} node(s) behind them get none until then and are "
+            "not judged")
     not_run_note = selection.not_run_note(not_run)
     if not_run_note is not None:
         report_notes.append(not_run_note)

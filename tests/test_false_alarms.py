@@ -128,3 +128,51 @@ def test_non_finite_values_that_never_reach_the_output_are_not_a_finding() -> No
 
     bad = gradscope.analyze(Unmasked(), (x,), device="cpu")
     assert "GS501" in {f.rule for f in bad.findings}
+
+
+# ------------------------------------------------------------------ zero-initialised by design
+
+
+class ZeroHead(nn.Module):
+    """torchvision's ViT: the classification head starts at zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU())
+        self.head = nn.Linear(32, 10)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class ReZero(nn.Module):
+    """x + alpha * f(x) with alpha = 0 (Bachlechner et al. 2020)."""
+
+    def __init__(self, blocks: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 32)
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)) for _ in range(blocks))
+        self.alphas = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in range(blocks))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for branch, alpha in zip(self.branches, self.alphas, strict=True):
+            h = h + alpha * branch(h)
+        return self.head(h)
+
+
+def test_zero_initialised_layers_by_design_are_not_vanishing() -> None:
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    for model in (ZeroHead(), ReZero()):
+        torch.manual_seed(0)
+        report = gradscope.analyze(model, (x,), device="cpu")
+        assert report.status == "healthy", [f.message for f in report.findings]
+        assert any("zero-initialised layer(s)" in n for n in report.notes), report.notes
+        behind = [layer for layer in report.layers
+                  if "behind a zero-initialised layer" in (layer.health_note or "")]
+        assert behind, "the layers behind the zero layer say why they are not judged"
+

@@ -24,6 +24,7 @@ from gradscope.records import Finding, severity_rank
 from gradscope.rules.base import StructuralFacts
 from gradscope.rules.health import HealthTable, build_health
 from gradscope.rules.registry import CHECKS
+from gradscope.rules.variants import zero_initialised
 from gradscope.tracing.graph import TracedModel
 
 if TYPE_CHECKING:
@@ -66,16 +67,36 @@ def differentiated_path(traced: TracedModel) -> frozenset[str]:
     return frozenset(ancestors(traced.graph, out) | {out})
 
 
+def behind(traced: TracedModel, on_path: frozenset[str], gates: Sequence[str]) -> frozenset[str]:
+    """Nodes on the path whose every way to the output crosses one of ``gates``."""
+    if not gates:
+        return frozenset()
+    from networkx import ancestors
+
+    out = traced.output_node
+    closed = set(gates)
+    if out in closed:
+        free: set[str] = set()
+    else:
+        open_graph = traced.graph.subgraph(n for n in traced.graph.nodes if n not in closed)
+        free = ancestors(open_graph, out) | {out}
+    return frozenset(on_path - free - closed)
+
+
 def structural_facts(traced: TracedModel) -> StructuralFacts:
     """Compute the facts once."""
     on_path = differentiated_path(traced)
     trainable = [n for n in trainable_nodes(traced) if n in on_path]
+    zero = [n for n in trainable if zero_initialised(traced, n)]
+    blocked = behind(traced, on_path, zero)
+    judged = [n for n in trainable if n not in blocked]
     skips = residual_adds(traced)
     path, longest, end = plain_run(traced, set(skips))
-    return StructuralFacts(trainable=tuple(trainable),
-                           entries=tuple(entry_nodes(traced, trainable)),
+    return StructuralFacts(trainable=tuple(judged),
+                           entries=tuple(entry_nodes(traced, judged)),
                            residual_adds=tuple(skips), plain_run=tuple(path),
-                           longest_plain_run=longest, plain_run_end=end, on_path=on_path)
+                           longest_plain_run=longest, plain_run_end=end, on_path=on_path,
+                           zero_init=tuple(zero), behind_zero_init=blocked)
 
 
 @dataclass
@@ -104,7 +125,7 @@ class Analysis:
     @functools.cached_property
     def health(self) -> HealthTable:
         return build_health(self.estimate, self.probe, self.thresholds, self.facts.entries,
-                            self.facts.on_path)
+                            self.facts.on_path, self.facts.behind_zero_init)
 
     def mean_and_variance(self, node: str) -> tuple[float, float] | None:
         """The estimate's (mean, variance) of a node's output, None where it has none."""

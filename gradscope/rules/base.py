@@ -105,6 +105,12 @@ class StructuralFacts:
     #: output): the others (a BERT pooler when the hidden states are probed, a second
     #: head) get no gradient from this loss, by construction, and are not judged.
     on_path: frozenset[str] = frozenset()
+    #: Trainable nodes whose weights are all zero at initialisation (ReZero/SkipInit
+    #: gains, Fixup's last branch layers, a zero-initialised head), in forward order.
+    zero_init: tuple[str, ...] = ()
+    #: Nodes every path of which to the output crosses a zero-initialised node: they
+    #: get no gradient until the first update, by design, and are not judged.
+    behind_zero_init: frozenset[str] = frozenset()
 
 
 class Fixes(Protocol):

@@ -35,6 +35,8 @@ NOT_ENTRY = ("not judged: only the first trainable layer on each path from the i
              "(the gradient's longest way); layers behind it are weak or strong by design")
 NO_FIGURE = "not judged: no finite gradient ratio (no estimate and no measurement)"
 NONFINITE = "bad: non-finite values here on the probe batches (GS501/GS502)"
+BEHIND_ZERO = ("not judged: behind a zero-initialised layer (by design: ReZero/SkipInit gains, "
+               "Fixup, a zero-initialised head), it gets no gradient until the first update")
 OFF_PATH = ("not judged: off the differentiated path (its output does not reach the output "
             "the probe differentiates, so this loss gives it no gradient by construction)")
 
@@ -94,6 +96,8 @@ class HealthTable:
     nonfinite: frozenset[str] = frozenset()
     #: Nodes whose output reaches the differentiated output (empty: all of them).
     on_path: frozenset[str] = frozenset()
+    #: Nodes behind a zero-initialised layer (no gradient until the first update).
+    behind_zero_init: frozenset[str] = frozenset()
 
     def extremes(self, measured: bool) -> tuple[str, float, str, float] | None:
         """(argmin, min, argmax, max) of the finite ratios over the entry layers."""
@@ -118,6 +122,8 @@ class HealthTable:
         """The health of ``node`` (any node; only entry layers get a judged class)."""
         if self.on_path and node not in self.on_path:
             return LayerHealth(None, None, None, OFF_PATH)
+        if node in self.behind_zero_init:
+            return LayerHealth(None, None, None, BEHIND_ZERO)
         if node in self.nonfinite:
             return LayerHealth(self.measured.get(node), "measured", "bad", NONFINITE)
         predicted = self.predicted.get(node)
@@ -183,7 +189,8 @@ class HealthTable:
 
 
 def build_health(est: StaticEstimate, probe: ProbeResult | None, thresholds: Thresholds,
-                 entries: Sequence[str], on_path: frozenset[str] = frozenset()) -> HealthTable:
+                 entries: Sequence[str], on_path: frozenset[str] = frozenset(),
+                 behind_zero_init: frozenset[str] = frozenset()) -> HealthTable:
     """The health table of one analysis (computed once; every stage reads this one)."""
     measured: dict[str, float | None] = {}
     nonfinite: set[str] = set()
@@ -196,4 +203,5 @@ def build_health(est: StaticEstimate, probe: ProbeResult | None, thresholds: Thr
         nonfinite = set(probe.nonfinite_forward) | set(probe.nonfinite_backward)
     return HealthTable(thresholds=thresholds, entries=tuple(entries),
                        predicted=dict(est.health), measured=measured, measured_judged=judged,
-                       nonfinite=frozenset(nonfinite), on_path=on_path)
+                       nonfinite=frozenset(nonfinite), on_path=on_path,
+                       behind_zero_init=behind_zero_init)

@@ -190,7 +190,10 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     probe = analysis.probe
     if probe is None or probe.nonfinite_forward or probe.nonfinite_backward:
         return []
-    on_path = analysis.facts.on_path  # a layer the loss cannot reach is not "imbalanced"
+    # A layer the loss cannot reach, or one behind a zero-initialised layer (no gradient
+    # until the first update, by design), is not "imbalanced".
+    facts = analysis.facts
+    on_path = facts.on_path - facts.behind_zero_init
     ratios = {n: v for n, v in probe.param_grad_ratio.items()
               if v is not None and math.isfinite(v) and n in on_path}
     if len(ratios) < 2:

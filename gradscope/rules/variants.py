@@ -162,6 +162,35 @@ def weight_and_bias(traced: TracedModel, node: str,
     return w, b
 
 
+def node_parameters(traced: TracedModel, node: str) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter a node uses, whichever tracer made the node."""
+    data = node_record(traced.graph, node)
+    if data.kind == "call_module":
+        module = traced.modules.get(data.module or "")
+        return [] if module is None else list(module.named_parameters())
+    found = []
+    for ref in data.inputs:
+        rec = node_record(traced.graph, ref)
+        tensor = traced.tensors.get(ref)
+        if rec.role == "param" and tensor is not None:
+            found.append((rec.module or ref, tensor))
+    return found
+
+
+def zero_initialised(traced: TracedModel, node: str) -> bool:
+    """Whether a node's weights (its parameters other than biases) are all exactly zero.
+
+    ReZero's and SkipInit's residual gains, Fixup's last branch layers and ViT's
+    classification head start at zero by design: they receive a gradient (their input
+    is not zero) and leave zero at the first update, while everything behind them gets
+    none until then.
+    """
+    weights = [t for name, t in node_parameters(traced, node)
+               if not name.rsplit(".", 1)[-1].startswith("bias") and t.numel() > 0
+               and not t.is_meta and t.is_floating_point()]
+    return bool(weights) and all(not bool(t.detach().any()) for t in weights)
+
+
 def fan_in(key: str, weight: torch.Tensor) -> int:
     if key == "addmm":
         return int(weight.shape[0])
