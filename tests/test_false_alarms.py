@@ -176,3 +176,38 @@ def test_zero_initialised_layers_by_design_are_not_vanishing() -> None:
                   if "behind a zero-initialised layer" in (layer.health_note or "")]
         assert behind, "the layers behind the zero layer say why they are not judged"
 
+
+
+# ------------------------------------------------------------------ language models
+
+
+class WordLM(nn.Module):
+    """pytorch/examples word_language_model: embedding, 2-layer LSTM, linear decoder."""
+
+    def __init__(self, last_step_only: bool = False) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(128, 32)
+        self.rnn = nn.LSTM(32, 32, 2)
+        self.decoder = nn.Linear(32, 128)
+        self.last_step_only = last_step_only
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        output, _ = self.rnn(self.encoder(ids))
+        return self.decoder(output[-1] if self.last_step_only else output)
+
+
+def test_a_language_model_over_many_steps_is_not_an_error() -> None:
+    """Each step's prediction gives it a gradient of its own: GS103 is information then;
+    a classifier reading the last step only still gets GS103 at full severity."""
+    ids = torch.randint(0, 128, (60, 2), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    lm = gradscope.analyze(WordLM(), (ids,), device="cpu")
+    gs103 = [f for f in lm.findings if f.rule == "GS103"]
+    assert gs103 and all(f.severity == "info" for f in gs103), lm.findings
+    assert not lm.fails("warning"), _errors(lm)
+    torch.manual_seed(0)
+    classifier = gradscope.analyze(WordLM(last_step_only=True), (ids,), device="cpu")
+    assert {f.severity for f in classifier.findings if f.rule == "GS103"} == {"error"}

@@ -162,6 +162,29 @@ def check_measured_vanishing(analysis: Analysis) -> list[Finding]:
     return _vanishing(analysis, measured=True)
 
 
+def reads_every_step(analysis: Analysis, node: str, steps: int) -> bool:
+    """Whether the loss reads the recurrent layer's output at every time step.
+
+    A language model or a tagger predicts at every step: each step's output gets a
+    gradient of its own, and the decay through time only bounds how far back a
+    dependency can be learned. A classifier that reads the last step (or a pooled
+    state) gets all its gradient through time. Structurally: every node between the
+    layer and the output keeps a dimension of the sequence's length.
+    """
+    from networkx import descendants
+
+    between = descendants(analysis.traced.graph, node) & analysis.facts.on_path
+    if not between:
+        return False
+    for name in between:
+        rec = analysis.traced.node(name)
+        if rec.role != "compute" or not rec.is_float:
+            continue
+        if rec.shape is None or steps not in rec.shape:
+            return False
+    return True
+
+
 def check_recurrent(analysis: Analysis) -> list[Finding]:
     """GS103: the gradient through time, from the estimate's unroll of each RNN."""
     t = analysis.thresholds
@@ -175,13 +198,24 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
             continue
         severity: Severity = "error" if ratio < t.vanishing_error else "warning"
         rec = analysis.traced.node(node)
-        findings.append(GS103.finding(
-            f"Vanishing gradient through time (predicted): {rec.module or node} ({rec.op}) "
-            f"keeps {result.step_gain:.3g} of the gradient's squared norm per step, so after "
-            f"{steps} steps the first one receives {ratio:.2e} of the last ({result.note}).",
-            location(analysis, node), severity, analysis.fixer.recurrent(node),
-            {"step_gain": result.step_gain, "steps": steps, "gradient_ratio": ratio,
-             "threshold": t.vanishing_warning}))
+        message = (f"Vanishing gradient through time (predicted): {rec.module or node} "
+                   f"({rec.op}) keeps {result.step_gain:.3g} of the gradient's squared norm "
+                   f"per step, so after {steps} steps the first one receives {ratio:.2e} of "
+                   f"the last ({result.note}).")
+        evidence: dict[str, float | int | str | None] = {
+            "step_gain": result.step_gain, "steps": steps, "gradient_ratio": ratio,
+            "threshold": t.vanishing_warning}
+        if reads_every_step(analysis, node, steps):
+            # Every step gets its own gradient from the loss: training works, only the
+            # reach of dependencies is bounded (Bengio et al. 1994): information.
+            severity = "info"
+            horizon = math.log(t.vanishing_warning) / math.log(math.sqrt(result.step_gain))
+            message += (f" The loss reads every step, so each step gets a gradient of its "
+                        f"own; dependencies longer than about {horizon:.0f} steps get less "
+                        f"than {t.vanishing_warning:g} of it.")
+            evidence["horizon_steps"] = horizon
+        findings.append(GS103.finding(message, location(analysis, node), severity,
+                                      analysis.fixer.recurrent(node), evidence))
     return findings
 
 
