@@ -256,6 +256,34 @@ def module_path_from_stack(meta: dict[str, Any], strip_prefix: str = "") -> str 
     return path or None
 
 
+def _weight_transform(node: fx.Node, graph: nx.DiGraph,
+                      tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The value of a node computed from weights alone, or None if it reads anything else.
+
+    Evaluated on the real weights (the fx values may be fake tensors), so the estimate
+    reads the moments of the weight the layer actually multiplies by.
+    """
+    refs = [r for r in iter_refs(map_refs((node.args, dict(node.kwargs))))]
+    if not refs or any(r not in graph or node_record(graph, r).role != "param"
+                       or r not in tensors for r in refs):
+        return None
+    args = fx.node.map_arg(node.args, lambda n: tensors[n.name])
+    kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: tensors[n.name])
+    try:
+        with torch.no_grad():
+            if node.op == "call_method":
+                value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            elif node.op == "call_function" and callable(node.target):
+                value = node.target(*args, **kwargs)
+            else:
+                return None
+    except Exception:  # noqa: BLE001 - not evaluable on its own: keep it an operation
+        return None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return None
+    return value.detach()
+
+
 def graph_from_fx(
     gm: fx.GraphModule,
     *,
@@ -317,6 +345,19 @@ def graph_from_fx(
             path = module_path_from_stack(node.meta, module_prefix) or ""
         args = map_refs(node.args)
         kwargs = map_refs(dict(node.kwargs))
+        weight = _weight_transform(node, graph, tensors) if node.op != "call_module" else None
+        if weight is not None:
+            # ``w.float()``, ``w.T``, ``1 + w``: a computation on weights alone is part of
+            # the weight, not a layer; its consumer is the layer that trains.
+            source = next(r for r in iter_refs((args, kwargs)) if r in graph)
+            tensors[node.name] = weight
+            add_node(graph, node.name, kind=node.op, role="param", target=node.target,
+                     args=args, kwargs=kwargs, module_path=node_record(graph, source).module,
+                     value=value, file=file, line=line)
+            set_record(graph, replace(node_record(graph, node.name), num_params=sum(
+                node_record(graph, r).num_params
+                for r in dict.fromkeys(iter_refs((args, kwargs))) if r in graph)))
+            continue
         for ref in iter_refs((args, kwargs)):
             if ref in graph and node_record(graph, ref).role == "param":
                 params.append(node_record(graph, ref).module or ref)
