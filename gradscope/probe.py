@@ -360,12 +360,15 @@ class _Expired(BaseException):
 def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
                loss: str | LossFn, seed: int, wanted: list[nn.Parameter],
                measured: set[int], update: tuple[float | None, str, float],
-               deadline: Deadline | None = None) -> _Batch:
+               deadline: Deadline | None = None, plain_inputs: bool = False) -> _Batch:
     probe_inputs = []
     grad_inputs: list[torch.Tensor] = []
     for t in inputs:
         if isinstance(t, torch.Tensor):
             t = t.detach().to(device)
+            if plain_inputs:  # leaves the forward may mark requires_grad itself
+                probe_inputs.append(t.clone())
+                continue
             if t.is_floating_point():
                 grad_inputs.append(t.requires_grad_(True))
             # The model gets a non-leaf copy: a forward may modify its input in place
@@ -439,6 +442,7 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
     notes: list[str] = []
     working: int | None = None  # batch size that fit after halving, kept for later batches
     stopped = False
+    plain_inputs = False  # the model sets requires_grad on its own inputs: leave them alone
     for batch in make_batches(inputs, max(batches, 1), seed):
         if deadline is not None and deadline.expired():
             stopped = True
@@ -448,7 +452,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
         while True:
             try:
                 done.append(_run_batch(model, traced, batch, device, loss, seed, wanted,
-                                       measured, (lr, optimizer, weight_decay), deadline))
+                                       measured, (lr, optimizer, weight_decay), deadline,
+                                       plain_inputs))
                 if notes:
                     working = _batch_size(batch)
                 break
@@ -458,6 +463,10 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
             except NodeExecutionError as exc:
                 if _is_oom(exc.error):
                     batch = _retry_smaller(batch, exc.error, notes)
+                    continue
+                if not plain_inputs and _sets_requires_grad(exc.error):
+                    plain_inputs = True
+                    notes.append(_PLAIN_INPUTS_NOTE)
                     continue
                 raise ModelRunError(
                     f"the model raised during the probe at node {exc.node.name}: "
@@ -469,6 +478,10 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
             except Exception as exc:
                 if _is_oom(exc):
                     batch = _retry_smaller(batch, exc, notes)
+                    continue
+                if not plain_inputs and _sets_requires_grad(exc):
+                    plain_inputs = True
+                    notes.append(_PLAIN_INPUTS_NOTE)
                     continue
                 raise ModelRunError(
                     f"the model raised during the probe: {type(exc).__name__}: {exc}",
@@ -513,6 +526,17 @@ def _contain_nonfinite(traced: TracedModel, result: ProbeResult) -> None:
         f"non-finite values appeared in the forward pass at {traced.node(first).label()} "
         f"({len(result.contained_nonfinite)} node(s)) but reached neither the output nor "
         "any gradient (masked, as torch.where does): not a finding")
+
+
+_PLAIN_INPUTS_NOTE = ("the model sets requires_grad on its own input (as Wav2Vec2's feature "
+                      "encoder does), so the probe passed its inputs as plain tensors and "
+                      "measured no gradient with respect to them")
+
+
+def _sets_requires_grad(error: BaseException) -> bool:
+    """The model's forward set ``requires_grad`` on a view of the probe's input copy."""
+    return isinstance(error, RuntimeError) and \
+        "requires_grad flags of leaf variables" in str(error)
 
 
 def _retry_smaller(batch: tuple[Any, ...], error: BaseException,

@@ -211,3 +211,32 @@ def test_a_language_model_over_many_steps_is_not_an_error() -> None:
     torch.manual_seed(0)
     classifier = gradscope.analyze(WordLM(last_step_only=True), (ids,), device="cpu")
     assert {f.severity for f in classifier.findings if f.rule == "GS103"} == {"error"}
+
+
+# ------------------------------------------------------------------ a forward that marks its input
+
+
+class MarksItsInput(nn.Module):
+    """Wav2Vec2's feature encoder: ``x = x[:, None]; x.requires_grad = True`` in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 5, stride=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = wave[:, None]
+        if self.training:
+            x.requires_grad = True
+        return self.head(torch.relu(self.conv(x)).mean(-1))
+
+
+def test_a_forward_that_marks_its_input_is_probed() -> None:
+    torch.manual_seed(0)
+    wave = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    # The runtime recorder re-runs the model's own forward (symbolic tracing drops the
+    # attribute assignment; Wav2Vec2 falls back to the recorder).
+    report = gradscope.analyze(MarksItsInput(), (wave,), device="cpu", tracer="runtime")
+    assert report.probe.batches == 3 and report.probe.output_grad_rms
+    assert any("sets requires_grad on its own input" in n for n in report.notes)
+    assert report.layer("conv").param_grad_ratio is not None

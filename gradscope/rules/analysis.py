@@ -50,11 +50,16 @@ def entry_nodes(traced: TracedModel, trainable: Sequence[str]) -> list[str]:
     graph = traced.graph
     train = set(trainable)
     behind: dict[str, bool] = {}
+    # Only what the inputs reach is on a path from them: a position table normalised on
+    # its own (DeBERTa's rel_embeddings) is reached by the gradient only through the
+    # attention scores, a side path like the query/key projections.
+    fed: dict[str, bool] = {}
     entries = []
     for node in traced.order():
         preds = list(graph.predecessors(node))
+        fed[node] = traced.node(node).role == "input" or any(fed.get(p, False) for p in preds)
         behind[node] = any(p in train or behind.get(p, False) for p in preds)
-        if node in train and not behind[node]:
+        if node in train and not behind[node] and fed[node]:
             entries.append(node)
     return entries
 

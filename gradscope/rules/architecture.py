@@ -235,8 +235,6 @@ def check_plain_stack(analysis: Analysis) -> list[Finding]:
 
 def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
     """(residual add, LayerNorm right after it) pairs: x_(k+1) = LayerNorm(x_k + f(x_k))."""
-    from networkx import descendants  # at call time: `gradscope rules` needs no graph library
-
     graph = analysis.traced.graph
     pairs = []
     adds = analysis.facts.residual_adds
@@ -246,12 +244,30 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
         if len(succ) != 1 or node_record(graph, succ[0]).key not in ("layer_norm", "rms_norm"):
             continue
         norm = succ[0]
-        # the normalised sum is the stream: it feeds a later residual add or the output
-        downstream = descendants(graph, norm)
-        if downstream & add_set or norm == analysis.traced.output_node \
-                or analysis.traced.output_node in downstream:
+        # The normalised sum is the stream: the next residual add adds a branch to it, or
+        # it reaches the output without crossing another residual add (a Pre-LN encoder's
+        # final norm feeding a decoder's cross-attention does neither).
+        streams = {split[0] for other in add_set if other != add
+                   and (split := stream_and_branch(graph, other)) is not None}
+        if norm in streams or _reaches_output_directly(analysis, norm, add_set):
             pairs.append((add, norm))
     return pairs
+
+
+def _reaches_output_directly(analysis: Analysis, start: str, adds: set[str]) -> bool:
+    """Whether the output is reached from ``start`` on a path that crosses none of ``adds``."""
+    graph = analysis.traced.graph
+    out = analysis.traced.output_node
+    stack, seen = [start], {start}
+    while stack:
+        node = stack.pop()
+        if node == out:
+            return True
+        for succ in graph.successors(node):
+            if succ not in seen and succ not in adds:
+                seen.add(succ)
+                stack.append(succ)
+    return False
 
 
 def check_post_ln(analysis: Analysis) -> list[Finding]:

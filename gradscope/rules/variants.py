@@ -177,18 +177,23 @@ def node_parameters(traced: TracedModel, node: str) -> list[tuple[str, torch.Ten
     return found
 
 
-def zero_initialised(traced: TracedModel, node: str) -> bool:
-    """Whether a node's weights (its parameters other than biases) are all exactly zero.
+#: Largest |w| of a weight that starts "at zero" by design: layer scale (CaiT, ConvNeXt)
+#: starts its per-channel gains at 1e-5 to 1e-6 for the same purpose as ReZero's 0.
+NEAR_ZERO = 1e-4
 
-    ReZero's and SkipInit's residual gains, Fixup's last branch layers and ViT's
-    classification head start at zero by design: they receive a gradient (their input
-    is not zero) and leave zero at the first update, while everything behind them gets
-    none until then.
+
+def zero_initialised(traced: TracedModel, node: str) -> bool:
+    """Whether a node's weights (its parameters other than biases) start at (near) zero.
+
+    ReZero's and SkipInit's residual gains, Fixup's last branch layers, ViT's
+    classification head and layer scale's 1e-6 gains start at zero by design: they
+    receive a gradient (their input is not zero) and grow at the first updates, while
+    everything behind them gets (almost) none until then.
     """
     weights = [t for name, t in node_parameters(traced, node)
                if not name.rsplit(".", 1)[-1].startswith("bias") and t.numel() > 0
                and not t.is_meta and t.is_floating_point()]
-    return bool(weights) and all(not bool(t.detach().any()) for t in weights)
+    return bool(weights) and all(float(t.detach().abs().max()) <= NEAR_ZERO for t in weights)
 
 
 def fan_in(key: str, weight: torch.Tensor) -> int:
