@@ -22,7 +22,18 @@ seeded 0>, per-element RMS, BatchNorm in train mode): RMS of dLoss/d(embedding
 output) over RMS of dLoss/d(output) 0.011; RMS of dLoss/d(embedding at step 0)
 over dLoss/d(embedding at step 15) 3.5e-4: the earliest tokens get a few
 thousand times less gradient than the last, the usual recency bias of a
-default-init GRU at 16 steps, not a stall.
+default-init GRU at 16 steps.
+
+Caveat, measured by training (Adam 1e-3, batches of 64 random sequences, label
+= a chosen token id mod 4): with the label taken from the last token the model
+reaches 100% test accuracy within 600 steps; from the 9th token, 48% after 2000
+steps; from the first token it stays at chance (25%) for 5000 steps, while the
+same model with the update-gate bias set to 2 (state kept ~88% per step) learns
+it within 1000 steps. So the expectation 'healthy' holds for the usual
+classifiers whose evidence is spread over the sequence or near its end, not for
+a task that hinges on the first tokens: a through-time warning is defensible
+here; an error that calls the model broken is what this file counts as a false
+alarm.
 """
 
 from __future__ import annotations
