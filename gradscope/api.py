@@ -144,10 +144,11 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
             summary.update(probe_min_ratio=measured[1], probe_min_node=measured[0],
                            probe_max_ratio=measured[3], probe_max_node=measured[2])
     depth = summarize_depth(analysis.traced, analysis.estimate, list(facts.entries),
-                            list(facts.residual_adds))
+                            [*facts.residual_adds, *facts.concat_skips])
     summary.update(
         longest_plain_run=facts.longest_plain_run, plain_run_end=facts.plain_run_end,
-        residual_skips=len(facts.residual_adds), static_chi_product=depth.chi_product,
+        residual_skips=len(facts.residual_adds), concat_skips=len(facts.concat_skips),
+        static_chi_product=depth.chi_product,
         static_path_layers=depth.path_layers, static_chi_per_layer=depth.chi_per_layer,
         static_depth_scale=depth.depth_scale, static_coverage=analysis.estimate.coverage)
     # The health classes' bounds, so that every view can draw and explain the same band.

@@ -240,3 +240,30 @@ def test_a_forward_that_marks_its_input_is_probed() -> None:
     assert report.probe.batches == 3 and report.probe.output_grad_rms
     assert any("sets requires_grad on its own input" in n for n in report.notes)
     assert report.layer("conv").param_grad_ratio is not None
+
+
+# ------------------------------------------------------------------ concatenations are skips
+
+
+class DenseStack(nn.Module):
+    """DenseNet's pattern: each layer's output concatenated to its input (Huang et al. 2017)."""
+
+    def __init__(self, layers: int = 14, growth: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(16 + i * growth, growth), nn.ReLU()) for i in range(layers))
+        self.head = nn.Linear(16 + layers * growth, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], dim=-1)
+        return self.head(x)
+
+
+def test_concatenations_that_bypass_layers_are_skips() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    report = gradscope.analyze(DenseStack(), (x,), device="cpu", probe=False)
+    assert "GS701" not in {f.rule for f in report.findings}, report.findings
+    assert report.summary["concat_skips"] == 14
+    assert report.summary["longest_plain_run"] <= 2

@@ -85,12 +85,26 @@ def residual_adds(traced: TracedModel) -> list[str]:
     the gradient a shorter path around the longer branch; two independent
     inputs summed, or two equal branches, do not.
     """
+    return _skip_joins(traced, ("add", "sub"))
+
+
+def concat_skips(traced: TracedModel) -> list[str]:
+    """``cat`` nodes joining branches of one fork that cross unequal numbers of weights.
+
+    DenseNet's ``cat([x, f(x)])`` and U-Net's ``cat([encoder features, upsampled
+    decoder])`` hand the gradient a path around the layers of the other branch, as a
+    residual add does (Huang et al. 2017; Ronneberger et al. 2015).
+    """
+    return _skip_joins(traced, ("cat",))
+
+
+def _skip_joins(traced: TracedModel, keys: tuple[str, ...]) -> list[str]:
     graph = traced.graph
     wdepth = _weight_depth(traced)
     found = []
     for name in traced.order():
         data = node_record(graph, name)
-        if data.key not in ("add", "sub") or data.role != "compute":
+        if data.key not in keys or data.role != "compute":
             continue
         ins = [r for r in data.inputs if node_record(graph, r).role != "param"
                and node_record(graph, r).is_float]

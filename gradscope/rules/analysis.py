@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gradscope.estimate.depth import plain_run, residual_adds
+from gradscope.estimate.depth import concat_skips, plain_run, residual_adds
 from gradscope.estimate.statistics import var_of
 from gradscope.options import Thresholds
 from gradscope.records import Finding, severity_rank
@@ -96,12 +96,14 @@ def structural_facts(traced: TracedModel) -> StructuralFacts:
     blocked = behind(traced, on_path, zero)
     judged = [n for n in trainable if n not in blocked]
     skips = residual_adds(traced)
-    path, longest, end = plain_run(traced, set(skips))
+    concats = concat_skips(traced)
+    path, longest, end = plain_run(traced, set(skips) | set(concats))
     return StructuralFacts(trainable=tuple(judged),
                            entries=tuple(entry_nodes(traced, judged)),
                            residual_adds=tuple(skips), plain_run=tuple(path),
                            longest_plain_run=longest, plain_run_end=end, on_path=on_path,
-                           zero_init=tuple(zero), behind_zero_init=blocked)
+                           zero_init=tuple(zero), behind_zero_init=blocked,
+                           concat_skips=tuple(concats))
 
 
 @dataclass

@@ -111,6 +111,9 @@ class StructuralFacts:
     #: Nodes every path of which to the output crosses a zero-initialised node: they
     #: get no gradient until the first update, by design, and are not judged.
     behind_zero_init: frozenset[str] = frozenset()
+    #: ``cat`` nodes that hand the gradient a way around a branch (DenseNet, U-Net): skips
+    #: for the plain run, not residual adds.
+    concat_skips: tuple[str, ...] = ()
 
 
 class Fixes(Protocol):
