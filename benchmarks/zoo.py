@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
@@ -49,10 +50,8 @@ def constants(path: Path) -> dict[str, Any]:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 \
                 and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in ("EXPECT", "EXPECT_RULES", "REASON"):
-            try:
+            with contextlib.suppress(ValueError):
                 found[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
     return found
 
 
