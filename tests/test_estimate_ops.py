@@ -486,3 +486,16 @@ if __name__ == "__main__":
         err = math.log10(e / t) if e > 0 and t > 0 else math.nan
         flag = "" if abs(err) <= TOL else "  <-- off"
         print(f"{cid:32s} {check:8s} est {e:11.4g}  meas {t:11.4g}  {err:+.2f}{flag}")
+
+
+def test_relu6_module_is_understood() -> None:
+    """nn.ReLU6 carries Hardtanh's min_val/max_val attributes; its bounds are fixed."""
+    from torch import nn
+
+    from gradscope.estimate.engine import estimate
+    from gradscope.tracing import trace_model
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    est = estimate(trace_model(model, (x,)), (x,))
+    assert est.unknown_ops == [] and all(est.understood.values())

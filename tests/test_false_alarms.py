@@ -267,3 +267,32 @@ def test_concatenations_that_bypass_layers_are_skips() -> None:
     assert "GS701" not in {f.rule for f in report.findings}, report.findings
     assert report.summary["concat_skips"] == 14
     assert report.summary["longest_plain_run"] <= 2
+
+
+# ------------------------------------------------------------------ scale-invariant normalisation
+
+
+class BnIntoBn(nn.Module):
+    """DenseNet's stem: BatchNorm, ReLU, max-pool, then only BatchNorms read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU(), nn.MaxPool2d(2))
+        self.a = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.b = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.a(x)], dim=1)
+        return self.head(self.b(x).mean((2, 3)))
+
+
+def test_a_scale_the_next_normalisation_divides_out_is_not_imbalanced() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    report = gradscope.analyze(BnIntoBn(), (x,), device="cpu")
+    stem_bn = report.layer("stem_1")
+    assert stem_bn.param_grad_ratio is not None and stem_bn.param_grad_ratio < 1e-5
+    assert "GS104" not in {f.rule for f in report.findings}, report.findings

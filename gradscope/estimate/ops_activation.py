@@ -27,6 +27,8 @@ _ACT_POSITIONAL = {"leaky_relu": "negative_slope", "elu": "alpha", "celu": "alph
 
 def _activation_params(ctx: Ctx, name: str) -> dict[str, Any]:
     params: dict[str, Any] = {}
+    if name == "relu6":  # nn.ReLU6 is a Hardtanh(0, 6) whose bounds are part of its name
+        return params
     if ctx.module is not None:
         for attr in _ACT_PARAMS:
             value = getattr(ctx.module, attr, None)

@@ -219,6 +219,44 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
     return findings
 
 
+#: Ops through which a per-channel scale passes unchanged in shape: scaling their input
+#: by a > 0 scales their output by a (ReLU, max and average pooling, concatenation,
+#: views, dropout, a weight layer without bias). ReLU6 is homogeneous below its cap,
+#: which normalised activations at initialisation rarely reach (MobileNetV2).
+_HOMOGENEOUS = ("max_pool", "avg_pool", "mean", "cat", "view", "dropout", "split",
+                "getitem", "activation:relu", "activation:relu6")
+
+
+def scale_invariant(analysis: Analysis, node: str) -> bool:
+    """Whether a normalisation's affine scale cannot change the loss at all.
+
+    When every path from the layer reaches another normalisation through ops that
+    pass a positive scale through (DenseNet's stem BatchNorm feeds only the
+    BatchNorms of its dense layers), the next normalisation divides the scale out:
+    its gradient is zero by construction, at every step, not starved.
+    """
+    traced = analysis.traced
+    if traced.node(node).family != "normalisation":
+        return False
+    stack, seen, reached = list(traced.graph.successors(node)), set(), False
+    while stack:
+        succ = stack.pop()
+        if succ in seen:
+            continue
+        seen.add(succ)
+        rec = traced.node(succ)
+        if succ == traced.output_node:
+            return False
+        if rec.family == "normalisation":
+            reached = True
+            continue
+        unbiased = rec.is_dense and not any(p.rsplit(".", 1)[-1] == "bias" for p in rec.params)
+        if rec.key not in _HOMOGENEOUS and not unbiased:
+            return False
+        stack.extend(traced.graph.successors(succ))
+    return reached
+
+
 def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     """GS104: a layer's ||grad W||/||W|| far below the median layer's, measured."""
     probe = analysis.probe
@@ -229,7 +267,8 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     facts = analysis.facts
     on_path = facts.on_path - facts.behind_zero_init
     ratios = {n: v for n, v in probe.param_grad_ratio.items()
-              if v is not None and math.isfinite(v) and n in on_path}
+              if v is not None and math.isfinite(v) and n in on_path
+              and not scale_invariant(analysis, n)}
     if len(ratios) < 2:
         return []
     typical_ratio = median(list(ratios.values()))
