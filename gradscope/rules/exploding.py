@@ -154,23 +154,12 @@ def exploding_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recomme
 
 def _exploding(analysis: Analysis, measured: bool) -> list[Finding]:
     t = analysis.thresholds
-    evidence: dict[str, float | int | str | None] = {}
-    if measured:
-        ext = analysis.health.extremes(True)
-        if ext is None or not ext[3] > t.exploding_warning:
-            return []
-        hi_node, hi = ext[2], ext[3]
-        severity: Severity = "error" if hi > t.exploding_error else "warning"
-    else:
-        # A measurement outranks the prediction at the same layer (gradscope.rules.health).
-        found = analysis.health.predicted_extreme(low=False)
-        if found is None:
-            return []
-        hi_node, hi, cls = found
-        severity = "error" if cls == "bad" else "warning"
-        confirmed_by = analysis.health.measured.get(hi_node)
-        if analysis.health.measured_judged and confirmed_by is not None:
-            evidence["measured_ratio"] = confirmed_by
+    # A measurement outranks the prediction at the same layer (gradscope.rules.health).
+    found = analysis.health.finding_at(low=False, measured=measured)
+    if found is None:
+        return []
+    hi_node, hi, cls, evidence = found
+    severity: Severity = "error" if cls == "bad" else "warning"
     rule = GS202 if measured else GS201
     source = "measured" if measured else "predicted"
     norm = global_grad_norm(analysis)

@@ -168,6 +168,34 @@ class HealthTable:
         pick = min if low else max
         return pick(found, key=lambda item: item[1])
 
+    def finding_at(self, low: bool, measured: bool,
+                   ) -> tuple[str, float, HealthClass, dict[str, float]] | None:
+        """Where a vanishing (``low``) or exploding gradient finding points, and at what class.
+
+        Measured (GS102/GS202): the most extreme measured entry layer past the warning
+        threshold, at its measured class. Predicted (GS101/GS201): the most extreme
+        prediction the measurement confirms (:meth:`predicted_extreme`), with the
+        measured figure at that layer as evidence. (node, ratio, class, extra evidence).
+        """
+        t = self.thresholds
+        if not measured:
+            found = self.predicted_extreme(low)
+            if found is None:
+                return None
+            node, value, cls = found
+            confirmed_by = self.measured.get(node)
+            extra = {"measured_ratio": confirmed_by} \
+                if self.measured_judged and confirmed_by is not None else {}
+            return node, value, cls, extra
+        ext = self.extremes(True)
+        if ext is None:
+            return None
+        node, value = (ext[0], ext[1]) if low else (ext[2], ext[3])
+        if not (value < t.vanishing_warning if low else value > t.exploding_warning):
+            return None
+        judged = classify(value, t)
+        return (node, value, judged, {}) if judged in ("warn", "bad") else None
+
     def measured_class(self, node: str) -> HealthClass | None:
         """The measured class of an entry layer, None where the probe did not judge it."""
         value = self.measured.get(node)

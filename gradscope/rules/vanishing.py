@@ -123,24 +123,13 @@ def vanishing_fixes(analysis: Analysis) -> list[Recommendation]:
 
 def _vanishing(analysis: Analysis, measured: bool) -> list[Finding]:
     t = analysis.thresholds
-    evidence: dict[str, float | int | str | None] = {}
-    if measured:
-        ext = analysis.health.extremes(True)
-        if ext is None or not ext[1] < t.vanishing_warning:
-            return []
-        lo_node, lo = ext[0], ext[1]
-        severity: Severity = "error" if lo < t.vanishing_error else "warning"
-    else:
-        # Where the probe measured the layer, the prediction stands only as far as the
-        # measurement confirms it (gradscope.rules.health: a measurement outranks).
-        found = analysis.health.predicted_extreme(low=True)
-        if found is None:
-            return []
-        lo_node, lo, cls = found
-        severity = "error" if cls == "bad" else "warning"
-        confirmed_by = analysis.health.measured.get(lo_node)
-        if analysis.health.measured_judged and confirmed_by is not None:
-            evidence["measured_ratio"] = confirmed_by
+    # Where the probe measured the layer, a prediction stands only as far as the
+    # measurement confirms it (gradscope.rules.health: a measurement outranks).
+    found = analysis.health.finding_at(low=True, measured=measured)
+    if found is None:
+        return []
+    lo_node, lo, cls, evidence = found
+    severity: Severity = "error" if cls == "bad" else "warning"
     rule = GS102 if measured else GS101
     source = "measured" if measured else "predicted"
     amount = "no gradient at all" if lo == 0 else f"{lo:.2e} of the gradient at the output"
