@@ -7,6 +7,7 @@ happens (``gradscope.state.preserved``).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,32 @@ def _build(factory: Callable[[], nn.Module], meta: bool,
         with recording_init(declared):
             return call_factory(factory, "the model factory")
     return call_factory(factory, "the model factory")
+
+
+def _is_lazy(model: nn.Module) -> bool:
+    """Whether the model holds parameters or buffers that nn.Lazy* modules have not sized."""
+    from torch.nn.parameter import is_lazy
+
+    return any(is_lazy(t) for t in (*model.parameters(), *model.buffers()))
+
+
+def _materialised(model: nn.Module, inputs: tuple[Any, ...]) -> nn.Module:
+    """A copy of a lazy model, sized by one forward on ``inputs``; the original is untouched.
+
+    Lazy modules initialise on their first call from the global generator: the copy
+    is sized under a forked RNG so that the caller's random stream does not move.
+    """
+    sized = copy.deepcopy(model)
+    devices = [d for d in {t.device for t in inputs if isinstance(t, torch.Tensor)}
+               if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        try:
+            sized(*inputs)
+        except Exception as exc:
+            raise InputError(f"the lazy model could not be initialised by a forward on the "
+                             f"example inputs: {type(exc).__name__}: {exc}",
+                             "check --input-shape/--dtype or example_inputs()") from exc
+    return sized
 
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -256,6 +283,11 @@ def analyze(
             if planned is not None:
                 check_memory("cpu", weights=planned.weights, doing="build the model")
         model = _build(model, meta, declared)
+    if _is_lazy(model):
+        model = _materialised(model, inputs)
+        report_notes.append("the model has lazy (uninitialised) parameters: a copy was "
+                            "initialised by one forward on the example inputs and analysed; "
+                            "the model passed in is left uninitialised")
     on_meta = is_meta_model(model)
     if meta and not on_meta:
         report_notes.append("meta=True, but the model was already built with real weights: "

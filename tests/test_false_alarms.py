@@ -296,3 +296,20 @@ def test_a_scale_the_next_normalisation_divides_out_is_not_imbalanced() -> None:
     stem_bn = report.layer("stem_1")
     assert stem_bn.param_grad_ratio is not None and stem_bn.param_grad_ratio < 1e-5
     assert "GS104" not in {f.rule for f in report.findings}, report.findings
+
+
+# ------------------------------------------------------------------ lazy modules
+
+
+def test_a_lazy_model_is_analysed_on_an_initialised_copy() -> None:
+    from torch.nn.parameter import is_lazy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.LazyLinear(4))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    report = gradscope.analyze(model, (x,), device="cpu")
+    assert report.status == "healthy", report.findings
+    assert any("lazy (uninitialised) parameters" in n for n in report.notes)
+    assert all(is_lazy(p) for p in model.parameters()), "the user's model stays lazy"
+    assert torch.equal(torch.random.get_rng_state(), state), "the caller's RNG did not move"
