@@ -70,11 +70,13 @@ def _build(factory: Callable[[], nn.Module], meta: bool,
            declared: dict[int, tuple[float, float]]) -> nn.Module:
     """Call a model factory, on the meta device with init recording when asked."""
     from gradscope.loading import call_factory
-    from gradscope.meta import recording_init
+    from gradscope.meta import library_init, recording_init
 
     if meta:
         with recording_init(declared):
-            return call_factory(factory, "the model factory")
+            model = call_factory(factory, "the model factory")
+            library_init(model)
+            return model
     return call_factory(factory, "the model factory")
 
 

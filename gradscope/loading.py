@@ -309,10 +309,11 @@ def load_target(target: str, input_shapes: list[str] | None = None,
         source = getattr(module, "__file__", None)
     declared: dict[int, tuple[float, float]] = {}
     if meta:
-        from gradscope.meta import recording_init
+        from gradscope.meta import library_init, recording_init
 
         with recording_init(declared):
             model, display = resolve_model(module, name, where)
+            library_init(model)
     else:
         model, display = resolve_model(module, name, where)
     stem = Path(head).stem if source and head.endswith(".py") else head.rsplit(".", 1)[-1]

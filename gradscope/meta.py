@@ -214,3 +214,17 @@ def declared_by_name(model: nn.Module, declared: Declared) -> dict[str, tuple[fl
 def is_meta_model(model: nn.Module) -> bool:
     tensors = list(model.parameters()) + list(model.buffers())
     return bool(tensors) and all(t.is_meta for t in tensors)
+
+
+def library_init(model: nn.Module) -> None:
+    """Run a library's own weight initialisation that it skips on the meta device.
+
+    Hugging Face models initialise through ``_init_weights`` (normal(0, 0.02) for linear
+    and embedding weights, ones for norms, zeros for biases), but transformers skips it
+    when the model is built on meta, leaving PyTorch's module defaults: the estimate
+    then saw 14x the real weights' spread on Llama-like models. Called inside
+    :func:`recording_init`, each initialisation it performs is recorded as declared.
+    """
+    init = getattr(model, "_init_weights", None)
+    if callable(init) and is_meta_model(model):
+        model.apply(init)

@@ -73,3 +73,17 @@ def test_verdict_does_not_depend_on_the_seeds(name: str) -> None:
         verdicts[seed] = (doc["status"], zoo.score(expect, doc))
     assert {score for _, score in verdicts.values()} == {"ok"}, verdicts
     assert len({status for status, _ in verdicts.values()}) == 1, verdicts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf_decoders/llama", "hf_decoders/gpt_neox"])
+def test_meta_estimate_is_within_2x_of_the_real_weights(name: str) -> None:
+    """--meta records Hugging Face's own _init_weights (transformers skips it on meta)."""
+    path = str(ZOO / f"{name}.py")
+    real = load_target(path)
+    on_meta = load_target(path, meta=True)
+    real_ratio = gradscope.analyze(real.model, real.inputs, probe=False).summary
+    meta_ratio = gradscope.analyze(on_meta.model, real.inputs, probe=False,
+                                   declared=on_meta.declared).summary
+    factor = meta_ratio["static_min_ratio"] / real_ratio["static_min_ratio"]
+    assert 0.5 <= factor <= 2.0, (meta_ratio["static_min_ratio"], real_ratio["static_min_ratio"])
