@@ -76,7 +76,8 @@ def test_verdict_does_not_depend_on_the_seeds(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["hf_decoders/llama", "hf_decoders/gpt_neox"])
+@pytest.mark.parametrize("name", ["hf_decoders/llama", "hf_decoders/gpt_neox",
+                                  "hf_decoders/falcon"])
 def test_meta_estimate_is_within_2x_of_the_real_weights(name: str) -> None:
     """--meta records Hugging Face's own _init_weights (transformers skips it on meta)."""
     path = str(ZOO / f"{name}.py")

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from gradscope.tracing.graph import WEIGHT_SOURCE
+
 EPS = 1e-12
 
 #: (mean, second moment) of a node's output; None where unknown or not floating.
@@ -82,7 +84,11 @@ def tensor_stats(t: torch.Tensor) -> Mom | None:
     if overrides and id(t) in overrides:
         return overrides[id(t)]
     if t.is_meta:
-        return (_DECLARED.get() or {}).get(id(t))
+        declared = _DECLARED.get() or {}
+        # A weight's transpose, view or cast (recorded by the tracer) holds the same
+        # values, so it has the declared moments of the weight it was made from.
+        source = getattr(t, WEIGHT_SOURCE, None)
+        return declared.get(id(t), declared.get(id(source)) if source is not None else None)
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return None
     cache = _STATS.get()

@@ -281,7 +281,25 @@ def _weight_transform(node: fx.Node, graph: nx.DiGraph,
         return None
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return None
-    return value.detach()
+    value = value.detach()
+    sources = [tensors[r] for r in refs]
+    if len(sources) == 1 and ops.function_name(node.target) in _SAME_VALUES:
+        # On the meta device the transform has no values: the estimate reads the declared
+        # moments of the weight it was made from (gradscope.estimate.statistics).
+        setattr(value, WEIGHT_SOURCE, sources[0])
+    return value
+
+
+#: Attribute set on a value-preserving transform of a weight (``W.T``, ``w.float()``),
+#: pointing at the weight it was made from: on the meta device the estimate reads the
+#: weight's declared moments through it (``gradscope.estimate.statistics``).
+WEIGHT_SOURCE = "_gradscope_source"
+
+#: Transforms of a weight that keep its values (only their order, shape or dtype change).
+_SAME_VALUES = frozenset({"t", "transpose", "permute", "view", "reshape", "contiguous",
+                          "clone", "detach", "to", "float", "half", "bfloat16", "double",
+                          "_to_copy", "expand", "squeeze", "unsqueeze", "flatten",
+                          "numpy_T", "T", "mT", "alias"})
 
 
 def graph_from_fx(
