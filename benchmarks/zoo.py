@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/zoo.py                  # every file, table on stdout
     HF_HUB_OFFLINE=1 python benchmarks/zoo.py --markdown       # the table of docs/zoo.md
     HF_HUB_OFFLINE=1 python benchmarks/zoo.py classic/resnet18 # some files only
+    HF_HUB_OFFLINE=1 python benchmarks/zoo.py --meta hf_decoders   # --meta against real weights
 
 Each file of ``benchmarks/zoo/<group>/<name>.py`` builds a real architecture from its
 default initialisation and states ``EXPECT`` ("healthy": it trains; "unhealthy": a
@@ -55,7 +56,7 @@ def constants(path: Path) -> dict[str, Any]:
     return found
 
 
-def analyse(path: Path) -> tuple[dict[str, Any] | None, str, float]:
+def analyse(path: Path, *extra: str) -> tuple[dict[str, Any] | None, str, float]:
     """(JSON report or None, error text, seconds) of one zoo file, in a fresh process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
@@ -63,7 +64,8 @@ def analyse(path: Path) -> tuple[dict[str, Any] | None, str, float]:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "gradscope", "analyze", str(path), "--format", "json",
-             "--fail-on", "never"], capture_output=True, text=True, env=env, timeout=TIMEOUT,
+             "--fail-on", "never", *extra], capture_output=True, text=True, env=env,
+            timeout=TIMEOUT,
             check=False)
     except subprocess.TimeoutExpired:
         return None, f"timeout after {TIMEOUT} s", time.perf_counter() - start
@@ -128,6 +130,24 @@ def rows(names: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def meta_table(names: list[str]) -> str:
+    """--meta's static figure against the real weights' (both without the probe)."""
+    files = [f for f in sorted(ZOO.glob("*/*.py"))
+             if any(f"{f.parent.name}/{f.stem}".startswith(n) for n in names or ["hf_"])]
+    lines = ["| model | static, real weights | static, --meta | meta / real |",
+             "|---|---|---|---|"]
+    for path in files:
+        real, _, _ = analyse(path, "--no-probe")
+        meta, _, _ = analyse(path, "--meta")
+        a = (real or {}).get("summary", {}).get("static_min_ratio")
+        b = (meta or {}).get("summary", {}).get("static_min_ratio")
+        factor = f"{b / a:.2f}" if a and b else "-"
+        lines.append(f"| {path.parent.name}/{path.stem} | {a if a is None else f'{a:.3g}'} | "
+                     f"{b if b is None else f'{b:.3g}'} | {factor} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def render(results: list[dict[str, Any]], markdown: bool) -> str:
     head = ("model", "expect", "status", "findings (E error, W warning)", "static~probe",
             "score", "s")
@@ -153,7 +173,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="group/name prefixes (default: all)")
     parser.add_argument("--markdown", action="store_true", help="a Markdown table")
+    parser.add_argument("--meta", action="store_true",
+                        help="compare --meta's static estimate with the real weights'")
     args = parser.parse_args()
+    if args.meta:
+        sys.stdout.write(meta_table(args.names))
+        return 0
     results = rows(args.names)
     sys.stdout.write(render(results, args.markdown))
     return 0
