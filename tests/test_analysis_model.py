@@ -148,6 +148,26 @@ def test_a_measurement_outranks_the_prediction_at_the_same_layer() -> None:
     assert healthy.predicted_extreme(low=True) is None
 
 
+def test_a_normalised_entry_is_not_judged_on_the_exploding_side() -> None:
+    """Conv + BatchNorm: the conv's weights are scale-invariant (ResNet-50, EfficientNet)."""
+    from gradscope.rules.health import SCALE_INVARIANT, HealthTable
+
+    t = Thresholds()
+    table = HealthTable(thresholds=t, entries=("stem", "plain"),
+                        predicted={"stem": 300.0, "plain": 300.0},
+                        measured={"stem": 250.0, "plain": 250.0}, measured_judged=True,
+                        normalised=frozenset({"stem"}))
+    assert table.of("stem").cls is None and table.of("stem").note == SCALE_INVARIANT
+    assert table.of("plain").cls == "warn"
+    assert table.finding_at(low=False, measured=True)[0] == "plain"  # type: ignore[index]
+    only = HealthTable(thresholds=t, entries=("stem",), measured={"stem": 250.0},
+                       measured_judged=True, normalised=frozenset({"stem"}))
+    assert only.finding_at(low=False, measured=True) is None
+    small = HealthTable(thresholds=t, entries=("stem",), measured={"stem": 1e-4},
+                        measured_judged=True, normalised=frozenset({"stem"}))
+    assert small.of("stem").cls == "bad", "vanishing is still judged"
+
+
 @pytest.mark.parametrize(("ratio", "cls"), [
     (1.0, "ok"), (0.01, "ok"), (100.0, "ok"), (0.0099, "warn"), (0.001, "warn"),
     (100.5, "warn"), (1000.0, "warn"), (0.00099, "bad"), (0.0, "bad"), (1000.5, "bad"),

@@ -26,7 +26,8 @@ zoo = pytest.importorskip("zoo")  # benchmarks/zoo.py: the scoring is the benchm
 
 #: Quick ones (a few seconds each) covering CNN, BatchNorm, zero-init head, RNN, decoder,
 #: encoder-decoder with a masked NaN, and known-bad variants.
-SUBSET = ("classic/resnet18", "classic/vgg11", "classic/vit", "classic/densenet121",
+SUBSET = ("classic/resnet18", "classic/resnet50", "classic/mobilenetv2", "classic/vgg11",
+          "classic/vit", "classic/densenet121",
           "classic/rezero_mlp", "hf_decoders/llama", "hf_encoders/t5_conditional",
           "bad/sigmoid_mlp20", "bad/dead_relu_negbias", "bad/lstm200_forget0")
 

@@ -21,7 +21,7 @@ from gradscope.estimate.depth import concat_skips, plain_run, residual_adds
 from gradscope.estimate.statistics import var_of
 from gradscope.options import Thresholds
 from gradscope.records import Finding, severity_rank
-from gradscope.rules.base import StructuralFacts
+from gradscope.rules.base import StructuralFacts, normalised_downstream
 from gradscope.rules.health import HealthTable, build_health
 from gradscope.rules.registry import CHECKS
 from gradscope.rules.variants import zero_initialised
@@ -98,12 +98,14 @@ def structural_facts(traced: TracedModel) -> StructuralFacts:
     skips = residual_adds(traced)
     concats = concat_skips(traced)
     path, longest, end = plain_run(traced, set(skips) | set(concats))
-    return StructuralFacts(trainable=tuple(judged),
-                           entries=tuple(entry_nodes(traced, judged)),
+    entries = entry_nodes(traced, judged)
+    return StructuralFacts(trainable=tuple(judged), entries=tuple(entries),
                            residual_adds=tuple(skips), plain_run=tuple(path),
                            longest_plain_run=longest, plain_run_end=end, on_path=on_path,
                            zero_init=tuple(zero), behind_zero_init=blocked,
-                           concat_skips=tuple(concats))
+                           concat_skips=tuple(concats),
+                           normalised_entries=frozenset(
+                               n for n in entries if normalised_downstream(traced, n)))
 
 
 @dataclass
@@ -132,7 +134,8 @@ class Analysis:
     @functools.cached_property
     def health(self) -> HealthTable:
         return build_health(self.estimate, self.probe, self.thresholds, self.facts.entries,
-                            self.facts.on_path, self.facts.behind_zero_init)
+                            self.facts.on_path, self.facts.behind_zero_init,
+                            self.facts.normalised_entries)
 
     def mean_and_variance(self, node: str) -> tuple[float, float] | None:
         """The estimate's (mean, variance) of a node's output, None where it has none."""

@@ -114,6 +114,10 @@ class StructuralFacts:
     #: ``cat`` nodes that hand the gradient a way around a branch (DenseNet, U-Net): skips
     #: for the plain run, not residual adds.
     concat_skips: tuple[str, ...] = ()
+    #: Entry layers whose output is normalised before it matters (a convolution followed
+    #: by BatchNorm): their weights are scale-invariant, so a large gradient norm there is
+    #: not an exploding gradient (it shrinks as the weights grow; Arora et al. 2019).
+    normalised_entries: frozenset[str] = frozenset()
 
 
 class Fixes(Protocol):
@@ -259,3 +263,38 @@ def stream_and_branch(graph: nx.DiGraph, add: str) -> tuple[str, str] | None:
     if has_path(graph, b, a):
         return b, a
     return None
+
+
+#: Ops through which a per-channel scale passes unchanged in shape: scaling their input
+#: by a > 0 scales their output by a (ReLU, max and average pooling, concatenation,
+#: views, dropout, a weight layer without bias). ReLU6 is homogeneous below its cap,
+#: which normalised activations at initialisation rarely reach (MobileNetV2).
+HOMOGENEOUS = ("max_pool", "avg_pool", "mean", "cat", "view", "dropout", "split",
+               "getitem", "activation:relu", "activation:relu6")
+
+
+def normalised_downstream(traced: TracedModel, node: str) -> bool:
+    """Whether every path from ``node`` reaches a normalisation through ops that pass a
+    positive scale through, so that the scale of ``node``'s output cannot change the loss.
+
+    Then the weights that set that scale are scale-invariant (a convolution followed by
+    BatchNorm): the gradient they receive is inversely proportional to their size, and
+    its norm says nothing about the size of their relative updates.
+    """
+    stack, seen, reached = list(traced.graph.successors(node)), set(), False
+    while stack:
+        succ = stack.pop()
+        if succ in seen:
+            continue
+        seen.add(succ)
+        rec = traced.node(succ)
+        if succ == traced.output_node:
+            return False
+        if rec.family == "normalisation":
+            reached = True
+            continue
+        unbiased = rec.is_dense and not any(p.rsplit(".", 1)[-1] == "bias" for p in rec.params)
+        if rec.key not in HOMOGENEOUS and not unbiased:
+            return False
+        stack.extend(traced.graph.successors(succ))
+    return reached

@@ -37,6 +37,9 @@ NO_FIGURE = "not judged: no finite gradient ratio (no estimate and no measuremen
 NONFINITE = "bad: non-finite values here on the probe batches (GS501/GS502)"
 BEHIND_ZERO = ("not judged: behind a zero-initialised layer (by design: ReZero/SkipInit gains, "
                "Fixup, a zero-initialised head), it gets no gradient until the first update")
+SCALE_INVARIANT = ("not judged on the exploding side: normalised right after (its weights are "
+                   "scale-invariant, so a large gradient norm here shrinks as they grow and does "
+                   "not make its relative updates large)")
 OFF_PATH = ("not judged: off the differentiated path (its output does not reach the output "
             "the probe differentiates, so this loss gives it no gradient by construction)")
 
@@ -98,12 +101,15 @@ class HealthTable:
     on_path: frozenset[str] = frozenset()
     #: Nodes behind a zero-initialised layer (no gradient until the first update).
     behind_zero_init: frozenset[str] = frozenset()
+    #: Entry layers normalised right after: not judged on the exploding side.
+    normalised: frozenset[str] = frozenset()
 
-    def extremes(self, measured: bool) -> tuple[str, float, str, float] | None:
+    def extremes(self, measured: bool, skip: frozenset[str] = frozenset(),
+                 ) -> tuple[str, float, str, float] | None:
         """(argmin, min, argmax, max) of the finite ratios over the entry layers."""
         values = self.measured if measured else self.predicted
         finite = [(n, float(v)) for n in self.entries
-                  if (v := values.get(n)) is not None and math.isfinite(v)]
+                  if n not in skip and (v := values.get(n)) is not None and math.isfinite(v)]
         if not finite:
             return None
         lo = min(finite, key=lambda item: item[1])
@@ -140,6 +146,9 @@ class HealthTable:
             cls, source, value = classify(predicted, self.thresholds), "predicted", predicted
         else:
             return LayerHealth(None, None, None, NO_FIGURE)
+        if node in self.normalised and value is not None \
+                and value > self.thresholds.exploding_warning:
+            return LayerHealth(value, source, None, SCALE_INVARIANT)
         rules = {"measured": "GS102/GS202", "predicted": "GS101/GS201"}[source]
         note = f"judged {source} ({rules})" if cls != "ok" else f"entry layer, {source}"
         return LayerHealth(value, source, cls, note)
@@ -154,6 +163,8 @@ class HealthTable:
         t = self.thresholds
         found: list[tuple[str, float, HealthClass]] = []
         for node in self.entries:
+            if not low and node in self.normalised:
+                continue  # scale-invariant weights: a large norm is not an explosion
             value = self.predicted.get(node)
             if value is None or not math.isfinite(value):
                 continue
@@ -187,7 +198,7 @@ class HealthTable:
             extra = {"measured_ratio": confirmed_by} \
                 if self.measured_judged and confirmed_by is not None else {}
             return node, value, cls, extra
-        ext = self.extremes(True)
+        ext = self.extremes(True, skip=frozenset() if low else self.normalised)
         if ext is None:
             return None
         node, value = (ext[0], ext[1]) if low else (ext[2], ext[3])
@@ -218,7 +229,8 @@ class HealthTable:
 
 def build_health(est: StaticEstimate, probe: ProbeResult | None, thresholds: Thresholds,
                  entries: Sequence[str], on_path: frozenset[str] = frozenset(),
-                 behind_zero_init: frozenset[str] = frozenset()) -> HealthTable:
+                 behind_zero_init: frozenset[str] = frozenset(),
+                 normalised: frozenset[str] = frozenset()) -> HealthTable:
     """The health table of one analysis (computed once; every stage reads this one)."""
     measured: dict[str, float | None] = {}
     nonfinite: set[str] = set()
@@ -232,4 +244,4 @@ def build_health(est: StaticEstimate, probe: ProbeResult | None, thresholds: Thr
     return HealthTable(thresholds=thresholds, entries=tuple(entries),
                        predicted=dict(est.health), measured=measured, measured_judged=judged,
                        nonfinite=frozenset(nonfinite), on_path=on_path,
-                       behind_zero_init=behind_zero_init)
+                       behind_zero_init=behind_zero_init, normalised=normalised)

@@ -23,6 +23,7 @@ from gradscope.rules.base import (
     RuleFamily,
     location,
     median,
+    normalised_downstream,
     op_of,
 )
 
@@ -208,14 +209,6 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
     return findings
 
 
-#: Ops through which a per-channel scale passes unchanged in shape: scaling their input
-#: by a > 0 scales their output by a (ReLU, max and average pooling, concatenation,
-#: views, dropout, a weight layer without bias). ReLU6 is homogeneous below its cap,
-#: which normalised activations at initialisation rarely reach (MobileNetV2).
-_HOMOGENEOUS = ("max_pool", "avg_pool", "mean", "cat", "view", "dropout", "split",
-                "getitem", "activation:relu", "activation:relu6")
-
-
 def scale_invariant(analysis: Analysis, node: str) -> bool:
     """Whether a normalisation's affine scale cannot change the loss at all.
 
@@ -225,25 +218,7 @@ def scale_invariant(analysis: Analysis, node: str) -> bool:
     its gradient is zero by construction, at every step, not starved.
     """
     traced = analysis.traced
-    if traced.node(node).family != "normalisation":
-        return False
-    stack, seen, reached = list(traced.graph.successors(node)), set(), False
-    while stack:
-        succ = stack.pop()
-        if succ in seen:
-            continue
-        seen.add(succ)
-        rec = traced.node(succ)
-        if succ == traced.output_node:
-            return False
-        if rec.family == "normalisation":
-            reached = True
-            continue
-        unbiased = rec.is_dense and not any(p.rsplit(".", 1)[-1] == "bias" for p in rec.params)
-        if rec.key not in _HOMOGENEOUS and not unbiased:
-            return False
-        stack.extend(traced.graph.successors(succ))
-    return reached
+    return traced.node(node).family == "normalisation" and normalised_downstream(traced, node)
 
 
 def check_update_imbalance(analysis: Analysis) -> list[Finding]:
