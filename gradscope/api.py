@@ -159,7 +159,7 @@ def _layers(analysis: Analysis) -> list[Layer]:
     return layers
 
 
-def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
+def _summary(analysis: Analysis, layers: list[Layer]) -> dict[str, float | int | str | None]:
     facts, health, t = analysis.facts, analysis.health, analysis.thresholds
     summary: dict[str, float | int | str | None] = {
         "trainable_nodes": len(facts.trainable), "entry_nodes": len(facts.entries)}
@@ -172,8 +172,7 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
         if measured:
             summary.update(probe_min_ratio=measured[1], probe_min_node=measured[0],
                            probe_max_ratio=measured[3], probe_max_node=measured[2])
-    depth = summarize_depth(analysis.traced, analysis.estimate, list(facts.entries),
-                            [*facts.residual_adds, *facts.concat_skips])
+    depth = summarize_depth(analysis.traced, analysis.estimate, list(facts.entries))
     summary.update(
         longest_plain_run=facts.longest_plain_run, plain_run_end=facts.plain_run_end,
         residual_skips=len(facts.residual_adds), concat_skips=len(facts.concat_skips),
@@ -186,8 +185,8 @@ def _summary(analysis: Analysis) -> dict[str, float | int | str | None]:
                    health_exploding_warning=t.exploding_warning,
                    health_exploding_error=t.exploding_error)
     counts: dict[str | None, int] = {"ok": 0, "warn": 0, "bad": 0, None: 0}
-    for name in analysis.traced.compute_nodes():
-        counts[health.of(name).cls] += 1
+    for layer in layers:  # the classes the report shows, counted
+        counts[layer.health_class] += 1
     summary.update(health_ok=counts["ok"], health_warn=counts["warn"],
                    health_bad=counts["bad"], health_not_judged=counts[None])
     return summary
@@ -389,8 +388,9 @@ def analyze(
             nonfinite_forward=result.nonfinite_forward[0] if result.nonfinite_forward else None,
             nonfinite_backward=result.nonfinite_backward[-1] if result.nonfinite_backward
             else None)
-    summary = _summary(analysis)
+    layers = _layers(analysis)
+    summary = _summary(analysis, layers)
     summary = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                for k, v in summary.items()}
-    return Report(model=info, layers=_layers(analysis), findings=findings,
+    return Report(model=info, layers=layers, findings=findings,
                   probe=probe_info, summary=summary, notes=report_notes)

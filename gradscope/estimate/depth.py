@@ -22,14 +22,9 @@ from gradscope.tracing.graph import TracedModel, node_record
 
 @dataclass(frozen=True)
 class DepthSummary:
-    """Per-model depth figures of the static estimate."""
+    """Per-model depth figures of the static estimate (the plain run and the skips are
+    structural facts: ``gradscope.rules.analysis.structural_facts``)."""
 
-    #: Weight layers on the longest path that no residual skip bypasses.
-    longest_plain_run: int
-    #: Node where that run ends (closest to the output).
-    plain_run_end: str | None
-    #: Residual additions found in the graph.
-    skips: int
     #: Product of squared-norm gains from the output back to the worst entry layer.
     chi_product: float | None
     #: Weight layers along that path.
@@ -78,33 +73,21 @@ def nearest_common_ancestor(graph: nx.DiGraph, a: str, b: str) -> str | None:
     return None
 
 
-def residual_adds(traced: TracedModel) -> list[str]:
-    """``add`` nodes joining two branches of one fork that cross unequal numbers of weights.
+def skip_joins(traced: TracedModel) -> tuple[list[str], list[str]]:
+    """(residual adds, concatenation skips): joins of two branches of one fork that cross
+    unequal numbers of weights, so that the gradient has a shorter way around the longer.
 
-    x + f(x), and the projection shortcuts of ResNets (1 conv against 2), give
-    the gradient a shorter path around the longer branch; two independent
-    inputs summed, or two equal branches, do not.
+    x + f(x), and the projection shortcuts of ResNets (1 conv against 2), are residual
+    adds; DenseNet's ``cat([x, f(x)])`` and U-Net's ``cat([encoder features, upsampled
+    decoder])`` are concatenation skips (Huang et al. 2017; Ronneberger et al. 2015).
+    Two independent inputs joined, or two equal branches, are neither.
     """
-    return _skip_joins(traced, ("add", "sub"))
-
-
-def concat_skips(traced: TracedModel) -> list[str]:
-    """``cat`` nodes joining branches of one fork that cross unequal numbers of weights.
-
-    DenseNet's ``cat([x, f(x)])`` and U-Net's ``cat([encoder features, upsampled
-    decoder])`` hand the gradient a path around the layers of the other branch, as a
-    residual add does (Huang et al. 2017; Ronneberger et al. 2015).
-    """
-    return _skip_joins(traced, ("cat",))
-
-
-def _skip_joins(traced: TracedModel, keys: tuple[str, ...]) -> list[str]:
     graph = traced.graph
     wdepth = _weight_depth(traced)
-    found = []
+    found: list[str] = []
     for name in traced.order():
         data = node_record(graph, name)
-        if data.key not in keys or data.role != "compute":
+        if data.key not in ("add", "sub", "cat") or data.role != "compute":
             continue
         ins = [r for r in data.inputs if node_record(graph, r).role != "param"
                and node_record(graph, r).is_float]
@@ -118,7 +101,8 @@ def _skip_joins(traced: TracedModel, keys: tuple[str, ...]) -> list[str]:
                     break
             if found and found[-1] == name:
                 break
-    return found
+    adds = [n for n in found if node_record(graph, n).key != "cat"]
+    return adds, [n for n in found if node_record(graph, n).key == "cat"]
 
 
 def plain_run(traced: TracedModel, skips: set[str]) -> tuple[list[str], int, str | None]:
@@ -151,19 +135,16 @@ def plain_run(traced: TracedModel, skips: set[str]) -> tuple[list[str], int, str
 
 
 def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str],
-                    skips: list[str] | None = None) -> DepthSummary:
-    """Compute the depth figures; ``entries`` are the first trainable layers (the rules'),
-    ``skips`` the residual adds when the caller has them already."""
+                    ) -> DepthSummary:
+    """Compute the depth figures; ``entries`` are the first trainable layers (the rules')."""
     graph = traced.graph
     order = traced.order()
-    skips = list(residual_adds(traced)) if skips is None else list(skips)
-    _, best, best_end = plain_run(traced, set(skips))
 
     # Worst entry layer: the one whose static health is lowest (or highest, if exploding).
     candidates = [(n, est.health.get(n)) for n in entries]
     finite = [(n, h) for n, h in candidates if h is not None and math.isfinite(h)]
     if not finite:
-        return DepthSummary(best, best_end, len(skips), None, 0, None, None)
+        return DepthSummary(None, 0, None, None)
     worst, health = max(finite, key=lambda item: abs(math.log(item[1])) if item[1] > 0
                         else math.inf)
     # Weight layers on the longest path from the worst entry to the output.
@@ -180,4 +161,4 @@ def summarize_depth(traced: TracedModel, est: StaticEstimate, entries: list[str]
     xi = None
     if chi > 0 and abs(math.log(chi)) > 1e-9:
         xi = -1.0 / math.log(chi)
-    return DepthSummary(best, best_end, len(skips), chi_product, path_layers, chi, xi)
+    return DepthSummary(chi_product, path_layers, chi, xi)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gradscope.estimate.depth import concat_skips, plain_run, residual_adds
+from gradscope.estimate.depth import plain_run, skip_joins
 from gradscope.estimate.statistics import var_of
 from gradscope.options import Thresholds
 from gradscope.records import Finding, severity_rank
@@ -95,8 +95,7 @@ def structural_facts(traced: TracedModel) -> StructuralFacts:
     zero = [n for n in trainable if zero_initialised(traced, n)]
     blocked = behind(traced, on_path, zero)
     judged = [n for n in trainable if n not in blocked]
-    skips = residual_adds(traced)
-    concats = concat_skips(traced)
+    skips, concats = skip_joins(traced)
     path, longest, end = plain_run(traced, set(skips) | set(concats))
     entries = entry_nodes(traced, judged)
     return StructuralFacts(trainable=tuple(judged), entries=tuple(entries),

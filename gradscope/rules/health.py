@@ -76,7 +76,8 @@ def _finite(value: float | None) -> bool:
 class LayerHealth:
     """One layer's gradient health as the report shows it and the rules judged it."""
 
-    #: The figure behind ``cls`` (the worse of the judged ones; measured on ties).
+    #: The figure behind ``cls``: the measured ratio where the probe judged the layer,
+    #: else the predicted one.
     value: float | None
     #: ``measured``, ``predicted`` or None when no figure exists.
     source: str | None
@@ -170,8 +171,7 @@ class HealthTable:
                 continue
             if not (value < t.vanishing_warning if low else value > t.exploding_warning):
                 continue
-            predicted = classify(value, t)
-            cls = self.confirmed(node, predicted) if predicted is not None else None
+            cls = self.confirmed(node, "bad" if classify(value, t) == "bad" else "warn")
             if cls in ("warn", "bad"):
                 found.append((node, value, cls))  # type: ignore[arg-type]
         if not found:

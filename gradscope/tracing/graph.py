@@ -256,14 +256,13 @@ def module_path_from_stack(meta: dict[str, Any], strip_prefix: str = "") -> str 
     return path or None
 
 
-def _weight_transform(node: fx.Node, graph: nx.DiGraph,
+def _weight_transform(node: fx.Node, refs: list[str], graph: nx.DiGraph,
                       tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The value of a node computed from weights alone, or None if it reads anything else.
 
     Evaluated on the real weights (the fx values may be fake tensors), so the estimate
     reads the moments of the weight the layer actually multiplies by.
     """
-    refs = [r for r in iter_refs(map_refs((node.args, dict(node.kwargs))))]
     if not refs or any(r not in graph or node_record(graph, r).role != "param"
                        or r not in tensors for r in refs):
         return None
@@ -363,20 +362,20 @@ def graph_from_fx(
             path = module_path_from_stack(node.meta, module_prefix) or ""
         args = map_refs(node.args)
         kwargs = map_refs(dict(node.kwargs))
-        weight = _weight_transform(node, graph, tensors) if node.op != "call_module" else None
+        refs = list(iter_refs((args, kwargs)))
+        weight = _weight_transform(node, refs, graph, tensors) \
+            if node.op != "call_module" else None
         if weight is not None:
             # ``w.float()``, ``w.T``, ``1 + w``: a computation on weights alone is part of
             # the weight, not a layer; its consumer is the layer that trains.
-            source = next(r for r in iter_refs((args, kwargs)) if r in graph)
             tensors[node.name] = weight
             add_node(graph, node.name, kind=node.op, role="param", target=node.target,
-                     args=args, kwargs=kwargs, module_path=node_record(graph, source).module,
+                     args=args, kwargs=kwargs, module_path=node_record(graph, refs[0]).module,
                      value=value, file=file, line=line)
             set_record(graph, replace(node_record(graph, node.name), num_params=sum(
-                node_record(graph, r).num_params
-                for r in dict.fromkeys(iter_refs((args, kwargs))) if r in graph)))
+                node_record(graph, r).num_params for r in dict.fromkeys(refs))))
             continue
-        for ref in iter_refs((args, kwargs)):
+        for ref in refs:
             if ref in graph and node_record(graph, ref).role == "param":
                 params.append(node_record(graph, ref).module or ref)
                 num_params += node_record(graph, ref).num_params
