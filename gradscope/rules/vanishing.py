@@ -77,7 +77,11 @@ GS103 = Rule(
     "time steps get almost none.",
     what="The static estimate unrolls nn.LSTM/GRU/RNN over the sequence with the actual "
     "gate weights and biases; the gradient's squared norm shrinks by the step gain chi "
-    "per step back in time, so the first step receives chi^(T-1) of what the last gets.",
+    "per step back in time, so the first step receives chi^(T-1) of what the last gets. "
+    "An error when the gradient falls below the error threshold before it has gone back "
+    "half the steps (most of the sequence cannot be learnt from), a warning when it "
+    "reaches further (long-range dependencies train slowly), information when the loss "
+    "reads every step (each step gets a gradient of its own).",
     why="Long-range dependencies cannot be learned when their gradient is 1e-20 of the "
     "local one; LSTMs with PyTorch's default forget-gate bias 0 forget almost as fast as "
     "a vanilla RNN.",
@@ -183,18 +187,30 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
         steps = int(result.steps)
         if steps < 2 or not result.step_gain > 0:
             continue
-        ratio = math.sqrt(result.step_gain) ** (steps - 1)
+        per_step = math.sqrt(result.step_gain)
+        ratio = per_step ** (steps - 1)
         if ratio >= t.vanishing_warning:
             continue
-        severity: Severity = "error" if ratio < t.vanishing_error else "warning"
+        # How far back the gradient still trains: the steps until it falls below the
+        # error threshold. The last steps always get their gradient, so the model trains
+        # on them whatever the decay; what is lost is the older part of the sequence. Most
+        # of the unroll out of reach is an error (the model cannot learn from most of what
+        # it is fed: Bengio et al. 1994); a gradient that still reaches half the steps is
+        # a warning about long-range dependencies (a GRU over 16 tokens at default init).
+        reach = (math.log(t.vanishing_error) / math.log(per_step)
+                 if per_step < 1 else math.inf)
+        severity: Severity = "error" if reach < (steps - 1) / 2 else "warning"
         rec = analysis.traced.node(node)
         message = (f"Vanishing gradient through time (predicted): {rec.module or node} "
                    f"({rec.op}) keeps {result.step_gain:.3g} of the gradient's squared norm "
                    f"per step, so after {steps} steps the first one receives {ratio:.2e} of "
-                   f"the last ({result.note}).")
+                   f"the last ({result.note}); the gradient stays above "
+                   f"{t.vanishing_error:g} of the last step's for about {reach:.0f} of the "
+                   f"{steps} steps" + (", less than half of them." if severity == "error"
+                                       else ", so the older steps train slowly."))
         evidence: dict[str, float | int | str | None] = {
             "step_gain": result.step_gain, "steps": steps, "gradient_ratio": ratio,
-            "threshold": t.vanishing_warning}
+            "threshold": t.vanishing_warning, "reach_steps": reach}
         if reads_every_step(analysis, node, steps):
             # Every step gets its own gradient from the loss: training works, only the
             # reach of dependencies is bounded (Bengio et al. 1994): information.
