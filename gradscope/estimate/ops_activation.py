@@ -1,10 +1,11 @@
 """Op rule for elementwise activations (``activation:<name>`` keys).
 
 The moments themselves come from ``gradscope.estimate.activations``; what this
-rule adds is reading the activation's parameters off the module or the call,
-and averaging over the spread of unit means: after a layer fed by non-centred
-inputs each unit has its own mean, and a nonlinearity must be averaged unit by
-unit, not applied to one pooled Gaussian (``docs/static-estimate.md``).
+rule adds is reading the activation's parameters off the module or the call, the
+spread of the output's unit means (after a layer fed by non-centred inputs each
+unit has its own mean; the moments over all units are still the pooled
+Gaussian's, see :func:`_act`), and the gain in front of a max pool, which routes
+the gradient to each window's largest element (``docs/static-estimate.md``).
 """
 
 from __future__ import annotations
