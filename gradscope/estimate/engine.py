@@ -33,6 +33,7 @@ import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
 from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
+from gradscope.estimate.ops_dense import unit_mean_fan
 from gradscope.estimate.statistics import (
     Mom,
     numel,
@@ -200,7 +201,7 @@ def _spread_of(ctx: Ctx, mom: Mom | None, pending: float | None) -> float:
         b = ctx.weight("input", 0) if key == "addmm" else ctx.weight("bias", 2)
         if w is None:
             return 0.0
-        fan = float(w.shape[0]) if key == "addmm" else float(w[0].numel())
+        fan = unit_mean_fan(ctx, w)
         _, w2 = weight_stats(w, (0.0, 1.0 / (3.0 * fan)))
         _, b2 = weight_stats(b, (0.0, 0.0)) if b is not None else (0.0, 0.0)
         unit_mean_sq = fan * w2 * (xm[0] ** 2 + spread_in) + b2

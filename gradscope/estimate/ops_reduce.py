@@ -76,7 +76,7 @@ def _max_order_stats(k: int) -> tuple[float, float]:
     return float(top.mean()), float((top * top).mean())
 
 
-def _pool_window(ctx: Ctx) -> int:
+def pool_window(ctx: Ctx) -> int:
     """Values each max-pool output is the maximum of."""
     kernel: Any = None
     if ctx.module is not None:
@@ -102,7 +102,7 @@ class _MaxPool:
         xm = pass_forward(ctx)
         if xm is None:
             return None
-        e1, e2 = _max_order_stats(_pool_window(ctx))
+        e1, e2 = _max_order_stats(pool_window(ctx))
         sd = math.sqrt(var_of(xm))
         mean = xm[0] + sd * e1
         return mean, xm[0] ** 2 + 2 * xm[0] * sd * e1 + var_of(xm) * e2
