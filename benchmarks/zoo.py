@@ -20,7 +20,8 @@ Scored per row:
   an error is expected);
 - ``crash``: exit 2 or a timeout;
 - ``agree``: the median |log10(static / measured)| of the gradient health over the
-  layers with both figures (the issue asks for <= 0.3).
+  layers with both figures (the issue asks for <= 0.3); "-" where the probe went
+  non-finite (no measurement to compare with).
 """
 
 from __future__ import annotations
@@ -77,7 +78,14 @@ def analyse(path: Path, *extra: str) -> tuple[dict[str, Any] | None, str, float]
 
 
 def agreement(doc: dict[str, Any]) -> float | None:
-    """Median |log10(predicted / measured)| of the health ratio over layers with both."""
+    """Median |log10(predicted / measured)| of the health ratio over layers with both.
+
+    None where the probe's forward or backward went non-finite: its ratios are then not
+    measurements of the gradient (gradscope does not judge them either, GS501/GS502 do).
+    """
+    probe = doc.get("probe") or {}
+    if probe.get("nonfinite_forward") or probe.get("nonfinite_backward"):
+        return None
     logs = []
     for layer in doc.get("layers") or []:
         a, b = layer.get("health_predicted"), layer.get("health_measured")
