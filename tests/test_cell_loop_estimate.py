@@ -1,0 +1,132 @@
+"""Cells called in a Python loop against brute force (torch autograd, float64, written here).
+
+``for t in range(T): h = cell(x[:, t], h)`` traces to T calls of one ``nn.*Cell`` (symbolic
+trace: ``call_module`` nodes) or to T ``aten.lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell``
+nodes (export). Either way it is the unroll of a recurrent layer, and the static estimate
+must see it as one (``gradscope.estimate.recurrent``, "A cell called in a loop"): the state's
+per-unit moments carried from call to call, the backward through the tied weights. Before,
+the exported calls were unknown ops (gain 1 per step: classic/rnncell_loop was 7.9 decades
+off), and the module calls were each estimated alone by independent-step mean field with a
+zero-mean state (an LSTMCell loop came out ~6 decades low over 40 steps, a GRUCell loop 1.5).
+
+Brute force: inputs ``x ~ N(0, 1)`` (64, T, 16), hidden 32, default init (seeded), the loop's
+last ``h`` is the output, ``loss = sum(h_T * r)`` with a fixed random ``r``. Per call t the
+measured figure is what the engine's ``sq_norm`` estimates: ``(||dL/dh_t||^2 + ||dL/dc_t||^2)
+/ ||r||^2`` (the call's output is the tuple (h, c) for an LSTM). Tolerance: the median over
+calls of ``|log10(estimate / measured)|`` <= 0.3 (the zoo's agreement figure), and every call
+within 0.6. Measured when written (median / worst): see ``_CASES``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from gradscope.estimate.engine import estimate
+from gradscope.tracing import trace_model
+from gradscope.tracing.nodes import node_record
+
+BATCH, FEATURES, HIDDEN, STEPS = 64, 16, 32, 30
+
+
+class _Loop(nn.Module):
+    """A cell in a loop from a zero state; ``export_zeros`` makes symbolic_trace fail."""
+
+    def __init__(self, cell: nn.Module, export_zeros: bool) -> None:
+        super().__init__()
+        self.cell = cell
+        self.export_zeros = export_zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_zeros:
+            h = torch.zeros(x.shape[0], HIDDEN, dtype=x.dtype, device=x.device)
+        else:
+            h = x.new_zeros(x.shape[0], HIDDEN)
+        c = h
+        for t in range(STEPS):
+            if isinstance(self.cell, nn.LSTMCell):
+                h, c = self.cell(x[:, t], (h, c))
+            else:
+                h = self.cell(x[:, t], h)
+        return h
+
+
+def _brute_force(cell: nn.Module, x: torch.Tensor) -> list[float]:
+    """``(||dL/dh_t||^2 + ||dL/dc_t||^2) / ||r||^2`` per call, loss ``sum(h_T * r)``."""
+    hs: list[torch.Tensor] = []
+    cs: list[torch.Tensor] = []
+    h = torch.zeros(x.shape[0], HIDDEN, dtype=x.dtype)
+    c = torch.zeros_like(h)
+    for t in range(STEPS):
+        if isinstance(cell, nn.LSTMCell):
+            h, c = cell(x[:, t], (h, c))
+            cs.append(c)
+        else:
+            h = cell(x[:, t], h)
+        hs.append(h)
+    r = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    grads = torch.autograd.grad((h * r).sum(), hs + cs, allow_unused=True)
+    s_out = float((r * r).sum())
+    sq = [float((g * g).sum()) if g is not None else 0.0 for g in grads]
+    return [(sq[t] + (sq[STEPS + t] if cs else 0.0)) / s_out for t in range(STEPS)]
+
+
+class _HandCell(nn.Module):
+    """``tanh(W_ih x + b_ih + W_hh h + b_hh)`` written out: generic ops, no cell op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ih = nn.Linear(FEATURES, HIDDEN)
+        self.hh = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.ih(x) + self.hh(h))
+
+
+def _make(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return {"rnn": lambda: nn.RNNCell(FEATURES, HIDDEN),
+            "gru": lambda: nn.GRUCell(FEATURES, HIDDEN),
+            "lstm": lambda: nn.LSTMCell(FEATURES, HIDDEN),
+            "hand": _HandCell}[kind]().double()
+
+
+#: (cell kind, tracer): median / worst |log10| when written.
+_CASES = [
+    ("rnn", "symbolic_trace"),  # 0.05 / 0.15
+    ("rnn", "export"),  # 0.05 / 0.15
+    ("gru", "symbolic_trace"),  # 0.06 / 0.13
+    ("gru", "export"),  # 0.06 / 0.13
+    ("lstm", "symbolic_trace"),  # 0.03 / 0.10
+    ("lstm", "export"),  # 0.03 / 0.10
+    # Not a cell op: linear, add and tanh nodes, estimated op by op, each step's W_hh as if
+    # drawn afresh. 0.51 / 1.02 (the estimate too high): at H=32 this W_hh's tied powers decay
+    # faster than independent draws of its entries would (autograd with W_hh's entries
+    # shuffled at every step: 0.93 decades more at t=0). At H=64 and 128 the same test gives
+    # 0.08 and 0.02. Not fixed: the op-by-op sweep has no notion of a weight reused along a
+    # path (see the module docstring of gradscope.estimate.recurrent).
+    pytest.param("hand", "symbolic_trace", marks=pytest.mark.xfail(
+        strict=True, reason="tied W_hh of a written-out cell: estimated as independent steps")),
+]
+
+
+@pytest.mark.parametrize(("kind", "tracer"), _CASES)
+def test_cell_loop_against_brute_force(kind: str, tracer: str) -> None:
+    cell = _make(kind)
+    model = _Loop(cell, export_zeros=tracer == "export").double()
+    x = torch.randn(BATCH, STEPS, FEATURES, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    traced = trace_model(model, (x,), method=tracer)
+    est = estimate(traced, (x,))
+    step_key = "activation:tanh" if kind == "hand" else "rnn_cell"
+    calls = [n for n in traced.order() if node_record(traced.graph, n).key == step_key]
+    assert len(calls) == STEPS
+    assert all(est.understood[n] for n in calls)
+    measured = _brute_force(cell, x)
+    logs = [math.log10(est.sq_norm[n] / m) for n, m in zip(calls, measured, strict=True)]
+    assert statistics.median(abs(v) for v in logs) <= 0.3, logs
+    assert max(abs(v) for v in logs) <= 0.6, logs
