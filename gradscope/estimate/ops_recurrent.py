@@ -140,13 +140,17 @@ def _cell(ctx: Ctx, identity: tuple[Any, ...]) -> Cell:
     return cell
 
 
-def _source(ctx: Ctx, ref: str | None) -> tuple[str, int] | None:
-    """The cell call a state comes from and which output (0: h, 1: c), if it is one."""
+def _source(ctx: Ctx, ref: str | None, index: int) -> tuple[str, int] | None:
+    """The cell call a state comes from and which output (0: h, 1: c), if it is one.
+
+    ``index``: the state's place in ``hx``, taken as the output it is when the call itself is
+    referenced (the runtime recorder keeps an LSTMCell's ``(h, c)`` as one node, no getitem).
+    """
     if ref is None:
         return None
     rec = node_record(ctx.est.graph, ref)
     if rec.key == "rnn_cell":
-        return ref, 0
+        return ref, index
     if rec.key == "getitem" and len(rec.args) > 1 and isinstance(rec.args[0], Ref) \
             and isinstance(rec.args[1], int) \
             and node_record(ctx.est.graph, rec.args[0].name).key == "rnn_cell":
@@ -181,7 +185,7 @@ def _call(ctx: Ctx) -> _Call | None:
     xm = ctx.est.moments.get(x) if x else None
     if xm is None:
         return None
-    src_h, src_c = _source(ctx, h), _source(ctx, c)
+    src_h, src_c = _source(ctx, h, 0), _source(ctx, c, 1)
     prev: Any = None
     if src_h is not None and src_h[1] == 0:
         prev = ctx.est.chains.get(src_h[0])
@@ -207,11 +211,14 @@ def _call(ctx: Ctx) -> _Call | None:
 
 
 def _outputs(ctx: Ctx, name: str, call: _Call) -> tuple[list[str], list[str]]:
-    """Nodes that are a call's new h and new c: the call itself, or its getitem 0 and 1."""
+    """Nodes that are a call's new h and new c: the call itself, and its getitem 0 and 1.
+
+    A consumer of an LSTM call's tuple itself (not through getitem) counts as reading h.
+    """
     graph = ctx.est.graph
     if call.cell.kind != "lstm":
         return [name], []
-    hs: list[str] = []
+    hs: list[str] = [name]
     cs: list[str] = []
     for succ in graph.successors(name):
         rec = node_record(graph, succ)
@@ -228,7 +235,12 @@ def _entered(ctx: Ctx, outs: list[str], next_call: str | None) -> bool:
         if out == target:
             return True
         for succ in graph.successors(out):
-            if succ != next_call and (succ == target or nx.has_path(graph, succ, target)):
+            rec = node_record(graph, succ)
+            if succ == next_call or (rec.key == "getitem" and rec.args
+                                     and rec.args[0] == Ref(out)
+                                     and node_record(graph, out).key == "rnn_cell"):
+                continue  # the chain itself, or the call's own h / c (judged on their own)
+            if succ == target or nx.has_path(graph, succ, target):
                 return True
     return False
 
