@@ -151,3 +151,62 @@ def test_cell_loop_read_at_every_step(kind: str) -> None:
     logs = _agreement(kind, "symbolic_trace", every_step=True)
     assert statistics.median(abs(v) for v in logs) <= 0.3, logs
     assert max(abs(v) for v in logs) <= 0.6, logs
+
+
+class _Stack(nn.Module):
+    """Two cells in one loop, the second reading the first's h: a two-layer RNN written out."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        make = nn.LSTMCell if kind == "lstm" else nn.GRUCell
+        self.lower = make(FEATURES, HIDDEN)
+        self.upper = make(HIDDEN, HIDDEN)
+        #: When a list, the lower cell's states are appended to it (for the brute force).
+        self.keep: list[torch.Tensor] | None = None
+
+    def step(self, cell: nn.Module, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(cell, nn.LSTMCell):
+            h, c = cell(x, state)
+            return h, c
+        h = cell(x, state[0])
+        return h, h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = x.new_zeros(x.shape[0], HIDDEN)
+        low, up = (zero, zero), (zero, zero)
+        for t in range(STEPS):
+            low = self.step(self.lower, x[:, t], low)
+            up = self.step(self.upper, low[0], up)
+            if self.keep is not None:
+                self.keep.extend(low if isinstance(self.lower, nn.LSTMCell) else low[:1])
+        return up[0]
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_stacked_cells_in_one_loop(kind: str) -> None:
+    """The lower cell's entries are the upper cell's input gradients, correlated in time: they
+    add coherently (``ops_recurrent._coherent_entries``). Taken as independent entries, the
+    lower calls came out low: median |log10| 1.22 (GRU) and 0.89 (LSTM) here, 0.44 and 0.38
+    at hidden 64 over 40 steps. Measured when written (median / worst over the lower calls):
+    GRU 0.07 / 0.10, LSTM 0.19 / 0.29."""
+    model = _Stack(kind).double()
+    x = torch.randn(BATCH, STEPS, FEATURES, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    traced = trace_model(model, (x,), method="symbolic_trace")
+    est = estimate(traced, (x,))
+    calls = [n for n in traced.order() if node_record(traced.graph, n).key == "rnn_cell"
+             and node_record(traced.graph, n).module == "lower"]
+    assert len(calls) == STEPS
+    kept: list[torch.Tensor] = []
+    model.keep = kept
+    out = model(x)
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    grads = torch.autograd.grad((out * r).sum(), kept)
+    sq = [float((g * g).sum()) / float((r * r).sum()) for g in grads]
+    per = len(sq) // STEPS  # (h, c) per step for an LSTM, h for a GRU
+    measured = [sum(sq[per * t : per * (t + 1)]) for t in range(STEPS)]
+    logs = [math.log10(est.sq_norm[n] / m) for n, m in zip(calls, measured, strict=True)]
+    assert statistics.median(abs(v) for v in logs) <= 0.3, logs
+    assert max(abs(v) for v in logs) <= 0.6, logs

@@ -227,13 +227,15 @@ def _outputs(ctx: Ctx, name: str, call: _Call) -> tuple[list[str], list[str]]:
     return hs, cs
 
 
-def _entered(ctx: Ctx, outs: list[str], next_call: str | None) -> bool:
-    """Whether the gradient reaches these outputs from outside the chain."""
+def _readers(ctx: Ctx, outs: list[str], next_call: str | None) -> list[tuple[str, str]]:
+    """(output, consumer) pairs through which the gradient reaches these outputs from outside
+    the chain; the model's output itself is its own consumer."""
     graph = ctx.est.graph
     target = ctx.est.traced.output_node
+    found: list[tuple[str, str]] = []
     for out in outs:
         if out == target:
-            return True
+            found.append((out, out))
         for succ in graph.successors(out):
             rec = node_record(graph, succ)
             if succ == next_call or (rec.key == "getitem" and rec.args
@@ -241,8 +243,39 @@ def _entered(ctx: Ctx, outs: list[str], next_call: str | None) -> bool:
                                      and node_record(graph, out).key == "rnn_cell"):
                 continue  # the chain itself, or the call's own h / c (judged on their own)
             if succ == target or nx.has_path(graph, succ, target):
-                return True
-    return False
+                found.append((out, succ))
+    return found
+
+
+def _coherent_entries(ctx: Ctx, readers: list[list[tuple[str, str]]]) -> list[Any] | None:
+    """The probe gradients entering each step, where every reader is a simulated cell call.
+
+    A stack of cells in one loop (``h1 = c1(x_t, h1); h2 = c2(h1, h2)``): the gradient that
+    reaches ``h1_t`` is ``c2``'s input gradient at step t, and those are correlated in time
+    (the same vectors propagated through ``c2``'s tied weights), so in ``c1`` they add
+    coherently, as between the layers of an ``nn.LSTM`` (``gradscope.estimate.recurrent``'s
+    docstring: 2x at the input of a two-layer LSTM under independent entries). The upper
+    chain, swept first, left its simulated input gradients by call; they are this chain's
+    entries. None when any reader is something else (then entries are independent).
+    """
+    if not any(readers):
+        return None
+    entries: list[Any] = []
+    for step in readers:
+        total = None
+        for out, reader in step:
+            rec = node_record(ctx.est.graph, reader)
+            stored = ctx.est.chains.get(("gx", reader))
+            upper = ctx.est.chains.get(reader)
+            if rec.key != "rnn_cell" or stored is None or not isinstance(upper, _Call) \
+                    or upper.x != out:
+                return None
+            if total is not None and total.shape != stored.shape:
+                return None
+            total = stored if total is None else total + stored
+        entries.append(total)
+    shapes = {e.shape for e in entries if e is not None}
+    return entries if len(shapes) == 1 else None
 
 
 def _chain_gains(ctx: Ctx, call: _Call) -> dict[str, float]:
@@ -251,14 +284,20 @@ def _chain_gains(ctx: Ctx, call: _Call) -> dict[str, float]:
     table = ctx.est.chains.get(key)
     if not isinstance(table, dict):
         calls = [ctx.est.chains[n] for n in call.chain]
-        entry_h, entry_c = [], []
+        read_h, read_c = [], []
         for name, cc in zip(call.chain, calls, strict=True):
             hs, cs = _outputs(ctx, name, cc)
-            entry_h.append(_entered(ctx, hs, cc.next))
-            entry_c.append(_entered(ctx, cs, cc.next))
-        gains = cell_chain_gains(call.cell, [cc.step for cc in calls], entry_h, entry_c)
+            read_h.append(_readers(ctx, hs, cc.next))
+            read_c.append(_readers(ctx, cs, cc.next))
+        coherent = None if any(read_c) else _coherent_entries(ctx, read_h)
+        gains, gx = cell_chain_gains(call.cell, [cc.step for cc in calls],
+                                     [bool(r) for r in read_h], [bool(r) for r in read_c],
+                                     coherent)
         table = dict(zip(call.chain, gains, strict=True))
         ctx.est.chains[key] = table
+        if gx is not None:
+            for name, g in zip(call.chain, gx, strict=True):
+                ctx.est.chains[("gx", name)] = g
     return dict(table[ctx.name])
 
 

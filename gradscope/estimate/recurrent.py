@@ -589,8 +589,9 @@ def loop_step(cell: Cell, x_mean: float, x_second: float, h: UnitMoments,
         return cell.step(x, h, c)
 
 
-def cell_chain_gains(cell: Cell, steps: list[Step], entry_h: list[bool],
-                     entry_c: list[bool]) -> list[dict[str, float]]:
+def cell_chain_gains(cell: Cell, steps: list[Step], entry_h: list[bool], entry_c: list[bool],
+                     coherent: list[Vec | None] | None = None
+                     ) -> tuple[list[dict[str, float]], Vec | None]:
     """S-gains of each call of a chain to its ``input``, ``hx`` and ``cx``.
 
     The gradient enters (independently, equal squared norms) at ``h_t`` where ``entry_h[t]``
@@ -602,18 +603,33 @@ def cell_chain_gains(cell: Cell, steps: list[Step], entry_h: list[bool],
     where the entries are as assumed, which is what the engine's node-by-node sweep needs.
     Too large to simulate: the independent-step mean field (``Cell.back``), as for a
     recurrent layer.
+
+    ``coherent``: the actual probe gradients entering at each ``h_t`` (None: none), the
+    simulated input gradients of cell calls that read ``h_t``, when those are all the entries.
+    They are correlated in time, so the squared norms of entry and carried gradient do not
+    add: the gain to ``hx`` is then what the entry gains by the carried gradient,
+    ``(S_h[t-1] - |entry_{t-1}|^2) / S[t]`` (at least 0), so that the engine's sum gives
+    ``S_h[t-1]`` back. Also returned: the simulated gradients at each ``x_t``
+    (T, input, probes), which a chain below takes as its entries; None without simulation.
     """
     n = len(steps)
     if not any(entry_h) and not any(entry_c):
         entry_h = [False] * (n - 1) + [True]
+    given = [e for e in coherent or [] if e is not None]
+    gx: Vec | None = None
+    entered = [0.0] * n
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        probes = _chain_probes(cell, n)
+        probes = int(given[0].shape[-1]) if given else _chain_probes(cell, n)
         if probes:
             rng = np.random.default_rng(_SEED)
             eh = np.zeros((n, cell.out_size, probes))
             ec = np.zeros((n, cell.hidden, probes))
             for t in range(n):
-                if entry_h[t]:
+                if coherent is not None:
+                    if coherent[t] is not None:
+                        eh[t] = coherent[t]
+                        entered[t] = float(np.sum(eh[t] * eh[t]))
+                elif entry_h[t]:
                     eh[t] = rng.standard_normal((cell.out_size, probes))
                 if entry_c[t] and cell.kind == "lstm":
                     ec[t] = rng.standard_normal((cell.hidden, probes))
@@ -621,6 +637,7 @@ def cell_chain_gains(cell: Cell, steps: list[Step], entry_h: list[bool],
             gx = cell.simulate(steps, eh, rng, cell.mats(rng), entry_c=ec, norms=norms)
             sx = [float(np.sum(g * g)) for g in gx]
         else:
+            coherent = None
             norms, sx = _chain_mean_field(cell, steps, entry_h, entry_c)
     gains: list[dict[str, float]] = []
     for t in range(n):
@@ -629,9 +646,11 @@ def cell_chain_gains(cell: Cell, steps: list[Step], entry_h: list[bool],
         if not total > 0.0:
             gains.append({"input": 0.0, "hx": 0.0, "cx": 0.0})
             continue
+        if coherent is not None and t > 0:
+            sh_out = max(norms[t - 1][0] - entered[t - 1], 0.0)
         gains.append({"input": _ratio(sx[t], total), "hx": _ratio(sh_out, total),
                       "cx": _ratio(sc_out, total)})
-    return gains
+    return gains, gx
 
 
 def _ratio(a: float, b: float) -> float:
