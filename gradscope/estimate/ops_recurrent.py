@@ -3,6 +3,10 @@
 The unroll over time is ``gradscope.estimate.recurrent``; this module reads
 from the graph what it needs: the input's moments, the sequence length, and
 where the gradient enters the output sequence (the last step, or every step).
+For cells called in a loop it also reads which calls chain into which (one
+call's new state is the next one's state, same weights), where the gradient
+enters the chain (a call's h read by anything else), and whether those readers
+are calls of another simulated cell (cells stacked in one loop).
 """
 
 from __future__ import annotations
