@@ -184,7 +184,10 @@ def _call(ctx: Ctx) -> _Call | None:
     identity = _cell_identity(ctx)
     if identity is None:
         return None
-    cell = _cell(ctx, identity)
+    try:
+        cell = _cell(ctx, identity)
+    except NotImplementedError as exc:  # weights not as PyTorch declares them
+        raise ValueError(str(exc)) from exc  # the sweep's "not understood", not a crash
     x, h, c = _state_refs(ctx)
     xm = ctx.est.moments.get(x) if x else None
     if xm is None:
