@@ -39,6 +39,9 @@ class SweepState:
         self.pending_spread: float | None = None
         #: Recurrent unrolls by node (gradscope.estimate.recurrent.RecurrentEstimate).
         self.recurrent: dict[str, Any] = {}
+        #: Cells called in a loop (``gradscope.estimate.ops_recurrent``): each call's step and
+        #: chain by node, the cells and the chains' shared gains by their own keys.
+        self.chains: dict[Any, Any] = {}
 
     def tensor_of(self, node: str) -> torch.Tensor | None:
         return self.traced.tensors.get(node)

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 from torch import nn
 
 from gradscope.estimate.rnn_cell import (
@@ -518,3 +519,173 @@ def estimate_cell(module: nn.Module, x_mean: float, x_second: float, h_second: f
         gains["cx"] = _total(s_c, cell.hidden)
     return float(np.mean(st.h.mean)), float(np.mean(st.h.second)), gains
 
+
+
+# --------------------------------------------------------------------------------------------
+# A cell called in a loop: one traced call per step, the weights shared
+# --------------------------------------------------------------------------------------------
+#
+# ``for t in range(T): h = cell(x[:, t], h)`` traces to T calls of one ``*Cell`` module (or,
+# exported, T ``aten.lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell`` / ``rnn_relu_cell`` nodes
+# reading the same weights). That is the unroll of ``nn.LSTM`` written out, and it needs what
+# the unroll needs: the state's *per-unit* moments carried from call to call (PyTorch's biases
+# are per unit and fixed in time, so each unit's state keeps a mean of its own), and a
+# backward through the *tied* weights (the coherent part of the step Jacobian, see the module
+# docstring: an LSTM's squared gradient decays ~0.39 per step with tied weights against 0.27
+# under independent-step mean field, 4.8 decades of norm over 60 steps). The graph, though,
+# is swept node by node, each node returning one gain per input. So the chain's calls share
+# one surrogate simulation (:func:`cell_chain_gains`) whose squared norms, at every h_t, c_t
+# and x_t, are turned into per-call gains that reproduce them exactly along the chain.
+
+
+class _CellParams(nn.Module):
+    """The attributes ``cell_from`` reads, for an exported cell call (weights as arguments)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None], hidden: int,
+                 input_size: int) -> None:
+        super().__init__()
+        for name, t in tensors.items():
+            if t is not None:
+                # Plain attributes: registering would copy nothing, but nn.Parameter values
+                # must stay the model's own tensors (meta ones included).
+                object.__setattr__(self, name, t)
+        self.hidden_size = hidden
+        self.input_size = input_size
+        self.proj_size = 0
+
+
+def loop_cell(module: nn.Module | None, kind: str | None = None,
+              tensors: dict[str, torch.Tensor | None] | None = None) -> Cell:
+    """The cell of a ``*Cell`` module, or of an exported call's weight tensors.
+
+    ``tensors``: ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` (biases may be None)
+    with ``kind`` one of ``lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu``. Resolved per unit (the
+    actual weights, or default-init draws for meta tensors) within ``_PER_UNIT_BUDGET``.
+    """
+    if module is not None:
+        if not isinstance(module, (nn.LSTMCell, nn.GRUCell, nn.RNNCell)):
+            raise NotImplementedError(f"{type(module).__name__} is not an RNN cell module")
+        kind = cell_kind(module)
+        source: nn.Module = module
+    else:
+        if tensors is None or kind not in N_GATES:
+            raise NotImplementedError(f"cell kind {kind!r} is not modelled")
+        w_ih, w_hh = tensors.get("weight_ih"), tensors.get("weight_hh")
+        if w_ih is None or w_hh is None or w_ih.dim() != 2 or w_hh.dim() != 2:
+            raise NotImplementedError("cell weights missing")
+        source = _CellParams(tensors, int(w_hh.shape[1]), int(w_ih.shape[1]))
+    assert kind is not None
+    gate_weights = sum(int(t.numel()) for name in ("weight_ih", "weight_hh")
+                       if isinstance(t := getattr(source, name, None), torch.Tensor))
+    rng = np.random.default_rng(_SEED) if gate_weights <= _PER_UNIT_BUDGET else None
+    return cell_from(source, kind, "", int_attr(source, "input_size"), rng)
+
+
+def loop_step(cell: Cell, x_mean: float, x_second: float, h: UnitMoments,
+              c: UnitMoments) -> Step:
+    """One call: the state's per-unit moments from the previous call's (or ``ZERO``)."""
+    x = UnitMoments.scalar(x_mean, max(x_second, x_mean * x_mean))
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        return cell.step(x, h, c)
+
+
+def cell_chain_gains(cell: Cell, steps: list[Step], entry_h: list[bool], entry_c: list[bool],
+                     coherent: list[Vec | None] | None = None
+                     ) -> tuple[list[dict[str, float]], Vec | None]:
+    """S-gains of each call of a chain to its ``input``, ``hx`` and ``cx``.
+
+    The gradient enters (independently, equal squared norms) at ``h_t`` where ``entry_h[t]``
+    and at ``c_t`` where ``entry_c[t]`` (at the last call's ``h`` when no entry is marked).
+    A surrogate simulation through the tied weights (:meth:`Cell.simulate`) gives the squared
+    norms ``S_h[t]``, ``S_c[t]`` and ``S_x[t]``; call ``t``'s gains are those over its
+    output's ``S_h[t] + S_c[t]``, to ``hx`` what it passes back before step ``t-1``'s own
+    entry is added. Multiplied along the chain they give back the simulated norms exactly
+    where the entries are as assumed, which is what the engine's node-by-node sweep needs.
+    Too large to simulate: the independent-step mean field (``Cell.back``), as for a
+    recurrent layer.
+
+    ``coherent``: the actual probe gradients entering at each ``h_t`` (None: none), the
+    simulated input gradients of cell calls that read ``h_t``, when those are all the entries.
+    They are correlated in time, so the squared norms of entry and carried gradient do not
+    add: the gain to ``hx`` is then what the entry gains by the carried gradient,
+    ``(S_h[t-1] - |entry_{t-1}|^2) / S[t]`` (at least 0), so that the engine's sum gives
+    ``S_h[t-1]`` back. Also returned: the simulated gradients at each ``x_t``
+    (T, input, probes), which a chain below takes as its entries; None without simulation.
+    """
+    n = len(steps)
+    if not any(entry_h) and not any(entry_c):
+        entry_h = [False] * (n - 1) + [True]
+    given = [e for e in coherent or [] if e is not None]
+    gx: Vec | None = None
+    entered = [0.0] * n
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        probes = int(given[0].shape[-1]) if given else _chain_probes(cell, n)
+        if probes:
+            rng = np.random.default_rng(_SEED)
+            eh = np.zeros((n, cell.out_size, probes))
+            ec = np.zeros((n, cell.hidden, probes))
+            for t in range(n):
+                if coherent is not None:
+                    if coherent[t] is not None:
+                        eh[t] = coherent[t]
+                        entered[t] = float(np.sum(eh[t] * eh[t]))
+                elif entry_h[t]:
+                    eh[t] = rng.standard_normal((cell.out_size, probes))
+                if entry_c[t] and cell.kind == "lstm":
+                    ec[t] = rng.standard_normal((cell.hidden, probes))
+            norms: list[tuple[float, float, float, float]] = []
+            gx = cell.simulate(steps, eh, rng, cell.mats(rng), entry_c=ec, norms=norms)
+            sx = [float(np.sum(g * g)) for g in gx]
+        else:
+            coherent = None
+            norms, sx = _chain_mean_field(cell, steps, entry_h, entry_c)
+    gains: list[dict[str, float]] = []
+    for t in range(n):
+        sh_in, sc_in, sh_out, sc_out = norms[t]
+        total = sh_in + sc_in
+        if not total > 0.0:
+            gains.append({"input": 0.0, "hx": 0.0, "cx": 0.0})
+            continue
+        if coherent is not None and t > 0:
+            sh_out = max(norms[t - 1][0] - entered[t - 1], 0.0)
+        gains.append({"input": _ratio(sx[t], total), "hx": _ratio(sh_out, total),
+                      "cx": _ratio(sc_out, total)})
+    return gains, gx
+
+
+def _ratio(a: float, b: float) -> float:
+    r = a / b
+    return r if math.isfinite(r) else 1e300
+
+
+def _chain_probes(cell: Cell, n_steps: int) -> int:
+    """Probe count for a chain, with the budgets of a recurrent layer (``_probes``)."""
+    per_probe = n_steps * cell.hidden * N_GATES[cell.kind] * (cell.input_size + cell.out_size)
+    want = int(min(max(math.ceil(_PROBE_TARGET / max(cell.input_size, 1)), _PROBES_MIN),
+                   _PROBES_MAX))
+    affordable = int(_SIM_BUDGET // max(per_probe, 1))
+    storable = int(_SIM_MEMORY // (24 * n_steps * max(cell.input_size, cell.out_size,
+                                                       cell.hidden, 1)))
+    k = min(want, affordable, storable)
+    return k if k >= _PROBES_MIN else 0
+
+
+def _chain_mean_field(cell: Cell, steps: list[Step], entry_h: list[bool], entry_c: list[bool]
+                      ) -> tuple[list[tuple[float, float, float, float]], list[float]]:
+    """Independent-step mean field with block statistics: the chain's fallback."""
+    small = cell.summarised()
+    n = len(steps)
+    sh, sc = np.zeros(1), np.zeros(1)
+    unit_h, unit_c = np.array([1.0 / cell.out_size]), np.array([1.0 / cell.hidden])
+    norms: list[tuple[float, float, float, float]] = [(0.0, 0.0, 0.0, 0.0)] * n
+    sx: list[float] = [0.0] * n
+    for t, st in zip(range(n - 1, -1, -1), _summarised(steps)[::-1], strict=True):
+        if entry_h[t]:
+            sh = sh + unit_h
+        if entry_c[t] and cell.kind == "lstm":
+            sc = sc + unit_c
+        h_in, c_in = _total(sh, cell.out_size), _total(sc, cell.hidden)
+        sh, sc, s_x = small.back(sh, sc, st.coef)
+        sx[t] = _total(s_x, cell.input_size)
+        norms[t] = (h_in, c_in, _total(sh, cell.out_size), _total(sc, cell.hidden))
+    return norms, sx

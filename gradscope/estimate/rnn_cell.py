@@ -223,12 +223,17 @@ class Cell:
         return Mats(w_ih, w_hh, w_hr)
 
     def simulate(self, steps: list[Step], entry: Vec, rng: np.random.Generator,
-                 mats: Mats) -> Vec:
+                 mats: Mats, entry_c: Vec | None = None,
+                 norms: list[tuple[float, float, float, float]] | None = None) -> Vec:
         """Probe gradients at each ``x_t`` (T, input, probes) from entries at each ``h_t``.
 
         Each step applies ``J_t^T`` with the actual ``W`` and every gate coefficient drawn as
         mean + sd * N(0, 1) per unit and probe, independently per step: mean field for the
-        gates, the weights kept tied.
+        gates, the weights kept tied. ``entry_c``: entries at each LSTM ``c_t`` too (a cell
+        called in a loop can hand its cell state to other ops). ``norms``, when given, is
+        filled per step (in time order) with the squared norms of the gradient at ``h_t`` and
+        ``c_t`` (entries included) and of what step ``t`` passes back to ``h_{t-1}`` and
+        ``c_{t-1}``: a loop of cell calls turns them into per-call gains.
         """
         n_steps, _, probes = entry.shape
         n = self.hidden
@@ -255,6 +260,9 @@ class Cell:
                 return mean + sd * next(_draws)
 
             gh = gh + entry[t]
+            if entry_c is not None:
+                gc = gc + entry_c[t]
+            arrived = (float(np.sum(gh * gh)), float(np.sum(gc * gc)))
             if self.kind == "lstm":
                 g_raw = w_hr_t @ gh if w_hr_t is not None else gh
                 u = gc + draw("K") * g_raw
@@ -280,6 +288,11 @@ class Cell:
                 np.clip(np.nan_to_num(gh, nan=0.0), -_GRAD_MAX, _GRAD_MAX, out=gh)
                 np.clip(np.nan_to_num(gc, nan=0.0), -_GRAD_MAX, _GRAD_MAX, out=gc)
                 np.clip(np.nan_to_num(out[t], nan=0.0), -_GRAD_MAX, _GRAD_MAX, out=out[t])
+            if norms is not None:
+                norms.append((*arrived, float(np.sum(gh * gh)),
+                              float(np.sum(gc * gc)) if self.kind == "lstm" else 0.0))
+        if norms is not None:
+            norms.reverse()
         return out
 
     # chi through time ----------------------------------------------------------------------

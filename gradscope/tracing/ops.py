@@ -153,6 +153,11 @@ FUNCTION_KEYS: dict[str, str] = {
     "log_softmax": "log_softmax",
     "_log_softmax": "log_softmax",
     "scaled_dot_product_attention": "sdpa",
+    # recurrent cells, as torch.export keeps them (one aten op per call)
+    "lstm_cell": "rnn_cell",
+    "gru_cell": "rnn_cell",
+    "rnn_tanh_cell": "rnn_cell",
+    "rnn_relu_cell": "rnn_cell",
     "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
     "_scaled_dot_product_efficient_attention": "sdpa",
     "_scaled_dot_product_flash_attention": "sdpa",
