@@ -123,7 +123,11 @@ class _Accumulator:
                 leaf.register_hook(self._hook(name))
 
     def _hook(self, name: str) -> Any:
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: torch.Tensor | None) -> None:
+            if grad is None:
+                # An output of a multi-output op (``chunk``, ``split``) that nothing reads
+                # gets no gradient: autograd calls the hook with None. It adds nothing.
+                return
             g = grad.detach()
             total = sq_sum(g)
             # Squares of float32/16 values summed in float64 cannot overflow: the sum is

@@ -357,3 +357,29 @@ def test_a_lazy_model_is_analysed_on_an_initialised_copy() -> None:
     assert any("lazy (uninitialised) parameters" in n for n in report.notes)
     assert all(is_lazy(p) for p in model.parameters()), "the user's model stays lazy"
     assert torch.equal(torch.random.get_rng_state(), state), "the caller's RNG did not move"
+
+
+# ------------------------------------------------------------------ an unused output of chunk
+
+
+class UnusedChunk(nn.Module):
+    """A hand-written GRU-style gate split where one chunk is never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.Linear(16, 48)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, z, _unused = self.gates(x).chunk(3, dim=-1)
+        return self.head(torch.sigmoid(r) * torch.tanh(z))
+
+
+def test_an_unused_output_of_a_multi_output_op_does_not_break_the_probe() -> None:
+    """Autograd calls a tensor hook with None for an output nothing reads; the probe used
+    to fail on it (an internal error on a model that trains)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    report = gradscope.analyze(UnusedChunk(), (x,), device="cpu")
+    assert report.probe is not None and report.probe.enabled, report.notes
+    assert not report.fails("error"), _errors(report)
