@@ -183,3 +183,46 @@ def test_position_table_read_by_index() -> None:
     assert _decades(mom[1], float((h * h).mean())) <= 0.1, (mom, float((h * h).mean()))
     assert _decades(est.sq_norm[summed], measured["sum"]) <= 0.3, (est.sq_norm[summed],
                                                                    measured)
+
+
+class GroupedExperts(nn.Module):
+    """Mixture-of-experts rows: tokens sorted by expert times their expert's matrix.
+
+    ``torch._grouped_mm`` (and Hugging Face's ``grouped_mm_fallback``, which MoE
+    models use on the CPU) is a matmul per row; it used to be an unknown op that
+    passed its input's moments through (q ~ 1 instead of K E[w^2] q), so the
+    RMSNorm after Mixtral's expert sum got a gain ~400x too small in squared norm.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(4, D, D) * 0.02)
+        self.ln = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 10)
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offs = torch.tensor([8, 16, 24, 32], dtype=torch.int32)
+        h = torch._grouped_mm(x, self.experts, offs=offs)
+        if h.requires_grad:
+            h.retain_grad()
+            self.kept["experts"] = h
+        return self.head(self.ln(x + h))
+
+
+def test_grouped_matmul_is_a_matmul() -> None:
+    torch.manual_seed(0)
+    model = GroupedExperts().train()
+    x = (torch.randn(32, D, generator=torch.Generator().manual_seed(3)) * 0.05).requires_grad_()
+    measured = _measured(model, (x,), ["experts"])
+    traced = trace_model(model, (x,))
+    est = estimate(traced, (x,))
+    node = _node(traced, key="matmul")
+    mom = est.moments[node]
+    assert mom is not None
+    with torch.no_grad():
+        h = torch._grouped_mm(x, model.experts, offs=torch.tensor([8, 16, 24, 32],
+                                                                   dtype=torch.int32))
+    assert _decades(mom[1], float((h * h).mean())) <= 0.1, (mom, float((h * h).mean()))
+    assert _decades(est.sq_norm[node], measured["experts"]) <= 0.3, (est.sq_norm[node],
+                                                                      measured)
