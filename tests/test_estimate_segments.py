@@ -226,3 +226,41 @@ def test_grouped_matmul_is_a_matmul() -> None:
     assert _decades(mom[1], float((h * h).mean())) <= 0.1, (mom, float((h * h).mean()))
     assert _decades(est.sq_norm[node], measured["experts"]) <= 0.3, (est.sq_norm[node],
                                                                       measured)
+
+
+class MaskedAttention(nn.Module):
+    """Attention with causality passed as a boolean mask built from ``arange`` (as HF decoders do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = nn.Linear(D, D)
+        self.head = nn.Linear(D, D)
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        pos = torch.arange(t)
+        mask = (pos[None, :] <= pos[:, None])[None, None].expand(b, 1, t, t)
+        v = self.v(x).view(b, t, HEADS, D // HEADS).transpose(1, 2)
+        if v.requires_grad:
+            v.retain_grad()
+            self.kept["v"] = v
+        # zero queries and keys: uniform attention over the keys each row sees
+        zeros = torch.zeros_like(v)
+        a = F.scaled_dot_product_attention(zeros, zeros, v, attn_mask=mask)
+        return self.head(a.transpose(1, 2).reshape(b, t, D))
+
+
+def test_causal_mask_tensor_counts_visible_keys() -> None:
+    """Value-path gain A = mean over rows of 1/(i+1), not 1/T, under a causal mask tensor."""
+    torch.manual_seed(0)
+    model = MaskedAttention().train()
+    x = torch.randn(4, 16, D, generator=torch.Generator().manual_seed(4))
+    measured = _measured(model, (x,), ["v"])
+    traced = trace_model(model, (x,))
+    est = estimate(traced, (x,))
+    sdpa = _node(traced, key="sdpa")
+    v = traced.node(sdpa).args[2].name
+    gain_predicted = est.sq_norm[v] / est.sq_norm[sdpa]
+    assert _decades(est.sq_norm[v], measured["v"]) <= 0.2, (est.sq_norm[v], measured)
+    assert abs(gain_predicted - sum(1 / (i + 1) for i in range(16)) / 16) < 0.05
