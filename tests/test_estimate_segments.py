@@ -229,7 +229,7 @@ def test_grouped_matmul_is_a_matmul() -> None:
 
 
 class MaskedAttention(nn.Module):
-    """Attention with causality passed as a boolean mask built from ``arange`` (as HF decoders do)."""
+    """Attention with causality as a boolean mask built from ``arange``, as HF decoders pass it."""
 
     def __init__(self) -> None:
         super().__init__()
