@@ -171,6 +171,8 @@ def _evaluate_rows(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
     def resolve(value: Any) -> Any:
         if isinstance(value, Ref):
             return values[value.name]
+        if isinstance(value, torch.device):  # a meta-built model's masks: on the CPU
+            return torch.device("cpu")
         if isinstance(value, (list, tuple)):
             return type(value)(resolve(v) for v in value)
         return value
@@ -191,11 +193,14 @@ def _evaluate_rows(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
         except (AttributeError, RuntimeError, TypeError, ValueError, KeyError, IndexError):
             return None
     m = values.get(mask)
-    if not isinstance(m, torch.Tensor) or m.dim() < 2:
+    if not isinstance(m, torch.Tensor) or m.dim() < 2 or m.is_meta:
         return None
-    seen = m if m.dtype == torch.bool else m > -1e4
-    counts = seen.reshape(-1, seen.shape[-2], seen.shape[-1]).sum(-1).double().mean(0)
-    return tuple(max(round(float(c)), 1) for c in counts)
+    try:
+        seen = m if m.dtype == torch.bool else m > -1e4
+        counts = seen.reshape(-1, seen.shape[-2], seen.shape[-1]).sum(-1).double().mean(0)
+        return tuple(max(round(float(c)), 1) for c in counts)
+    except (RuntimeError, ValueError):
+        return None
 
 
 @rule("sdpa")
