@@ -34,6 +34,7 @@ import torch
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
 from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
 from gradscope.estimate.ops_dense import unit_mean_fan
+from gradscope.estimate.segments import SegmentBackward, SegmentForward
 from gradscope.estimate.statistics import (
     Mom,
     numel,
@@ -97,6 +98,8 @@ class _Estimator(SweepState):
     def run(self) -> StaticEstimate:
         order = self.traced.order()
         est = StaticEstimate()
+        # positions of unlike scale along one axis (a class token): gradscope.estimate.segments
+        segments = SegmentForward(self)
         input_index = 0
         for name in order:
             data = node_record(self.graph, name)
@@ -125,7 +128,7 @@ class _Estimator(SweepState):
             fwd = forward_rule(key)
             self.pending_spread = None
             try:
-                mom = fwd(ctx)
+                mom = segments.run(ctx, fwd, fwd(ctx))
             except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
                 mom, est.understood[name] = pass_forward(ctx), False
             self.moments[name] = _finite_moments(mom)
@@ -139,6 +142,7 @@ class _Estimator(SweepState):
         structural: dict[str, float] = {n: 0.0 for n in order}
         sq[out] = 1.0
         structural[out] = 1.0
+        per_segment = SegmentBackward(segments, self.graph)
         for name in reversed(order):
             if name not in ancestors or node_record(self.graph, name).role != "compute" \
                     or not needs_grad[name]:
@@ -151,11 +155,18 @@ class _Estimator(SweepState):
                 gains = bwd(ctx)
             except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
                 gains = pass_backward(ctx)
+            try:
+                by_segment = per_segment.propagate(ctx, sq[name], bwd, _finite)
+            except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+                by_segment = {}
             structural_gains = _structural_gains(ctx, gains)
             for src, gain in gains.items():
                 if not needs_grad.get(src) or node_record(self.graph, src).role == "param":
                     continue
-                sq[src] += sq[name] * _finite(gain)
+                if src in by_segment:
+                    per_segment.deposit(sq, src, *by_segment[src])
+                else:
+                    per_segment.deposit(sq, src, sq[name] * _finite(gain))
                 structural[src] = max(structural[src],
                                       structural[name] * structural_gains.get(src, 1.0))
         est.sq_norm = sq

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
+from typing import Any
 
 import torch
 
 from gradscope.estimate.ops_base import Ctx, pass_backward, pass_forward, rule
 from gradscope.estimate.statistics import UNIT, Mom, var_of, weight_stats
-from gradscope.tracing.graph import Ref
+from gradscope.tracing.graph import Ref, node_record
 
 
 def _softmax_size(ctx: Ctx) -> int:
@@ -52,15 +54,34 @@ def _softmax_row_terms(n: int, var: float) -> tuple[float, float]:
     return float(p2.mean()), float((p2 - 2 * p3 + p2 * p2).mean())
 
 
-def softmax_terms(n: int, var: float, causal: bool = False) -> tuple[float, float]:
-    """Row terms (A, B), averaged over the rows of a causal mask (row i sees i+1 keys)."""
+def softmax_terms(n: int, var: float, causal: bool = False,
+                  rows: tuple[int, ...] | None = None) -> tuple[float, float]:
+    """Row terms (A, B), averaged over the rows of a causal mask (row i sees i+1 keys),
+    or over ``rows``, the number of keys each query row sees under an explicit mask."""
     var = round(min(max(var, 0.0), 50.0), 3)
+    if rows:
+        return _masked_terms(rows, var)
     if not causal or n <= 1:
         return _softmax_row_terms(max(n, 1), var)
     sizes = sorted({max(1, round(x)) for x in
                     [1 + (n - 1) * k / 47 for k in range(48)]}) if n > 48 else range(1, n + 1)
     terms = [_softmax_row_terms(size, var) for size in sizes]
     return (sum(a for a, _ in terms) / len(terms), sum(b for _, b in terms) / len(terms))
+
+
+def _masked_terms(rows: tuple[int, ...], var: float) -> tuple[float, float]:
+    """(A, B) averaged over query rows that see ``rows[i]`` keys each."""
+    kept = sorted(set(rows))
+    if len(kept) > 48:
+        kept = sorted({kept[round(k * (len(kept) - 1) / 47)] for k in range(48)})
+    # a row of a size not kept (over 48 distinct sizes) counts with the nearest kept one
+    weights = dict.fromkeys(kept, 0)
+    for r in rows:
+        weights[min(kept, key=lambda s: abs(s - r))] += 1
+    total = sum(weights.values())
+    row_terms = {size: _softmax_row_terms(size, var) for size in kept}
+    return (sum(weights[s] * row_terms[s][0] for s in kept) / total,
+            sum(weights[s] * row_terms[s][1] for s in kept) / total)
 
 
 @rule("softmax")
@@ -95,7 +116,8 @@ class _LogSoftmax:
 
 
 def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
-               causal: bool) -> tuple[Mom, float, float, float]:
+               causal: bool, rows: tuple[int, ...] | None = None
+               ) -> tuple[Mom, float, float, float]:
     """Output moments and S-gains to (q, k, v) of softmax(q k^T * scale) v.
 
     Value path: each value row is averaged with weights p, so S_v = A. Query and
@@ -105,10 +127,80 @@ def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(max(d, 1))
     logit_var = scale * scale * d * qm[1] * km[1]
-    a, b = softmax_terms(max(t, 1), logit_var, causal)
+    a, b = softmax_terms(max(t, 1), logit_var, causal, rows)
     out = (vm[0], vm[0] ** 2 + var_of(vm) * a)
     s_qk = scale * scale * d * vm[1] * b
     return out, s_qk * km[1], s_qk * qm[1], a
+
+
+#: Keys seen per query row, by mask node, per sweep (evaluated once per estimate).
+_MASK_ROWS: weakref.WeakKeyDictionary[Any, dict[str, tuple[int, ...] | None]] = \
+    weakref.WeakKeyDictionary()
+#: Most nodes a mask's constant subgraph may have for :func:`visible_keys` to evaluate it.
+_MASK_NODES = 64
+
+
+def visible_keys(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
+    """How many keys each query row sees under an ``attn_mask`` built from constants.
+
+    Decoders often pass causality as a mask tensor (``arange(T)[None] <= arange(T)[:,
+    None]``, expanded) instead of ``is_causal``: read as "no mask", every row would
+    average over all T keys, so the value path's gain A = E[sum p^2] came out ~1/T
+    instead of the causal mean of 1/(i+1) (3.4x too small at T = 16) and the query/key
+    paths likewise. The mask depends on shapes only, so its subgraph (aten calls on
+    constants, no inputs or weights) is evaluated here, once per mask node; a mask
+    that depends on the inputs or on weights, or that uses an op not resolvable as
+    ``torch.ops.aten``, gives None (no mask assumed, as before). A boolean mask keeps
+    the True keys; a float (additive) mask the keys above -1e4.
+    """
+    cache = _MASK_ROWS.setdefault(ctx.est, {})
+    if mask not in cache:
+        cache[mask] = _evaluate_rows(ctx, mask)
+    return cache[mask]
+
+
+def _evaluate_rows(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
+    import networkx as nx  # the graph library the tracers already use
+
+    graph = ctx.est.graph
+    needed = nx.ancestors(graph, mask) | {mask}
+    if len(needed) > _MASK_NODES:
+        return None
+    values: dict[str, Any] = {}
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, Ref):
+            return values[value.name]
+        if isinstance(value, torch.device):  # a meta-built model's masks: on the CPU
+            return torch.device("cpu")
+        if isinstance(value, (list, tuple)):
+            return type(value)(resolve(v) for v in value)
+        return value
+
+    for name in ctx.est.traced.order():
+        if name not in needed:
+            continue
+        data = node_record(graph, name)
+        if data.role != "compute" or data.kind != "call_function" \
+                or not str(data.target).startswith("aten."):
+            return None
+        parts = str(data.target).split(".")
+        try:
+            fn = getattr(getattr(torch.ops.aten, parts[1]), parts[2] if len(parts) > 2
+                         else "default")
+            with torch.no_grad():
+                values[name] = fn(*resolve(data.args), **resolve(data.kwargs))
+        except (AttributeError, RuntimeError, TypeError, ValueError, KeyError, IndexError):
+            return None
+    m = values.get(mask)
+    if not isinstance(m, torch.Tensor) or m.dim() < 2 or m.is_meta:
+        return None
+    try:
+        seen = m if m.dtype == torch.bool else m > -1e4
+        counts = seen.reshape(-1, seen.shape[-2], seen.shape[-1]).sum(-1).double().mean(0)
+        return tuple(max(round(float(c)), 1) for c in counts)
+    except (RuntimeError, ValueError):
+        return None
 
 
 @rule("sdpa")
@@ -124,9 +216,12 @@ class _SDPA:
         qshape = ctx.shape(names[0]) or [1]
         causal = bool(ctx.arg(5, "is_causal", False))
         scale = ctx.kwargs.get("scale")
+        mask = ctx.arg(3, "attn_mask")
+        rows = visible_keys(ctx, mask.name) if isinstance(mask, Ref) and not causal else None
         out, sq, sk, sv = _attention(int(kshape[-2]) if len(kshape) > 1 else 1,
                                      int(qshape[-1]), scale if isinstance(scale, float) else None,
-                                     moms[0], moms[1], moms[2], causal)  # type: ignore[arg-type]
+                                     moms[0], moms[1], moms[2], causal,  # type: ignore[arg-type]
+                                     rows)
         return out, sq, sk, sv, names
 
     @staticmethod

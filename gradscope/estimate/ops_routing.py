@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from gradscope.estimate.ops_base import Ctx, pass_forward, rule
 from gradscope.estimate.statistics import EPS, Mom, numel
+from gradscope.tracing.graph import Ref, node_record
 
 
 def _dropout_p(ctx: Ctx) -> float:
@@ -40,11 +41,29 @@ class _Dropout:
 
 
 
+def _route_forward(ctx: Ctx) -> Mom | None:
+    """The moved tensor's moments, also when it is a weight read directly.
+
+    ``weight[position_ids]`` (Whisper's and other learned position tables read by
+    ``index``, ``weight.expand(...)``, ``weight.t()``) moves a parameter: there is
+    no signal input, and without this the value would fall to the unit-variance
+    prior, 625 times the second moment of a std-0.02 table, so that the LayerNorm
+    after the embedding sum was given a gain 25x too small.
+    """
+    got = pass_forward(ctx)
+    if got is not None:
+        return got
+    source = ctx.arg(0, "input")
+    if isinstance(source, Ref) and node_record(ctx.est.graph, source.name).is_float:
+        return ctx.mom(source)
+    return None
+
+
 @rule("neg", "abs", "masked_fill", "max_reduce", "view", "getitem", "split")
 class _Route:
     """Ops that move or select values: moments pass, the gradient's squared norm is kept."""
 
-    forward = staticmethod(pass_forward)
+    forward = staticmethod(_route_forward)
     backward = staticmethod(lambda ctx: {r: 1.0 for r in ctx.activations_in()[:1]})
 
 

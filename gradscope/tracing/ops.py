@@ -180,6 +180,11 @@ FUNCTION_KEYS: dict[str, str] = {
     "bmm": "matmul",
     "baddbmm": "matmul",
     "einsum": "einsum",
+    # mixture-of-experts: token rows (sorted by expert) times their expert's matrix,
+    # (S, K) x (G, K, N) -> (S, N); per row exactly a matmul
+    "_grouped_mm": "matmul",
+    "grouped_mm": "matmul",
+    "grouped_mm_fallback": "matmul",
     "pow": "pow",
     "square": "square",
     "sqrt": "sqrt",
@@ -369,7 +374,10 @@ def canonical_key(name: str, activation: str | None) -> str:
     """The estimator's key for a function or method name; ``activation:<name>`` for activations."""
     if activation is not None:
         return f"activation:{activation}"
-    return FUNCTION_KEYS.get(name, "unknown")
+    if name in FUNCTION_KEYS:
+        return FUNCTION_KEYS[name]
+    # custom-namespace operators keep their overload (``grouped_mm_fallback.default``)
+    return FUNCTION_KEYS.get(name.split(".", 1)[0], "unknown")
 
 
 def module_key(class_name: str, activation: str | None) -> str:
