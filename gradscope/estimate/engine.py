@@ -33,6 +33,7 @@ import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
 from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
+from gradscope.estimate.padding import conv_mean_share
 from gradscope.estimate.statistics import (
     Mom,
     numel,
@@ -203,7 +204,8 @@ def _spread_of(ctx: Ctx, mom: Mom | None, pending: float | None) -> float:
         fan = float(w.shape[0]) if key == "addmm" else float(w[0].numel())
         _, w2 = weight_stats(w, (0.0, 1.0 / (3.0 * fan)))
         _, b2 = weight_stats(b, (0.0, 0.0)) if b is not None else (0.0, 0.0)
-        unit_mean_sq = fan * w2 * (xm[0] ** 2 + spread_in) + b2
+        share = conv_mean_share(ctx, w) if key == "conv" else 1.0
+        unit_mean_sq = share * fan * w2 * (xm[0] ** 2 + spread_in) + b2
         value = unit_mean_sq - mom[0] ** 2
     elif key in NORM_KEYS:
         beta = ctx.param_by_suffix("bias")
