@@ -33,7 +33,7 @@ import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
 from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
-from gradscope.estimate.padding import conv_mean_share
+from gradscope.estimate.spread import cat_spread, conv_mean_share
 from gradscope.estimate.statistics import (
     Mom,
     numel,
@@ -212,7 +212,9 @@ def _spread_of(ctx: Ctx, mom: Mom | None, pending: float | None) -> float:
         value = var_of(weight_stats(beta, (0.0, 0.0))) if key == "batch_norm" else 0.0
     elif key in ("add", "sub", "rsub"):
         value = sum(ctx.est.spread.get(r, 0.0) for r in ctx.activations_in())
-    elif key in ("view", "getitem", "max_pool", "avg_pool", "mean", "dropout", "neg", "cat",
+    elif key == "cat":
+        value = cat_spread(ctx)
+    elif key in ("view", "getitem", "max_pool", "avg_pool", "mean", "dropout", "neg",
                  "split") or key == "input":
         value = spread_in
     else:
