@@ -138,6 +138,7 @@ class _Estimator(SweepState):
         sq: dict[str, float] = {n: 0.0 for n in order}
         structural: dict[str, float] = {n: 0.0 for n in order}
         sq[out] = 1.0
+        self.backward_sq = sq
         structural[out] = 1.0
         for name in reversed(order):
             if name not in ancestors or node_record(self.graph, name).role != "compute" \

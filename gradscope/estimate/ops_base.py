@@ -39,6 +39,9 @@ class SweepState:
         self.pending_spread: float | None = None
         #: Recurrent unrolls by node (gradscope.estimate.recurrent.RecurrentEstimate).
         self.recurrent: dict[str, Any] = {}
+        #: The backward sweep's S so far: final at every node downstream of the one whose
+        #: backward rule runs (the sweep goes in reverse topological order).
+        self.backward_sq: dict[str, float] = {}
 
     def tensor_of(self, node: str) -> torch.Tensor | None:
         return self.traced.tensors.get(node)
