@@ -14,8 +14,8 @@ import math
 import torch
 
 from gradscope.estimate.activations import activation_moments
-from gradscope.estimate.ops_activation import _activation_params
-from gradscope.estimate.ops_base import Ctx, pass_forward, rule
+from gradscope.estimate.ops_activation import ActivationRule, _activation_params
+from gradscope.estimate.ops_base import BACKWARD, Backward, Ctx, pass_backward, pass_forward, rule
 from gradscope.estimate.statistics import EPS, Mom, numel, var_of, weight_stats
 from gradscope.tracing.graph import node_record
 from gradscope.tracing.ops import AVERAGING_KEYS
@@ -110,6 +110,15 @@ def _bn_batch_factor(ctx: Ctx) -> float:
 _COHERENT_LINEAR = frozenset({"add", "sub", "rsub", "neg", "dropout", "contiguous", "clone"})
 
 
+def _backward_rule(key: str) -> Backward:
+    """A node's backward rule, as ``catalogue.backward_rule`` gives it (the catalogue imports
+    this module, so it cannot be imported here)."""
+    found = BACKWARD.get(key)
+    if found is not None:
+        return found
+    return ActivationRule.backward if key.startswith("activation:") else pass_backward
+
+
 def _global_average(ctx: Ctx, src: str) -> bool:
     """Whether the node averages ``src`` over all its positions (global average pooling)."""
     if ctx.data.key not in AVERAGING_KEYS:
@@ -173,8 +182,6 @@ def _coherent_sq(ctx: Ctx, node: str, depth: int, skip_activations: bool = False
     It comes from a global average pool downstream (which sends back the same
     value to every position), through ops that keep it uniform.
     """
-    from gradscope.estimate.catalogue import backward_rule  # the catalogue imports this module
-
     sq = ctx.est.backward_sq
     total = 0.0
     for succ in ctx.est.graph.successors(node):
@@ -185,7 +192,7 @@ def _coherent_sq(ctx: Ctx, node: str, depth: int, skip_activations: bool = False
             continue
         succ_ctx = Ctx(ctx.est, succ)
         try:
-            gain = backward_rule(data.key)(succ_ctx).get(node, 0.0)
+            gain = _backward_rule(data.key)(succ_ctx).get(node, 0.0)
         except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
             continue
         if _global_average(succ_ctx, node):
@@ -207,8 +214,6 @@ def _coherent_share(ctx: Ctx) -> tuple[float, float]:
     so of the uniform part u f'(y) the projection can take E[f']^2 (the mean)
     and E[f' yhat]^2 (along xhat) against E[f'^2]: the second share.
     """
-    from gradscope.estimate.catalogue import backward_rule  # the catalogue imports this module
-
     total = ctx.est.backward_sq.get(ctx.name, 0.0)
     if total <= 0.0:
         return 0.0, 0.0
@@ -220,7 +225,7 @@ def _coherent_share(ctx: Ctx) -> tuple[float, float]:
             continue
         slopes = _slopes(succ_ctx, ctx.name)
         try:
-            gain = backward_rule(data.key)(succ_ctx).get(ctx.name, 0.0)
+            gain = _backward_rule(data.key)(succ_ctx).get(ctx.name, 0.0)
         except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
             continue
         if slopes is None or gain <= 0.0:
