@@ -35,6 +35,7 @@ from gradscope.estimate.catalogue import backward_rule, forward_rule, understand
 from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
 from gradscope.estimate.ops_dense import unit_mean_fan
 from gradscope.estimate.segments import SegmentBackward, SegmentForward
+from gradscope.estimate.spread import cat_spread
 from gradscope.estimate.statistics import (
     Mom,
     numel,
@@ -141,6 +142,7 @@ class _Estimator(SweepState):
         sq: dict[str, float] = {n: 0.0 for n in order}
         structural: dict[str, float] = {n: 0.0 for n in order}
         sq[out] = 1.0
+        self.backward_sq = sq
         structural[out] = 1.0
         per_segment = SegmentBackward(segments, self.graph)
         for name in reversed(order):
@@ -222,7 +224,9 @@ def _spread_of(ctx: Ctx, mom: Mom | None, pending: float | None) -> float:
         value = var_of(weight_stats(beta, (0.0, 0.0))) if key == "batch_norm" else 0.0
     elif key in ("add", "sub", "rsub"):
         value = sum(ctx.est.spread.get(r, 0.0) for r in ctx.activations_in())
-    elif key in ("view", "getitem", "max_pool", "avg_pool", "mean", "dropout", "neg", "cat",
+    elif key == "cat":
+        value = cat_spread(ctx)
+    elif key in ("view", "getitem", "max_pool", "avg_pool", "mean", "dropout", "neg",
                  "split") or key == "input":
         value = spread_in
     else:

@@ -42,6 +42,9 @@ class SweepState:
         #: Cells called in a loop (``gradscope.estimate.ops_recurrent``): each call's step and
         #: chain by node, the cells and the chains' shared gains by their own keys.
         self.chains: dict[Any, Any] = {}
+        #: The backward sweep's S so far: final at every node downstream of the one whose
+        #: backward rule runs (the sweep goes in reverse topological order).
+        self.backward_sq: dict[str, float] = {}
 
     def tensor_of(self, node: str) -> torch.Tensor | None:
         return self.traced.tensors.get(node)
