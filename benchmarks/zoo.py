@@ -4,6 +4,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/zoo.py --markdown       # the table of docs/zoo.md
     HF_HUB_OFFLINE=1 python benchmarks/zoo.py classic/resnet18 # some files only
     HF_HUB_OFFLINE=1 python benchmarks/zoo.py --meta hf_decoders   # --meta against real weights
+    HF_HUB_OFFLINE=1 python benchmarks/zoo.py --seeds 5 classic    # verdicts over 5 seeds
 
 Each file of ``benchmarks/zoo/<group>/<name>.py`` builds a real architecture from its
 default initialisation and states ``EXPECT`` ("healthy": it trains; "unhealthy": a
@@ -156,6 +157,55 @@ def meta_table(names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: One seeded run in a fresh process: the file's SEED (its initialisation) and the probe
+#: seed both set to the seed, then the analysis as ``gradscope analyze`` runs it.
+_SEEDED = """
+import importlib.util, json, sys
+import gradscope
+path, seed = sys.argv[1], int(sys.argv[2])
+spec = importlib.util.spec_from_file_location("zoo_model", path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.SEED = seed  # the files seed their build with this constant
+report = gradscope.analyze(module.build_model(), module.example_inputs(), device="cpu",
+                           seed=seed, loss=getattr(module, "loss_fn", None) or "dot")
+print(json.dumps(report.to_dict()))
+"""
+
+
+def seed_table(names: list[str], seeds: int) -> str:
+    """Verdict and score of each model over ``seeds`` initialisation and probe seeds."""
+    files = sorted(ZOO.glob("*/*.py"))
+    if names:
+        files = [f for f in files if any(f"{f.parent.name}/{f.stem}".startswith(n)
+                                         for n in names)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    lines = ["| model | expect | " + " | ".join(f"seed {s}" for s in range(seeds))
+             + " | stable |", "|---|---|" + "---|" * (seeds + 1)]
+    unstable = 0
+    for path in files:
+        expect = constants(path)
+        cells = []
+        for seed in range(seeds):
+            proc = subprocess.run([sys.executable, "-c", _SEEDED, str(path), str(seed)],
+                                  capture_output=True, text=True, env=env, timeout=TIMEOUT,
+                                  check=False)
+            doc = json.loads(proc.stdout) if proc.returncode == 0 else None
+            status = doc["status"] if doc else "crash"
+            codes = ",".join(sorted({f["rule"] + f["severity"][0].upper()
+                                     for f in (doc or {}).get("findings", [])
+                                     if f["severity"] != "info"})) or "-"
+            cells.append(f"{status} {score(expect, doc)} ({codes})")
+        stable = len({c.split(" (")[0] for c in cells}) == 1
+        unstable += not stable
+        lines.append(f"| {path.parent.name}/{path.stem} | {expect.get('EXPECT', '?')} | "
+                     + " | ".join(cells) + f" | {'yes' if stable else 'NO'} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    lines += ["", f"{len(files)} models; verdict or score changes with the seed: {unstable}"]
+    return "\n".join(lines) + "\n"
+
+
 def render(results: list[dict[str, Any]], markdown: bool) -> str:
     head = ("model", "expect", "status", "findings (E error, W warning)", "static~probe",
             "score", "s")
@@ -183,7 +233,12 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="a Markdown table")
     parser.add_argument("--meta", action="store_true",
                         help="compare --meta's static estimate with the real weights'")
+    parser.add_argument("--seeds", type=int, default=0,
+                        help="score each model over this many init and probe seeds")
     args = parser.parse_args()
+    if args.seeds:
+        sys.stdout.write(seed_table(args.names, args.seeds))
+        return 0
     if args.meta:
         sys.stdout.write(meta_table(args.names))
         return 0

@@ -4,7 +4,8 @@ real architectures with their expected verdicts, and verdicts that do not depend
 Each zoo file builds a model from its default initialisation and says what a correct
 tool concludes (``EXPECT``, ``EXPECT_RULES``, ``REASON``). Here a few of them are
 analysed in-process, as ``gradscope analyze`` would, and scored the way the benchmark
-scores them; two of them again over five initialisation and probe seeds.
+scores them; six of them again over five initialisation and probe seeds (the whole
+zoo: ``benchmarks/zoo.py --seeds 5``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def test_zoo_subset_gets_its_expected_verdict(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["classic/resnet18", "bad/sigmoid_mlp20"])
+@pytest.mark.parametrize("name", ["classic/resnet18", "bad/sigmoid_mlp20",
+                                  "classic/cifar_cnn_bn", "classic/plain_cnn20_kaiming",
+                                  "classic/gru_classifier", "hf_encoders/bert_mlm"])
 def test_verdict_does_not_depend_on_the_seeds(name: str) -> None:
     """Not borderline models: five initialisation seeds and five probe seeds, one verdict."""
     expect = zoo.constants(ZOO / f"{name}.py")
