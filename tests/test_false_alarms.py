@@ -233,18 +233,18 @@ class GRUClassifier(nn.Module):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_short_gru_classifier_is_a_through_time_warning_not_an_error(seed: int) -> None:
+def test_a_short_gru_classifier_is_not_a_through_time_alarm(seed: int) -> None:
     """16 tokens, default init: the first token gets ~1e-3 of the last one's gradient
     (measured by autograd too), but the gradient reaches back most of the sequence above
-    the error threshold; the model trains on it. An error would fail CI on a textbook model,
-    so GS103 says it as a warning with the reach, and the verdict does not hang on the seed."""
+    the error threshold, and the shared weights train on every step. An error failed CI on
+    a textbook model; GS103 is information with the reach, whatever the seed."""
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     report = gradscope.analyze(GRUClassifier(), (ids,), device="cpu", seed=seed)
-    assert not report.fails("error"), _errors(report)
+    assert not report.fails("warning"), _errors(report)
     gs103 = [f for f in report.findings if f.rule == "GS103"]
     for finding in gs103:
-        assert finding.severity == "warning", finding.message
+        assert finding.severity == "info", finding.message
         assert finding.evidence["reach_steps"] >= 7.5
     # Brute force, what the warning stands on: halfway back (step 7 of 0..15) the gradient
     # reaching the embeddings is still above the error threshold of the last step's.

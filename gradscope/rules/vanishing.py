@@ -79,9 +79,9 @@ GS103 = Rule(
     "gate weights and biases; the gradient's squared norm shrinks by the step gain chi "
     "per step back in time, so the first step receives chi^(T-1) of what the last gets. "
     "An error when the gradient falls below the error threshold before it has gone back "
-    "half the steps (most of the sequence cannot be learnt from), a warning when it "
-    "reaches further (long-range dependencies train slowly), information when the loss "
-    "reads every step (each step gets a gradient of its own).",
+    "half the steps (most of the sequence cannot be learnt from); information, with the "
+    "reach, when it goes further or when the loss reads every step: the shared weights "
+    "still train on the recent steps, only long dependencies are slow to learn.",
     why="Long-range dependencies cannot be learned when their gradient is 1e-20 of the "
     "local one; LSTMs with PyTorch's default forget-gate bias 0 forget almost as fast as "
     "a vanilla RNN.",
@@ -192,14 +192,16 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
         if ratio >= t.vanishing_warning:
             continue
         # How far back the gradient still trains: the steps until it falls below the
-        # error threshold. The last steps always get their gradient, so the model trains
-        # on them whatever the decay; what is lost is the older part of the sequence. Most
-        # of the unroll out of reach is an error (the model cannot learn from most of what
-        # it is fed: Bengio et al. 1994); a gradient that still reaches half the steps is
-        # a warning about long-range dependencies (a GRU over 16 tokens at default init).
+        # error threshold. Unlike depth, time does not starve any weight: the recurrent
+        # weights are shared by every step and the last steps always give them their
+        # gradient, so the model trains whatever the decay; what is bounded is how far
+        # back a dependency can be learnt (Bengio et al. 1994). Most of the unroll out of
+        # reach is an error: the model cannot learn from most of what it is fed. A
+        # gradient that still reaches most of the steps (a GRU over 16 tokens at default
+        # init) is information: the horizon, for a task that needs the oldest steps.
         reach = (math.log(t.vanishing_error) / math.log(per_step)
                  if per_step < 1 else math.inf)
-        severity: Severity = "error" if reach < (steps - 1) / 2 else "warning"
+        severity: Severity = "error" if reach < (steps - 1) / 2 else "info"
         rec = analysis.traced.node(node)
         message = (f"Vanishing gradient through time (predicted): {rec.module or node} "
                    f"({rec.op}) keeps {result.step_gain:.3g} of the gradient's squared norm "
@@ -207,15 +209,16 @@ def check_recurrent(analysis: Analysis) -> list[Finding]:
                    f"the last ({result.note}); the gradient stays above "
                    f"{t.vanishing_error:g} of the last step's for about {reach:.0f} of the "
                    f"{steps} steps" + (", less than half of them." if severity == "error"
-                                       else ", so the older steps train slowly."))
+                                       else "; a task that hinges on the oldest steps will "
+                                       "learn them slowly."))
         evidence: dict[str, float | int | str | None] = {
             "step_gain": result.step_gain, "steps": steps, "gradient_ratio": ratio,
             "threshold": t.vanishing_warning, "reach_steps": reach}
         if reads_every_step(analysis, node, steps):
-            # Every step gets its own gradient from the loss: training works, only the
-            # reach of dependencies is bounded (Bengio et al. 1994): information.
+            # Every step gets its own gradient from the loss: nothing of the input is out
+            # of reach of training, only the length of the dependencies is bounded.
             severity = "info"
-            horizon = math.log(t.vanishing_warning) / math.log(math.sqrt(result.step_gain))
+            horizon = math.log(t.vanishing_warning) / math.log(per_step)
             message += (f" The loss reads every step, so each step gets a gradient of its "
                         f"own; dependencies longer than about {horizon:.0f} steps get less "
                         f"than {t.vanishing_warning:g} of it.")
