@@ -10,8 +10,9 @@ have a gain. Per-element RMS, the report's ``static_grad_rms``, is derived
 at the end.
 
 A second backward sweep, the *structural* gain, applies only the gains of
-averaging ops (mean, average pooling): they shrink the gradient norm by
-design without starving any weight. ``health = S / structural`` is what the
+averaging ops (mean, average pooling, and attention's value path, a mean over
+the keys at initialisation): they shrink the gradient norm by design without
+starving any weight. ``health = S / structural`` is what the
 vanishing and exploding rules judge, so global average pooling or a width
 change is never mistaken for attenuation.
 
@@ -32,7 +33,13 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
-from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
+from gradscope.estimate.ops_base import (
+    STRUCTURAL,
+    Ctx,
+    SweepState,
+    pass_backward,
+    pass_forward,
+)
 from gradscope.estimate.ops_dense import unit_mean_fan
 from gradscope.estimate.segments import SegmentBackward, SegmentForward
 from gradscope.estimate.spread import cat_spread
@@ -243,6 +250,8 @@ def _structural_gains(ctx: Ctx, gains: dict[str, float]) -> dict[str, float]:
     key = ctx.data.key
     if key in AVERAGING_KEYS:
         return dict(gains)
+    if key in STRUCTURAL:
+        return STRUCTURAL[key](ctx)
     if key == "sum":
         return dict(gains)
     if key == "cat":

@@ -133,6 +133,17 @@ def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
     return out, s_qk * km[1], s_qk * qm[1], a
 
 
+def _core_structural(names: Any, gains: Any) -> dict[str, float]:
+    """Structural gains of the attention core to (query, key, value): a tensor used as
+    several of them keeps its largest path, as the structural sweep does across paths.
+    Capped at 1: a structural gain says how much a path *shrinks* by design; a query or
+    key path that amplifies (large activations) is the estimate's to judge."""
+    out: dict[str, float] = {}
+    for name, gain in zip(names, gains, strict=True):
+        out[name] = max(out.get(name, 0.0), min(float(gain), 1.0))
+    return out
+
+
 #: Keys seen per query row, by mask node, per sweep (evaluated once per estimate).
 _MASK_ROWS: weakref.WeakKeyDictionary[Any, dict[str, tuple[int, ...] | None]] = \
     weakref.WeakKeyDictionary()
@@ -240,13 +251,29 @@ class _SDPA:
             gains[name] = gains.get(name, 0.0) + gain
         return gains
 
+    @staticmethod
+    def structural(ctx: Ctx) -> dict[str, float]:
+        """Every gain of the attention core is by design (it has no weights).
+
+        Each output row is a weighted mean of the value rows; at initialisation the
+        softmax is near uniform, so the value path (A = E[sum p^2]) is a mean over the
+        keys and shrinks the gradient's squared norm the way average pooling does (by
+        1/T over T keys) without starving any weight; the query and key paths are weak
+        because the softmax is flat, the reason they are not entry layers. Where
+        attention is the only way back (an encoder read only through cross-attention,
+        as in Whisper, T5 and BART) that shrink is not decay; where a residual path
+        runs beside it, the structural sweep's maximum over paths keeps 1.
+        """
+        parts = _SDPA._parts(ctx)
+        return _core_structural(parts[4], parts[1:4]) if parts else {}
+
 
 @rule("mha")
 class _MHA:
     """nn.MultiheadAttention: in-projections, scaled dot-product attention, out-projection."""
 
     @staticmethod
-    def _parts(ctx: Ctx) -> tuple[Mom, dict[str, float]] | None:
+    def _parts(ctx: Ctx) -> tuple[Mom, dict[str, float], dict[str, float]] | None:
         m = ctx.module
         if m is None:
             return None
@@ -282,7 +309,7 @@ class _MHA:
         gains: dict[str, float] = {}
         for name, fan, w2, s in zip(names, fans, w2s, (sq, sk, sv), strict=True):
             gains[name] = gains.get(name, 0.0) + s_attn * s * fan * w2 * e / max(fan, 1)
-        return (bm, q_out), gains
+        return (bm, q_out), gains, _core_structural(names, (sq, sk, sv))
 
     @staticmethod
     def forward(ctx: Ctx) -> Mom | None:
@@ -293,3 +320,10 @@ class _MHA:
     def backward(ctx: Ctx) -> dict[str, float]:
         parts = _MHA._parts(ctx)
         return parts[1] if parts else pass_backward(ctx)
+
+    @staticmethod
+    def structural(ctx: Ctx) -> dict[str, float]:
+        """The attention core's gains, as for ``_SDPA.structural`` (the projections
+        around it are weights: their gains are not by design)."""
+        parts = _MHA._parts(ctx)
+        return parts[2] if parts else {}

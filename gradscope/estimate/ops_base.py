@@ -130,15 +130,21 @@ Forward = Callable[[Ctx], "Mom | None"]
 Backward = Callable[[Ctx], "dict[str, float]"]
 FORWARD: dict[str, Forward] = {}
 BACKWARD: dict[str, Backward] = {}
+#: Keys whose rule says which part of its gains is averaging by design (``structural``):
+#: the engine's structural sweep applies those parts only (``gradscope.estimate.engine``).
+STRUCTURAL: dict[str, Callable[[Ctx], dict[str, float]]] = {}
 
 
 def rule(*keys: str) -> Callable[[Any], Any]:
-    """Class decorator: register its static ``forward`` and ``backward`` for ``keys``."""
+    """Class decorator: register its static ``forward`` and ``backward`` for ``keys``, and
+    its ``structural`` where it has one (the averaging part of its backward gains)."""
 
     def deco(cls: Any) -> Any:
         for key in keys:
             FORWARD[key] = cls.forward
             BACKWARD[key] = cls.backward
+            if hasattr(cls, "structural"):
+                STRUCTURAL[key] = cls.structural
         return cls
 
     return deco
