@@ -77,6 +77,8 @@ def _static(model: nn.Sequential, batch: int, batches: int) -> tuple[float, floa
     (16, 12, 2.0, 2, 3, 2.0),   # deep in the chaotic phase: typical 4.4, annealed 7.1 decades
     (32, 20, 1.0, 2, 3, 1.0),   # chaotic, wider: 8.6 vs 9.8
     (32, 20, 1.0, 16, 1, 0.6),  # the same net pooled over 16 samples: closer to the mean
+    (16, 12, 2.0, 1, 1, 4.0),   # one sample: E[log10 S] itself (quenched), 1.3 vs 7.1
+    (32, 20, 1.0, 1, 1, 2.0),   # 7.1 vs 9.8
 ])
 def test_typical_pooled_gradient_of_a_chaotic_tanh_mlp(width: int, depth: int, std: float,
                                                        batch: int, batches: int,
