@@ -126,10 +126,13 @@ class _Estimator(SweepState):
         over one sample's units; how samples pool is :func:`typical_log_shift`'s.
         """
         key = ctx.data.key
-        if key in DENSE_KEYS:
-            return chi2_log_stats((numel(ctx.shape(src)) or 0) / self.batch)
-        if key.startswith("activation:"):
-            return activation_log_gain(ctx, (numel(ctx.shape()) or 0) // self.batch)
+        try:
+            if key in DENSE_KEYS:
+                return chi2_log_stats((numel(ctx.shape(src)) or 0) / self.batch)
+            if key.startswith("activation:"):
+                return activation_log_gain(ctx, (numel(ctx.shape()) or 0) // self.batch)
+        except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+            pass  # as for a rule that fails: the mean alone
         return 0.0, 0.0
 
     def run(self, batches: int = 1) -> StaticEstimate:
