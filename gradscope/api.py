@@ -323,7 +323,7 @@ def analyze(
         say(f"traced with {traced.method}: {traced.graph.number_of_nodes()} nodes")
         say("static estimate")
         est_inputs = inputs if on_meta else trace_inputs
-        est = estimate(traced, est_inputs, declared)
+        est = estimate(traced, est_inputs, declared, batches=batches)
         result: ProbeResult | None = None
         if probe:
             say(f"probe on {target_device}")

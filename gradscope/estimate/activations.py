@@ -39,6 +39,7 @@ from gradscope.estimate.quadrature import (
     hardtanh_closed,
     leaky_closed,
     moments_array,
+    phi_and_grad,
 )
 from gradscope.tracing.ops import canonical_activation, is_activation
 
@@ -46,6 +47,7 @@ __all__ = [
     "KNOWN_ACTIVATIONS",
     "Moments",
     "activation_defaults",
+    "activation_grad_sq",
     "activation_moments",
     "activation_moments_array",
     "canonical_activation",
@@ -380,6 +382,20 @@ def activation_moments_array(
     m, s = m_in.ravel(), np.sqrt(v_in.ravel())
     out = moments_array(act, m, s)
     return out[0].reshape(shape), out[1].reshape(shape), out[2].reshape(shape)
+
+
+def activation_grad_sq(name: str, z: npt.ArrayLike, **params: ParamValue) -> FloatArray:
+    """phi'(z)^2 elementwise, with torch's own backward (the derivative backprop uses).
+
+    Why: the per-sample fluctuation of an activation's gain
+    (``gradscope.estimate.fluctuation``) needs the distribution of phi'^2, not only
+    its mean. Inputs are clamped like :func:`activation_moments_array`'s means.
+    """
+    canonical = _require(name)
+    act = _bind(canonical, _freeze_params(canonical, params))
+    x = np.clip(np.asarray(z, dtype=np.float64), -MEAN_MAX, MEAN_MAX)
+    _, grad = phi_and_grad(act, np.ascontiguousarray(x.ravel()))
+    return np.square(grad).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,12 @@ starving any weight. ``health = S / structural`` is what the
 vanishing and exploding rules judge, so global average pooling or a width
 change is never mistaken for attenuation.
 
+S is the mean over weights and inputs; what the report gives is the typical value
+of S pooled over the probe's samples, ``ln E[S] - D + h_N(V)``, from the per-sample
+Jensen gap D and log-variance V that dense and activation ops add along the same
+backward sweep (``gradscope.estimate.fluctuation``): in a narrow chaotic network
+the mean is carried by rare samples and sits decades above any measured figure.
+
 This module is the driver only: each op's rule comes from the op catalogue
 (``gradscope.estimate.catalogue``) by the node's canonical key, the weights'
 moments from ``gradscope.estimate.statistics``. It also tracks the spread of
@@ -33,6 +39,8 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
+from gradscope.estimate.fluctuation import chi2_log_stats, typical_log_shift
+from gradscope.estimate.ops_activation import activation_log_gain
 from gradscope.estimate.ops_base import (
     STRUCTURAL,
     Ctx,
@@ -55,6 +63,9 @@ from gradscope.estimate.statistics import (
 from gradscope.tracing.graph import NodeRecord, TracedModel, node_record
 from gradscope.tracing.ops import AVERAGING_KEYS, DENSE_KEYS, NORM_KEYS
 
+#: The probe's default number of batches (``gradscope.options.Options.batches``).
+PROBE_BATCHES = 3
+
 
 @dataclass
 class StaticEstimate:
@@ -70,6 +81,15 @@ class StaticEstimate:
     unknown_ops: list[str] = field(default_factory=list)
     #: Recurrent layers' unrolls by node: step gain through time, steps, what dominates.
     recurrent: dict[str, Any] = field(default_factory=dict)
+    #: The expected (annealed) S before the fluctuation shift; ``sq_norm`` is the
+    #: typical pooled value (``gradscope.estimate.fluctuation``).
+    sq_norm_mean: dict[str, float] = field(default_factory=dict)
+    #: Per node: Jensen gap D and variance V of one sample's ln S (ibid.).
+    log_gap: dict[str, float] = field(default_factory=dict)
+    log_var: dict[str, float] = field(default_factory=dict)
+    #: Samples the pooled figure averages over: batch size x ``batches``.
+    samples: int = 1
+    batches: int = 1
 
 
 # ---------------------------------------------------------------------------
@@ -78,6 +98,9 @@ class StaticEstimate:
 
 class _Estimator(SweepState):
     """One estimate of one traced model: the sweep state plus the sweeps themselves."""
+
+    #: Samples per batch (leading dimension of the first input tensor).
+    batch: int = 1
 
     def _needs_grad(self, order: list[str]) -> dict[str, bool]:
         """Which nodes carry a gradient: downstream of a trainable weight or a float input."""
@@ -103,7 +126,23 @@ class _Estimator(SweepState):
         module = self.traced.modules.get(data.module or "")
         return module is not None and any(p.requires_grad for p in module.parameters())
 
-    def run(self) -> StaticEstimate:
+    def _log_stats(self, ctx: Ctx, src: str) -> tuple[float, float]:
+        """(d, v) of one sample's ln-gain from ``ctx``'s node to ``src``: dense and activation.
+
+        Unit counts are per sample (numel over the batch size): the fluctuation is
+        over one sample's units; how samples pool is :func:`typical_log_shift`'s.
+        """
+        key = ctx.data.key
+        try:
+            if key in DENSE_KEYS:
+                return chi2_log_stats((numel(ctx.shape(src)) or 0) / self.batch)
+            if key.startswith("activation:"):
+                return activation_log_gain(ctx, (numel(ctx.shape()) or 0) // self.batch)
+        except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+            pass  # as for a rule that fails: the mean alone
+        return 0.0, 0.0
+
+    def run(self, batches: int = 1) -> StaticEstimate:
         order = self.traced.order()
         est = StaticEstimate()
         # positions of unlike scale along one axis (a class token): gradscope.estimate.segments
@@ -152,6 +191,12 @@ class _Estimator(SweepState):
         self.backward_sq = sq
         structural[out] = 1.0
         per_segment = SegmentBackward(segments, self.graph)
+        # S-weighted sums of the per-sample log statistics (fluctuation.py): D and V of a
+        # node are these over its S once every consumer has added in.
+        gap_w: dict[str, float] = {n: 0.0 for n in order}
+        var_w: dict[str, float] = {n: 0.0 for n in order}
+        self.batch = max(next((int(t.shape[0]) for t in self.inputs
+                               if isinstance(t, torch.Tensor) and t.dim() > 0), 1), 1)
         for name in reversed(order):
             if name not in ancestors or node_record(self.graph, name).role != "compute" \
                     or not needs_grad[name]:
@@ -169,15 +214,30 @@ class _Estimator(SweepState):
             except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
                 by_segment = {}
             structural_gains = _structural_gains(ctx, gains)
+            gap, var = _ratio(gap_w[name], sq[name]), _ratio(var_w[name], sq[name])
             for src, gain in gains.items():
                 if not needs_grad.get(src) or node_record(self.graph, src).role == "param":
                     continue
+                before = sq[src]
                 if src in by_segment:
                     per_segment.deposit(sq, src, *by_segment[src])
                 else:
                     per_segment.deposit(sq, src, sq[name] * _finite(gain))
+                part = sq[src] - before
+                if part > 0:
+                    d, v = self._log_stats(ctx, src)
+                    gap_w[src] += part * (gap + d)
+                    var_w[src] += part * (var + v)
                 structural[src] = max(structural[src],
                                       structural[name] * structural_gains.get(src, 1.0))
+        est.sq_norm_mean = dict(sq)
+        est.batches = max(batches, 1)
+        est.samples = self.batch * est.batches
+        for name in order:
+            est.log_gap[name] = _ratio(gap_w[name], sq[name])
+            est.log_var[name] = _ratio(var_w[name], sq[name])
+            sq[name] *= math.exp(typical_log_shift(est.log_gap[name], est.log_var[name],
+                                                   est.samples))
         est.sq_norm = sq
         est.recurrent = dict(self.recurrent)
         est.structural = structural
@@ -259,6 +319,10 @@ def _structural_gains(ctx: Ctx, gains: dict[str, float]) -> dict[str, float]:
     return {}
 
 
+def _ratio(weighted: float, total: float) -> float:
+    return weighted / total if total > 0 and math.isfinite(weighted / total) else 0.0
+
+
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else 1e300
 
@@ -274,13 +338,17 @@ def _finite_moments(m: Mom | None) -> Mom | None:
 
 def estimate(traced: TracedModel, inputs: tuple[Any, ...],
              declared: dict[int, Mom] | None = None,
-             overrides: dict[int, Mom] | None = None) -> StaticEstimate:
+             overrides: dict[int, Mom] | None = None,
+             batches: int = PROBE_BATCHES) -> StaticEstimate:
     """Run the forward and backward sweeps over ``traced``'s graph.
 
     ``inputs`` give the input moments (real tensors, even when the graph was
     traced on meta ones); ``declared`` maps ``id(tensor)`` of meta weights to
     their declared init moments; ``overrides`` replaces any weight's moments
-    (by ``id``), for what-if estimates of a re-initialisation.
+    (by ``id``), for what-if estimates of a re-initialisation. ``batches``:
+    how many batches like ``inputs`` the predicted figure pools, as the probe
+    does (``gradscope.estimate.fluctuation``; it only matters where one
+    sample's gradient fluctuates by orders of magnitude).
     """
     with statistics_scope(declared, overrides):
-        return _Estimator(traced, inputs).run()
+        return _Estimator(traced, inputs).run(batches)

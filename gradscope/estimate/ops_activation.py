@@ -10,13 +10,19 @@ the gradient to each window's largest element (``docs/static-estimate.md``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from gradscope.estimate.activations import activation_moments, activation_moments_array
+from gradscope.estimate.activations import (
+    activation_grad_sq,
+    activation_moments,
+    activation_moments_array,
+)
+from gradscope.estimate.fluctuation import weighted_mean_log_stats
 from gradscope.estimate.ops_base import Ctx
 from gradscope.estimate.ops_reduce import pool_window
 from gradscope.estimate.statistics import EPS, Mom, var_of
@@ -156,6 +162,44 @@ def _gain_into_max_pool(ctx: Ctx, name: str, window: int) -> float | None:
     grads = activation_moments_array(name, xm[0] + math.sqrt(within) * _MAX_U, spread,
                                      **params)[2]
     return float(weights @ grads)
+
+
+def activation_log_gain(ctx: Ctx, units: int) -> tuple[float, float]:
+    """(Jensen gap, log-variance) of the activation's per-sample gain over ``units`` units.
+
+    See ``gradscope.estimate.fluctuation``: one sample's gain is phi'^2 averaged over
+    its units, weighted by the squared entries of the incoming gradient; z is the pooled
+    Gaussian N(m, v + b) that the mean gain uses (the mixture over unit means), of which
+    the spread b is fixed per unit and shared by all samples. In front
+    of a max pool the gain is the order statistic's (:func:`_gain_into_max_pool`), whose
+    spread this does not model: (0, 0), the mean alone.
+    """
+    name = ctx.data.key.split(":", 1)[1]
+    first = ctx.first()
+    xm = ctx.est.moments.get(first) if first else None
+    if xm is None or _max_pool_window(ctx) is not None:
+        return 0.0, 0.0
+    params = _activation_params(ctx, name)
+    frozen = tuple(sorted((k, v) for k, v in params.items()))
+    spread = ctx.est.spread.get(first or "", 0.0)
+    return _log_gain(name, frozen, _round3(xm[0]), _round3(var_of(xm)), _round3(spread), units)
+
+
+def _round3(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _log_gain(name: str, frozen: tuple[tuple[str, Any], ...], mean: float, var: float,
+              spread: float, units: int) -> tuple[float, float]:
+    """Cached on 3 significant digits of (mean, var): a ~0.1% change of q moves d and v
+    by about as much, and layers near a fixed point then share one simulation."""
+    params = dict(frozen)
+
+    def grad_sq(z: np.ndarray) -> np.ndarray:
+        return activation_grad_sq(name, z, **params)
+
+    return weighted_mean_log_stats(grad_sq, mean, var, units, spread)
 
 
 class ActivationRule:

@@ -68,7 +68,8 @@ class Fixer:
     # -- verification --------------------------------------------------------
     def _estimate(self, variant: Variant) -> StaticEstimate | None:
         try:
-            return variant.estimate(self.analysis.inputs, self.analysis.declared)
+            return variant.estimate(self.analysis.inputs, self.analysis.declared,
+                                    self.analysis.estimate.batches)
         except Exception:  # noqa: BLE001 - a fix we cannot estimate is a fix we do not offer
             return None
 
@@ -475,7 +476,8 @@ def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendati
         return math.sqrt(value) if value is not None and value >= 0 else None
 
     try:
-        after_est = variant.estimate(analysis.inputs, analysis.declared)
+        after_est = variant.estimate(analysis.inputs, analysis.declared,
+                                     analysis.estimate.batches)
     except Exception:  # noqa: BLE001 - a fix we cannot estimate is not offered
         return None
     before = figure(base, analysis.estimate)

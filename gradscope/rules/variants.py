@@ -20,7 +20,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from gradscope.estimate.engine import StaticEstimate, estimate
+from gradscope.estimate.engine import PROBE_BATCHES, StaticEstimate, estimate
 from gradscope.estimate.statistics import Mom
 from gradscope.rules.health import log_distance
 from gradscope.tracing.graph import Ref, TracedModel, iter_refs, node_record, set_record
@@ -130,8 +130,10 @@ class Variant:
         return dataclasses.replace(self.base, graph=self.graph, output_node=self.output)
 
     def estimate(self, inputs: tuple[Any, ...],
-                 declared: dict[int, Mom] | None = None) -> StaticEstimate:
-        return estimate(self.traced(), inputs, declared, self.overrides)
+                 declared: dict[int, Mom] | None = None,
+                 batches: int = PROBE_BATCHES) -> StaticEstimate:
+        """The static estimate of the variant, pooled over ``batches`` like the original's."""
+        return estimate(self.traced(), inputs, declared, self.overrides, batches)
 
 
 # ---------------------------------------------------------------------------
