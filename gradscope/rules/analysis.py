@@ -88,6 +88,45 @@ def behind(traced: TracedModel, on_path: frozenset[str], gates: Sequence[str]) -
     return frozenset(on_path - free - closed)
 
 
+#: Argument positions and names of (query, key) and of value in attention ops.
+_SCORE_ARGS = ((0, "query"), (1, "key"))
+_VALUE_ARG = (2, "value")
+
+
+def _refs_at(rec: Any, places: Sequence[tuple[int, str]]) -> set[str]:
+    names = set()
+    for index, key in places:
+        value = rec.args[index] if index < len(rec.args) else rec.kwargs.get(key)
+        name = getattr(value, "name", None) if type(value).__name__ == "Ref" else None
+        if name is not None:
+            names.add(name)
+    return names
+
+
+def score_side(traced: TracedModel, on_path: frozenset[str]) -> frozenset[str]:
+    """Nodes on the path whose every way to the output enters an attention op as its
+    query or key only (the LayerNorm before a cross-attention's query projection).
+
+    At initialisation the softmax is near uniform and passes the scores little
+    gradient, by design: such nodes are weak for the reason the query/key projections
+    are, not starved (the value path and the residual stream carry the signal).
+    """
+    from networkx import ancestors
+
+    graph = traced.graph.copy()
+    for node in traced.order():
+        rec = traced.node(node)
+        if rec.family != "attention":
+            continue
+        values = _refs_at(rec, (_VALUE_ARG,))
+        for ref in _refs_at(rec, _SCORE_ARGS) - values:
+            if graph.has_edge(ref, node):
+                graph.remove_edge(ref, node)
+    out = traced.output_node
+    free = ancestors(graph, out) | {out}
+    return frozenset(on_path - free)
+
+
 def structural_facts(traced: TracedModel) -> StructuralFacts:
     """Compute the facts once."""
     on_path = differentiated_path(traced)
@@ -104,7 +143,8 @@ def structural_facts(traced: TracedModel) -> StructuralFacts:
                            zero_init=tuple(zero), behind_zero_init=blocked,
                            concat_skips=tuple(concats),
                            normalised_entries=frozenset(
-                               n for n in entries if normalised_downstream(traced, n)))
+                               n for n in entries if normalised_downstream(traced, n)),
+                           score_side=score_side(traced, on_path))
 
 
 @dataclass

@@ -118,6 +118,10 @@ class StructuralFacts:
     #: by BatchNorm): their weights are scale-invariant, so a large gradient norm there is
     #: not an exploding gradient (it shrinks as the weights grow; Arora et al. 2019).
     normalised_entries: frozenset[str] = frozenset()
+    #: Nodes whose every way to the output goes through the query or key of an
+    #: attention op: weak by design at initialisation (a flat softmax passes the scores
+    #: little gradient), like the query/key projections, which are not entry layers.
+    score_side: frozenset[str] = frozenset()
 
 
 class Fixes(Protocol):

@@ -245,10 +245,11 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
     probe = analysis.probe
     if probe is None or probe.nonfinite_forward or probe.nonfinite_backward:
         return []
-    # A layer the loss cannot reach, or one behind a zero-initialised layer (no gradient
-    # until the first update, by design), is not "imbalanced".
+    # A layer the loss cannot reach, one behind a zero-initialised layer (no gradient
+    # until the first update, by design), or one that reaches the loss only through
+    # attention scores (weak under a flat softmax, by design) is not "imbalanced".
     facts = analysis.facts
-    on_path = facts.on_path - facts.behind_zero_init
+    on_path = facts.on_path - facts.behind_zero_init - facts.score_side
     ratios = {n: v for n, v in probe.param_grad_ratio.items()
               if v is not None and math.isfinite(v) and n in on_path
               and not scale_invariant(analysis, n)}
