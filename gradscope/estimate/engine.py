@@ -148,12 +148,13 @@ class _Estimator(SweepState):
         structural[out] = 1.0
         per_segment = SegmentBackward(segments, self.graph)
         for name in reversed(order):
-            if name not in ancestors or node_record(self.graph, name).role != "compute" \
-                    or not needs_grad[name]:
-                continue
+            # a block's fork (an input node too): its deposits are all in by now
             coherent = tied.backward(name, sq, name in segments.segments)
             if coherent is not None:
                 sq[name] = coherent
+            if name not in ancestors or node_record(self.graph, name).role != "compute" \
+                    or not needs_grad[name]:
+                continue
             data = node_record(self.graph, name)
             key = data.key
             ctx = Ctx(self, name)
