@@ -130,3 +130,23 @@ def test_identical_blocks_are_found_as_one_chain() -> None:
     chains = {id(chain) for chain, _ in tied.by_add.values()}
     assert len(chains) == 1
     assert len(tied.by_add) == DEPTH
+
+
+class Looped(nn.Module):
+    """One residual block applied ``DEPTH`` times: the weights are shared, not copied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block("none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(DEPTH):
+            x = self.block(x)
+        return x
+
+
+def test_one_block_called_in_a_loop_is_a_chain_of_equal_blocks() -> None:
+    torch.manual_seed(0)
+    model, x = Looped(), _input(0)
+    error = math.log10(_static_ratio(model, x) / _measured_ratio(model, x, 0))
+    assert abs(error) < 0.1

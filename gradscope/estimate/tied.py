@@ -277,7 +277,23 @@ class _Classes:
 
 
 def _has_equal_weights(traced: TracedModel) -> bool:
-    """Cheap pre-check: do two distinct non-constant weight tensors hold equal values?"""
+    """Cheap pre-check: is one weight tensor read twice (a block called in a loop, a shared
+    module) or do two distinct non-constant weight tensors hold equal values (deep copies)?"""
+    uses: dict[int, int] = defaultdict(int)
+    graph = traced.graph
+    for name in graph.nodes:
+        rec = node_record(graph, name)
+        if rec.role == "param":
+            t = traced.tensors.get(name)
+            if t is not None:
+                uses[id(t)] += sum(1 for _ in graph.successors(name))
+        elif rec.kind == "call_module":
+            module = traced.modules.get(rec.module or "")
+            if module is not None:
+                for t in module.parameters():
+                    uses[id(t)] += 1
+    if any(n > 1 for n in uses.values()):
+        return True
     by_shape: dict[tuple[object, ...], list[torch.Tensor]] = defaultdict(list)
     seen: set[int] = set()
     tensors = list(traced.tensors.values())
