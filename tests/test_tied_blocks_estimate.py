@@ -150,3 +150,16 @@ def test_one_block_called_in_a_loop_is_a_chain_of_equal_blocks() -> None:
     model, x = Looped(), _input(0)
     error = math.log10(_static_ratio(model, x) / _measured_ratio(model, x, 0))
     assert abs(error) < 0.1
+
+
+def test_pre_ln_transformer_encoder_of_deep_copies() -> None:
+    # nn.TransformerEncoder deep-copies its layer: 12 equal Pre-LN layers. Mean field put
+    # the input gradient 0.29 decades low (stream second moment 3.7 instead of 15 at the
+    # top, input gradient 1.4x the output's instead of 2.9x).
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(WIDTH, 4, dim_feedforward=2 * WIDTH, dropout=0.0,
+                                       norm_first=True, batch_first=True)
+    model = nn.TransformerEncoder(layer, DEPTH, enable_nested_tensor=False).train()
+    x = torch.randn(8, 16, WIDTH, generator=torch.Generator().manual_seed(100))
+    error = math.log10(_static_ratio(model, x) / _measured_ratio(model, x, 0))
+    assert abs(error) < 0.1
