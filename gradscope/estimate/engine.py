@@ -60,6 +60,7 @@ from gradscope.estimate.statistics import (
     var_of,
     weight_stats,
 )
+from gradscope.estimate.tied import find_tied_blocks
 from gradscope.tracing.graph import NodeRecord, TracedModel, node_record
 from gradscope.tracing.ops import AVERAGING_KEYS, DENSE_KEYS, NORM_KEYS
 
@@ -147,6 +148,8 @@ class _Estimator(SweepState):
         est = StaticEstimate()
         # positions of unlike scale along one axis (a class token): gradscope.estimate.segments
         segments = SegmentForward(self)
+        # residual blocks holding equal weights add coherently: gradscope.estimate.tied
+        tied = find_tied_blocks(self.traced)
         input_index = 0
         for name in order:
             data = node_record(self.graph, name)
@@ -178,7 +181,8 @@ class _Estimator(SweepState):
                 mom = segments.run(ctx, fwd, fwd(ctx))
             except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
                 mom, est.understood[name] = pass_forward(ctx), False
-            self.moments[name] = _finite_moments(mom)
+            self.moments[name] = tied.forward(name, self.moments, _finite_moments(mom),
+                                              name in segments.segments)
             self.spread[name] = _spread_of(ctx, self.moments[name], self.pending_spread)
         est.moments = dict(self.moments)
         needs_grad = self._needs_grad(order)
@@ -198,6 +202,10 @@ class _Estimator(SweepState):
         self.batch = max(next((int(t.shape[0]) for t in self.inputs
                                if isinstance(t, torch.Tensor) and t.dim() > 0), 1), 1)
         for name in reversed(order):
+            # a block's fork (an input node too): its deposits are all in by now
+            coherent = tied.backward(name, sq, name in segments.segments)
+            if coherent is not None:
+                sq[name] = coherent
             if name not in ancestors or node_record(self.graph, name).role != "compute" \
                     or not needs_grad[name]:
                 continue
