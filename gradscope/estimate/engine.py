@@ -32,6 +32,7 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
+from gradscope.estimate.coherence import CoherenceBackward
 from gradscope.estimate.ops_base import Ctx, SweepState, pass_backward, pass_forward
 from gradscope.estimate.ops_dense import unit_mean_fan
 from gradscope.estimate.segments import SegmentBackward, SegmentForward
@@ -143,6 +144,8 @@ class _Estimator(SweepState):
         sq[out] = 1.0
         structural[out] = 1.0
         per_segment = SegmentBackward(segments, self.graph)
+        # the share of each gradient that is the same at every position: estimate.coherence
+        coherence = CoherenceBackward(self)
         for name in reversed(order):
             if name not in ancestors or node_record(self.graph, name).role != "compute" \
                     or not needs_grad[name]:
@@ -151,6 +154,8 @@ class _Estimator(SweepState):
             key = data.key
             ctx = Ctx(self, name)
             bwd = backward_rule(key)
+            own = coherence.of(name, sq[name])
+            self.grad_coherence[name] = own
             try:
                 gains = bwd(ctx)
             except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
@@ -160,6 +165,10 @@ class _Estimator(SweepState):
             except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
                 by_segment = {}
             structural_gains = _structural_gains(ctx, gains)
+            try:
+                passed = coherence.transfer(ctx, own)
+            except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+                passed = {}
             for src, gain in gains.items():
                 if not needs_grad.get(src) or node_record(self.graph, src).role == "param":
                     continue
@@ -167,6 +176,8 @@ class _Estimator(SweepState):
                     per_segment.deposit(sq, src, *by_segment[src])
                 else:
                     per_segment.deposit(sq, src, sq[name] * _finite(gain))
+                if src in passed:
+                    coherence.deposit(src, sq[name] * _finite(gain), passed[src])
                 structural[src] = max(structural[src],
                                       structural[name] * structural_gains.get(src, 1.0))
         est.sq_norm = sq
