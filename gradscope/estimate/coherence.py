@@ -20,11 +20,15 @@ block, exactly sqrt(T) (``tests/test_estimate_coherence.py``).
 
 So each node's gradient carries a *coherent share* c in [0, 1] along a set of
 its axes: the fraction of S in the part that is constant along those axes
-(the mean over them, broadcast back). It is a lower bound for any subset of
-the axes. It is *set* by reductions over positions (``mean``, ``sum``, global
+(the mean over them, broadcast back), counted in excess of chance (the mean of
+T independent rows holds 1/T of their energy, which the independent-rows gains
+already include). It is a lower bound for any subset of the axes. Axes are
+kept as blocks of the row-major layout (:data:`Block`), so reshapes that merge
+or split the other axes (a packed in-projection, ``[T * B, E]`` views) keep them.
+It is *set* by reductions over positions (``mean``, ``sum``, global
 ``avg_pool``: the input's gradient is the output's broadcast, c = 1 along the
 reduced axes) and by attention over near-uniform rows (see
-:func:`gradscope.estimate.ops_attention.value_coherence`); it is *kept* by ops
+:func:`gradscope.estimate.ops_attention.attention_coherence`); it is *kept* by ops
 that act on every position alike (``linear`` over the feature axis, LayerNorm /
 RMSNorm: their backward removes the per-position mean over *features*, not
 over positions; residual additions; reshapes and transposes, which move the
@@ -46,35 +50,93 @@ from typing import Any
 from gradscope.estimate.statistics import var_of
 from gradscope.tracing.graph import Ref, node_record
 
+#: An axis as a block of the row-major layout: (elements before it, its size). Unlike an
+#: axis index it survives reshapes that split or merge other axes, and a block may be
+#: part of a larger axis (the 32 positions of a [32 * 4, 64] view of [32, 4, 64]).
+Block = tuple[int, int]
+
 
 @dataclass(frozen=True)
 class Coherence:
-    """``share`` of a gradient's squared norm that is constant along ``axes`` (non-negative)."""
+    """``share`` of a gradient's squared norm (in excess of chance) constant along ``blocks``."""
 
     share: float
-    axes: frozenset[int]
+    blocks: frozenset[Block]
 
-    def along(self, axis: int) -> float:
-        """The share constant along ``axis`` (a lower bound: the set may hold more axes)."""
-        return self.share if axis in self.axes else 0.0
+    def along(self, shape: Sequence[int], axis: int) -> float:
+        """The share constant along ``axis`` of ``shape`` (a lower bound)."""
+        if not -len(shape) <= axis < len(shape):
+            return 0.0
+        return self.share if block_of(shape, axis % len(shape)) in self.blocks else 0.0
 
 
 INCOHERENT = Coherence(0.0, frozenset())
 
 #: Ops (by their name, without an aten overload suffix) that swap two axes.
 _SWAPS = frozenset({"transpose", "swapaxes", "t"})
-#: Ops that keep every value where it is (copies, casts).
-_COPIES = frozenset({"contiguous", "clone", "alias", "to", "type", "type_as", "float",
-                     "double", "half", "bfloat16", "_to_copy", "copy", "lift_fresh_copy"})
-#: Ops that only regroup axes without moving values (row-major): prefix products match.
+#: Ops that regroup or copy values without moving them (row-major): blocks are unchanged.
 _RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze",
-                       "unsqueeze", "view_as", "reshape_as"})
+                       "unsqueeze", "view_as", "reshape_as", "contiguous", "clone", "alias",
+                       "to", "type", "type_as", "float", "double", "half", "bfloat16",
+                       "_to_copy", "copy", "lift_fresh_copy"})
 _EXPANDS = frozenset({"expand", "expand_as", "broadcast_to"})
 _PICKS = frozenset({"select", "slice", "narrow"})
 
 
 def _base_op(op: str) -> str:
     return op.split(".")[0]
+
+
+def block_of(shape: Sequence[int], axis: int, outer: int = 1, size: int | None = None) -> Block:
+    """The block of ``axis`` (or of its part of ``size`` steps after ``outer`` of them)."""
+    return math.prod(int(n) for n in shape[:axis]) * outer, \
+        int(shape[axis]) if size is None else size
+
+
+def locate(shape: Sequence[int], block: Block) -> tuple[int, int, int] | None:
+    """(axis, outer, size): the axis ``block`` lies in, as its part after ``outer`` steps."""
+    prefix, size = block
+    p = 1
+    for axis, n in enumerate(int(n) for n in shape):
+        if prefix % p == 0 and size > 1:
+            outer = prefix // p
+            if n % (outer * size) == 0:
+                return axis, outer, size
+        p *= n
+        if p > prefix:
+            break
+    return None
+
+
+def _remap(coh: Coherence, out_shape: Sequence[int], in_shape: Sequence[int],
+           axis_map: dict[int, int]) -> Coherence:
+    """Blocks of ``out_shape`` carried to ``in_shape`` by an axis map (out axis: in axis);
+    a block in an unmapped axis, or in one that changes size, is dropped."""
+    kept: set[Block] = set()
+    for block in coh.blocks:
+        where = locate(out_shape, block)
+        if where is None or where[0] not in axis_map:
+            continue
+        axis, outer, size = where
+        target = axis_map[axis]
+        if not 0 <= target < len(in_shape) or int(in_shape[target]) != int(out_shape[axis]):
+            continue
+        kept.add(block_of(in_shape, target, outer, size))
+    return Coherence(coh.share, frozenset(kept)) if kept else INCOHERENT
+
+
+def _leading(coh: Coherence, shape: Sequence[int], count: int) -> Coherence:
+    """The blocks that lie in the first ``count`` axes (not in the trailing feature axes)."""
+    limit = math.prod(int(n) for n in shape[:max(count, 0)])
+    kept = frozenset(b for b in coh.blocks if limit % (b[0] * b[1]) == 0)
+    return Coherence(coh.share, kept) if kept else INCOHERENT
+
+
+def map_broadcast(coh: Coherence, out_shape: Sequence[int],
+                  in_shape: Sequence[int]) -> Coherence:
+    """A broadcast operand (right-aligned): the blocks in the axes it has at full size."""
+    offset = len(out_shape) - len(in_shape)
+    return _remap(coh, out_shape, in_shape, {a: a - offset for a in range(offset, len(out_shape))})
 
 
 def _axes_of(dims: Any, ndim: int) -> list[int] | None:
@@ -87,78 +149,49 @@ def _axes_of(dims: Any, ndim: int) -> list[int] | None:
     return sorted({d % ndim for d in dims})
 
 
-def map_reshape(axes: frozenset[int], out_shape: Sequence[int],
-                in_shape: Sequence[int]) -> frozenset[int]:
-    """Axes of ``out_shape`` that a row-major reshape from ``in_shape`` keeps whole.
-
-    An axis survives when the input has an axis of the same size behind the same
-    number of elements (equal prefix products): then it indexes the same values.
-    """
-    prefix_in: dict[tuple[int, int], int] = {}
-    p = 1
-    for b, size in enumerate(in_shape):
-        prefix_in.setdefault((p, int(size)), b)
-        p *= int(size)
-    kept: set[int] = set()
-    p = 1
-    for a, size in enumerate(out_shape):
-        if a in axes and size > 1 and (p, int(size)) in prefix_in:
-            kept.add(prefix_in[(p, int(size))])
-        p *= int(size)
-    return frozenset(kept)
-
-
-def map_broadcast(axes: frozenset[int], out_shape: Sequence[int],
-                  in_shape: Sequence[int]) -> frozenset[int]:
-    """Axes of a broadcast operand (right-aligned) that have the output's full size."""
-    offset = len(out_shape) - len(in_shape)
-    return frozenset(a - offset for a in axes
-                     if a - offset >= 0 and in_shape[a - offset] == out_shape[a])
-
-
 class CoherenceBackward:
     """The coherent share of each node's gradient, carried through the backward sweep.
 
     ``energy[n]`` is the coherent part of ``n``'s S deposited so far and
-    ``axes[n]`` the axes it is constant along (None: nothing coherent deposited).
+    ``blocks[n]`` what it is constant along.
     """
 
     def __init__(self, state: Any) -> None:
         #: SweepState: moments, spread, the graph.
         self.state = state
         self.energy: dict[str, float] = {}
-        self.axes: dict[str, frozenset[int]] = {}
+        self.blocks: dict[str, frozenset[Block]] = {}
 
     def of(self, name: str, total: float) -> Coherence:
-        axes = self.axes.get(name)
+        blocks = self.blocks.get(name)
         energy = self.energy.get(name, 0.0)
-        if not axes or total <= 0.0 or energy <= 0.0:
+        if not blocks or total <= 0.0 or energy <= 0.0:
             return INCOHERENT
-        return Coherence(min(energy / total, 1.0), axes)
+        return Coherence(min(energy / total, 1.0), blocks)
 
     def deposit(self, src: str, value: float, coh: Coherence) -> None:
-        """Add a consumer's gradient of squared norm ``value`` and coherence ``coh``."""
-        if coh.share <= 0.0 or not coh.axes or value <= 0.0:
+        """Add a consumer's gradient of squared norm ``value`` and coherence ``coh``.
+
+        Coherent energies add (the engine adds the S of several consumers as
+        independent); only the blocks every coherent deposit has in common are kept.
+        """
+        if coh.share <= 0.0 or not coh.blocks or value <= 0.0:
             return
-        held = self.axes.get(src)
+        held = self.blocks.get(src)
         if held is None:
-            self.axes[src] = coh.axes
+            self.blocks[src] = coh.blocks
             self.energy[src] = value * coh.share
             return
-        common = held & coh.axes
-        if not common:  # coherent along different axes: nothing shared is known
-            self.axes[src] = frozenset()
-            self.energy[src] = 0.0
-            return
-        self.axes[src] = common
-        self.energy[src] = self.energy.get(src, 0.0) + value * coh.share
+        common = held & coh.blocks
+        self.blocks[src] = common
+        self.energy[src] = self.energy.get(src, 0.0) + value * coh.share if common else 0.0
 
     # -----------------------------------------------------------------------
     def transfer(self, ctx: Any, coh: Coherence) -> dict[str, Coherence]:
         """The coherence of the gradient each signal input receives from ``ctx``'s node."""
         key = ctx.data.key
         if key in ("mean", "sum", "avg_pool"):
-            return self._reduction(ctx, coh)
+            return self._reduction(ctx)
         if key == "sdpa":
             from gradscope.estimate.ops_attention import sdpa_coherence
             return sdpa_coherence(ctx, coh)
@@ -169,22 +202,23 @@ class CoherenceBackward:
             return {}
         ins = ctx.activations_in()
         if key in ("linear", "addmm") or (key == "matmul" and self._weight_second(ctx)):
-            last = len(out_shape) - 1
-            return self._same(ins[:1], Coherence(coh.share, coh.axes - {last}))
+            return self._same(ins[:1], _leading(coh, out_shape, len(out_shape) - 1))
         if key in ("layer_norm", "rms_norm"):
-            return self._same(ins[:1], self._drop_normalised(ctx, coh, out_shape))
+            return self._same(ins[:1], self._normalised(ctx, coh, out_shape))
         if key in ("add", "sub", "rsub"):
-            return {r: self._broadcast(ctx, r, coh, out_shape) for r in ins}
+            return {r: got for r in ins
+                    if (got := self._broadcast(ctx, r, coh, out_shape)).share > 0.0}
         if key in ("mul", "div"):
             return self._product(ctx, coh, out_shape)
         if key == "dropout":
             from gradscope.estimate.ops_routing import _dropout_p
-            return self._same(ins[:1], Coherence(coh.share * (1.0 - _dropout_p(ctx)), coh.axes))
+            return self._same(ins[:1], Coherence(coh.share * (1.0 - _dropout_p(ctx)),
+                                                 coh.blocks))
         if key == "neg":
             return self._same(ins[:1], coh)
         if key.startswith("activation:"):
             return self._same(ins[:1], Coherence(coh.share * _slope_coherence(ctx),
-                                                 coh.axes))
+                                                 coh.blocks))
         if key == "view":
             return self._same(ins[:1], self._routed(ctx, coh, out_shape))
         if key == "cat":
@@ -193,7 +227,7 @@ class CoherenceBackward:
 
     @staticmethod
     def _same(ins: list[str], coh: Coherence) -> dict[str, Coherence]:
-        if coh.share <= 0.0 or not coh.axes:
+        if coh.share <= 0.0 or not coh.blocks:
             return {}
         return {r: coh for r in ins}
 
@@ -203,8 +237,9 @@ class CoherenceBackward:
         return isinstance(other, Ref) and \
             node_record(ctx.est.graph, other.name).role == "param"
 
-    def _reduction(self, ctx: Any, coh: Coherence) -> dict[str, Coherence]:
-        """dx = broadcast(dy) / n (or without 1/n for sum): constant along the reduced axes."""
+    @staticmethod
+    def _reduction(ctx: Any) -> dict[str, Coherence]:
+        """dx = broadcast(dy) / n (without 1/n for sum): constant along the reduced axes, c = 1."""
         first = ctx.first()
         in_shape = ctx.shape(first) if first else None
         out_shape = ctx.shape()
@@ -214,19 +249,16 @@ class CoherenceBackward:
         if ctx.data.key == "avg_pool":
             # only a global pool (each output reads a whole axis) makes dx constant along it
             spatial = range(2, ndim) if ndim > 2 else range(1, ndim)
-            reduced = [a for a in spatial if len(out_shape) == ndim and out_shape[a] == 1
-                       and in_shape[a] > 1]
+            reduced = [a for a in spatial if len(out_shape) == ndim and out_shape[a] == 1]
         else:
             dims = ctx.arg(1, "dim")
             reduced = list(range(ndim)) if dims is None or dims == [] \
                 else (_axes_of(dims, ndim) or [])
-            reduced = [a for a in reduced if in_shape[a] > 1]
-        if not reduced:
-            return {}
-        return {first: Coherence(1.0, frozenset(reduced))}
+        blocks = frozenset(block_of(in_shape, a) for a in reduced if in_shape[a] > 1)
+        return {first: Coherence(1.0, blocks)} if blocks else {}
 
     @staticmethod
-    def _drop_normalised(ctx: Any, coh: Coherence, out_shape: Sequence[int]) -> Coherence:
+    def _normalised(ctx: Any, coh: Coherence, out_shape: Sequence[int]) -> Coherence:
         """LayerNorm / RMSNorm over the trailing axes: the positions' coherence is kept.
 
         dx_i = (gamma / sigma_i) (g - mean_f g - xhat_i <xhat_i, g> / D): the first
@@ -237,103 +269,109 @@ class CoherenceBackward:
         norm = getattr(ctx.module, "normalized_shape", None) if ctx.module is not None \
             else ctx.arg(1, "normalized_shape")
         count = len(norm) if isinstance(norm, (list, tuple)) and norm else 1
-        trailing = set(range(len(out_shape) - count, len(out_shape)))
-        return Coherence(coh.share, coh.axes - trailing)
+        return _leading(coh, out_shape, len(out_shape) - count)
 
-    def _broadcast(self, ctx: Any, src: str, coh: Coherence,
-                   out_shape: Sequence[int]) -> Coherence:
+    @staticmethod
+    def _broadcast(ctx: Any, src: str, coh: Coherence, out_shape: Sequence[int]) -> Coherence:
         shape = ctx.shape(src)
-        if shape is None:
-            return INCOHERENT
-        return Coherence(coh.share, map_broadcast(coh.axes, out_shape, shape))
+        return INCOHERENT if shape is None else map_broadcast(coh, out_shape, shape)
 
-    def _product(self, ctx: Any, coh: Coherence, out_shape: Sequence[int]) -> dict[str, Coherence]:
+    def _product(self, ctx: Any, coh: Coherence,
+                 out_shape: Sequence[int]) -> dict[str, Coherence]:
         """x * y: dx = y * g. The part of y common to all positions, (m^2 + spread) / q of
-        y's moments, carries g's coherent part; a weight or a number (the same at every
-        position) keeps it whole. Likewise for x / y (1/y to first order)."""
+        y's moments, carries g's coherent part; a weight, a number, or a factor that is
+        constant along the blocks keeps it whole. Likewise x / y (1/y to first order)."""
         out: dict[str, Coherence] = {}
-        refs = [a for a in ctx.args[:2]]
-        for i, arg in enumerate(refs):
+        args = list(ctx.args[:2])
+        for i, arg in enumerate(args):
             if not isinstance(arg, Ref):
                 continue
             data = node_record(ctx.est.graph, arg.name)
             if data.role == "param" or not data.is_float:
                 continue
-            other = refs[1 - i] if len(refs) == 2 else None
+            other = args[1 - i] if len(args) == 2 else None
             keep = 1.0
-            if isinstance(other, Ref):
-                odata = node_record(ctx.est.graph, other.name)
+            if isinstance(other, Ref) and node_record(ctx.est.graph, other.name).role != "param":
                 oshape = ctx.shape(other.name) or ()
-                position_free = all(
-                    a - (len(out_shape) - len(oshape)) < 0
-                    or oshape[a - (len(out_shape) - len(oshape))] == 1 for a in coh.axes)
-                if odata.role != "param" and not position_free:
+                if map_broadcast(coh, out_shape, oshape).blocks:  # y varies along them
                     om = ctx.est.moments.get(other.name)
                     if om is None or om[1] <= 0.0:
                         keep = 0.0
                     else:
-                        spread = ctx.est.spread.get(other.name, 0.0)
-                        keep = min((om[0] ** 2 + min(spread, var_of(om))) / om[1], 1.0)
-            got = self._broadcast(ctx, arg.name, Coherence(coh.share * keep, coh.axes),
+                        spread = min(ctx.est.spread.get(other.name, 0.0), var_of(om))
+                        keep = min((om[0] ** 2 + spread) / om[1], 1.0)
+            got = self._broadcast(ctx, arg.name, Coherence(coh.share * keep, coh.blocks),
                                   out_shape)
-            if got.share > 0.0 and got.axes:
+            if got.share > 0.0:
                 out[arg.name] = got
         return out
 
-    def _routed(self, ctx: Any, coh: Coherence, out_shape: Sequence[int]) -> Coherence:
-        """Reshapes, transposes, copies and broadcasts move the axes; anything else drops them."""
+    @staticmethod
+    def _routed(ctx: Any, coh: Coherence, out_shape: Sequence[int]) -> Coherence:
+        """Reshapes and copies keep the blocks; transposes, broadcasts and picks move them."""
         first = ctx.first()
         in_shape = ctx.shape(first) if first else None
         if in_shape is None:
             return INCOHERENT
         op = _base_op(str(ctx.data.op))
-        axes = coh.axes
-        if op in _COPIES and tuple(in_shape) == tuple(out_shape):
-            return coh
+        ndim = len(out_shape)
+        if op in _RESHAPES:
+            return coh if math.prod(in_shape) == math.prod(out_shape) else INCOHERENT
         if op in _SWAPS:
-            if op == "t" or len(out_shape) < 2:
-                d0, d1 = 0, len(out_shape) - 1
+            if op == "t" or ndim < 2:
+                d0, d1 = 0, ndim - 1
             else:
                 d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
                 if not isinstance(d0, int) or not isinstance(d1, int):
                     return INCOHERENT
-                d0, d1 = d0 % len(out_shape), d1 % len(out_shape)
+                d0, d1 = d0 % ndim, d1 % ndim
             swap = {d0: d1, d1: d0}
-            return Coherence(coh.share, frozenset(swap.get(a, a) for a in axes))
+            return _remap(coh, out_shape, in_shape, {a: swap.get(a, a) for a in range(ndim)})
         if op == "permute":
             perm = ctx.arg(1, "dims")
             if not isinstance(perm, (list, tuple)):
                 perm = [a for a in ctx.args[1:] if isinstance(a, int)]
-            if len(perm) != len(out_shape) or not all(isinstance(p, int) for p in perm):
+            if len(perm) != ndim or not all(isinstance(p, int) for p in perm):
                 return INCOHERENT
-            return Coherence(coh.share, frozenset(perm[a] % len(out_shape) for a in axes))
-        if op in _RESHAPES:
-            return Coherence(coh.share, map_reshape(axes, out_shape, in_shape))
+            return _remap(coh, out_shape, in_shape, {a: perm[a] % ndim for a in range(ndim)})
         if op in _EXPANDS:
-            return Coherence(coh.share, map_broadcast(axes, out_shape, in_shape))
-        if op in _PICKS and len(in_shape) >= len(out_shape):
+            return map_broadcast(coh, out_shape, in_shape)
+        if op in _PICKS:
             dim = ctx.arg(1, "dim", 0)
-            if not isinstance(dim, int):
+            if not isinstance(dim, int) or not -len(in_shape) <= dim < len(in_shape):
                 return INCOHERENT
             dim %= len(in_shape)
             if op == "select":  # the selected axis is gone: later axes shift up by one
-                return Coherence(coh.share, frozenset(a + (a >= dim) for a in axes))
-            return Coherence(coh.share, frozenset(a for a in axes if a != dim))
+                return _remap(coh, out_shape, in_shape, {a: a + (a >= dim) for a in range(ndim)})
+            return _remap(coh, out_shape, in_shape, {a: a for a in range(ndim) if a != dim})
         return INCOHERENT
 
-    def _cat(self, ctx: Any, coh: Coherence, out_shape: Sequence[int]) -> dict[str, Coherence]:
-        """Each part of a ``cat`` receives its slice: still constant along every tracked axis."""
+    @staticmethod
+    def _cat(ctx: Any, coh: Coherence, out_shape: Sequence[int]) -> dict[str, Coherence]:
+        """Each part of a ``cat`` receives its slice: constant along the same axes; along the
+        joined axis the part's own (shorter) axis."""
         parts = ctx.arg(0, "tensors")
         if not isinstance(parts, (list, tuple)) or _base_op(str(ctx.data.op)) not in (
                 "cat", "concat", "concatenate"):
             return {}
+        dim = ctx.arg(1, "dim", 0)
+        if not isinstance(dim, int) or not -len(out_shape) <= dim < len(out_shape):
+            return {}
+        dim %= len(out_shape)
+        joined = block_of(out_shape, dim)
         out: dict[str, Coherence] = {}
         for part in parts:
-            if isinstance(part, Ref):
-                shape = ctx.shape(part.name)
-                if shape is not None and len(shape) == len(out_shape) and \
-                        node_record(ctx.est.graph, part.name).role != "param":
-                    out[part.name] = coh
+            if not isinstance(part, Ref) or node_record(ctx.est.graph, part.name).role == "param":
+                continue
+            shape = ctx.shape(part.name)
+            if shape is None or len(shape) != len(out_shape):
+                continue
+            got = _remap(coh, out_shape, shape, {a: a for a in range(len(out_shape)) if a != dim})
+            blocks = set(got.blocks)
+            if joined in coh.blocks and shape[dim] > 1:
+                blocks.add(block_of(shape, dim))
+            if blocks:
+                out[part.name] = Coherence(coh.share, frozenset(blocks))
         return out
 
 

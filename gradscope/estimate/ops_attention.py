@@ -298,7 +298,8 @@ def output_coherence(ctx: Ctx, axis: int) -> float:
     """The coherent share, along ``axis`` of this node's output, of the gradient arriving
     there (``gradscope.estimate.coherence``; 0 outside a backward sweep)."""
     coh = getattr(ctx.est, "grad_coherence", {}).get(ctx.name)
-    return float(coh.along(axis)) if coh is not None else 0.0
+    shape = ctx.shape()
+    return float(coh.along(shape, axis)) if coh is not None and shape else 0.0
 
 
 @rule("sdpa")
@@ -352,14 +353,14 @@ def sdpa_coherence(ctx: Ctx, coh: Any) -> dict[str, Any]:
     independent row gradients into one vector for every key (Whisper's
     cross-attention makes the encoder's gradient coherent this way).
     """
-    from gradscope.estimate.coherence import Coherence
+    from gradscope.estimate.coherence import Coherence, block_of
 
     parts = _SDPA._parts(ctx)
     out_shape = ctx.shape()
     if not parts or out_shape is None or len(out_shape) < 2:
         return {}
     _, sq, sk, _, names, shape = parts
-    c = coh.along(len(out_shape) - 2)
+    c = coh.along(out_shape, len(out_shape) - 2)
     sv, share_v, share_q = attention_coherence(c, *shape)
     # one tensor may be several of q, k, v: its coherent energy is the gains' weighted sum
     energy: dict[str, list[float]] = {}
@@ -369,9 +370,10 @@ def sdpa_coherence(ctx: Ctx, coh: Any) -> dict[str, Any]:
         acc[1] += gain
     got: dict[str, Any] = {}
     for name, (coherent, total) in energy.items():
-        rank = len(ctx.shape(name) or ())
-        if coherent > 0.0 and total > 0.0 and rank >= 2:
-            got[name] = Coherence(min(coherent / total, 1.0), frozenset({rank - 2}))
+        in_shape = ctx.shape(name) or ()
+        if coherent > 0.0 and total > 0.0 and len(in_shape) >= 2:
+            got[name] = Coherence(min(coherent / total, 1.0),
+                                  frozenset({block_of(in_shape, len(in_shape) - 2)}))
     return got
 
 
