@@ -195,6 +195,9 @@ class CoherenceBackward:
         if key == "sdpa":
             from gradscope.estimate.ops_attention import sdpa_coherence
             return sdpa_coherence(ctx, coh)
+        if key == "mha":
+            from gradscope.estimate.ops_attention import mha_coherence
+            return mha_coherence(ctx, coh)
         if coh.share <= 0.0:
             return {}
         out_shape = ctx.shape()
@@ -223,6 +226,9 @@ class CoherenceBackward:
             return self._same(ins[:1], self._routed(ctx, coh, out_shape))
         if key == "cat":
             return self._cat(ctx, coh, out_shape)
+        if key == "getitem" and isinstance(ctx.arg(1), int) and ins \
+                and ctx.shape(ins[0]) == out_shape:
+            return self._same(ins[:1], coh)  # one output of a multi-output op (attention)
         return {}
 
     @staticmethod
