@@ -80,6 +80,8 @@ _RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten"
                        "to", "type", "type_as", "float", "double", "half", "bfloat16",
                        "_to_copy", "copy", "lift_fresh_copy"})
 _EXPANDS = frozenset({"expand", "expand_as", "broadcast_to"})
+#: Ops that move values along an axis without changing the shape: constant stays constant.
+_SHIFTS = frozenset({"roll", "flip"})
 _PICKS = frozenset({"select", "slice", "narrow"})
 
 
@@ -106,6 +108,38 @@ def locate(shape: Sequence[int], block: Block) -> tuple[int, int, int] | None:
         if p > prefix:
             break
     return None
+
+
+def canonical(shape: Sequence[int], blocks: frozenset[Block]) -> frozenset[Block]:
+    """``blocks`` cut at ``shape``'s axes, then the pieces in one axis joined.
+
+    Constant along a block means constant along any part of it, so a block that
+    spans several axes (all positions, H * W, after a view splits them into
+    windows) is kept as its pieces, one per axis; pieces next to each other in
+    one axis (two window axes a permute brought together and a view merged) join
+    again. A piece that does not divide its axis evenly is dropped.
+    """
+    dims = [int(n) for n in shape]
+    starts = [math.prod(dims[:a]) for a in range(len(dims))]
+    pieces: list[tuple[int, int, int]] = []  # (axis, start, end) as products
+    for prefix, size in blocks:
+        lo, hi = prefix, prefix * size
+        for axis, (n, start) in enumerate(zip(dims, starts, strict=True)):
+            end = start * n
+            a, b = max(lo, start), min(hi, end)
+            if n <= 1 or b <= a:
+                continue
+            if a % start or b % a or n % ((a // start) * (b // a)):
+                continue
+            pieces.append((axis, a, b))
+    pieces.sort()
+    joined: list[tuple[int, int, int]] = []
+    for piece in pieces:
+        if joined and joined[-1][0] == piece[0] and joined[-1][2] == piece[1]:
+            joined[-1] = (piece[0], joined[-1][1], piece[2])
+        elif not joined or joined[-1] != piece:
+            joined.append(piece)
+    return frozenset((a, b // a) for _, a, b in joined if b > a)
 
 
 def _remap(coh: Coherence, out_shape: Sequence[int], in_shape: Sequence[int],
@@ -188,7 +222,23 @@ class CoherenceBackward:
 
     # -----------------------------------------------------------------------
     def transfer(self, ctx: Any, coh: Coherence) -> dict[str, Coherence]:
-        """The coherence of the gradient each signal input receives from ``ctx``'s node."""
+        """The coherence of the gradient each signal input receives from ``ctx``'s node,
+        its blocks cut to the input's axes (:func:`canonical`)."""
+        out: dict[str, Coherence] = {}
+        for src, got in self._transfer(ctx, self._fit(ctx.shape(), coh)).items():
+            fitted = self._fit(ctx.shape(src), got)
+            if fitted.share > 0.0:
+                out[src] = fitted
+        return out
+
+    @staticmethod
+    def _fit(shape: Sequence[int] | None, coh: Coherence) -> Coherence:
+        if shape is None or coh.share <= 0.0:
+            return INCOHERENT
+        blocks = canonical(shape, coh.blocks)
+        return Coherence(coh.share, blocks) if blocks else INCOHERENT
+
+    def _transfer(self, ctx: Any, coh: Coherence) -> dict[str, Coherence]:
         key = ctx.data.key
         if key in ("mean", "sum", "avg_pool"):
             return self._reduction(ctx)
@@ -323,6 +373,8 @@ class CoherenceBackward:
         ndim = len(out_shape)
         if op in _RESHAPES:
             return coh if math.prod(in_shape) == math.prod(out_shape) else INCOHERENT
+        if op in _SHIFTS:
+            return coh if tuple(in_shape) == tuple(out_shape) else INCOHERENT
         if op in _SWAPS:
             if op == "t" or ndim < 2:
                 d0, d1 = 0, ndim - 1
