@@ -39,6 +39,7 @@ import networkx as nx
 import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
+from gradscope.estimate.coherence import CoherenceBackward
 from gradscope.estimate.fluctuation import chi2_log_stats, typical_log_shift
 from gradscope.estimate.ops_activation import activation_log_gain
 from gradscope.estimate.ops_base import (
@@ -201,6 +202,8 @@ class _Estimator(SweepState):
         var_w: dict[str, float] = {n: 0.0 for n in order}
         self.batch = max(next((int(t.shape[0]) for t in self.inputs
                                if isinstance(t, torch.Tensor) and t.dim() > 0), 1), 1)
+        # the share of each gradient that is the same at every position: estimate.coherence
+        coherence = CoherenceBackward(self)
         for name in reversed(order):
             # a block's fork (an input node too): its deposits are all in by now
             coherent = tied.backward(name, sq, name in segments.segments)
@@ -213,6 +216,8 @@ class _Estimator(SweepState):
             key = data.key
             ctx = Ctx(self, name)
             bwd = backward_rule(key)
+            own = coherence.of(name, sq[name])
+            self.grad_coherence[name] = own
             try:
                 gains = bwd(ctx)
             except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
@@ -223,6 +228,10 @@ class _Estimator(SweepState):
                 by_segment = {}
             structural_gains = _structural_gains(ctx, gains)
             gap, var = _ratio(gap_w[name], sq[name]), _ratio(var_w[name], sq[name])
+            try:
+                passed = coherence.transfer(ctx, own)
+            except (ValueError, ZeroDivisionError, OverflowError, IndexError, TypeError):
+                passed = {}
             for src, gain in gains.items():
                 if not needs_grad.get(src) or node_record(self.graph, src).role == "param":
                     continue
@@ -236,6 +245,8 @@ class _Estimator(SweepState):
                     d, v = self._log_stats(ctx, src)
                     gap_w[src] += part * (gap + d)
                     var_w[src] += part * (var + v)
+                if src in passed:
+                    coherence.deposit(src, sq[name] * _finite(gain), passed[src])
                 structural[src] = max(structural[src],
                                       structural[name] * structural_gains.get(src, 1.0))
         est.sq_norm_mean = dict(sq)

@@ -37,6 +37,9 @@ class SweepState:
         self.spread: dict[str, float] = {}
         #: Spread of the node being evaluated, when its rule computes it (activations).
         self.pending_spread: float | None = None
+        #: The coherent share of each node's gradient (``gradscope.estimate.coherence``),
+        #: set by the backward sweep before the node's rule runs: attention reads it.
+        self.grad_coherence: dict[str, Any] = {}
         #: Recurrent unrolls by node (gradscope.estimate.recurrent.RecurrentEstimate).
         self.recurrent: dict[str, Any] = {}
         #: Cells called in a loop (``gradscope.estimate.ops_recurrent``): each call's step and
