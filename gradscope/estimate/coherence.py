@@ -242,12 +242,11 @@ class CoherenceBackward:
         key = ctx.data.key
         if key in ("mean", "sum", "avg_pool"):
             return self._reduction(ctx)
-        if key == "sdpa":
-            from gradscope.estimate.ops_attention import sdpa_coherence
-            return sdpa_coherence(ctx, coh)
-        if key == "mha":
-            from gradscope.estimate.ops_attention import mha_coherence
-            return mha_coherence(ctx, coh)
+        if key in ("sdpa", "mha"):
+            from gradscope.estimate.ops_attention import mha_coherence, sdpa_coherence
+            passed = (sdpa_coherence if key == "sdpa" else mha_coherence)(ctx, coh)
+            return {name: Coherence(share, frozenset({block_of(shape, axis)}))
+                    for name, (share, shape, axis) in passed.items()}
         if coh.share <= 0.0:
             return {}
         out_shape = ctx.shape()

@@ -430,15 +430,15 @@ class _SDPA:
         return _core_structural(*core) if core else {}
 
 
-def sdpa_coherence(ctx: Ctx, coh: Any) -> dict[str, Any]:
-    """Coherence of the gradients SDPA passes to q and v, along their row axis (-2).
+def sdpa_coherence(ctx: Ctx, coh: Any) -> dict[str, tuple[float, Any, int]]:
+    """Coherence of the gradients SDPA passes to q and v, along their row axis (-2):
+    (share, input shape, axis) by input, which ``gradscope.estimate.coherence`` turns
+    into its records (this module does not import it: coherence calls here).
 
     Set even when the output's gradient has none: near-uniform rows average
     independent row gradients into one vector for every key (Whisper's
     cross-attention makes the encoder's gradient coherent this way).
     """
-    from gradscope.estimate.coherence import Coherence, block_of
-
     parts = _SDPA._parts(ctx)
     out_shape = ctx.shape()
     if not parts or out_shape is None or len(out_shape) < 2:
@@ -452,12 +452,11 @@ def sdpa_coherence(ctx: Ctx, coh: Any) -> dict[str, Any]:
         acc = energy.setdefault(name, [0.0, 0.0])
         acc[0] += gain * share
         acc[1] += gain
-    got: dict[str, Any] = {}
+    got: dict[str, tuple[float, Any, int]] = {}
     for name, (coherent, total) in energy.items():
         in_shape = ctx.shape(name) or ()
         if coherent > 0.0 and total > 0.0 and len(in_shape) >= 2:
-            got[name] = Coherence(min(coherent / total, 1.0),
-                                  frozenset({block_of(in_shape, len(in_shape) - 2)}))
+            got[name] = (min(coherent / total, 1.0), in_shape, len(in_shape) - 2)
     return got
 
 
@@ -555,9 +554,8 @@ class _MHA:
         parts = _MHA._parts(ctx, _MHA._coherence(ctx))
         return parts[3] if parts else {}
 
-def mha_coherence(ctx: Ctx, coh: Any) -> dict[str, Any]:
+def mha_coherence(ctx: Ctx, coh: Any) -> dict[str, tuple[float, Any, int]]:
     """Coherence nn.MultiheadAttention passes to its query and value inputs (as SDPA)."""
-    from gradscope.estimate.coherence import Coherence, block_of
 
     shape = _MHA._query_shape(ctx)
     if not shape or len(shape) != 3:
@@ -566,9 +564,9 @@ def mha_coherence(ctx: Ctx, coh: Any) -> dict[str, Any]:
     parts = _MHA._parts(ctx, coh.along(shape, axis))
     if not parts:
         return {}
-    got: dict[str, Any] = {}
+    got: dict[str, tuple[float, Any, int]] = {}
     for name, share in parts[2].items():
         in_shape = ctx.shape(name)
         if share > 0.0 and in_shape is not None and len(in_shape) == 3:
-            got[name] = Coherence(share, frozenset({block_of(in_shape, axis)}))
+            got[name] = (share, in_shape, axis)
     return got
