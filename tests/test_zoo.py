@@ -26,11 +26,13 @@ sys.path.insert(0, str(ZOO.parent))
 zoo = pytest.importorskip("zoo")  # benchmarks/zoo.py: the scoring is the benchmark's own
 
 #: Quick ones (a few seconds each) covering CNN, BatchNorm, zero-init head, RNN, decoder,
-#: encoder-decoder with a masked NaN, and known-bad variants.
+#: encoder-decoder with a masked NaN, equal deep-copied layers with mean pooling, an
+#: encoder read only through cross-attention, and known-bad variants.
 SUBSET = ("classic/resnet18", "classic/resnet50", "classic/mobilenetv2", "classic/vgg11",
           "classic/vit", "classic/densenet121",
           "classic/rezero_mlp", "hf_decoders/llama", "hf_encoders/t5_conditional",
-          "bad/sigmoid_mlp20", "bad/dead_relu_negbias", "bad/lstm200_forget0")
+          "bad/sigmoid_mlp20", "bad/dead_relu_negbias", "bad/lstm200_forget0",
+          "classic/transformer_meanpool", "hf_encoders/whisper_conditional")
 
 
 def _doc(name: str, seed: int = 0, init_seed: int | None = None) -> dict[str, Any]:
