@@ -203,8 +203,8 @@ class _LogSoftmax:
 
 
 def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
-               causal: bool, rows: tuple[int, ...] | None = None, shared_width: int = 0
-               ) -> tuple[Mom, float, float, float]:
+               causal: bool, rows: tuple[int, ...] | None = None, shared_width: int = 0,
+               common: float = 0.0) -> tuple[Mom, float, float, float]:
     """Output moments and S-gains to (q, k, v) of softmax(q k^T * scale) v.
 
     Value path: each value row is averaged with weights p, so S_v = A. Query and
@@ -224,11 +224,16 @@ def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
     D w_k^2 sigma^2 and likewise v, scale^2 d Var[k] Var[v] (1 - A) / D: 1/(D B)
     ~ T/D times the B term. On a Pre-LN encoder with T = 24, D = 32 the query
     projection was 0.34 decade low in squared norm without it.
+
+    ``common``: the share of the values' variance that is the same at every key
+    (``gradscope.estimate.collapse``); it passes whole, only the rest is averaged
+    down to A: the output's variance is Var[v] (common + (1 - common) A).
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(max(d, 1))
     logit_var = scale * scale * d * qm[1] * km[1]
     a, b = softmax_terms(max(t, 1), logit_var, causal, rows)
-    out = (vm[0], vm[0] ** 2 + var_of(vm) * a)
+    mixed = common + (1.0 - common) * a if common > 0.0 else a
+    out = (vm[0], vm[0] ** 2 + var_of(vm) * mixed)
     s_qk = scale * scale * d * vm[1] * b
     s_q = s_qk * km[1]
     if shared_width:
@@ -362,6 +367,31 @@ def output_coherence(ctx: Ctx, axis: int) -> float:
     return float(coh.along(shape, axis)) if coh is not None and shape else 0.0
 
 
+def _value_common(ctx: Ctx, value: str) -> float:
+    """The share of the values' variance common to every key (forward sweep only)."""
+    coh = getattr(ctx.est, "token_share", {}).get(value)
+    shape = ctx.shape(value)
+    if coh is None or not shape or len(shape) < 2:
+        return 0.0
+    return float(coh.along(shape, len(shape) - 2))
+
+
+def sdpa_value_share(ctx: Ctx) -> tuple[float, float] | None:
+    """(value-path variance gain, token-mean share of the output) of an sdpa node.
+
+    ``gradscope.estimate.collapse.attention_token_share`` with the value input's share
+    along the keys and the rows' A; None where the node's arguments are not understood.
+    """
+    from gradscope.estimate.collapse import attention_token_share
+
+    parts = _SDPA._parts(ctx)
+    if not parts:
+        return None
+    tq, tk, a, _, _ = parts[5]
+    names = parts[4]
+    return attention_token_share(_value_common(ctx, names[2]), tq, tk, a)
+
+
 @rule("sdpa")
 class _SDPA:
     @staticmethod
@@ -382,7 +412,8 @@ class _SDPA:
         out, sq, sk, sv = _attention(tk, int(qshape[-1]),
                                      scale if isinstance(scale, float) else None,
                                      moms[0], moms[1], moms[2], causal,  # type: ignore[arg-type]
-                                     rows, shared_input_width(ctx, names[1], names[2]))
+                                     rows, shared_input_width(ctx, names[1], names[2]),
+                                     _value_common(ctx, names[2]))
         return out, sq, sk, sv, names, (tq, tk, sv, causal, rows)
 
     @staticmethod
