@@ -127,3 +127,28 @@ def test_equal_post_ln_stack_against_autograd() -> None:
     assert abs(math.log10(top[1] / second[-1])) < 0.05, (top[1], second[-1])
     bottom = est.sq_norm_mean[sums[0]]
     assert abs(math.log10(bottom / grads[0])) < 0.15, (bottom, grads[0])
+
+
+class TwoModuleAttentions(nn.Module):
+    """As :class:`TwoAttentions`, with ``nn.MultiheadAttention`` modules (kept whole)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a1 = nn.MultiheadAttention(D, 4, batch_first=True)
+        self.a2 = nn.MultiheadAttention(D, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a1(x, x, x, need_weights=False)[0]
+        return self.a2(h, h, h, need_weights=False)[0]
+
+
+def test_second_module_attention_output_against_autograd() -> None:
+    model = TwoModuleAttentions().eval()
+    x = torch.randn(8, T, D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        measured = float(model(x).pow(2).mean())
+    traced = trace_model(model, (x,))
+    mom = estimate(traced, (x,)).moments[traced.output_node]
+    assert mom is not None
+    assert abs(math.log10(mom[1] / measured)) < 0.2, (mom[1], measured)

@@ -29,19 +29,19 @@ backward gain ``1 / q_in`` is where the gradient's decay in mid-stack comes from
 
 How the share moves (a lower bound, like the gradient's coherent share in
 ``gradscope.estimate.coherence``, whose axis blocks :class:`Coherence` this reuses): it is
-*set* by attention (:func:`attention_token_share`); *kept* by ops that act on every
-position alike (a linear layer: ``fan w^2 (c Var[x] + m_x^2) + E[b^2] - m_y^2`` of
-``Var[y]``, since its bias and the image of the input's unit means are the same vector at
-every position, which also *sets* a share behind an activation with a non-zero mean, a
-ReLU's or GELU's; LayerNorm / RMSNorm: per-position statistics over features, the
-same at every position when the positions are, ``c E[gamma^2] / Var[y]``; residual
-additions: the common energies add, and the excess of a coherent sum (equal blocks,
-``tied``) is the cross term between the branch and the earlier outputs of equal
-branches on the stream, which have the branch's own composition, so a share ``c_branch``
-of it is common; reshapes, transposes, permutes,
-picks and splits, which move the axes); *diluted* by dropout (a mask per position: ``1 - p``)
-and activations (first Hermite term: ``E[phi']^2 c Var[x] / Var[phi(x)]``); and *lost*
-(0, the old independent-positions assumption) at every op not listed.
+*set* by attention (:func:`attention_token_share`; ``sdpa`` and
+``nn.MultiheadAttention``); *kept* by ops that act on every position alike (a linear
+layer: ``fan w^2 (c Var[x] + m_x^2) + E[b^2] - m_y^2`` of ``Var[y]``, since its bias and
+the image of the input's unit means are the same vector at every position, which also
+*sets* a share behind an activation with a non-zero mean, a ReLU's or GELU's; LayerNorm /
+RMSNorm: per-position statistics over features, the same at every position when the
+positions are, ``c E[gamma^2] / Var[y]``; residual additions: the common energies add, and
+the excess of a coherent sum (equal blocks, ``tied``) is the cross term between the branch
+and the earlier outputs of equal branches on the stream, which have the branch's own
+composition, so a share ``c_branch`` of it is common; reshapes, transposes, permutes,
+picks and splits, which move the axes); *diluted* by dropout (a mask per
+position: ``1 - p``) and activations (first Hermite term: ``E[phi']^2 c Var[x] / Var[phi(x)]``); and
+*lost* (0, the old independent-positions assumption) at every op not listed.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ class CollapseForward:
         key = ctx.data.key
         if key == "sdpa":
             return self._sdpa(ctx)
+        if key == "mha":
+            return self._mha(ctx)
         out_shape = ctx.shape()
         if out_shape is None:
             return INCOHERENT
@@ -216,6 +218,17 @@ class CollapseForward:
             return INCOHERENT
         _, share = found
         return Coherence(share, frozenset({block_of(out_shape, len(out_shape) - 2)}))
+
+    @staticmethod
+    def _mha(ctx: Any) -> Coherence:
+        """nn.MultiheadAttention: the share its rule computes, along the sequence axis."""
+        from gradscope.estimate.ops_attention import _MHA
+        parts = _MHA._parts(ctx)
+        out_shape = ctx.shape()
+        if parts is None or not out_shape or parts[4] <= 0.0:
+            return INCOHERENT
+        axis = _MHA._sequence_axis(ctx) if len(out_shape) == 3 else 0
+        return Coherence(parts[4], frozenset({block_of(out_shape, axis)}))
 
     def _add(self, ctx: Any, mom: Mom, out_shape: Sequence[int]) -> Coherence:
         """Common energies add over the blocks both inputs share; a coherent excess (equal

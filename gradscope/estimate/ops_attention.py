@@ -502,8 +502,17 @@ class _MHA:
 
     @staticmethod
     def _parts(ctx: Ctx, c: float = 0.0
-               ) -> tuple[Mom, dict[str, float], dict[str, float], dict[str, float]] | None:
-        """(output moments, gains, coherent shares, the core's structural gains)."""
+               ) -> tuple[Mom, dict[str, float], dict[str, float], dict[str, float],
+                          float] | None:
+        """(output moments, gains, coherent shares, the core's structural gains, the
+        output's token-mean share along the sequence axis).
+
+        The values' share common to every position (``gradscope.estimate.collapse``)
+        passes the core whole, as in :func:`_attention`; the out-projection keeps it
+        with its bias and the image of the core's mean counted as common (as ``linear``).
+        """
+        from gradscope.estimate.collapse import attention_token_share
+
         m = ctx.module
         if m is None:
             return None
@@ -536,11 +545,23 @@ class _MHA:
         d = e // m.num_heads
         # keys and values projected from one input are correlated at each key (_attention)
         shared = int(kd) if names[1] == names[2] else 0
-        out, sq, sk, a = _attention(t, d, None, proj[0], proj[1], proj[2], False, None, shared)
+        vshape = ctx.shape(names[2])
+        vcoh = getattr(ctx.est, "token_share", {}).get(names[2])
+        vm = moms[2]
+        cv = 0.0
+        if vcoh is not None and vshape and vm is not None and vm[1] > 0.0:
+            axis = _MHA._sequence_axis(ctx) if len(vshape) == 3 else 0
+            cv = float(vcoh.along(vshape, axis)) * var_of(vm) / vm[1]
+        out, sq, sk, a = _attention(t, d, None, proj[0], proj[1], proj[2], False, None, shared,
+                                    cv)
         sv, share_v, share_q = attention_coherence(c, tq, t, a, False, None)
         _, wo2 = weight_stats(m.out_proj.weight, (0.0, 1.0 / (3.0 * e)))
         bm, b2 = weight_stats(m.out_proj.bias, (0.0, 0.0))
         q_out = e * wo2 * out[1] + b2
+        _, share_core = attention_token_share(cv, tq, t, a)
+        common = e * wo2 * (share_core * var_of(out) + out[0] ** 2) + b2 - bm * bm
+        var_out = q_out - bm * bm
+        token_share = min(max(common / var_out, 0.0), 1.0) if var_out > 0.0 else 0.0
         s_attn = e * wo2
         gains: dict[str, float] = {}
         coherent: dict[str, float] = {}
@@ -550,7 +571,7 @@ class _MHA:
             gains[name] = gains.get(name, 0.0) + gain
             coherent[name] = coherent.get(name, 0.0) + gain * share
         shares = {n: min(coherent[n] / gains[n], 1.0) for n in gains if gains[n] > 0.0}
-        return (bm, q_out), gains, shares, _core_structural(names, (sq, sk, sv))
+        return (bm, q_out), gains, shares, _core_structural(names, (sq, sk, sv)), token_share
 
     @staticmethod
     def _sequence_axis(ctx: Ctx) -> int:
