@@ -40,6 +40,7 @@ import torch
 
 from gradscope.estimate.catalogue import backward_rule, forward_rule, understands
 from gradscope.estimate.coherence import CoherenceBackward
+from gradscope.estimate.collapse import CollapseForward
 from gradscope.estimate.fluctuation import chi2_log_stats, typical_log_shift
 from gradscope.estimate.ops_activation import activation_log_gain
 from gradscope.estimate.ops_base import (
@@ -151,6 +152,8 @@ class _Estimator(SweepState):
         segments = SegmentForward(self)
         # residual blocks holding equal weights add coherently: gradscope.estimate.tied
         tied = find_tied_blocks(self.traced)
+        # the share of each signal that is the same at every position: estimate.collapse
+        collapse = CollapseForward(self, tied)
         input_index = 0
         for name in order:
             data = node_record(self.graph, name)
@@ -185,6 +188,7 @@ class _Estimator(SweepState):
             self.moments[name] = tied.forward(name, self.moments, _finite_moments(mom),
                                               name in segments.segments)
             self.spread[name] = _spread_of(ctx, self.moments[name], self.pending_spread)
+            collapse.run(ctx, self.moments[name])
         est.moments = dict(self.moments)
         needs_grad = self._needs_grad(order)
 

@@ -203,8 +203,8 @@ class _LogSoftmax:
 
 
 def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
-               causal: bool, rows: tuple[int, ...] | None = None, shared_width: int = 0
-               ) -> tuple[Mom, float, float, float]:
+               causal: bool, rows: tuple[int, ...] | None = None, shared_width: int = 0,
+               common: float = 0.0) -> tuple[Mom, float, float, float]:
     """Output moments and S-gains to (q, k, v) of softmax(q k^T * scale) v.
 
     Value path: each value row is averaged with weights p, so S_v = A. Query and
@@ -224,11 +224,16 @@ def _attention(t: int, d: int, scale: float | None, qm: Mom, km: Mom, vm: Mom,
     D w_k^2 sigma^2 and likewise v, scale^2 d Var[k] Var[v] (1 - A) / D: 1/(D B)
     ~ T/D times the B term. On a Pre-LN encoder with T = 24, D = 32 the query
     projection was 0.34 decade low in squared norm without it.
+
+    ``common``: the share of the values' variance that is the same at every key
+    (``gradscope.estimate.collapse``); it passes whole, only the rest is averaged
+    down to A: the output's variance is Var[v] (common + (1 - common) A).
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(max(d, 1))
     logit_var = scale * scale * d * qm[1] * km[1]
     a, b = softmax_terms(max(t, 1), logit_var, causal, rows)
-    out = (vm[0], vm[0] ** 2 + var_of(vm) * a)
+    mixed = common + (1.0 - common) * a if common > 0.0 else a
+    out = (vm[0], vm[0] ** 2 + var_of(vm) * mixed)
     s_qk = scale * scale * d * vm[1] * b
     s_q = s_qk * km[1]
     if shared_width:
@@ -362,6 +367,31 @@ def output_coherence(ctx: Ctx, axis: int) -> float:
     return float(coh.along(shape, axis)) if coh is not None and shape else 0.0
 
 
+def _value_common(ctx: Ctx, value: str) -> float:
+    """The share of the values' variance common to every key (forward sweep only)."""
+    coh = getattr(ctx.est, "token_share", {}).get(value)
+    shape = ctx.shape(value)
+    if coh is None or not shape or len(shape) < 2:
+        return 0.0
+    return float(coh.along(shape, len(shape) - 2))
+
+
+def sdpa_value_share(ctx: Ctx) -> tuple[float, float] | None:
+    """(value-path variance gain, token-mean share of the output) of an sdpa node.
+
+    ``gradscope.estimate.collapse.attention_token_share`` with the value input's share
+    along the keys and the rows' A; None where the node's arguments are not understood.
+    """
+    from gradscope.estimate.collapse import attention_token_share
+
+    parts = _SDPA._parts(ctx)
+    if not parts:
+        return None
+    tq, tk, a, _, _ = parts[5]
+    names = parts[4]
+    return attention_token_share(_value_common(ctx, names[2]), tq, tk, a)
+
+
 @rule("sdpa")
 class _SDPA:
     @staticmethod
@@ -382,7 +412,8 @@ class _SDPA:
         out, sq, sk, sv = _attention(tk, int(qshape[-1]),
                                      scale if isinstance(scale, float) else None,
                                      moms[0], moms[1], moms[2], causal,  # type: ignore[arg-type]
-                                     rows, shared_input_width(ctx, names[1], names[2]))
+                                     rows, shared_input_width(ctx, names[1], names[2]),
+                                     _value_common(ctx, names[2]))
         return out, sq, sk, sv, names, (tq, tk, sv, causal, rows)
 
     @staticmethod
@@ -471,8 +502,17 @@ class _MHA:
 
     @staticmethod
     def _parts(ctx: Ctx, c: float = 0.0
-               ) -> tuple[Mom, dict[str, float], dict[str, float], dict[str, float]] | None:
-        """(output moments, gains, coherent shares, the core's structural gains)."""
+               ) -> tuple[Mom, dict[str, float], dict[str, float], dict[str, float],
+                          float] | None:
+        """(output moments, gains, coherent shares, the core's structural gains, the
+        output's token-mean share along the sequence axis).
+
+        The values' share common to every position (``gradscope.estimate.collapse``)
+        passes the core whole, as in :func:`_attention`; the out-projection keeps it
+        with its bias and the image of the core's mean counted as common (as ``linear``).
+        """
+        from gradscope.estimate.collapse import attention_token_share
+
         m = ctx.module
         if m is None:
             return None
@@ -505,11 +545,23 @@ class _MHA:
         d = e // m.num_heads
         # keys and values projected from one input are correlated at each key (_attention)
         shared = int(kd) if names[1] == names[2] else 0
-        out, sq, sk, a = _attention(t, d, None, proj[0], proj[1], proj[2], False, None, shared)
+        vshape = ctx.shape(names[2])
+        vcoh = getattr(ctx.est, "token_share", {}).get(names[2])
+        vm = moms[2]
+        cv = 0.0
+        if vcoh is not None and vshape and vm is not None and vm[1] > 0.0:
+            axis = _MHA._sequence_axis(ctx) if len(vshape) == 3 else 0
+            cv = float(vcoh.along(vshape, axis)) * var_of(vm) / vm[1]
+        out, sq, sk, a = _attention(t, d, None, proj[0], proj[1], proj[2], False, None, shared,
+                                    cv)
         sv, share_v, share_q = attention_coherence(c, tq, t, a, False, None)
         _, wo2 = weight_stats(m.out_proj.weight, (0.0, 1.0 / (3.0 * e)))
         bm, b2 = weight_stats(m.out_proj.bias, (0.0, 0.0))
         q_out = e * wo2 * out[1] + b2
+        _, share_core = attention_token_share(cv, tq, t, a)
+        common = e * wo2 * (share_core * var_of(out) + out[0] ** 2) + b2 - bm * bm
+        var_out = q_out - bm * bm
+        token_share = min(max(common / var_out, 0.0), 1.0) if var_out > 0.0 else 0.0
         s_attn = e * wo2
         gains: dict[str, float] = {}
         coherent: dict[str, float] = {}
@@ -519,7 +571,7 @@ class _MHA:
             gains[name] = gains.get(name, 0.0) + gain
             coherent[name] = coherent.get(name, 0.0) + gain * share
         shares = {n: min(coherent[n] / gains[n], 1.0) for n in gains if gains[n] > 0.0}
-        return (bm, q_out), gains, shares, _core_structural(names, (sq, sk, sv))
+        return (bm, q_out), gains, shares, _core_structural(names, (sq, sk, sv)), token_share
 
     @staticmethod
     def _sequence_axis(ctx: Ctx) -> int:

@@ -40,6 +40,9 @@ class SweepState:
         #: The coherent share of each node's gradient (``gradscope.estimate.coherence``),
         #: set by the backward sweep before the node's rule runs: attention reads it.
         self.grad_coherence: dict[str, Any] = {}
+        #: The token-mean share of each node's output (``gradscope.estimate.collapse``),
+        #: set by the forward sweep after the node's rule: attention reads its values'.
+        self.token_share: dict[str, Any] = {}
         #: Recurrent unrolls by node (gradscope.estimate.recurrent.RecurrentEstimate).
         self.recurrent: dict[str, Any] = {}
         #: Cells called in a loop (``gradscope.estimate.ops_recurrent``): each call's step and
