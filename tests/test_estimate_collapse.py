@@ -32,7 +32,7 @@ T, D = 16, 64
 
 
 def test_attention_token_share_limits() -> None:
-    from gradscope.estimate.collapse import attention_token_share
+    from gradscope.estimate.ops_attention import attention_token_share
 
     # uniform rows over independent values: the output is one vector at every position
     gain, share = attention_token_share(0.0, T, T, 1.0 / T)

@@ -29,7 +29,7 @@ backward gain ``1 / q_in`` is where the gradient's decay in mid-stack comes from
 
 How the share moves (a lower bound, like the gradient's coherent share in
 ``gradscope.estimate.coherence``, whose axis blocks :class:`Coherence` this reuses): it is
-*set* by attention (:func:`attention_token_share`; ``sdpa`` and
+*set* by attention (``ops_attention.attention_token_share``; ``sdpa`` and
 ``nn.MultiheadAttention``); *kept* by ops that act on every position alike (a linear
 layer: ``fan w^2 (c Var[x] + m_x^2) + E[b^2] - m_y^2`` of ``Var[y]``, since its bias and
 the image of the input's unit means are the same vector at every position, which also
@@ -66,22 +66,6 @@ from gradscope.estimate.coherence import (
 )
 from gradscope.estimate.statistics import Mom, var_of, weight_stats
 from gradscope.tracing.graph import Ref, node_record
-
-
-def attention_token_share(c: float, tq: int, tk: int, a: float) -> tuple[float, float]:
-    """(value-path variance gain, token-mean share of the output) for near-uniform rows.
-
-    ``c``: the value rows' common share along the keys; ``a``: ``E[sum_j p_ij^2]``. The gain
-    ``c + (1 - c) a`` replaces mean field's ``a``; the output's share is the excess over
-    chance ``1 / T_q`` of ``(c + (1 - c) / T_k) / (c + (1 - c) a)`` (module docstring).
-    """
-    c = min(max(c, 0.0), 1.0)
-    gain = c + (1.0 - c) * a
-    if gain <= 0.0 or tq <= 1 or tk < 1:
-        return a, 0.0
-    raw = min((c + (1.0 - c) / tk) / gain, 1.0)
-    chance = 1.0 / tq
-    return gain, max((raw - chance) / (1.0 - chance), 0.0)
 
 
 class CollapseForward:

@@ -379,17 +379,31 @@ def _value_common(ctx: Ctx, value: str) -> float:
 def sdpa_value_share(ctx: Ctx) -> tuple[float, float] | None:
     """(value-path variance gain, token-mean share of the output) of an sdpa node.
 
-    ``gradscope.estimate.collapse.attention_token_share`` with the value input's share
+    :func:`attention_token_share` with the value input's share
     along the keys and the rows' A; None where the node's arguments are not understood.
     """
-    from gradscope.estimate.collapse import attention_token_share
-
     parts = _SDPA._parts(ctx)
     if not parts:
         return None
     tq, tk, a, _, _ = parts[5]
     names = parts[4]
     return attention_token_share(_value_common(ctx, names[2]), tq, tk, a)
+
+
+def attention_token_share(c: float, tq: int, tk: int, a: float) -> tuple[float, float]:
+    """(value-path variance gain, token-mean share of the output) for near-uniform rows.
+
+    ``c``: the value rows' common share along the keys; ``a``: ``E[sum_j p_ij^2]``. The gain
+    ``c + (1 - c) a`` replaces mean field's ``a``; the output's share is the excess over
+    chance ``1 / T_q`` of ``(c + (1 - c) / T_k) / (c + (1 - c) a)`` (module docstring).
+    """
+    c = min(max(c, 0.0), 1.0)
+    gain = c + (1.0 - c) * a
+    if gain <= 0.0 or tq <= 1 or tk < 1:
+        return a, 0.0
+    raw = min((c + (1.0 - c) / tk) / gain, 1.0)
+    chance = 1.0 / tq
+    return gain, max((raw - chance) / (1.0 - chance), 0.0)
 
 
 @rule("sdpa")
@@ -511,8 +525,6 @@ class _MHA:
         passes the core whole, as in :func:`_attention`; the out-projection keeps it
         with its bias and the image of the core's mean counted as common (as ``linear``).
         """
-        from gradscope.estimate.collapse import attention_token_share
-
         m = ctx.module
         if m is None:
             return None
