@@ -119,6 +119,10 @@ class AnalysisOptions:
         "SGD momentum for --lr; the first step does not depend on it", "float"))
     weight_decay: float = field(default=0.0, metadata=_meta(
         "Weight decay for --lr (coupled for sgd/adam, decoupled for adamw)", "float"))
+    steps: int | None = field(default=None, metadata=_meta(
+        "Planned length of the training run in optimiser steps: warmup advice is a share "
+        "of it (at most 10%); without it no warmup length is advised", "int", metavar="N",
+        minimum=1))
     batches: int = field(default=3, metadata=_meta(
         "Probe batches: the example inputs and N-1 seeded ones", "int", minimum=1))
     #: A name from LOSSES, a ``loss_fn(output, inputs)``, or None: the model file's
@@ -203,6 +207,8 @@ class AnalysisOptions:
             value = getattr(self, name)
             if not _is_number(value) or not value >= 0:
                 raise bad(name, "must be a non-negative number", value)
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
+            raise bad("steps", "must be a whole number >= 1", self.steps)
         if not _is_int(self.batches) or self.batches < 1:
             raise bad("batches", "must be a whole number >= 1", self.batches)
         if self.timeout is not None and (not _is_number(self.timeout)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import linecache
 import math
-import re
 from collections.abc import Callable
 
 import pytest
@@ -496,11 +495,14 @@ def median(values: list[float]) -> float:
 
 
 def test_gs601_learning_rate_too_large() -> None:
+    """A fact, not a factor: a factor computed from the ratio band rescued 3 of 24 failing
+    runs and worsened 22 of 36 that trained (issue 14), so none is offered; warmup only as
+    a share of the planned run."""
     model, x, lr = relu_mlp(0.0, depth=4), inputs(16, 16), 10.0
     report = gradscope.analyze(model, x, device="cpu", lr=lr, optimizer="sgd")
     finding = one(report, "GS601")
     check_finding(finding)
-    assert finding.severity == "warning"
+    assert finding.severity == "info"
     assert "GS602" not in codes(report)  # the whole model is off: GS601 covers it
     ratios = update_ratios(model, x, lr)
     mid = median(list(ratios.values()))
@@ -510,21 +512,15 @@ def test_gs601_learning_rate_too_large() -> None:
         assert report.layer(f"_{name}").update_ratio == pytest.approx(ratio, rel=1e-6)
     worst = max(ratios, key=lambda n: abs(math.log10(ratios[n] / TARGET)))
     assert finding.location.module == worst == "8"  # the head
-    factor = finding.evidence["factor"]
-    assert isinstance(factor, float)
-    assert factor == pytest.approx(TARGET / mid, rel=1e-6)
-    kinds = [r.kind for r in finding.recommendations]
-    assert kinds == ["learning_rate", "warmup"]
-    rec = finding.recommendations[0]
-    assert rec.code is not None
-    new_lr = float(re.search(r"lr=([0-9.e+-]+)\)", rec.code).group(1))  # type: ignore[union-attr]
-    assert new_lr == pytest.approx(lr * factor, rel=5e-3)  # printed to 3 digits
-    # The recommended rate, recomputed from scratch, puts the median ratio at 1e-3...
-    assert median(list(update_ratios(model, x, new_lr).values())) == pytest.approx(TARGET, rel=5e-3)
-    # ... and gradscope agrees: no GS601 there.
-    again = gradscope.analyze(model, x, device="cpu", lr=new_lr)
-    assert "GS601" not in codes(again)
-    assert "5 epochs" in finding.recommendations[1].text  # SGD warmup (Goyal et al. 2017)
+    assert "factor" not in finding.evidence
+    assert not finding.recommendations  # no --steps: no warmup length either
+    planned = gradscope.analyze(model, x, device="cpu", lr=lr, optimizer="sgd", steps=300)
+    (warmup,) = one(planned, "GS601").recommendations
+    assert warmup.kind == "warmup" and "first 30 steps" in warmup.text  # 10% of 300
+    assert "total_iters=30" in (warmup.code or "")
+    adam = gradscope.analyze(model, x, device="cpu", lr=lr, optimizer="adam", steps=50_000)
+    (warmup,) = one(adam, "GS601").recommendations
+    assert "total_iters=2000" in (warmup.code or "")  # 2 / (1 - beta2), under 10% of 50k
 
 
 def test_gs601_gs602_in_band_is_healthy() -> None:
@@ -554,9 +550,8 @@ def test_gs602_one_layer_outlier() -> None:
     assert ratios["0"] > 1e2  # ~570: the first step would rewrite the layer many times over
     assert finding.evidence["update_ratio"] == pytest.approx(ratios["0"], rel=1e-6)
     assert finding.evidence["median_update_ratio"] == pytest.approx(mid, rel=1e-6)
-    assert finding.evidence["factor"] == pytest.approx(TARGET / ratios["0"], rel=1e-6)
-    assert [r.kind for r in finding.recommendations] == ["learning_rate"]
-    assert "get_submodule('0')" in (finding.recommendations[0].code or "")
+    assert "factor" not in finding.evidence
+    assert not finding.recommendations  # a fact: no per-layer rate without a measured run
 
 
 # ---------------------------------------------------------------------------

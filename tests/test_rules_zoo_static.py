@@ -282,7 +282,8 @@ def test_clip_threshold_is_derived_from_the_probe() -> None:
 def test_post_ln_fix_is_pre_ln_with_lower_last_layer_gradient() -> None:
     (finding,) = found("post_ln", "GS703")
     kinds = [r.kind for r in finding.recommendations]
-    assert "warmup" in kinds
+    assert "warmup" not in kinds  # no --steps: no warmup length
+    assert "--steps" in finding.message
     pre = next(r for r in finding.recommendations if r.kind == "normalization")
     assert pre.verified is not None and pre.verified.after < pre.verified.before / 1.1
     assert "norm_first=True" in (pre.code or "")

@@ -158,6 +158,9 @@ class Analysis:
     #: What the estimate ran on (fixes are re-estimated on the same inputs).
     inputs: tuple[Any, ...] = ()
     declared: dict[int, tuple[float, float]] | None = None
+    #: The planned run's length in optimiser steps (``--steps``): warmup advice is a share
+    #: of it; None: no warmup length is advised.
+    steps: int | None = None
     #: Results shared between checks (verified fixes are costly: one estimate each).
     memo: dict[str, Any] = field(default_factory=dict)
 

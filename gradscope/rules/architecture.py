@@ -87,9 +87,9 @@ GS703 = Rule(
     "large early steps destabilise training unless the learning rate is warmed up.",
     why="Without warmup Post-LN transformers often diverge or get stuck; Pre-LN "
     "(x + f(LayerNorm(x)), plus a final LayerNorm) trains without it.",
-    fix="Warm the learning rate up (thousands of steps), or move to Pre-LN: "
-    "norm_first=True on nn.TransformerEncoderLayer, or LayerNorm on each sublayer's input "
-    "and one after the last block.",
+    fix="Warm the learning rate up (a share of the run, at most 10%: give --steps), or "
+    "move to Pre-LN: norm_first=True on nn.TransformerEncoderLayer, or LayerNorm on each "
+    "sublayer's input and one after the last block.",
     references=(XIONG, "Liu et al. 2020, Understanding the Difficulty of Training "
                 "Transformers (EMNLP)"),
 )
@@ -275,7 +275,8 @@ def check_post_ln(analysis: Analysis) -> list[Finding]:
     if len(pairs) < 2:
         return []
     optimizer = analysis.probe.optimizer if analysis.probe is not None else None
-    fixes = [warmup_recommendation(optimizer or "adam")]
+    warmup = warmup_recommendation(optimizer or "adam", analysis.steps)
+    fixes = [warmup] if warmup is not None else []
     pre = analysis.fixer.pre_ln(pairs)
     if pre is not None:
         fixes.append(pre)
@@ -283,7 +284,9 @@ def check_post_ln(analysis: Analysis) -> list[Finding]:
     return [GS703.finding(
         f"Post-LN: {len(pairs)} residual adds are each followed by a LayerNorm (first: "
         f"{op_of(analysis, first_norm)}); the residual stream is renormalised at every "
-        "sublayer, which needs learning-rate warmup (Xiong et al. 2020).",
+        "sublayer, which needs learning-rate warmup (Xiong et al. 2020)"
+        + ("." if analysis.steps is not None else
+           "; give --steps (the planned run's length) for a warmup length."),
         location(analysis, first_norm), None, fixes,
         {"post_ln_blocks": len(pairs)})]
 

@@ -159,6 +159,7 @@ class Analysis(Protocol):
     thresholds: Thresholds
     inputs: tuple[Any, ...]
     declared: dict[int, tuple[float, float]] | None
+    steps: int | None
 
     def remember(self, key: str, compute: Callable[[], Any]) -> Any: ...
     def mean_and_variance(self, node: str) -> tuple[float, float] | None: ...
