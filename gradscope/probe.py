@@ -47,6 +47,9 @@ class ProbeResult:
     grad_rms: dict[str, float | None] = field(default_factory=dict)
     param_grad_ratio: dict[str, float | None] = field(default_factory=dict)
     param_grad_norm: dict[str, float | None] = field(default_factory=dict)
+    #: The global gradient norm over every trainable weight (each counted once), per
+    #: probe batch: what ``clip_grad_norm_`` would see on each step.
+    batch_grad_norms: list[float] = field(default_factory=list)
     #: ||first optimiser update|| / ||W|| per node, when a learning rate is given.
     update_ratio: dict[str, float | None] = field(default_factory=dict)
     lr: float | None = None
@@ -595,6 +598,10 @@ def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Param
                 per_batch.append(math.sqrt(v / b.acc.numel.get(name, 1)) / rms_out)
         if len(per_batch) > 1:
             result.grad_rms_range[name] = (min(per_batch), max(per_batch))
+    for b in usable:
+        total = sum(stats[0] for stats in b.param_stats.values() if stats is not None)
+        if math.isfinite(total):
+            result.batch_grad_norms.append(math.sqrt(total))
     w_sqs: dict[int, float] = {}  # a weight shared by several nodes is measured once
     for name, weights in _node_weights(traced, params).items():
         w_sq = 0.0

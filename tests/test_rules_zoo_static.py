@@ -9,6 +9,7 @@ must come verified: ``verified.after`` closer to 1 than ``verified.before``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -272,11 +273,40 @@ def test_exploding_init_fix_brings_the_ratio_to_about_one() -> None:
 
 
 def test_clip_threshold_is_derived_from_the_probe() -> None:
+    """The threshold cuts what it is meant to cut: below the global norm of the probe
+    batches it clips, and it says how many (issue 14: 4.5e9 offered against 2.9e9)."""
     (finding,) = found("relu_large_init", "GS202")
-    clip = next(r for r in finding.recommendations if r.kind == "gradient_clipping")
+    clip = next(r for r in finding.recommendations if r.kind == "gradient_clipping"
+                and "clip_grad_norm_" in (r.code or ""))
     assert clip.code is not None
     max_norm = float(clip.code.split("max_norm=")[1].rstrip(")"))
     assert f"{max_norm:g}" in clip.text and max_norm > 0
+    match = re.search(r"so it clips (\d+) of (\d+)", clip.text)
+    assert match is not None, clip.text
+    assert 1 <= int(match.group(1)) <= int(match.group(2))
+    norms = [float(v) for v in re.findall(r"global norm was ([0-9.e+-]+) to ([0-9.e+-]+)",
+                                          clip.text)[0]]
+    assert max_norm < max(norms)
+
+
+def test_no_clip_threshold_that_would_clip_nothing() -> None:
+    """Where the healthy reference is above every measured batch norm, clipping at it would
+    cut nothing: no threshold is offered."""
+    from types import SimpleNamespace
+
+    from gradscope.rules.exploding import clipping_fixes
+
+    probe = SimpleNamespace(param_grad_norm={"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0},
+                            param_grad_ratio={}, batch_grad_norms=[1.5, 1.9])
+    traced = SimpleNamespace(order=lambda: ["a", "b", "c", "d"])
+    analysis = SimpleNamespace(probe=probe, traced=traced)
+    # reference: sqrt(4) x 1.0 = 2.0, above both batches' global norms
+    assert not [r for r in clipping_fixes(analysis, 1.9)  # type: ignore[arg-type]
+                if "clip_grad_norm_" in (r.code or "")]
+    probe.batch_grad_norms = [1.5, 4.0]
+    (clip,) = [r for r in clipping_fixes(analysis, 3.0)  # type: ignore[arg-type]
+               if "clip_grad_norm_" in (r.code or "")]
+    assert "max_norm=2)" in (clip.code or "") and "clips 1 of 2" in clip.text
 
 
 def test_post_ln_fix_is_pre_ln_with_lower_last_layer_gradient() -> None:
