@@ -240,8 +240,6 @@ DE_SMITH = "De & Smith 2020, Batch Normalization Biases Residual Blocks Towards 
 ZHANG_FIXUP = "Zhang, Dauphin & Ma 2019, Fixup Initialization: Residual Learning Without " \
     "Normalization (ICLR)"
 LU = "Lu et al. 2020, Dying ReLU and Initialization: Theory and Numerical Examples"
-BROCK = "Brock et al. 2021, High-Performance Large-Scale Image Recognition Without " \
-    "Normalization (adaptive gradient clipping)"
 
 
 

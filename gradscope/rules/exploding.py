@@ -89,7 +89,7 @@ def healthy_clip_norm(analysis: Analysis) -> tuple[float, float, int] | None:
 
 
 def clipping_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommendation]:
-    """clip_grad_norm_ at a norm derived from the probe, and adaptive clipping for large batches.
+    """clip_grad_norm_ at a norm derived from the probe.
 
     The threshold is the global norm the network would have if each of its L
     layers had the gradient norm its output layers measured
@@ -97,10 +97,9 @@ def clipping_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommen
     healthy step alone and cuts what the exploding layers add (Pascanu et al.
     2013 clip at the typical norm). It is offered only where it is below the
     global norm of some probe batch, with the share it clips: a threshold above
-    every measured norm cuts nothing. AGC
-    (Brock et al. 2021) clips each unit at lambda * ||W||; lambda = 0.01 is
-    their value for batch 4096, and the probe's median ||grad W||/||W|| says
-    how much of the network it would clip at this initialisation.
+    every measured norm cuts nothing. Adaptive gradient clipping (Brock et al.
+    2021) is not offered: its lambda depends on the training batch size, which the
+    analysis does not know, and nothing here could verify it.
     """
     fixes = []
     reference = healthy_clip_norm(analysis)
@@ -121,28 +120,6 @@ def clipping_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommen
                 f"Clip the global gradient norm at {max_norm:g} ({why}; Pascanu et al. 2013) "
                 "while the cause is fixed.",
                 f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})"))
-    ratios = sorted(v for v in (analysis.probe.param_grad_ratio.values() if analysis.probe
-                                else ()) if v is not None and math.isfinite(v) and v > 0)
-    if ratios:
-        lam = 0.01
-        median = ratios[len(ratios) // 2]
-        share = sum(1 for v in ratios if v > lam) / len(ratios)
-        fixes.append(Recommendation(
-            "gradient_clipping",
-            f"For large batches (1024+), adaptive gradient clipping with lambda = {lam:g} "
-            f"(Brock et al. 2021) clips each unit's gradient at {lam:g} x its weight norm: at "
-            f"this initialisation the median layer's ||grad W||/||W|| is {median:.2g}, so "
-            f"{share:.0%} of the layers would be clipped.",
-            "def adaptive_clip_(parameters, clipping: float = "
-            f"{lam:g}, eps: float = 1e-3) -> None:\n"
-            "    for p in parameters:\n"
-            "        if p.grad is None or p.dim() < 2:\n"
-            "            continue\n"
-            "        dims = tuple(range(1, p.dim()))\n"
-            "        w = p.detach().norm(dim=dims, keepdim=True).clamp_min(eps)\n"
-            "        g = p.grad.detach().norm(dim=dims, keepdim=True)\n"
-            "        p.grad.mul_(torch.where(g > clipping * w, clipping * w / g.clamp_min(1e-6), "
-            "1.0))"))
     return fixes
 
 
