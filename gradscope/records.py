@@ -95,10 +95,14 @@ class Recommendation:
     #: estimate before and after applying them; None for advice that is not a
     #: change of the model (clipping, learning rate, warmup).
     verified: Verification | None = None
+    #: Every module (or ``first .. last`` span) the fix applies to, in full: the text may
+    #: name a few and say "and N more", this list never elides.
+    targets: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "text": self.text, "code": self.code,
-                "verified": self.verified.to_dict() if self.verified else None}
+                "verified": self.verified.to_dict() if self.verified else None,
+                "targets": list(self.targets)}
 
 
 @dataclass(frozen=True)

@@ -293,3 +293,19 @@ def test_the_views_show_the_judged_classes(sample_docs: Any, name: str) -> None:
     cells = dict(re.findall(r'<tr data-name="([^"]*)"[^>]*>(?:<td>[^<]*</td>){6}'
                             r'<td class="health (\w+)"', html))
     assert cells == {k: v for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_every_fix_snippet_compiles_and_names_every_target(sample_docs: Any, name: str) -> None:
+    """Fixes applicable as they stand (issue 14): each snippet is complete Python, and the
+    JSON lists every module or span a fix applies to, however the text shortens it."""
+    for finding in sample_docs(name)["findings"]:
+        for rec in finding["recommendations"]:
+            if rec["code"]:
+                compile(rec["code"], f"<{finding['rule']} {rec['kind']}>", "exec")
+                assert "more" not in rec["code"] or "..." not in rec["code"], rec["code"]
+            count = re.search(r"(?:Add|the|of) (\d+) (?:identity skip|hidden|weight layers)",
+                              rec["text"])
+            if count and rec["kind"] in ("residual_connection", "normalization",
+                                         "activation", "initialization"):
+                assert len(rec["targets"]) == int(count.group(1)), (rec["text"], rec["targets"])

@@ -150,7 +150,7 @@ class Fixer:
             "swap_activations(model)  # functional calls (torch.sigmoid) need editing by hand\n"
             + _INIT_LOOP.format(how="kaiming_normal_(m.weight, mode=\"fan_in\", "
                                 "nonlinearity=\"relu\")"),
-            check)
+            check, tuple(self.module_of(n) for n in nodes))
 
     def initialization(self, worst: str) -> Recommendation | None:
         """Re-initialise every weight layer for the model's hidden activation (memoised)."""
@@ -180,7 +180,7 @@ class Fixer:
             f"goes from {fmt(check.before)} to {fmt(check.after)}.",
             "import math\nimport torch.nn as nn\n" + _INIT_LOOP.format(how=how.replace(
                 "(w,", "(m.weight,").replace("fan_in))", "m.weight[0].numel()))")),
-            check)
+            check, tuple(self.module_of(n) for n in layers))
 
     def zero_bias(self, nodes: Sequence[str], worst: str = "low") -> Recommendation | None:
         """Biases before ReLUs set to 0."""
@@ -199,7 +199,7 @@ class Fixer:
             "import torch.nn as nn\n\nwith torch.no_grad():\n"
             f"    for name in {modules!r}:\n"
             "        nn.init.zeros_(model.get_submodule(name).bias)",
-            check)
+            check, tuple(modules))
 
     def residual(self, worst: str) -> Recommendation | None:
         """Identity skips around blocks of two weight layers on the longest plain run."""
@@ -235,9 +235,10 @@ class Fixer:
             "        self.block, self.scale = block, scale\n\n"
             "    def forward(self, x):\n"
             "        return x + self.scale * self.block(x)\n\n"
-            f"# wrap each span, e.g. {spans[0][2][0]} .. {spans[0][2][1]} and its activations:\n"
+            "# wrap each span (first .. last weight layer, with its activations) in Residual:\n"
+            f"SPANS = {[(first, last) for _, _, (first, last) in spans]!r}\n"
             "# nn.Sequential(*layers[i:i + block_len]) -> Residual(nn.Sequential(...))",
-            check)
+            check, tuple(f"{first} .. {last}" for _, _, (first, last) in spans))
 
     def normalization_after_layers(self, worst: str) -> Recommendation | None:
         """LayerNorm after each hidden weight layer (before its activation)."""
@@ -260,7 +261,7 @@ class Fixer:
             f"predicted gradient ratio at the first layers goes from {fmt(check.before)} to "
             f"{fmt(check.after)}.",
             f"nn.Sequential(layer, {norm}, activation)  # for each hidden layer",
-            check)
+            check, tuple(self.module_of(n) for n in hidden))
 
     # -- fixes the architecture rules offer -----------------------------------
     def pre_ln(self, pairs: list[tuple[str, str]]) -> Recommendation | None:
