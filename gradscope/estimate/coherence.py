@@ -142,6 +142,41 @@ def canonical(shape: Sequence[int], blocks: frozenset[Block]) -> frozenset[Block
     return frozenset((a, b // a) for _, a, b in joined if b > a)
 
 
+def axis_sources(ctx: Any, op: str, in_shape: Sequence[int],
+                 out_shape: Sequence[int]) -> dict[int, int] | None:
+    """The input axis each output axis comes from, for an op that moves or drops axes
+    (transpose, permute, select and the other picks); None for any other op or arguments
+    not understood. The backward sweep carries blocks along it (output to input), the
+    forward one along its inverse (``gradscope.estimate.collapse``)."""
+    ndim = len(out_shape)
+    if op in _SWAPS:
+        if op == "t" or ndim < 2:
+            d0, d1 = 0, ndim - 1
+        else:
+            d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
+            if not isinstance(d0, int) or not isinstance(d1, int):
+                return None
+            d0, d1 = d0 % ndim, d1 % ndim
+        swap = {d0: d1, d1: d0}
+        return {a: swap.get(a, a) for a in range(ndim)}
+    if op == "permute":
+        perm = ctx.arg(1, "dims")
+        if not isinstance(perm, (list, tuple)):
+            perm = [a for a in ctx.args[1:] if isinstance(a, int)]
+        if len(perm) != ndim or not all(isinstance(p, int) for p in perm):
+            return None
+        return {a: perm[a] % ndim for a in range(ndim)}
+    if op in _PICKS:
+        dim = ctx.arg(1, "dim", 0)
+        if not isinstance(dim, int) or not -len(in_shape) <= dim < len(in_shape):
+            return None
+        dim %= len(in_shape)
+        if op == "select":  # the selected axis is gone: later axes shift up by one
+            return {a: a + (a >= dim) for a in range(ndim)}
+        return {a: a for a in range(ndim) if a != dim}
+    return None
+
+
 def _remap(coh: Coherence, out_shape: Sequence[int], in_shape: Sequence[int],
            axis_map: dict[int, int]) -> Coherence:
     """Blocks of ``out_shape`` carried to ``in_shape`` by an axis map (out axis: in axis);
@@ -369,38 +404,15 @@ class CoherenceBackward:
         if in_shape is None:
             return INCOHERENT
         op = _base_op(str(ctx.data.op))
-        ndim = len(out_shape)
         if op in _RESHAPES:
             return coh if math.prod(in_shape) == math.prod(out_shape) else INCOHERENT
         if op in _SHIFTS:
             return coh if tuple(in_shape) == tuple(out_shape) else INCOHERENT
-        if op in _SWAPS:
-            if op == "t" or ndim < 2:
-                d0, d1 = 0, ndim - 1
-            else:
-                d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
-                if not isinstance(d0, int) or not isinstance(d1, int):
-                    return INCOHERENT
-                d0, d1 = d0 % ndim, d1 % ndim
-            swap = {d0: d1, d1: d0}
-            return _remap(coh, out_shape, in_shape, {a: swap.get(a, a) for a in range(ndim)})
-        if op == "permute":
-            perm = ctx.arg(1, "dims")
-            if not isinstance(perm, (list, tuple)):
-                perm = [a for a in ctx.args[1:] if isinstance(a, int)]
-            if len(perm) != ndim or not all(isinstance(p, int) for p in perm):
-                return INCOHERENT
-            return _remap(coh, out_shape, in_shape, {a: perm[a] % ndim for a in range(ndim)})
         if op in _EXPANDS:
             return map_broadcast(coh, out_shape, in_shape)
-        if op in _PICKS:
-            dim = ctx.arg(1, "dim", 0)
-            if not isinstance(dim, int) or not -len(in_shape) <= dim < len(in_shape):
-                return INCOHERENT
-            dim %= len(in_shape)
-            if op == "select":  # the selected axis is gone: later axes shift up by one
-                return _remap(coh, out_shape, in_shape, {a: a + (a >= dim) for a in range(ndim)})
-            return _remap(coh, out_shape, in_shape, {a: a for a in range(ndim) if a != dim})
+        sources = axis_sources(ctx, op, in_shape, out_shape)
+        if sources is not None:
+            return _remap(coh, out_shape, in_shape, sources)
         return INCOHERENT
 
     @staticmethod

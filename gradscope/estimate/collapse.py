@@ -52,15 +52,14 @@ from typing import Any
 
 from gradscope.estimate.coherence import (
     _EXPANDS,
-    _PICKS,
     _RESHAPES,
     _SHIFTS,
-    _SWAPS,
     INCOHERENT,
     Coherence,
     _base_op,
     _leading,
     _remap,
+    axis_sources,
     block_of,
     canonical,
 )
@@ -258,35 +257,12 @@ class CollapseForward:
             return coh if math.prod(in_shape) == math.prod(out_shape) else INCOHERENT
         if op in _SHIFTS:
             return coh if tuple(in_shape) == tuple(out_shape) else INCOHERENT
-        if op in _SWAPS:
-            if op == "t" or ndim < 2:
-                d0, d1 = 0, ndim - 1
-            else:
-                d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
-                if not isinstance(d0, int) or not isinstance(d1, int):
-                    return INCOHERENT
-                d0, d1 = d0 % ndim, d1 % ndim
-            swap = {d0: d1, d1: d0}
-            return _remap(coh, in_shape, out_shape, {a: swap.get(a, a) for a in range(ndim)})
-        if op == "permute":
-            perm = ctx.arg(1, "dims")
-            if not isinstance(perm, (list, tuple)):
-                perm = [a for a in ctx.args[1:] if isinstance(a, int)]
-            if len(perm) != ndim or not all(isinstance(p, int) for p in perm):
-                return INCOHERENT
-            return _remap(coh, in_shape, out_shape, {perm[a] % ndim: a for a in range(ndim)})
         if op in _EXPANDS:
             offset = len(out_shape) - ndim
             return _remap(coh, in_shape, out_shape, {a: a + offset for a in range(ndim)})
-        if op in _PICKS:
-            dim = ctx.arg(1, "dim", 0)
-            if not isinstance(dim, int) or not -ndim <= dim < ndim:
-                return INCOHERENT
-            dim %= ndim
-            if op == "select":
-                return _remap(coh, in_shape, out_shape,
-                              {a: a - (a > dim) for a in range(ndim) if a != dim})
-            return _remap(coh, in_shape, out_shape, {a: a for a in range(ndim) if a != dim})
+        sources = axis_sources(ctx, op, in_shape, out_shape)
+        if sources is not None:
+            return _remap(coh, in_shape, out_shape, {i: o for o, i in sources.items()})
         return INCOHERENT
 
 
