@@ -63,11 +63,12 @@ from gradscope.estimate.statistics import (
     weight_stats,
 )
 from gradscope.estimate.tied import find_tied_blocks
+from gradscope.options import AnalysisOptions
 from gradscope.tracing.graph import NodeRecord, TracedModel, node_record
 from gradscope.tracing.ops import AVERAGING_KEYS, DENSE_KEYS, NORM_KEYS
 
-#: The probe's default number of batches (``gradscope.options.Options.batches``).
-PROBE_BATCHES = 3
+#: The probe's default number of batches: the predicted figure pools as many samples.
+PROBE_BATCHES: int = AnalysisOptions.batches
 
 
 @dataclass
