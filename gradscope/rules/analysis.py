@@ -25,7 +25,7 @@ from gradscope.rules.base import StructuralFacts, normalised_downstream
 from gradscope.rules.health import HealthTable, build_health
 from gradscope.rules.registry import CHECKS
 from gradscope.rules.variants import zero_initialised
-from gradscope.tracing.graph import TracedModel
+from gradscope.tracing.graph import Ref, TracedModel
 
 if TYPE_CHECKING:
     from gradscope.estimate.engine import StaticEstimate
@@ -97,9 +97,8 @@ def _refs_at(rec: Any, places: Sequence[tuple[int, str]]) -> set[str]:
     names = set()
     for index, key in places:
         value = rec.args[index] if index < len(rec.args) else rec.kwargs.get(key)
-        name = getattr(value, "name", None) if type(value).__name__ == "Ref" else None
-        if name is not None:
-            names.add(name)
+        if isinstance(value, Ref):
+            names.add(value.name)
     return names
 
 
