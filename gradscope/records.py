@@ -98,11 +98,16 @@ class Recommendation:
     #: Every module (or ``first .. last`` span) the fix applies to, in full: the text may
     #: name a few and say "and N more", this list never elides.
     targets: tuple[str, ...] = ()
+    #: The change in machine-readable form, for ``gradscope.fixes.apply`` and for
+    #: scripts: ``{"op": NAME, ...parameters}`` with JSON values only (the ops and their
+    #: parameters are listed in docs/contract.md); None where nothing can apply it
+    #: mechanically (advice that needs editing the model's source by hand).
+    action: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "text": self.text, "code": self.code,
                 "verified": self.verified.to_dict() if self.verified else None,
-                "targets": list(self.targets)}
+                "targets": list(self.targets), "action": self.action}
 
 
 @dataclass(frozen=True)
