@@ -142,7 +142,7 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def _sequence(model: nn.Module, action: Mapping[str, Any], gen: torch.Generator) -> nn.Module:
-    for step in _field(action, "steps"):
+    for step in _field(action, "actions"):
         model = _apply(model, step, gen)
     return model
 

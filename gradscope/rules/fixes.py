@@ -142,7 +142,7 @@ class Fixer:
             return None
         swap = swap_action(self.analysis, nodes)
         init = init_action(self.analysis, weight_layers(self.traced), 2.0)
-        action = {"op": "sequence", "steps": [swap, init]} if swap and init else None
+        action = {"op": "sequence", "actions": [swap, init]} if swap and init else None
         kinds = sorted({node_record(self.graph, n).key.split(":", 1)[1] for n in nodes})
         classes = ", ".join(f"nn.{_ACT_CLASS.get(k, k)}" for k in kinds)
         return Recommendation(
@@ -221,8 +221,12 @@ class Fixer:
         best: tuple[Verification, float] | None = None
         for alpha in (1.0, 1.0 / math.sqrt(len(spans))):
             variant = Variant(self.traced)
+            summed: dict[str, str] = {}
             for start, end, _ in spans:
-                variant.add_residual(start, end, alpha)
+                # A block that starts where the previous one ended reads that block's sum
+                # (x + f(x)), not its bare output: skips chain, as wrapping each span in
+                # a Residual module does (gradscope.fixes.apply).
+                summed[end] = variant.add_residual(summed.get(start, start), end, alpha)
             check = self.entry_verification(variant, worst)
             if check is not None and (best is None or _closer(check.after, best[0].after)):
                 best = (check, alpha)
