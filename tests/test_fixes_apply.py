@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import SAMPLES
 from torch import nn
 
 import gradscope
 from gradscope.errors import FixError
-from gradscope.fixes import Residual, apply
+from gradscope.fixes import LOOP_OPS, Residual, apply
 from gradscope.records import Recommendation
 from gradscope.report import Report
 
@@ -411,3 +412,43 @@ def test_snippets_compile_and_name_modules_that_exist(name: str) -> None:
             assert module in modules, (module, rec.action)
     if name in ("negative bias", "lstm", "rnn"):
         assert checked  # these snippets name modules: the check above ran
+
+
+# -- the sample models ----------------------------------------------------------------
+
+def _model_actions(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    seen: set[str] = set()
+    for finding in doc["findings"]:
+        for rec in finding["recommendations"]:
+            key = repr(rec["action"])
+            if rec["action"] is not None and key not in seen:
+                seen.add(key)
+                yield rec
+
+
+def _modules_named(action: dict[str, Any]) -> list[str]:
+    names = list(action.get("modules", [])) + list(action.get("final_norm", {}))
+    names += [n for span in action.get("spans", []) for n in span]
+    for step in action.get("actions", []):
+        names += _modules_named(step)
+    return names
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_sample_actions_name_real_modules_and_apply(sample_report: Any, name: str) -> None:
+    """Every action of every sample report names modules the model has, and each model
+    action, applied to a copy from the report's JSON, leaves a model that runs."""
+    loaded, _, doc = sample_report(name)
+    modules = dict(loaded.model.named_modules())
+    out = loaded.model(*loaded.inputs)
+    for rec in _model_actions(doc):
+        action = rec["action"]
+        assert set(_modules_named(action)) <= set(modules), action
+        if action["op"] in LOOP_OPS:
+            with pytest.raises(FixError, match="training loop"):
+                apply(copy.deepcopy(loaded.model), rec)
+            continue
+        assert rec["verified"] is not None, rec["text"]  # only verified changes are applied
+        fixed = apply(copy.deepcopy(loaded.model), rec)
+        result = fixed(*loaded.inputs)
+        assert getattr(result, "shape", None) == getattr(out, "shape", None)
