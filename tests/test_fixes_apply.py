@@ -205,6 +205,8 @@ def test_functional_activation_gets_no_swap_action_but_reinit_applies() -> None:
     assert swaps and all(r.action is None for r in swaps)  # torch.tanh has no module
     with pytest.raises(FixError, match="no action"):
         apply(copy.deepcopy(model), swaps[0])
+    skips = [r for r in _recs(report) if r.kind == "residual_connection"]
+    assert skips and all(r.action is None for r in skips)  # an nn.ModuleList, no Sequential
     rec = _with_op(report, "init")
     assert rec.action is not None and rec.verified is not None
     assert rec.action["std_gain_sq"] == 1.0
@@ -270,6 +272,29 @@ def test_norm_first_for_post_ln_encoder() -> None:
     assert warmup.action == {"op": "warmup", "steps": 30, "start_factor": 0.1}
     with pytest.raises(FixError, match="training loop"):
         apply(copy.deepcopy(model), warmup)
+
+
+class HandWrittenPostLN(nn.Module):
+    """Post-LN blocks written out by hand: the forward has to change, no flag does it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH, 64), nn.ReLU(),
+                                                nn.Linear(64, WIDTH)) for _ in range(6))
+        self.norms = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for mlp, norm in zip(self.mlps, self.norms, strict=True):
+            x = norm(x + mlp(x))
+        return x
+
+
+def test_hand_written_post_ln_gets_no_action() -> None:
+    model, inputs = HandWrittenPostLN(), (_x(8, 10, WIDTH),)
+    recs = [r for f in gradscope.analyze(model, inputs).findings if f.rule == "GS703"
+            for r in f.recommendations if r.kind == "normalization"]
+    assert recs and all(r.action is None for r in recs)
 
 
 def test_residual_wraps_consecutive_children() -> None:
