@@ -19,6 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from gradscope import fixes as fixes
     from gradscope.api import analyze as analyze
     from gradscope.errors import GradscopeError as GradscopeError
     from gradscope.report import Finding as Finding
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from gradscope.testing import assert_healthy_gradients as assert_healthy_gradients
 
 __all__ = ["Finding", "GradscopeError", "Report", "__version__", "analyze",
-           "assert_healthy_gradients"]
+           "assert_healthy_gradients", "fixes"]
 
 
 def __getattr__(name: str) -> Any:
@@ -43,6 +44,10 @@ def __getattr__(name: str) -> Any:
         from gradscope.testing import assert_healthy_gradients
 
         return assert_healthy_gradients
+    if name == "fixes":  # gradscope.fixes.apply: a report's actions, applied to a model
+        import importlib
+
+        return importlib.import_module("gradscope.fixes")
     if name in ("Report", "Finding"):
         from gradscope import report
 

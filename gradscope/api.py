@@ -339,7 +339,8 @@ def analyze(
                 probe = False
     report_notes.extend(traced.notes)
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
-                        inputs=tuple(est_inputs), declared=declared, steps=opts.steps)
+                        inputs=tuple(est_inputs), declared=declared, steps=opts.steps,
+                        model=model)
     findings, not_run = run_rules(analysis, selection)
     facts = analysis.facts
     if facts.zero_init:

@@ -76,6 +76,10 @@ class ModelRunError(GradscopeError):
     """The model raised while gradscope ran it."""
 
 
+class FixError(GradscopeError):
+    """A recommendation's action cannot be applied to the model given (``gradscope.fixes``)."""
+
+
 class ResourceError(GradscopeError):
     """The model would not fit in the memory the probe has (``gradscope.resources``).
 

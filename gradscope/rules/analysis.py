@@ -160,6 +160,10 @@ class Analysis:
     #: The planned run's length in optimiser steps (``--steps``): warmup advice is a share
     #: of it; None: no warmup length is advised.
     steps: int | None = None
+    #: The model the graph was traced from (an ``nn.Module``), or None: fixes read its
+    #: module tree to say whether a change can be applied mechanically (an activation
+    #: module to swap, consecutive children of an ``nn.Sequential`` to wrap).
+    model: Any = None
     #: Results shared between checks (verified fixes are costly: one estimate each).
     memo: dict[str, Any] = field(default_factory=dict)
 

@@ -160,6 +160,8 @@ class Analysis(Protocol):
     inputs: tuple[Any, ...]
     declared: dict[int, tuple[float, float]] | None
     steps: int | None
+    #: The traced ``nn.Module`` (typed Any: this module stays free of torch), or None.
+    model: Any
 
     def remember(self, key: str, compute: Callable[[], Any]) -> Any: ...
     def mean_and_variance(self, node: str) -> tuple[float, float] | None: ...

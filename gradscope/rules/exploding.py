@@ -119,7 +119,8 @@ def clipping_fixes(analysis: Analysis, grad_norm: float | None) -> list[Recommen
                 "gradient_clipping",
                 f"Clip the global gradient norm at {max_norm:g} ({why}; Pascanu et al. 2013) "
                 "while the cause is fixed.",
-                f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})"))
+                f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})",
+                action={"op": "clip_grad_norm", "max_norm": max_norm}))
     return fixes
 
 

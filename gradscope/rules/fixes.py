@@ -20,6 +20,14 @@ import networkx as nx
 
 from gradscope.estimate.statistics import tensor_stats, var_of
 from gradscope.records import Recommendation, Verification
+from gradscope.rules.actions import (
+    init_action,
+    norm_action,
+    norm_first_action,
+    residual_action,
+    swap_action,
+    zero_bias_action,
+)
 from gradscope.rules.base import fmt, signal_inputs, stream_and_branch
 from gradscope.rules.health import log_distance
 from gradscope.rules.recurrent_fixes import lstm_forget_bias, recurrent_fixes, spectral_norm
@@ -132,6 +140,9 @@ class Fixer:
         check = self.entry_verification(variant, worst)
         if check is None:
             return None
+        swap = swap_action(self.analysis, nodes)
+        init = init_action(self.analysis, weight_layers(self.traced), 2.0)
+        action = {"op": "sequence", "actions": [swap, init]} if swap and init else None
         kinds = sorted({node_record(self.graph, n).key.split(":", 1)[1] for n in nodes})
         classes = ", ".join(f"nn.{_ACT_CLASS.get(k, k)}" for k in kinds)
         return Recommendation(
@@ -150,7 +161,7 @@ class Fixer:
             "swap_activations(model)  # functional calls (torch.sigmoid) need editing by hand\n"
             + _INIT_LOOP.format(how="kaiming_normal_(m.weight, mode=\"fan_in\", "
                                 "nonlinearity=\"relu\")"),
-            check, tuple(self.module_of(n) for n in nodes))
+            check, tuple(self.module_of(n) for n in nodes), action)
 
     def initialization(self, worst: str) -> Recommendation | None:
         """Re-initialise every weight layer for the model's hidden activation (memoised)."""
@@ -180,7 +191,8 @@ class Fixer:
             f"goes from {fmt(check.before)} to {fmt(check.after)}.",
             "import math\nimport torch.nn as nn\n" + _INIT_LOOP.format(how=how.replace(
                 "(w,", "(m.weight,").replace("fan_in))", "m.weight[0].numel()))")),
-            check, tuple(self.module_of(n) for n in layers))
+            check, tuple(self.module_of(n) for n in layers),
+            init_action(self.analysis, layers, gain_sq))
 
     def zero_bias(self, nodes: Sequence[str], worst: str = "low") -> Recommendation | None:
         """Biases before ReLUs set to 0."""
@@ -196,10 +208,10 @@ class Fixer:
             "initialization",
             f"Initialise the biases of {_names(modules)} to 0: the predicted gradient ratio at "
             f"the first layers goes from {fmt(check.before)} to {fmt(check.after)}.",
-            "import torch.nn as nn\n\nwith torch.no_grad():\n"
+            "import torch\nimport torch.nn as nn\n\nwith torch.no_grad():\n"
             f"    for name in {modules!r}:\n"
             "        nn.init.zeros_(model.get_submodule(name).bias)",
-            check, tuple(modules))
+            check, tuple(modules), zero_bias_action(self.analysis, nodes))
 
     def residual(self, worst: str) -> Recommendation | None:
         """Identity skips around blocks of two weight layers on the longest plain run."""
@@ -209,8 +221,12 @@ class Fixer:
         best: tuple[Verification, float] | None = None
         for alpha in (1.0, 1.0 / math.sqrt(len(spans))):
             variant = Variant(self.traced)
+            summed: dict[str, str] = {}
             for start, end, _ in spans:
-                variant.add_residual(start, end, alpha)
+                # A block that starts where the previous one ended reads that block's sum
+                # (x + f(x)), not its bare output: skips chain, as wrapping each span in
+                # a Residual module does (gradscope.fixes.apply).
+                summed[end] = variant.add_residual(summed.get(start, start), end, alpha)
             check = self.entry_verification(variant, worst)
             if check is not None and (best is None or _closer(check.after, best[0].after)):
                 best = (check, alpha)
@@ -228,7 +244,7 @@ class Fixer:
             f"where the shapes match ({where}{more}); each add goes after the block's last "
             f"activation: the predicted gradient ratio at the first layers goes from "
             f"{fmt(check.before)} to {fmt(check.after)}.",
-            "class Residual(nn.Module):\n"
+            "import torch.nn as nn\n\n\nclass Residual(nn.Module):\n"
             "    def __init__(self, block: nn.Module, scale: float = "
             f"{alpha:.3g}) -> None:\n"
             "        super().__init__()\n"
@@ -238,7 +254,8 @@ class Fixer:
             "# wrap each span (first .. last weight layer, with its activations) in Residual:\n"
             f"SPANS = {[(first, last) for _, _, (first, last) in spans]!r}\n"
             "# nn.Sequential(*layers[i:i + block_len]) -> Residual(nn.Sequential(...))",
-            check, tuple(f"{first} .. {last}" for _, _, (first, last) in spans))
+            check, tuple(f"{first} .. {last}" for _, _, (first, last) in spans),
+            residual_action(self.analysis, spans, alpha))
 
     def normalization_after_layers(self, worst: str) -> Recommendation | None:
         """LayerNorm after each hidden weight layer (before its activation)."""
@@ -261,7 +278,8 @@ class Fixer:
             f"predicted gradient ratio at the first layers goes from {fmt(check.before)} to "
             f"{fmt(check.after)}.",
             f"nn.Sequential(layer, {norm}, activation)  # for each hidden layer",
-            check, tuple(self.module_of(n) for n in hidden))
+            check, tuple(self.module_of(n) for n in hidden),
+            norm_action(self.analysis, hidden, "batch_norm" if conv else "layer_norm"))
 
     # -- fixes the architecture rules offer -----------------------------------
     def pre_ln(self, pairs: list[tuple[str, str]]) -> Recommendation | None:
@@ -505,7 +523,7 @@ def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendati
         "def forward(self, x):\n"
         "    x = x + self.attn(self.norm1(x))\n"
         "    return x + self.mlp(self.norm2(x))",
-        check)
+        check, action=norm_first_action(analysis, [norm for _, norm in pairs]))
 
 
 def negative_bias_layers(analysis: Analysis) -> list[tuple[str, float]]:

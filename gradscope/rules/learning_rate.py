@@ -113,7 +113,8 @@ def warmup_recommendation(optimizer: str | None, steps: int | None) -> Recommend
         f"Warm the learning rate up linearly over the first {length} steps ({why}), so early "
         "large updates cannot destroy the initialisation.",
         "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, "
-        f"total_iters={length})")
+        f"total_iters={length})",
+        action={"op": "warmup", "steps": length, "start_factor": 0.1})
 
 
 def check_layer_learning_rates(analysis: Analysis) -> list[Finding]:

@@ -18,6 +18,7 @@ import torch
 
 from gradscope.estimate.recurrent import estimate_recurrent
 from gradscope.records import Recommendation, Verification
+from gradscope.rules.actions import recurrent_module_action
 from gradscope.rules.base import fmt, signal_inputs
 from gradscope.rules.variants import improves
 from gradscope.tracing.nodes import node_record
@@ -97,7 +98,8 @@ def forget_bias_fix(analysis: Analysis, node: str) -> Recommendation | None:
         "        elif name.startswith(\"bias_hh\"):\n"
         "            bias[hidden:2 * hidden].zero_()",
         Verification("first/last step gradient ratio through time (static estimate)",
-                     before, after))
+                     before, after),
+        action=recurrent_module_action(analysis, "lstm_forget_bias", path, module, value=bias))
 
 
 def orthogonal_fix(analysis: Analysis, node: str) -> Recommendation | None:
@@ -134,7 +136,8 @@ def orthogonal_fix(analysis: Analysis, node: str) -> Recommendation | None:
         "        for block in w.detach().chunk(w.shape[0] // w.shape[1]):\n"
         "            torch.nn.init.orthogonal_(block)",
         Verification("first/last step gradient ratio through time (static estimate)",
-                     before, after))
+                     before, after),
+        action=recurrent_module_action(analysis, "orthogonal_recurrent", path, module))
 
 
 def recurrent_fixes(analysis: Analysis, node: str) -> list[Recommendation]:
