@@ -29,6 +29,7 @@ from gradscope.tracing.graph import Ref, TracedModel
 
 if TYPE_CHECKING:
     from gradscope.estimate.engine import StaticEstimate
+    from gradscope.lr_range import RangeTest
     from gradscope.probe import ProbeResult
     from gradscope.rules.base import Check
     from gradscope.rules.fixes import Fixer
@@ -160,6 +161,10 @@ class Analysis:
     #: The planned run's length in optimiser steps (``--steps``): warmup advice is a share
     #: of it; None: no warmup length is advised.
     steps: int | None = None
+    #: The learning-rate range test (``gradscope.lr_range``), None where none ran.
+    lr_range: RangeTest | None = None
+    #: Why no range test ran (what would enable one), None where one ran or no lr.
+    lr_range_skipped: str | None = None
     #: Results shared between checks (verified fixes are costly: one estimate each).
     memo: dict[str, Any] = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import networkx as nx
 
     from gradscope.estimate.engine import StaticEstimate
+    from gradscope.lr_range import RangeTest
     from gradscope.options import Thresholds
     from gradscope.probe import ProbeResult
     from gradscope.rules.health import HealthTable
@@ -160,6 +161,8 @@ class Analysis(Protocol):
     inputs: tuple[Any, ...]
     declared: dict[int, tuple[float, float]] | None
     steps: int | None
+    lr_range: RangeTest | None
+    lr_range_skipped: str | None
 
     def remember(self, key: str, compute: Callable[[], Any]) -> Any: ...
     def mean_and_variance(self, node: str) -> tuple[float, float] | None: ...
