@@ -261,10 +261,11 @@ def run_range_test(model: nn.Module, batches: Sequence[Batch], loss: Loss, lr: f
     Every run starts from the same weights (a deep copy of ``model`` as given), the
     same seed and the same batch order (``batches`` cycled); ``model`` itself and the
     global RNG states are left as they were. The given rate runs first: when it trains
-    (or trains slowly) nothing else runs, since no advice will follow. When it fails,
-    the factors below it run from the largest down, and, when it did not move the loss
-    at all, those above it from the smallest up, each direction stopping once it has
-    what :func:`choose_factor` needs (below: a trained pair; above: a failed run).
+    (or trains slowly) nothing else runs, since no advice will follow. When it did not
+    move the loss, the factors above it run from the smallest up, until one diverges.
+    When it diverged, or nothing above it gave a choice, the factors below it run from
+    the largest down until two neighbours trained (nothing smaller could be chosen
+    then). Above a diverging rate nothing is tried: larger rates do not train better.
 
     ``output`` picks the tensor the loss reads from the model's output (the probe's
     output entry). The loss is ``loss(output, inputs, target)`` for batches whose target
@@ -293,19 +294,17 @@ def run_range_test(model: nn.Module, batches: Sequence[Batch], loss: Loss, lr: f
 
         try:
             given = run(1.0)
-            if given.status in ("diverged", "flat"):
-                below = [f for f in grid if f < 1.0][::-1]
-                previous: RangeRun | None = given
-                for f in below:
-                    current = run(f)
-                    if current.status == "trained" and previous is not None \
-                            and previous.status == "trained":
+            if given.status == "flat":  # too small a rate, most likely: look above first
+                for f in (f for f in grid if f > 1.0):
+                    if run(f).status == "diverged":
                         break
+            if given.status in ("diverged", "flat") and choose_factor(list(runs.values())) is None:
+                previous = given
+                for f in sorted((f for f in grid if f < 1.0), reverse=True):
+                    current = run(f)
+                    if current.status == "trained" and previous.status == "trained":
+                        break  # the largest pair below: nothing smaller can be chosen
                     previous = current
-                if given.status == "flat":
-                    for f in (f for f in grid if f > 1.0):
-                        if run(f).status != "trained":
-                            break
         except _Expired:
             notes.append("the learning-rate range test stopped at --timeout: no advice from it")
             return RangeTest(lr=lr, optimizer=optimizer, steps=steps, batches=len(batches),
