@@ -39,7 +39,8 @@ FACTOR_RANGE = (0.01, 100.0)
 DEFAULT_STEPS = 30
 #: A run "trained" when its loss fell by at least this share of the starting loss ...
 TRAINED_DROP = 0.10
-#: ... and "did not decrease" when it fell by less than this share (or rose).
+#: ... "did not decrease" when it moved by less than this share either way, and
+#: "rose" (diverged) when it rose by more.
 FLAT_DROP = 0.02
 #: A run whose loss went higher than the start by this share of it on some step is on
 #: the edge of stability: it does not count as trained, whatever its end.
@@ -85,9 +86,12 @@ class RangeRun:
     def status(self) -> str:
         """``diverged`` (non-finite, or rose, or spiked), ``flat``, ``slow`` or ``trained``."""
         drop = self.drop
-        if math.isnan(drop) or drop < 0 or self.peak - self.start > SPIKE * abs(self.start):
+        # A rise within FLAT_DROP is "flat", not "diverged": dropout and batch noise move
+        # a loss that a too-small rate leaves where it was by that much either way.
+        if math.isnan(drop) or drop < -FLAT_DROP \
+                or self.peak - self.start > SPIKE * abs(self.start):
             return "diverged"
-        if drop < FLAT_DROP:
+        if abs(drop) < FLAT_DROP:
             return "flat"
         return "trained" if drop >= TRAINED_DROP else "slow"
 
