@@ -30,9 +30,8 @@ GS601 = Rule(
     name="learning-rate-scale",
     category="learning_rate",
     severity="info",
-    summary="The learning-rate range test showed the given rate diverging or not lowering "
-    "the loss while another trained (warning, with the measured rate); without a range "
-    "test, the first update's size relative to the weights, as a fact.",
+    summary="A short learning-rate range test showed the given rate failing while another "
+    "trained (warning, measured rate); without one, the first update's size as a fact.",
     what="With --lr, a loss_fn and real data, copies of the model were trained for a few "
     "dozen steps of the given optimizer at the rate and at factors of it (0.01x to 100x), "
     "from the same weights and batches. Without them, the probe computed each layer's "
