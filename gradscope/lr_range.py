@@ -97,10 +97,16 @@ class RangeRun:
 
     def describe(self) -> str:
         """``x0.1 (lr 0.01): 2.30 -> 0.41`` or ``x10 (lr 1): non-finite at step 4``."""
-        head = f"x{self.factor:g} (lr {self.lr:.3g})"
+        return f"x{self.factor:g} (lr {self.lr:.3g}): {self.outcome()}"
+
+    def outcome(self) -> str:
+        """``2.30 -> 0.41``, ``non-finite at step 4`` or ``2.30 -> 2.31, peak 9.8 on the way``."""
         if self.nonfinite_step is not None:
-            return f"{head}: non-finite at step {self.nonfinite_step}"
-        return f"{head}: {self.start:.4g} -> {self.end:.4g}"
+            return f"non-finite at step {self.nonfinite_step}"
+        text = f"{self.start:.4g} -> {self.end:.4g}"
+        if self.peak - self.start > SPIKE * abs(self.start):
+            text += f", peak {self.peak:.4g} on the way"
+        return text
 
 
 @dataclass(frozen=True)

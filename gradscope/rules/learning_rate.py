@@ -94,7 +94,7 @@ def check_learning_rate(analysis: Analysis) -> list[Finding]:
         f"Learning rate {probe.lr:g} with {probe.optimizer}: the median layer's first update "
         f"is {median:.1e} of its weight norm, {direction}r than the usual band "
         f"[{lo:g}, {hi:g}]. No factor is advised: the ratio alone does not say which rate "
-        f"trains. A measured learning-rate range test would ({why_not}).",
+        f"trains, and no learning-rate range test measured one ({why_not}).",
         location(analysis, worst), None, [warmup] if warmup and direction == "large" else [],
         {"median_update_ratio": median, "lr": probe.lr})]
 
@@ -129,8 +129,8 @@ def _measured(analysis: Analysis, test: RangeTest) -> list[Finding]:
     assert given is not None
     if not test.given_fails:
         return []
-    how = (f"went non-finite at step {given.nonfinite_step}" if given.nonfinite_step is not None
-           else f"took the mean loss from {given.start:.4g} to {given.end:.4g}")
+    how = {"diverged": "diverged", "flat": "did not lower the loss"}[given.status] + \
+        f" ({given.outcome()})"
     head = (f"Learning-rate range test ({test.optimizer}, {test.steps} steps over "
             f"{test.batches} batch(es) of your data): lr {test.lr:g} {how}")
     where = NOWHERE  # the whole model's learning rate
@@ -143,8 +143,8 @@ def _measured(analysis: Analysis, test: RangeTest) -> list[Finding]:
     assert chosen is not None
     new_lr = test.advised_lr
     text = (f"Set the learning rate to {new_lr:.3g} (x{test.factor:g}): in the range test it "
-            f"took the mean loss from {chosen.start:.4g} to {chosen.end:.4g} in {test.steps} "
-            f"steps, where lr {test.lr:g} {how}; "
+            f"took the mean loss over your batches from {chosen.start:.4g} to "
+            f"{chosen.end:.4g} in {test.steps} steps, where lr {test.lr:g} {how}; "
             "it is the largest rate that trained with the next larger one training too, a "
             "margin against the test's short horizon.")
     recommendation = Recommendation(
