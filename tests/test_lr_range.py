@@ -316,3 +316,57 @@ def test_bad_example_batches_are_one_line_errors(tmp_path: Path, body: str,
     """), encoding="utf-8")
     with pytest.raises(InputError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_target(str(path))
+
+
+TWO_ARG_FILE = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    _DATA = load_digits()
+    X = torch.tensor(_DATA.data[:64], dtype=torch.float32) / 16.0
+    Y = torch.tensor(_DATA.target[:64])
+
+
+    def build_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+    def example_inputs():
+        return X
+
+
+    def loss_fn(output, inputs):
+        return F.cross_entropy(output, Y)
+""")
+
+
+def test_two_argument_loss_fn_file_through_the_cli(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """example_inputs() + loss_fn(output, inputs): the range test runs on that one batch;
+    --input-shape makes the inputs synthetic and no range test runs."""
+    path = tmp_path / "two_arg.py"
+    path.write_text(TWO_ARG_FILE, encoding="utf-8")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    common = ["analyze", str(path), "--lr", "10", "--device", "cpu", "--json", "-",
+              "--fail-on", "never"]
+    doc = json.loads(cli_runner().invoke(main, common, catch_exceptions=False).stdout)
+    assert doc["probe"]["loss"] == "loss_fn(output, inputs)"
+    assert any("range test (sgd, 30 steps per run over 1 batch(es)" in n for n in doc["notes"])
+    doc = json.loads(cli_runner().invoke(main, [*common, "--input-shape", "64,64"],
+                                         catch_exceptions=False).stdout)
+    assert not any("range test (" in n for n in doc["notes"])
+    [finding] = [f for f in doc["findings"] if f["rule"] == "GS601"]  # lr 10: ratio ~2
+    assert finding["severity"] == "info" and "made up" in finding["message"]
+    assert all(r["action"] is None for r in finding["recommendations"])
+
+
+@pytest.mark.parametrize("batches", [[], torch.zeros(3), [(torch.zeros(2, 64),)], "xy"])
+def test_bad_example_batches_in_the_api(batches: Any) -> None:
+    from gradscope.errors import InputError
+
+    with pytest.raises(InputError, match="example_batches"):
+        gradscope.analyze(_mlp(), None, example_batches=batches, device="cpu")
