@@ -273,9 +273,11 @@ def run_range_test(model: nn.Module, batches: Sequence[Batch], loss: Loss, lr: f
     global RNG states are left as they were. The given rate runs first: when it trains
     (or trains slowly) nothing else runs, since no advice will follow. When it did not
     move the loss, the factors above it run from the smallest up, until one diverges.
-    When it diverged, or nothing above it gave a choice, the factors below it run from
-    the largest down until two neighbours trained (nothing smaller could be chosen
-    then). Above a diverging rate nothing is tried: larger rates do not train better.
+    When it diverged, or nothing above it gave a choice (and the next larger rate did
+    not lower the loss further: then the rate is too small and smaller ones cannot
+    train), the factors below it run from the largest down until two neighbours
+    trained (nothing smaller could be chosen then). Above a diverging rate nothing is
+    tried: larger rates do not train better.
 
     ``output`` picks the tensor the loss reads from the model's output (the probe's
     output entry). The loss is ``loss(output, inputs, target)`` for batches whose target
@@ -308,7 +310,13 @@ def run_range_test(model: nn.Module, batches: Sequence[Batch], loss: Loss, lr: f
                 for f in (f for f in grid if f > 1.0):
                     if run(f).status == "diverged":
                         break
-            if given.status in ("diverged", "flat") and choose_factor(list(runs.values())) is None:
+            above = runs.get(min((f for f in grid if f > 1.0), default=1.0))
+            # A flat rate whose next larger one lowered the loss further is too small:
+            # smaller rates will not train either, and are not worth their runs.
+            too_small = given.status == "flat" and above is not None and above is not given \
+                and math.isfinite(above.end) and above.end < given.end
+            if given.status in ("diverged", "flat") and not too_small \
+                    and choose_factor(list(runs.values())) is None:
                 previous = given
                 for f in sorted((f for f in grid if f < 1.0), reverse=True):
                     current = run(f)
