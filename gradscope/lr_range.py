@@ -207,7 +207,7 @@ def _make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float, momen
 
 
 class _Expired(Exception):
-    pass
+    """``--timeout`` passed during a run: the test stops and advises nothing."""
 
 
 def _loss_of(model: nn.Module, batch: Batch, loss: Loss, output: Callable[[Any], Any]
