@@ -18,6 +18,7 @@ from torch import nn
 from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.depth import summarize_depth
 from gradscope.estimate.engine import estimate
+from gradscope.lr_range import RangeTest, output_picker, run_range_test
 from gradscope.meta import is_meta_model
 from gradscope.options import (
     OPTION_NAMES,
@@ -26,7 +27,7 @@ from gradscope.options import (
     per_module_pairs,
     split_codes,
 )
-from gradscope.probe import ProbeResult, run_probe
+from gradscope.probe import ProbeResult, RealBatch, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
 from gradscope.rules.analysis import Analysis, run_rules
@@ -113,6 +114,63 @@ def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
         return tuple(example_inputs)
     raise InputError(f"example_inputs must be a tensor or a tuple of tensors, not "
                      f"{type(example_inputs).__name__}", "pass (x,) or (x, y)")
+
+
+def _as_batches(example_batches: Any) -> list[RealBatch]:
+    """``example_batches`` as (inputs tuple, target) pairs; anything else is an InputError."""
+    hint = "pass example_batches=[(x0, y0), (x1, y1), ...]"
+    if isinstance(example_batches, (str, bytes, torch.Tensor)) \
+            or not isinstance(example_batches, (list, tuple)) or not example_batches:
+        raise InputError("example_batches must be a non-empty list of (inputs, target) pairs, "
+                         f"not {type(example_batches).__name__}", hint)
+    batches = []
+    for i, item in enumerate(example_batches):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InputError(f"example_batches[{i}] is not an (inputs, target) pair", hint)
+        batches.append((_as_inputs(item[0]), item[1]))
+    return batches
+
+
+def _range_test_skipped(enabled: bool, loss: Any, real: bool,
+                        synthetic_inputs: bool) -> str | None:
+    """Why no learning-rate range test runs (what would enable one); None: it runs."""
+    if not enabled:
+        return "the range test was turned off (--no-lr-range)"
+    if not callable(loss):
+        return ("the probe's loss is not the model's: define loss_fn(output, inputs) (or "
+                "loss_fn(output, inputs, target) with example_batches()) in the model file, "
+                "or pass loss=<function>")
+    if not real and synthetic_inputs:
+        return ("the inputs are made up (--input-shape, or inferred from the first layer): "
+                "give real data with example_inputs() or example_batches()")
+    return None
+
+
+def _run_range_test(model: nn.Module, batches: list[tuple[tuple[Any, ...], Any]],
+                    loss: Any, lr: float, optimizer: str, *, momentum: float,
+                    weight_decay: float, steps: int, device: str, seed: int, mode: str,
+                    output: str | None, deadline: Deadline,
+                    ) -> tuple[RangeTest | None, str | None]:
+    """The range test on a copy of ``model``; (None, why) when it could not run."""
+    try:
+        return run_range_test(
+            model, batches, loss, lr, optimizer, momentum=momentum,
+            weight_decay=weight_decay, steps=steps, device=device, seed=seed, mode=mode,
+            output=output_picker(output), deadline=deadline), None
+    except Exception as exc:  # noqa: BLE001 - the probe ran these batches: say why, go on
+        return None, f"the range test could not run: {type(exc).__name__}: {exc}"
+
+
+def _range_note(test: RangeTest) -> str:
+    """The range test's figures as a report note (every renderer shows the notes)."""
+    text = (f"learning-rate range test ({test.optimizer}, {test.steps} steps per run over "
+            f"{test.batches} batch(es), mean loss over them before -> after): "
+            f"{test.summary()}")
+    if test.factor is not None:
+        text += f"; supports lr {test.advised_lr:.3g} (x{test.factor:g}), see GS601"
+    elif test.given is not None and not test.given_fails:
+        text += "; the given learning rate trained: no learning-rate advice"
+    return text
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -202,6 +260,8 @@ def analyze(
     notes: list[str] | None = None,
     progress: Progress | None = None,
     declared: dict[int, tuple[float, float]] | None = None,
+    example_batches: list[tuple[Any, Any]] | None = None,
+    synthetic_inputs: bool = False,
     **keywords: Any,
 ) -> Report:
     """Analyse ``model`` on ``example_inputs`` and return the report.
@@ -212,8 +272,19 @@ def analyze(
     both, the keywords then overriding the fields. A keyword that is no option is a
     ``TypeError``; a bad value is a ``ConfigError`` raised before anything runs.
     ``name``, ``source``, ``notes`` (the report's), ``progress`` (called with each
-    stage's name) and ``declared`` are not options of the analysis but what the caller
-    knows about the model.
+    stage's name), ``declared``, ``example_batches`` and ``synthetic_inputs`` are not
+    options of the analysis but what the caller knows about the model and its data.
+
+    ``example_batches``: real data, a list of ``(inputs, target)`` pairs (``inputs`` a
+    tensor or a tuple, as ``example_inputs``). The probe then runs on the first
+    ``batches`` of them instead of synthetic batches, and a ``loss`` function is called
+    as ``loss(output, inputs, target)``; ``example_inputs`` may then be None (the first
+    batch's inputs stand for it). With ``lr`` and a ``loss`` function on real data
+    (``example_batches``, or ``example_inputs`` - unless ``synthetic_inputs`` says they
+    were made up, as the CLI's ``--input-shape`` ones are - then one batch repeated), a
+    learning-rate range test trains copies of the model for ``lr_range_steps`` steps at
+    ``lr`` and, where it fails, at factors of it (``gradscope.lr_range``); GS601 advises
+    only what it showed. ``lr_range=False`` (or ``probe=False``) skips it.
 
     ``device`` is where the probe runs (``auto`` picks CUDA when available; the
     default is the CPU); ``probe=False`` gives the static estimate only. ``output``
@@ -231,8 +302,8 @@ def analyze(
     The probe runs ``batches`` seeded batches (the example inputs first), in
     ``probe_mode`` train or eval, with ``loss`` "dot" (<output, fixed random
     direction>, the default), "sum", "mse", "cross_entropy" or a ``loss_fn(output, inputs)``.
-    ``momentum`` is accepted for the learning-rate check: the first step of SGD
-    with momentum equals plain SGD's, so it does not change the figures.
+    ``momentum`` is the range test's SGD momentum; the first step of SGD with momentum
+    equals plain SGD's, so it does not change the update/weight figures.
 
     ``select``/``ignore`` (rule codes or prefixes such as ``"GS1"``; ``"ALL"``)
     decide the ruff way (``gradscope.rules.selection``) which rules run at all, so
@@ -259,8 +330,9 @@ def analyze(
     opts = (options or AnalysisOptions()).replaced(**keywords)
     device, probe, output, tracer, seed = (opts.device, opts.probe, opts.output, opts.tracer,
                                            opts.seed)
-    # momentum: the first step of SGD with momentum is plain SGD's (see the docstring).
-    lr, optimizer, weight_decay = opts.lr, opts.optimizer, opts.weight_decay
+    lr, optimizer, weight_decay, momentum = opts.lr, opts.optimizer, opts.weight_decay, \
+        opts.momentum
+    lr_range, lr_range_steps = opts.lr_range, opts.lr_range_steps
     meta, batches, probe_mode, timeout = opts.meta, opts.batches, opts.probe_mode, opts.timeout
     loss = "dot" if opts.loss is None else opts.loss
     select, ignore, per_module_ignore = opts.select, opts.ignore, opts.per_module_ignore
@@ -271,6 +343,9 @@ def analyze(
     selection = RuleSelection(select=split_codes(select or ()), ignore=split_codes(ignore or ()),
                               per_module_ignore=per_module_pairs(per_module_ignore))
     output = None if output is None else str(output)
+    real_batches = None if example_batches is None else _as_batches(example_batches)
+    if example_inputs is None and real_batches:
+        example_inputs = real_batches[0][0]
     inputs = _as_inputs(example_inputs)
     report_notes = list(notes or [])
     thresholds = thresholds or Thresholds()
@@ -332,15 +407,32 @@ def analyze(
             result = run_probe(model, traced, trace_inputs, target_device, seed=seed, lr=lr,
                                optimizer=optimizer, weight_decay=weight_decay,
                                batches=batches, loss=loss, mode=probe_mode,
-                               deadline=deadline)
+                               deadline=deadline, real_batches=real_batches)
             report_notes.extend(result.notes)
             if result.batches == 0:  # timed out before one batch: static estimate only
                 result = None
                 probe = False
+        lr_test: RangeTest | None = None
+        lr_skipped: str | None = None
+        if lr is not None and result is not None:
+            lr_skipped = _range_test_skipped(lr_range, loss, real_batches is not None,
+                                             synthetic_inputs)
+            if lr_skipped is None:
+                say("learning-rate range test")
+                test_batches = real_batches[:max(batches, 1)] if real_batches \
+                    else [(trace_inputs, None)]
+                lr_test, lr_skipped = _run_range_test(
+                    model, test_batches, loss, lr, optimizer, momentum=momentum,
+                    weight_decay=weight_decay, steps=lr_range_steps, device=target_device,
+                    seed=seed, mode=probe_mode, output=output, deadline=deadline)
+            if lr_test is not None:
+                report_notes.append(_range_note(lr_test))
+                report_notes.extend(lr_test.notes)
     report_notes.extend(traced.notes)
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
                         inputs=tuple(est_inputs), declared=declared, steps=opts.steps,
-                        model=model)
+                        model=model, lr_range=lr_test,
+                        lr_range_skipped=lr_skipped)
     findings, not_run = run_rules(analysis, selection)
     facts = analysis.facts
     if facts.zero_init:

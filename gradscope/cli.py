@@ -346,7 +346,9 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
                              meta=settings.analysis.meta)
         report = run_analysis(loaded.model, loaded.inputs, settings.options(loaded.loss_fn),
                               name=loaded.name, source=loaded.source, notes=loaded.notes,
-                              progress=progress, declared=loaded.declared)
+                              progress=progress, declared=loaded.declared,
+                              example_batches=loaded.batches,
+                              synthetic_inputs=loaded.synthetic_inputs)
         progress("writing reports")
         deciding: list[Any] = list(report.findings)
         if baseline is not None:  # all findings are shown; only new ones decide the exit code

@@ -4,8 +4,10 @@ Targets are ``path/to/file.py``, ``path/to/file.py:NAME`` or
 ``package.module:NAME``. In a file without NAME the loader looks, in order,
 for ``build_model()``, a module-level ``nn.Module`` named ``model``, and a
 single no-argument ``nn.Module`` subclass defined in the file. Inputs come
-from ``--input-shape``/``--dtype``, then ``example_inputs()``, then (with a
-note in the report) a shape inferred from the first layer.
+from ``--input-shape``/``--dtype``, then ``example_inputs()``, then the first
+batch of ``example_batches()``, then (with a note in the report) a shape inferred
+from the first layer. ``example_batches()`` (real (inputs, target) pairs) and
+``loss_fn`` are picked up for the probe and the learning-rate range test.
 """
 
 from __future__ import annotations
@@ -58,8 +60,14 @@ class LoadedTarget:
     source: str | None = None
     module: ModuleType | None = None
     notes: list[str] = field(default_factory=list)
-    #: ``loss_fn(output, inputs)`` defined in the model file, for the probe.
+    #: ``loss_fn(output, inputs)`` defined in the model file, for the probe, or
+    #: ``loss_fn(output, inputs, target)`` when the file gives ``example_batches()``.
     loss_fn: Any = None
+    #: ``example_batches()`` of the file: (inputs tuple, target) pairs of real data.
+    batches: list[tuple[tuple[Any, ...], Any]] | None = None
+    #: Whether the inputs are made up (``--input-shape``, inferred from the first layer)
+    #: rather than the file's own data: no learning-rate range test runs on them.
+    synthetic_inputs: bool = False
     #: With ``meta=True``: declared init moments of the meta weights, by ``id``.
     declared: dict[int, tuple[float, float]] = field(default_factory=dict)
 
@@ -248,6 +256,26 @@ def as_input_tuple(value: Any, where: str) -> tuple[Any, ...]:
                      "return a tensor or a tuple of tensors")
 
 
+def as_batches(value: Any, where: str) -> list[tuple[tuple[Any, ...], Any]]:
+    """``example_batches()``'s value as (inputs tuple, target) pairs, or a one-line error.
+
+    Each batch is a pair ``(inputs, target)``, ``inputs`` a tensor or a tuple of
+    tensors as ``example_inputs()`` returns; the target is handed to
+    ``loss_fn(output, inputs, target)`` as it is.
+    """
+    hint = "return a list of (inputs, target) pairs, e.g. [(x0, y0), (x1, y1)]"
+    if isinstance(value, (str, bytes, torch.Tensor)) or not hasattr(value, "__iter__"):
+        raise InputError(f"{where} returned {type(value).__name__}, not a list of batches", hint)
+    batches = []
+    for i, item in enumerate(value):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InputError(f"{where}: batch {i} is not an (inputs, target) pair", hint)
+        batches.append((as_input_tuple(item[0], f"{where}: batch {i}'s inputs"), item[1]))
+    if not batches:
+        raise InputError(f"{where} returned no batch", hint)
+    return batches
+
+
 def infer_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], str] | None:
     """A guess from the first layer, for models that come with no inputs at all."""
     generator = torch.Generator().manual_seed(0)
@@ -322,9 +350,22 @@ def load_target(target: str, input_shapes: list[str] | None = None,
     loss_fn = getattr(module, "loss_fn", None)
     loaded = LoadedTarget(name=display, model=model, inputs=(), source=source, module=module,
                           declared=declared, loss_fn=loss_fn if callable(loss_fn) else None)
+    batcher = getattr(module, "example_batches", None)
     if input_shapes:
         loaded.inputs = make_inputs(model, list(input_shapes), list(dtypes or []))
+        loaded.synthetic_inputs = True
+        if callable(batcher):
+            loaded.notes.append("--input-shape given: example_batches() of the file was not "
+                                "used (the probe ran on seeded synthetic batches)")
         return loaded
+    if callable(batcher):
+        try:
+            value = batcher()
+        except Exception as exc:
+            raise InputError(f"example_batches() raised {_short_error(exc)}",
+                             "fix example_batches() or pass --input-shape") from exc
+        loaded.batches = [(_with_dtypes(x, dtypes), y)
+                          for x, y in as_batches(value, "example_batches()")]
     factory = getattr(module, "example_inputs", None)
     if callable(factory):
         try:
@@ -334,6 +375,9 @@ def load_target(target: str, input_shapes: list[str] | None = None,
                              "fix example_inputs() or pass --input-shape") from exc
         loaded.inputs = _with_dtypes(as_input_tuple(value, "example_inputs()"), dtypes)
         return loaded
+    if loaded.batches:  # the first real batch stands for the example inputs
+        loaded.inputs = loaded.batches[0][0]
+        return loaded
     guessed = infer_inputs(model)
     if guessed is None:
         raise InputError(
@@ -342,6 +386,7 @@ def load_target(target: str, input_shapes: list[str] | None = None,
             "example_inputs() in the file")
     loaded.inputs, how = guessed
     loaded.inputs = _with_dtypes(loaded.inputs, dtypes)
+    loaded.synthetic_inputs = True
     loaded.notes.append(f"example inputs were not given: using {how}; pass --input-shape to "
                         "choose them")
     return loaded

@@ -85,8 +85,9 @@ def _meta(help: str, kind: str, *, choices: tuple[str, ...] | None = None,
             "settings_default": settings_default}
 
 
-#: A probe loss given as a function: ``loss_fn(output, inputs) -> scalar tensor``.
-LossFn = Callable[[Any, tuple[Any, ...]], Any]
+#: A probe loss given as a function: ``loss_fn(output, inputs) -> scalar tensor``, or
+#: ``loss_fn(output, inputs, target)`` when real batches with targets are given.
+LossFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -112,20 +113,30 @@ class AnalysisOptions:
     tracer: str | None = field(default=None, metadata=_meta(
         "Force one tracer instead of trying them in order", "text", choices=TRACERS))
     lr: float | None = field(default=None, metadata=_meta(
-        "Learning rate: turn on the per-layer update/weight checks", "float"))
+        "Learning rate: turn on the per-layer update/weight checks and, with a loss_fn on "
+        "real data, the learning-rate range test", "float"))
     optimizer: str = field(default="sgd", metadata=_meta(
         "Optimizer for --lr", "text", choices=OPTIMIZERS))
     momentum: float = field(default=0.0, metadata=_meta(
-        "SGD momentum for --lr; the first step does not depend on it", "float"))
+        "SGD momentum for --lr, used by the range test's optimizer (the first-update "
+        "ratios do not depend on it)", "float"))
     weight_decay: float = field(default=0.0, metadata=_meta(
         "Weight decay for --lr (coupled for sgd/adam, decoupled for adamw)", "float"))
     steps: int | None = field(default=None, metadata=_meta(
         "Planned length of the training run in optimiser steps: warmup advice is a share "
         "of it (at most 10%); without it no warmup length is advised", "int", metavar="N",
         minimum=1))
+    lr_range: bool = field(default=True, metadata=_meta(
+        "--no-lr-range: skip the learning-rate range test (short training runs of a copy "
+        "of the model at --lr and factors of it, run when --lr is given and the model "
+        "file gives loss_fn and real example data)", "switch"))
+    lr_range_steps: int = field(default=30, metadata=_meta(
+        "Optimizer steps of each range-test run", "int", metavar="N", minimum=1))
     batches: int = field(default=3, metadata=_meta(
-        "Probe batches: the example inputs and N-1 seeded ones", "int", minimum=1))
-    #: A name from LOSSES, a ``loss_fn(output, inputs)``, or None: the model file's
+        "Probe batches: the example inputs and N-1 seeded ones, or the first N of "
+        "example_batches()", "int", minimum=1))
+    #: A name from LOSSES, a ``loss_fn(output, inputs)`` (``loss_fn(output, inputs,
+    #: target)`` with ``example_batches``), or None: the model file's
     #: ``loss_fn()`` when the CLI loaded one, else ``dot``.
     loss: str | LossFn | None = field(default=None, metadata=_meta(
         "Probe loss (default: loss_fn() in the model file, else dot with a fixed random "
@@ -189,7 +200,7 @@ class AnalysisOptions:
             raise bad("device", "must be a string", self.device)
         if self.output is not None and not isinstance(self.output, str):
             raise bad("output", "must be a string", self.output)
-        for name in ("probe", "meta"):
+        for name in ("probe", "meta", "lr_range"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false", getattr(self, name))
         if not _is_int(self.seed):
@@ -209,6 +220,8 @@ class AnalysisOptions:
                 raise bad(name, "must be a non-negative number", value)
         if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
             raise bad("steps", "must be a whole number >= 1", self.steps)
+        if not _is_int(self.lr_range_steps) or self.lr_range_steps < 1:
+            raise bad("lr-range-steps", "must be a whole number >= 1", self.lr_range_steps)
         if not _is_int(self.batches) or self.batches < 1:
             raise bad("batches", "must be a whole number >= 1", self.batches)
         if self.timeout is not None and (not _is_number(self.timeout)

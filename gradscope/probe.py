@@ -257,7 +257,21 @@ def first_update_sq(grad: torch.Tensor, weight: torch.Tensor, lr: float, optimiz
 
 
 LOSSES = ("dot", "sum", "mse", "cross_entropy")
-LossFn = Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]
+#: ``loss_fn(output, inputs)``, or ``loss_fn(output, inputs, target)`` with real batches.
+LossFn = Callable[..., torch.Tensor]
+#: One batch of real data: the model's positional inputs and its target (labels, next
+#: tokens ...), as a model file's ``example_batches()`` gives them.
+RealBatch = tuple[tuple[Any, ...], Any]
+
+#: The no-target marker of synthetic batches (a real target may be anything, None too).
+NO_TARGET: Any = object()
+
+
+def loss_description(loss: str | LossFn, real: bool) -> str:
+    """How the probe's loss is named in the report."""
+    if callable(loss):
+        return "loss_fn(output, inputs, target)" if real else "loss_fn(output, inputs)"
+    return _loss(torch.zeros(2, 2), (), loss, 0)[1]
 
 
 def make_batches(inputs: tuple[Any, ...], count: int, seed: int) -> list[tuple[Any, ...]]:
@@ -294,14 +308,20 @@ def make_batches(inputs: tuple[Any, ...], count: int, seed: int) -> list[tuple[A
 
 
 def _loss(out: torch.Tensor, inputs: tuple[Any, ...], loss: str | LossFn, seed: int,
-          ) -> tuple[torch.Tensor, str]:
-    """The probe's loss and how it is described in the report."""
+          target: Any = NO_TARGET) -> tuple[torch.Tensor, str]:
+    """The probe's loss and how it is described in the report.
+
+    A function gets the batch's target as a third argument when the batch is real
+    (``example_batches()``); synthetic batches have none, and it gets two.
+    """
     if callable(loss):
-        value = loss(out, inputs)
+        real = target is not NO_TARGET
+        value = loss(out, inputs, target) if real else loss(out, inputs)
+        described = loss_description(loss, real)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise ModelRunError("loss_fn(output, inputs) must return a scalar tensor",
-                                "return e.g. F.cross_entropy(output, targets)")
-        return value.reshape(()), "loss_fn(output, inputs)"
+            raise ModelRunError(f"{described} must return a scalar tensor",
+                                "return e.g. F.cross_entropy(output, target)")
+        return value.reshape(()), described
     generator = torch.Generator(device="cpu").manual_seed(seed + 1)
     if loss == "sum":
         return out.sum(), "sum(output)"
@@ -350,6 +370,23 @@ def _halve(inputs: tuple[Any, ...], size: int) -> tuple[Any, ...]:
                  else t for t in inputs)
 
 
+def _halve_target(target: Any, size: int) -> Any:
+    """A real batch's target cut with its inputs: tensors (or a tuple of them) of that size."""
+    if isinstance(target, torch.Tensor):
+        return _halve((target,), size)[0]
+    if isinstance(target, tuple):
+        return _halve(target, size)
+    return target
+
+
+def _target_to(target: Any, device: str) -> Any:
+    if isinstance(target, torch.Tensor):
+        return target.detach().to(device)
+    if isinstance(target, (tuple, list)):
+        return type(target)(_target_to(t, device) for t in target)
+    return target
+
+
 def _is_oom(exc: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError",
                                                               None)
@@ -367,7 +404,8 @@ class _Expired(BaseException):
 def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
                loss: str | LossFn, seed: int, wanted: list[nn.Parameter],
                measured: set[int], update: tuple[float | None, str, float],
-               deadline: Deadline | None = None, plain_inputs: bool = False) -> _Batch:
+               deadline: Deadline | None = None, plain_inputs: bool = False,
+               target: Any = NO_TARGET) -> _Batch:
     probe_inputs = []
     grad_inputs: list[torch.Tensor] = []
     for t in inputs:
@@ -393,7 +431,8 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
     out = traced.runner.run(tuple(probe_inputs), observe)
     if not out.requires_grad:
         return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
-    value, _ = _loss(out, tuple(probe_inputs), loss, seed)
+    value, _ = _loss(out, tuple(probe_inputs), loss, seed,
+                     target if target is NO_TARGET else _target_to(target, device))
     # dLoss/d(output) itself, not only through the output node's hook: an output that is
     # an alias of an earlier tensor (``logits.float()`` on float logits, nn.Identity) has
     # no hook of its own, and without its gradient no figure could be normalised.
@@ -420,8 +459,13 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
 def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
               seed: int = 0, lr: float | None = None, optimizer: str = "sgd",
               weight_decay: float = 0.0, batches: int = 3, loss: str | LossFn = "dot",
-              mode: str = "train", deadline: Deadline | None = None) -> ProbeResult:
+              mode: str = "train", deadline: Deadline | None = None,
+              real_batches: Sequence[RealBatch] | None = None) -> ProbeResult:
     """Forward and backward on ``batches`` seeded batches; the caller restores the model.
+
+    ``real_batches`` (``example_batches()``: (inputs, target) pairs of real data) are
+    probed instead of synthetic ones, the first ``batches`` of them, a callable
+    ``loss`` then taking the target as its third argument.
 
     Every node's squared gradient norm is summed over the batches (so the
     reported RMS is over all probe samples) and its per-batch RMS is kept for
@@ -450,17 +494,21 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
     working: int | None = None  # batch size that fit after halving, kept for later batches
     stopped = False
     plain_inputs = False  # the model sets requires_grad on its own inputs: leave them alone
-    for batch in make_batches(inputs, max(batches, 1), seed):
+    planned: list[tuple[tuple[Any, ...], Any]] = \
+        [(tuple(b), NO_TARGET) for b in make_batches(inputs, max(batches, 1), seed)] \
+        if not real_batches else [(tuple(x), y) for x, y in real_batches[:max(batches, 1)]]
+    for batch, target in planned:
         if deadline is not None and deadline.expired():
             stopped = True
             break
         while working is not None and (_batch_size(batch) or 0) > working:
-            batch = _halve(batch, _batch_size(batch) or 1)
+            size = _batch_size(batch) or 1
+            batch, target = _halve(batch, size), _halve_target(target, size)
         while True:
             try:
                 done.append(_run_batch(model, traced, batch, device, loss, seed, wanted,
                                        measured, (lr, optimizer, weight_decay), deadline,
-                                       plain_inputs))
+                                       plain_inputs, target))
                 if notes:
                     working = _batch_size(batch)
                 break
@@ -469,6 +517,7 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                 break
             except NodeExecutionError as exc:
                 if _is_oom(exc.error):
+                    target = _halve_target(target, _batch_size(batch) or 1)
                     batch = _retry_smaller(batch, exc.error, notes)
                     continue
                 if not plain_inputs and _sets_requires_grad(exc.error):
@@ -484,6 +533,7 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                 raise
             except Exception as exc:
                 if _is_oom(exc):
+                    target = _halve_target(target, _batch_size(batch) or 1)
                     batch = _retry_smaller(batch, exc, notes)
                     continue
                 if not plain_inputs and _sets_requires_grad(exc):
@@ -496,13 +546,16 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                     or "fix the forward, or use --no-probe for the static estimate") from exc
         if stopped:
             break
-    description = _loss(torch.zeros(2, 2), (), loss, seed)[1] if not callable(loss) else \
-        "loss_fn(output, inputs)"
-    result = ProbeResult(device=device, batch_size=_batch_size(inputs), loss=description,
+    description = loss_description(loss, bool(real_batches))
+    result = ProbeResult(device=device, batch_size=_batch_size(planned[0][0]), loss=description,
                          seed=seed,
                          mode=mode, lr=lr, optimizer=optimizer if lr else None,
                          batches=len(done))
     result.notes.extend(notes)
+    if real_batches:
+        result.notes.append(
+            f"the probe ran on {len(planned)} real batch(es) of the {len(real_batches)} "
+            "given (example_batches), not on synthetic ones")
     if stopped and deadline is not None:
         result.notes.append(
             f"probe stopped after {len(done)} of {max(batches, 1)} batches: --timeout "

@@ -29,6 +29,7 @@ from gradscope.tracing.graph import Ref, TracedModel
 
 if TYPE_CHECKING:
     from gradscope.estimate.engine import StaticEstimate
+    from gradscope.lr_range import RangeTest
     from gradscope.probe import ProbeResult
     from gradscope.rules.base import Check
     from gradscope.rules.fixes import Fixer
@@ -164,6 +165,10 @@ class Analysis:
     #: module tree to say whether a change can be applied mechanically (an activation
     #: module to swap, consecutive children of an ``nn.Sequential`` to wrap).
     model: Any = None
+    #: The learning-rate range test (``gradscope.lr_range``), None where none ran.
+    lr_range: RangeTest | None = None
+    #: Why no range test ran (what would enable one), None where one ran or no lr.
+    lr_range_skipped: str | None = None
     #: Results shared between checks (verified fixes are costly: one estimate each).
     memo: dict[str, Any] = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import networkx as nx
 
     from gradscope.estimate.engine import StaticEstimate
+    from gradscope.lr_range import RangeTest
     from gradscope.options import Thresholds
     from gradscope.probe import ProbeResult
     from gradscope.rules.health import HealthTable
@@ -162,6 +163,8 @@ class Analysis(Protocol):
     steps: int | None
     #: The traced ``nn.Module`` (typed Any: this module stays free of torch), or None.
     model: Any
+    lr_range: RangeTest | None
+    lr_range_skipped: str | None
 
     def remember(self, key: str, compute: Callable[[], Any]) -> Any: ...
     def mean_and_variance(self, node: str) -> tuple[float, float] | None: ...

@@ -1,11 +1,16 @@
-"""GS6xx, learning rate: the first update of each layer relative to its weights, with --lr.
+"""GS6xx, learning rate: a measured range test where one ran, else update/weight facts.
 
-The probe computes each layer's first optimiser step without taking it; the usual band
-of update/weight ratios is [1e-4, 1e-2] around 1e-3. These are reported as facts, with
-no learning-rate factor: a factor computed from that band rescued 3 of 24 failing
-training runs and worsened 22 of 36 that trained (issue 14's experiment), so a factor
-is advised only where a measured run supports it. Warmup advice (here and in GS703) is
-a share of the planned run (``--steps``, at most 10%), and omitted without it.
+A learning-rate factor computed from the first update's size (the usual band of
+update/weight ratios is [1e-4, 1e-2] around 1e-3) rescued 3 of 24 failing training
+runs and worsened 22 of 36 that trained (issue 14's experiment). So a factor is
+advised only from a measured run: the range test (``gradscope.lr_range``) trains copies
+of the model at the given rate and at factors of it, on the model's own loss and real
+data. GS601 warns, with the range test's figures and a ``learning_rate`` action, only
+where the given rate visibly failed there and another clearly trained; where the
+given rate trained, nothing is said about it. Without a range test the ratios are
+reported as facts, with no factor, and the message says what would enable the test.
+Warmup advice (here and in GS703) is a share of the planned run (``--steps``, at most
+10%), and omitted without it.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import math
 from typing import TYPE_CHECKING
 
 from gradscope.records import Finding, Recommendation
-from gradscope.rules.base import Check, Rule, RuleFamily, location, op_of
+from gradscope.rules.base import NOWHERE, Check, Rule, RuleFamily, location, op_of
 
 if TYPE_CHECKING:
+    from gradscope.lr_range import RangeTest
     from gradscope.rules.base import Analysis
 
 GS601 = Rule(
@@ -24,18 +30,22 @@ GS601 = Rule(
     name="learning-rate-scale",
     category="learning_rate",
     severity="info",
-    summary="With the given learning rate, the first update moves the weights by far "
-    "more or far less than ~1e-3 of their norm (a fact, no factor advised).",
-    what="The probe computed each layer's first optimiser step (SGD: lr * g; Adam/AdamW: "
-    "lr * g / (|g| + eps), plus decoupled decay) without taking it, and compared its norm "
-    "with the weight's. The median layer falls outside [1e-4, 1e-2].",
-    why="An update/weight ratio around 1e-3 is the usual healthy range: far above it the "
-    "first steps overwrite the initialisation (and diverge), far below it nothing learns.",
-    fix="Check the learning rate with a short range test on your data (a few dozen steps "
-    "at the rate and at factors of it): the ratio alone does not say which rate trains, "
-    "and Adam's first step is lr-sized whatever the gradient. Give --steps for a warmup "
-    "length.",
-    references=("CS231n, Neural Networks Part 3: ratio of weights:updates",
+    summary="A short learning-rate range test showed the given rate failing while another "
+    "trained (warning, measured rate); without one, the first update's size as a fact.",
+    what="With --lr, a loss_fn and real data, copies of the model were trained for a few "
+    "dozen steps of the given optimizer at the rate and at factors of it (0.01x to 100x), "
+    "from the same weights and batches. Without them, the probe computed each layer's "
+    "first optimiser step (SGD: lr * g; Adam/AdamW: lr * g / (|g| + eps), plus decoupled "
+    "decay) without taking it: the median layer falls outside [1e-4, 1e-2].",
+    why="A rate under which the loss goes non-finite, rises or does not move in a few "
+    "dozen steps does not train; a range test shows which rate does (Smith 2017). The "
+    "update/weight ratio alone does not say which rate trains: a factor computed from it "
+    "worsened most runs that trained (issue 14).",
+    fix="Use the measured rate (the largest factor that trained with the next larger one "
+    "training too, a margin against the range test's short horizon). Without a range "
+    "test: give loss_fn (and example_batches()) in the model file with --lr to run one.",
+    references=("Smith 2017, Cyclical Learning Rates for Training Neural Networks",
+                "CS231n, Neural Networks Part 3: ratio of weights:updates",
                 "Kingma & Ba 2015, Adam: A Method for Stochastic Optimization"),
 )
 
@@ -61,9 +71,12 @@ UPDATE_RATIO_TARGET = 1e-3
 
 
 def check_learning_rate(analysis: Analysis) -> list[Finding]:
+    """GS601: the range test's verdict where one ran, else the update/weight facts."""
     probe = analysis.probe
     if probe is None or probe.lr is None:
         return []
+    if analysis.lr_range is not None and analysis.lr_range.given is not None:
+        return _measured(analysis, analysis.lr_range)
     ratios = sorted(v for v in probe.update_ratio.values()
                     if v is not None and math.isfinite(v) and v > 0)
     if not ratios:
@@ -76,13 +89,76 @@ def check_learning_rate(analysis: Analysis) -> list[Finding]:
         probe.update_ratio[n] or UPDATE_RATIO_TARGET) - math.log10(UPDATE_RATIO_TARGET)))
     direction = "large" if median > hi else "small"
     warmup = warmup_recommendation(probe.optimizer, analysis.steps)
+    why_not = analysis.lr_range_skipped or "no range test ran"
     return [GS601.finding(
         f"Learning rate {probe.lr:g} with {probe.optimizer}: the median layer's first update "
         f"is {median:.1e} of its weight norm, {direction}r than the usual band "
         f"[{lo:g}, {hi:g}]. No factor is advised: the ratio alone does not say which rate "
-        f"trains (run a short learning-rate range test on your data).",
+        f"trains, and no learning-rate range test measured one ({why_not}).",
         location(analysis, worst), None, [warmup] if warmup and direction == "large" else [],
         {"median_update_ratio": median, "lr": probe.lr})]
+
+
+def _range_evidence(test: RangeTest) -> dict[str, float | int | str | None]:
+    """Every run's figures, flat (JSON evidence holds numbers and strings)."""
+    given = test.given
+    evidence: dict[str, float | int | str | None] = {
+        "lr": test.lr, "optimizer": test.optimizer, "range_test_steps": test.steps,
+        "range_test_batches": test.batches,
+        "loss_start": given.start if given is not None else None}
+    for run in test.runs:
+        key = f"x{run.factor:g}"
+        evidence[f"loss_end_{key}"] = run.end if math.isfinite(run.end) else None
+        evidence[f"status_{key}"] = run.status if run.nonfinite_step is None else \
+            f"non-finite at step {run.nonfinite_step}"
+    if test.factor is not None:
+        evidence["advised_factor"] = test.factor
+        evidence["advised_lr"] = test.advised_lr
+    return evidence
+
+
+def _measured(analysis: Analysis, test: RangeTest) -> list[Finding]:
+    """GS601 from the range test: a warning with the measured rate, or nothing.
+
+    The given rate trained (or trained slowly): no finding, since a factor would only
+    risk a run that works. It visibly failed and some factor trained with a margin: a
+    warning whose recommendation carries that factor. It failed and none did: an info
+    with the figures, no rate (the other findings say what to change in the model).
+    """
+    given = test.given
+    assert given is not None
+    if not test.given_fails:
+        return []
+    how = {"diverged": "diverged", "flat": "did not lower the loss"}[given.status] + \
+        f" ({given.outcome()})"
+    head = (f"Learning-rate range test ({test.optimizer}, {test.steps} steps over "
+            f"{test.batches} batch(es) of your data): lr {test.lr:g} {how}")
+    where = NOWHERE  # the whole model's learning rate
+    if test.factor is None or test.advised_lr is None:
+        return [GS601.finding(
+            f"{head}, and no factor from x0.01 to x100 trained with a margin "
+            f"({test.summary()}): the learning rate alone does not fix this model.",
+            where, "info", [], _range_evidence(test))]
+    chosen = test.run(test.factor)
+    assert chosen is not None
+    new_lr = test.advised_lr
+    text = (f"Set the learning rate to {new_lr:.3g} (x{test.factor:g}): in the range test it "
+            f"took the mean loss over your batches from {chosen.start:.4g} to "
+            f"{chosen.end:.4g} in {test.steps} steps, where lr {test.lr:g} {how}; "
+            "it is the largest rate that trained with the next larger one training too, a "
+            "margin against the test's short horizon.")
+    recommendation = Recommendation(
+        "learning_rate", text,
+        f"optimizer = torch.optim.{_OPTIMIZER_CLASS.get(test.optimizer, 'SGD')}"
+        f"(model.parameters(), lr={new_lr:.3g})",
+        action={"op": "learning_rate", "lr": new_lr, "factor": test.factor})
+    return [GS601.finding(
+        f"{head}; lr {new_lr:.3g} (x{test.factor:g}) trained: {chosen.describe()}. All runs: "
+        f"{test.summary()}.", where, "warning", [recommendation], _range_evidence(test))]
+
+
+#: The torch.optim class of each ``--optimizer`` choice, for the recommendation's code.
+_OPTIMIZER_CLASS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 
 
 #: The most of a planned run that warmup advice may take.
