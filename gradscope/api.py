@@ -31,6 +31,7 @@ from gradscope.probe import ProbeResult, RealBatch, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
 from gradscope.rules.analysis import Analysis, run_rules
+from gradscope.rules.optimizers import ASSUMED_NOTE
 from gradscope.rules.selection import RuleSelection
 from gradscope.state import preserved
 from gradscope.tracing import trace_model
@@ -330,7 +331,9 @@ def analyze(
     opts = (options or AnalysisOptions()).replaced(**keywords)
     device, probe, output, tracer, seed = (opts.device, opts.probe, opts.output, opts.tracer,
                                            opts.seed)
-    lr, optimizer, weight_decay, momentum = opts.lr, opts.optimizer, opts.weight_decay, \
+    # Not given: plain SGD is assumed (the stricter judge: it rescales nothing), and the
+    # report says so; the rules read ``opts.optimizer`` to tell given from assumed.
+    lr, optimizer, weight_decay, momentum = opts.lr, opts.optimizer or "sgd", opts.weight_decay, \
         opts.momentum
     lr_range, lr_range_steps = opts.lr_range, opts.lr_range_steps
     meta, batches, probe_mode, timeout = opts.meta, opts.batches, opts.probe_mode, opts.timeout
@@ -432,8 +435,10 @@ def analyze(
     analysis = Analysis(traced=traced, estimate=est, probe=result, thresholds=thresholds,
                         inputs=tuple(est_inputs), declared=declared, steps=opts.steps,
                         model=model, lr_range=lr_test,
-                        lr_range_skipped=lr_skipped)
+                        lr_range_skipped=lr_skipped, optimizer=opts.optimizer)
     findings, not_run = run_rules(analysis, selection)
+    if opts.optimizer is None:
+        report_notes.append(ASSUMED_NOTE)
     facts = analysis.facts
     if facts.zero_init:
         first = traced.node(facts.zero_init[0]).label()

@@ -115,8 +115,10 @@ class AnalysisOptions:
     lr: float | None = field(default=None, metadata=_meta(
         "Learning rate: turn on the per-layer update/weight checks and, with a loss_fn on "
         "real data, the learning-rate range test", "float"))
-    optimizer: str = field(default="sgd", metadata=_meta(
-        "Optimizer for --lr", "text", choices=OPTIMIZERS))
+    optimizer: str | None = field(default=None, metadata=_meta(
+        "The optimizer you will train with: under adam/adamw a uniformly small or large "
+        "gradient is rescaled and judged for what Adam cannot fix (gradients below its eps); "
+        "not given, the verdict assumes plain SGD and says so", "text", choices=OPTIMIZERS))
     momentum: float = field(default=0.0, metadata=_meta(
         "SGD momentum for --lr, used by the range test's optimizer (the first-update "
         "ratios do not depend on it)", "float"))
@@ -208,7 +210,7 @@ class AnalysisOptions:
         for name, choices in (("tracer", TRACERS), ("optimizer", OPTIMIZERS),
                               ("probe_mode", PROBE_MODES)):
             value = getattr(self, name)
-            if (value is not None or name != "tracer") and value not in choices:
+            if (value is not None or name == "probe_mode") and value not in choices:
                 raise bad(name.replace("_", "-"), f"must be one of {', '.join(choices)}", value)
         if self.loss is not None and not callable(self.loss) and self.loss not in LOSSES:
             raise bad("loss", f"must be one of {', '.join(LOSSES)} or a function", self.loss)

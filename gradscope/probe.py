@@ -50,6 +50,14 @@ class ProbeResult:
     #: The global gradient norm over every trainable weight (each counted once), per
     #: probe batch: what ``clip_grad_norm_`` would see on each step.
     batch_grad_norms: list[float] = field(default_factory=list)
+    #: RMS of the weight gradient's elements per node, on a mean-reduced loss: the
+    #: user's loss as it is; a synthetic one ("dot", "sum") rescaled so that dLoss/d(output)
+    #: has the RMS of a mean cross-entropy at chance, 1 / (rows x sqrt(classes)) for an
+    #: output of ``rows`` rows of ``classes`` entries. Adam divides each element by
+    #: sqrt(v) + eps: where this is below eps the step is not rescaled to the learning rate.
+    param_grad_rms: dict[str, float | None] = field(default_factory=dict)
+    #: How ``param_grad_rms`` was scaled (said in the findings that read it).
+    grad_scale: str = ""
     #: ||first optimiser update|| / ||W|| per node, when a learning rate is given.
     update_ratio: dict[str, float | None] = field(default_factory=dict)
     lr: float | None = None
@@ -564,6 +572,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
     if not done:
         return result
     _combine(done, traced, params, result, lr, optimizer, weight_decay)
+    _absolute_scale(done, traced, params, result, mean_loss=callable(loss)
+                    or loss in ("mse", "cross_entropy"))
     _contain_nonfinite(traced, result)
     return result
 
@@ -678,6 +688,45 @@ def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Param
         result.param_grad_ratio[name] = math.sqrt(g_sq / w_sq) if w_sq > 0 else None
         if lr is not None:
             result.update_ratio[name] = math.sqrt(u_sq / w_sq) if w_sq > 0 else None
+
+
+def _absolute_scale(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Parameter],
+                    result: ProbeResult, mean_loss: bool) -> None:
+    """Each weight's gradient RMS per element on a mean-reduced loss (``param_grad_rms``).
+
+    Relative figures (health, ||grad W||/||W||) do not depend on the loss's scale; Adam's
+    epsilon does: it compares each gradient element with 1e-8 in absolute terms. The
+    user's loss (and the built-in mean losses) give the absolute scale as it will be in
+    training. A synthetic loss's scale is arbitrary (<output, direction> has a unit
+    output gradient per element), so it is rescaled to a mean cross-entropy at chance:
+    dLoss/dlogit = (p - y) / rows, whose RMS over rows x classes entries is about
+    1 / (rows x sqrt(classes)); a mean squared error over the same entries is within a
+    factor sqrt(classes) of it.
+    """
+    usable = [b for b in done if b.differentiable]
+    if not usable or result.output_grad_rms is None or result.output_grad_rms <= 0:
+        return
+    scale = 1.0
+    result.grad_scale = "your loss"
+    if not mean_loss:
+        shape = traced.node(traced.output_node).shape
+        numel = max(sum(b.out_numel for b in usable) // len(usable), 1)
+        classes = int(shape[-1]) if shape else 1
+        rows = max(numel // max(classes, 1), 1)
+        scale = 1.0 / (rows * math.sqrt(max(classes, 1))) / result.output_grad_rms
+        result.grad_scale = (f"the {result.loss} rescaled to a mean cross-entropy over "
+                             f"{rows} rows of {classes} (no loss_fn given)")
+    for name, weights in _node_weights(traced, params).items():
+        g_sq = 0.0
+        numel = sum(params[w].numel() for w in weights)
+        for b in usable:
+            for wname in weights:
+                stats = b.param_stats.get(id(params[wname]))
+                if stats is not None:
+                    g_sq += stats[0]
+        g_sq /= len(usable)
+        result.param_grad_rms[name] = (math.sqrt(g_sq / numel) * scale
+                                       if numel and math.isfinite(g_sq) else None)
 
 
 def _finish_forward(acc: _Accumulator, result: ProbeResult) -> None:

@@ -165,6 +165,9 @@ class Analysis:
     #: module tree to say whether a change can be applied mechanically (an activation
     #: module to swap, consecutive children of an ``nn.Sequential`` to wrap).
     model: Any = None
+    #: The optimizer the user said they train with (``--optimizer``), None when not given
+    #: (the verdict then assumes plain SGD and says so).
+    optimizer: str | None = None
     #: The learning-rate range test (``gradscope.lr_range``), None where none ran.
     lr_range: RangeTest | None = None
     #: Why no range test ran (what would enable one), None where one ran or no lr.

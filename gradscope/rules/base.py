@@ -164,6 +164,7 @@ class Analysis(Protocol):
     #: The traced ``nn.Module`` (typed Any: this module stays free of torch), or None.
     model: Any
     lr_range: RangeTest | None
+    optimizer: str | None
     lr_range_skipped: str | None
 
     def remember(self, key: str, compute: Callable[[], Any]) -> Any: ...

@@ -20,6 +20,7 @@ from gradscope.rules.base import (
     location,
     op_of,
 )
+from gradscope.rules.optimizers import adaptive
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -146,9 +147,18 @@ def _exploding(analysis: Analysis, measured: bool) -> list[Finding]:
     rule = GS202 if measured else GS201
     source = "measured" if measured else "predicted"
     norm = global_grad_norm(analysis)
+    adam = ""
+    if adaptive(analysis):
+        # Adam's step is bounded by about lr per element whatever the gradient's size
+        # (Kingma & Ba 2015, sec. 2.1): a large gradient is not a large step. Non-finite
+        # values, which Adam cannot rescale, are GS5xx's.
+        severity = "info"
+        adam = (f" Under {analysis.optimizer} each element's step is bounded by about the "
+                "learning rate whatever the gradient's size, so this does not make large "
+                "steps; with plain SGD it would.")
     return [rule.finding(
         f"Exploding gradient ({source}): {op_of(analysis, hi_node)} receives {hi:.2e} "
-        f"times the gradient at the output (threshold {t.exploding_warning:g}).",
+        f"times the gradient at the output (threshold {t.exploding_warning:g}).{adam}",
         location(analysis, hi_node), severity, exploding_fixes(analysis, norm),
         {"gradient_ratio": hi, "threshold": t.exploding_warning,
          "depth": analysis.traced.node(hi_node).depth, **evidence})]

@@ -26,6 +26,7 @@ from gradscope.rules.base import (
     normalised_downstream,
     op_of,
 )
+from gradscope.rules.optimizers import ADAM_EPS, adaptive, gradient_scale, scale_words
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -138,12 +139,59 @@ def _vanishing(analysis: Analysis, measured: bool) -> list[Finding]:
     rule = GS102 if measured else GS101
     source = "measured" if measured else "predicted"
     amount = "no gradient at all" if lo == 0 else f"{lo:.2e} of the gradient at the output"
+    message = (f"Vanishing gradient ({source}): {op_of(analysis, lo_node)} receives {amount} "
+               f"(threshold {t.vanishing_warning:g}); ")
+    extra: dict[str, float | int | str | None] = {}
+    if adaptive(analysis) and lo > 0:
+        severity, judged, extra = _under_adam(analysis, lo_node, severity)
+        message += judged
+    else:
+        message += "its weights will barely train" + (
+            " with plain SGD, which the verdict assumes." if analysis.optimizer is None
+            else ".")
     return [rule.finding(
-        f"Vanishing gradient ({source}): {op_of(analysis, lo_node)} receives {amount} "
-        f"(threshold {t.vanishing_warning:g}); its weights will barely train.",
-        location(analysis, lo_node), severity, vanishing_fixes(analysis),
+        message, location(analysis, lo_node), severity, vanishing_fixes(analysis),
         {"gradient_ratio": lo, "threshold": t.vanishing_warning,
-         "depth": analysis.traced.node(lo_node).depth, **evidence})]
+         "depth": analysis.traced.node(lo_node).depth, **evidence, **extra})]
+
+
+def _under_adam(analysis: Analysis, node: str, severity: Severity,
+                ) -> tuple[Severity, str, dict[str, float | int | str | None]]:
+    """The vanishing verdict for an optimizer that rescales each element's step.
+
+    Adam's step is lr-sized wherever the gradient is well above its eps, however small
+    relative to the output: the entry layers train. Where their gradient RMS per element
+    is below eps, the step is g / eps of lr and they do not (gradscope.rules.optimizers).
+    Without a probe the absolute scale is unknown: a warning at most, saying so.
+    """
+    name = analysis.optimizer
+    nodes = set(analysis.facts.entries) | {node}
+    scale = gradient_scale(analysis, nodes)
+    if scale is None:
+        return (min_severity(severity, "warning"),
+                f"{name} rescales a small gradient unless it is below its eps ({ADAM_EPS:g}); "
+                "without the probe's measurement its absolute size is unknown.", {})
+    where, rms = scale
+    evidence: dict[str, float | int | str | None] = {"gradient_rms_per_element": rms,
+                                                    "adam_eps": ADAM_EPS}
+    layer = op_of(analysis, where)
+    if rms < ADAM_EPS:
+        return ("error",
+                f"{layer}'s weight gradient is {rms:.2e} per element ({scale_words(analysis)}), "
+                f"below {name}'s eps {ADAM_EPS:g}, so {name} cannot rescale it: its step there "
+                f"is about {rms / ADAM_EPS:.2g} of the learning rate and those weights will "
+                "barely train.", evidence)
+    return ("info",
+            f"under {name} this is rescaled: the first layers' weight gradient is {rms:.2e} "
+            f"per element ({scale_words(analysis)}) at {layer}, above {name}'s eps "
+            f"{ADAM_EPS:g}, so each element still steps by about the learning rate; with plain "
+            "SGD these layers would barely train.", evidence)
+
+
+def min_severity(a: Severity, b: Severity) -> Severity:
+    """The milder of two severities."""
+    order = ("info", "warning", "error")
+    return a if order.index(a) <= order.index(b) else b
 
 
 def check_static_vanishing(analysis: Analysis) -> list[Finding]:
@@ -273,12 +321,29 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
         detail = (f"; its ||grad W|| alone ({share:.2g}x the median layer's) would not show it"
                   if 0.1 <= share <= 10 else f"; ||grad W|| alone: {share:.2g}x the median")
     severity: Severity = "error" if relative < t.update_imbalance ** 2 else "warning"
+    evidence: dict[str, float | int | str | None] = {
+        "param_grad_ratio": ratios[node], "median_param_grad_ratio": typical_ratio,
+        "relative": relative, "threshold": t.update_imbalance}
+    adam = ""
+    rms = probe.param_grad_rms.get(node)
+    if adaptive(analysis) and rms is not None:
+        # Adam steps each element by about lr whatever the gradient's size, unless the
+        # gradient is below its eps: an imbalance of gradients is then no imbalance of steps.
+        evidence.update({"gradient_rms_per_element": rms, "adam_eps": ADAM_EPS})
+        if rms >= ADAM_EPS:
+            severity = "info"
+            adam = (f" Under {analysis.optimizer} the steps are not imbalanced: its gradient is "
+                    f"{rms:.2e} per element, above eps {ADAM_EPS:g}, so it steps by about the "
+                    "learning rate like the rest.")
+        else:
+            severity = "error"
+            adam = (f" Its gradient is {rms:.2e} per element, below {analysis.optimizer}'s eps "
+                    f"{ADAM_EPS:g}: even {analysis.optimizer} steps it by only about "
+                    f"{rms / ADAM_EPS:.2g} of the learning rate.")
     return [GS104.finding(
         f"{op_of(analysis, node)}: ||grad W||/||W|| = {ratios[node]:.2e}, {relative:.1e} of "
-        f"the median layer's ({typical_ratio:.2e}){detail}.",
-        location(analysis, node), severity, [],
-        {"param_grad_ratio": ratios[node], "median_param_grad_ratio": typical_ratio,
-         "relative": relative, "threshold": t.update_imbalance})]
+        f"the median layer's ({typical_ratio:.2e}){detail}.{adam}",
+        location(analysis, node), severity, [], evidence)]
 
 
 FAMILY = RuleFamily(
