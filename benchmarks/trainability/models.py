@@ -20,9 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from data import SEQ_LEN, VOCAB_SIZE
+from torch import nn
 
 ACTS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
@@ -116,7 +115,7 @@ class ResMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)
-        for i, (f1, f2) in enumerate(zip(self.fc1, self.fc2)):
+        for i, (f1, f2) in enumerate(zip(self.fc1, self.fc2, strict=True)):
             if self.norm_mode == "pre":
                 h = h + f2(self.act(f1(self.norms[i](h))))
             elif self.norm_mode == "post":

@@ -52,9 +52,8 @@ def _cache_path(key: dict[str, Any]) -> Path:
 def cached_train(arch: str, recipe_name: str, seed: int, change: dict[str, Any] | None,
                  ) -> dict[str, Any]:
     """Train (arch, recipe, seed) with ``change`` applied (None: as built), cached."""
-    import torch
-
     import models
+    import torch
     import train
 
     key = {"arch": arch, "recipe": recipe_name, "seed": seed, "change": change, "v": 1}
@@ -95,11 +94,11 @@ def cached_train(arch: str, recipe_name: str, seed: int, change: dict[str, Any] 
 
 def analyse(arch: str, recipe_name: str, seed: int) -> dict[str, Any]:
     """gradscope's report (as JSON) on the run's initial model with the run's settings."""
+    import models
     import torch
+    import train
 
     import gradscope
-    import models
-    import train
 
     spec = models.BY_NAME[arch]
     recipe = {r.name: r for r in train.recipes(spec.task)}[recipe_name]
@@ -286,8 +285,8 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any], command: st
     ff = summary["first_fix"]
     lines += ["", f"First model change of each flagged failure (what a user tries first): "
               f"{ff['rescued']} of {ff['given']} rescued ({_pct(ff['rate'])}); flagged "
-              f"failures with no applicable model change: {len(ff['flagged_failures_without_fix'])}.",
-              ""]
+              "failures with no applicable model change: "
+              f"{len(ff['flagged_failures_without_fix'])}.", ""]
     for recipe, s in summary["recipes"].items():
         for what in ("false_positives", "misses", "crashes"):
             if s[what]:
@@ -323,6 +322,12 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any], command: st
     return "\n".join(lines) + "\n"
 
 
+def _mark(outcome: dict[str, Any]) -> str:
+    if "error" in outcome:
+        return "err"
+    return "F" if outcome["failed"] else "ok"
+
+
 def main(argv: list[str] | None = None) -> int:
     import models
 
@@ -350,9 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             base = res["base"]
             fig = "NaN" if base.get("metric") is None else f"{base['metric']:.3f}"
             codes = " ".join(f"{f['rule']}{f['severity'][0].upper()}" for f in res["findings"])
-            fixes = " ".join(f"{f['action']['op']}:"
-                             f"{'err' if 'error' in f['outcome'] else ('F' if f['outcome']['failed'] else 'ok')}"
-                             for f in res["fixes"])
+            fixes = " ".join(f"{f['action']['op']}:{_mark(f['outcome'])}" for f in res["fixes"])
             print(f"{res['arch']:26s} {res['recipe']:4s} s{res['seed']} {fig:>6s} "
                   f"{'FAIL' if base['failed'] else 'ok  '} {res['status']:9s} {codes} | {fixes}",
                   flush=True)
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.markdown:
         command = "HF_HUB_OFFLINE=1 python benchmarks/trainability/run.py " + " ".join(
-            (argv if argv is not None else sys.argv[1:]))
+            argv if argv is not None else sys.argv[1:])
         Path(args.markdown).write_text(markdown(results, summary, command.strip()))
     return 0
 

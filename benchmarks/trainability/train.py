@@ -20,10 +20,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import data
 import torch
 from torch import nn
-
-import data
 
 STEPS = 300
 DIGITS_BATCH = 64
