@@ -133,10 +133,15 @@ def test_exploding_gradient_is_information_under_adam() -> None:
             if isinstance(m, nn.Linear):
                 m.weight.normal_(0, 1)
                 m.bias.zero_()
-    sgd = _codes(_analyse(model, optimizer="sgd", lr=0.1))
+    sgd_report = _analyse(model, optimizer="sgd", lr=0.1)
+    sgd = _codes(sgd_report)
     adam = _codes(_analyse(model, optimizer="adam", lr=1e-3))
     assert sgd.get("GS202") == "error"
     assert adam.get("GS202") == "info"
+    # The range test measured the divergence on the user's data: an error of its own.
+    [lr_finding] = [f for f in sgd_report.findings if f.rule == "GS601"]
+    assert lr_finding.severity == "error" and "non-finite at step" in lr_finding.message
+    assert "GS601" not in adam
 
 
 def test_the_report_says_what_it_assumed() -> None:

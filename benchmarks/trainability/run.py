@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))
 
-CACHE = HERE / ".cache"
+#: Where finished training runs are kept (the tests point it at a temporary folder).
+CACHE = Path(os.environ.get("GRADSCOPE_TRAINABILITY_CACHE", HERE / ".cache"))
 #: Recommendation ops the training loop applies (the rest change the model).
 LOOP_OPS = ("learning_rate", "warmup", "clip_grad_norm")
 

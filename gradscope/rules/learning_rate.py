@@ -30,8 +30,9 @@ GS601 = Rule(
     name="learning-rate-scale",
     category="learning_rate",
     severity="info",
-    summary="A short learning-rate range test showed the given rate failing while another "
-    "trained (warning, measured rate); without one, the first update's size as a fact.",
+    summary="A short learning-rate range test showed the given rate failing (an error when "
+    "the loss went non-finite) while another trained (the measured rate); without one, the "
+    "first update's size as a fact.",
     what="With --lr, a loss_fn and real data, copies of the model were trained for a few "
     "dozen steps of the given optimizer at the rate and at factors of it (0.01x to 100x), "
     "from the same weights and batches. Without them, the probe computed each layer's "
@@ -134,11 +135,18 @@ def _measured(analysis: Analysis, test: RangeTest) -> list[Finding]:
     head = (f"Learning-rate range test ({test.optimizer}, {test.steps} steps over "
             f"{test.batches} batch(es) of your data): lr {test.lr:g} {how}")
     where = NOWHERE  # the whole model's learning rate
+    # A loss that went non-finite at the given rate, measured on the user's data, is a run
+    # that fails: an error whatever else is offered. Rising or flat is a warning (a 30-step
+    # test cannot tell a slow start from a stall).
+    fatal = given.nonfinite_step is not None
+    if fatal:
+        head += (f"; at this rate the loss went non-finite at step {given.nonfinite_step}, "
+                 "so the planned run will diverge")
     if test.factor is None or test.advised_lr is None:
         return [GS601.finding(
             f"{head}, and no factor from x0.01 to x100 trained with a margin "
             f"({test.summary()}): the learning rate alone does not fix this model.",
-            where, "info", [], _range_evidence(test))]
+            where, "error" if fatal else "info", [], _range_evidence(test))]
     chosen = test.run(test.factor)
     assert chosen is not None
     new_lr = test.advised_lr
@@ -154,7 +162,8 @@ def _measured(analysis: Analysis, test: RangeTest) -> list[Finding]:
         action={"op": "learning_rate", "lr": new_lr, "factor": test.factor})
     return [GS601.finding(
         f"{head}; lr {new_lr:.3g} (x{test.factor:g}) trained: {chosen.describe()}. All runs: "
-        f"{test.summary()}.", where, "warning", [recommendation], _range_evidence(test))]
+        f"{test.summary()}.", where, "error" if fatal else "warning", [recommendation],
+        _range_evidence(test))]
 
 
 #: The torch.optim class of each ``--optimizer`` choice, for the recommendation's code.
