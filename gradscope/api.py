@@ -35,6 +35,7 @@ from gradscope.rules.optimizers import ASSUMED_NOTE
 from gradscope.rules.selection import RuleSelection
 from gradscope.state import preserved
 from gradscope.tracing import trace_model
+from gradscope.trial import try_fixes
 
 Progress = Callable[[str], None]
 
@@ -416,13 +417,14 @@ def analyze(
                 result = None
                 probe = False
         lr_test: RangeTest | None = None
+        range_batches: list[tuple[tuple[Any, ...], Any]] = []
         lr_skipped: str | None = None
         if lr is not None and result is not None:
             lr_skipped = _range_test_skipped(lr_range, loss, real_batches is not None,
                                              synthetic_inputs)
             if lr_skipped is None:
                 say("learning-rate range test")
-                test_batches = real_batches[:max(batches, 1)] if real_batches \
+                test_batches = range_batches = real_batches[:max(batches, 1)] if real_batches \
                     else [(trace_inputs, None)]
                 lr_test, lr_skipped = _run_range_test(
                     model, test_batches, loss, lr, optimizer, momentum=momentum,
@@ -437,6 +439,13 @@ def analyze(
                         model=model, lr_range=lr_test,
                         lr_range_skipped=lr_skipped, optimizer=opts.optimizer)
     findings, not_run = run_rules(analysis, selection)
+    if lr_test is not None and range_batches and callable(loss):
+        say("trying the model changes at the given learning rate")
+        findings, tried = try_fixes(
+            model, findings, lr_test, range_batches, loss, momentum=momentum,
+            weight_decay=weight_decay, device=target_device, seed=seed, mode=probe_mode,
+            output=output_picker(output), deadline=deadline)
+        report_notes.extend(tried)
     if opts.optimizer is None:
         report_notes.append(ASSUMED_NOTE)
     facts = analysis.facts

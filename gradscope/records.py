@@ -103,11 +103,16 @@ class Recommendation:
     #: parameters are listed in docs/contract.md); None where nothing can apply it
     #: mechanically (advice that needs editing the model's source by hand).
     action: dict[str, Any] | None = None
+    #: A short measured training run of the change (``gradscope.trial``): the mean loss
+    #: over the user's batches after the range test's steps at the given rate, without
+    #: and with the change; None where nothing was trained.
+    measured: Verification | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "text": self.text, "code": self.code,
                 "verified": self.verified.to_dict() if self.verified else None,
-                "targets": list(self.targets), "action": self.action}
+                "targets": list(self.targets), "action": self.action,
+                "measured": self.measured.to_dict() if self.measured else None}
 
 
 @dataclass(frozen=True)

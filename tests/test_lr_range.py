@@ -81,7 +81,7 @@ def test_diverging_sgd_gets_a_measured_rate_that_trains() -> None:
     report = gradscope.analyze(model, None, example_batches=_batches(), loss=_loss, lr=10.0,
                                optimizer="sgd", device="cpu")
     [finding] = _gs601(report)
-    assert finding.severity == "warning"
+    assert finding.severity == "error"
     [rec] = finding.recommendations
     assert rec.kind == "learning_rate" and rec.action is not None
     assert rec.action["op"] == "learning_rate"
@@ -276,7 +276,7 @@ def test_example_batches_through_the_cli(tmp_path: Path, monkeypatch: pytest.Mon
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     [finding] = [f for f in doc["findings"] if f["rule"] == "GS601"]
-    assert finding["severity"] == "warning"
+    assert finding["severity"] == "error"
     action = finding["recommendations"][0]["action"]
     assert action["op"] == "learning_rate" and 0.1 <= action["lr"] <= 1000
     assert doc["probe"]["loss"] == "loss_fn(output, inputs, target)"

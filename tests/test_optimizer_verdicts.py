@@ -151,3 +151,23 @@ def test_the_report_says_what_it_assumed() -> None:
     given = gradscope.analyze(model, (x,), device="cpu", batches=1, optimizer="sgd")
     assert ASSUMED_NOTE in assumed.notes
     assert ASSUMED_NOTE not in given.notes
+
+
+def test_sgd_judges_a_vanishing_warning_by_the_step_it_makes() -> None:
+    """Default-init ReLU x8 fails SGD at 0.1 (0.10-0.19), tanh x10 trains (0.66-0.68).
+
+    Both have a warning-level vanishing gradient; with lr the measured first step of the
+    ReLU stack's first layer is below the 1e-4 floor of the update band, the tanh's is not.
+    """
+    relu = _analyse(_mlp(8, nn.ReLU), optimizer="sgd", lr=0.1, steps=300)
+    tanh = _analyse(_mlp(10, nn.Tanh), optimizer="sgd", lr=0.1, steps=300)
+    [relu_finding] = [f for f in relu.findings if f.rule == "GS102"]
+    [tanh_finding] = [f for f in tanh.findings if f.rule == "GS102"]
+    assert relu_finding.severity == "error"
+    assert relu_finding.evidence["entry_update_ratio"] < 1e-4  # type: ignore[operator]
+    assert "300 planned steps" in relu_finding.message
+    assert tanh_finding.severity == "warning"
+    assert tanh_finding.evidence["entry_update_ratio"] >= 1e-4  # type: ignore[operator]
+    # Without a learning rate there is no step to judge: the warning stays a warning.
+    plain = _analyse(_mlp(8, nn.ReLU), optimizer="sgd")
+    assert {f.rule: f.severity for f in plain.findings}.get("GS102") == "warning"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from gradscope.records import Finding, Recommendation
 from gradscope.rules.base import NOWHERE, Check, Rule, RuleFamily, location, op_of
+from gradscope.rules.optimizers import UPDATE_RATIO_BAND, UPDATE_RATIO_TARGET
 
 if TYPE_CHECKING:
     from gradscope.lr_range import RangeTest
@@ -30,9 +31,9 @@ GS601 = Rule(
     name="learning-rate-scale",
     category="learning_rate",
     severity="info",
-    summary="A short learning-rate range test showed the given rate failing (an error when "
-    "the loss went non-finite) while another trained (the measured rate); without one, the "
-    "first update's size as a fact.",
+    summary="A short learning-rate range test showed the given rate failing (non-finite, "
+    "rising or flat) while another trained: an error, with the measured rate; without a "
+    "range test, the first update's size as a fact.",
     what="With --lr, a loss_fn and real data, copies of the model were trained for a few "
     "dozen steps of the given optimizer at the rate and at factors of it (0.01x to 100x), "
     "from the same weights and batches. Without them, the probe computed each layer's "
@@ -65,10 +66,6 @@ GS602 = Rule(
     "is an option once a measured run shows the layer lagging or diverging.",
     references=("CS231n, Neural Networks Part 3: ratio of weights:updates",),
 )
-
-#: The healthy band of update/weight ratios for the learning-rate check.
-UPDATE_RATIO_BAND = (1e-4, 1e-2)
-UPDATE_RATIO_TARGET = 1e-3
 
 
 def check_learning_rate(analysis: Analysis) -> list[Finding]:
@@ -136,8 +133,11 @@ def _measured(analysis: Analysis, test: RangeTest) -> list[Finding]:
             f"{test.batches} batch(es) of your data): lr {test.lr:g} {how}")
     where = NOWHERE  # the whole model's learning rate
     # A loss that went non-finite at the given rate, measured on the user's data, is a run
-    # that fails: an error whatever else is offered. Rising or flat is a warning (a 30-step
-    # test cannot tell a slow start from a stall).
+    # that fails: an error whatever else is offered. A rate that rose or did not move while
+    # another rate trained the same copy is a measured prediction too: an error, with that
+    # rate (docs/trainability.md counts how often such runs failed and the advised rate
+    # rescued them). Where no rate trained, the model is the problem: the other
+    # rules say what to change, and this stays information.
     fatal = given.nonfinite_step is not None
     if fatal:
         head += (f"; at this rate the loss went non-finite at step {given.nonfinite_step}, "
@@ -162,8 +162,7 @@ def _measured(analysis: Analysis, test: RangeTest) -> list[Finding]:
         action={"op": "learning_rate", "lr": new_lr, "factor": test.factor})
     return [GS601.finding(
         f"{head}; lr {new_lr:.3g} (x{test.factor:g}) trained: {chosen.describe()}. All runs: "
-        f"{test.summary()}.", where, "error" if fatal else "warning", [recommendation],
-        _range_evidence(test))]
+        f"{test.summary()}.", where, "error", [recommendation], _range_evidence(test))]
 
 
 #: The torch.optim class of each ``--optimizer`` choice, for the recommendation's code.

@@ -22,6 +22,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
 
+#: The usual band of first-update/weight ratios, around 1e-3 (CS231n, "ratio of
+#: weights:updates"): below 1e-4 a layer barely moves, above 1e-2 it is rewritten in a few
+#: steps. GS601/GS602 report against it; under SGD the vanishing verdict reads its floor.
+UPDATE_RATIO_BAND = (1e-4, 1e-2)
+UPDATE_RATIO_TARGET = 1e-3
 #: PyTorch's default eps of torch.optim.Adam / AdamW.
 ADAM_EPS = 1e-8
 ADAPTIVE = ("adam", "adamw")

@@ -26,7 +26,13 @@ from gradscope.rules.base import (
     normalised_downstream,
     op_of,
 )
-from gradscope.rules.optimizers import ADAM_EPS, adaptive, gradient_scale, scale_words
+from gradscope.rules.optimizers import (
+    ADAM_EPS,
+    UPDATE_RATIO_BAND,
+    adaptive,
+    gradient_scale,
+    scale_words,
+)
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -149,6 +155,9 @@ def _vanishing(analysis: Analysis, measured: bool) -> list[Finding]:
         message += "its weights will barely train" + (
             " with plain SGD, which the verdict assumes." if analysis.optimizer is None
             else ".")
+        if severity == "warning":
+            severity, judged, extra = _under_sgd(analysis, lo_node, severity)
+            message += judged
     return [rule.finding(
         message, location(analysis, lo_node), severity, vanishing_fixes(analysis),
         {"gradient_ratio": lo, "threshold": t.vanishing_warning,
@@ -186,6 +195,40 @@ def _under_adam(analysis: Analysis, node: str, severity: Severity,
             f"per element ({scale_words(analysis)}) at {layer}, above {name}'s eps "
             f"{ADAM_EPS:g}, so each element still steps by about the learning rate; with plain "
             "SGD these layers would barely train.", evidence)
+
+
+def _under_sgd(analysis: Analysis, node: str, severity: Severity,
+               ) -> tuple[Severity, str, dict[str, float | int | str | None]]:
+    """A warning-level vanishing gradient under SGD, judged by the step it makes with --lr.
+
+    SGD's step is lr x g: how far the first layers move follows from the gradient and the
+    learning rate together. Where the probe measured their first update below the floor
+    of the usual band of update/weight ratios (1e-4, CS231n) with the given rate, they
+    barely move over the run, and the gradient's shortfall is an error; within the band
+    the rate makes up for it and the warning stays.
+    """
+    probe = analysis.probe
+    if probe is None or probe.lr is None:
+        return severity, "", {}
+    floor = UPDATE_RATIO_BAND[0]
+    found: list[tuple[float, str]] = []
+    for n in set(analysis.facts.entries) | {node}:
+        value = probe.update_ratio.get(n)
+        if value is not None:
+            found.append((value, n))
+    if not found:
+        return severity, "", {}
+    ratio, where = min(found)
+    evidence: dict[str, float | int | str | None] = {"entry_update_ratio": ratio,
+                                                    "update_ratio_floor": floor}
+    if ratio >= floor:
+        return severity, "", evidence
+    steps = f" over the {analysis.steps} planned steps, at most {analysis.steps * ratio:.2g} " \
+        "of their norm" if analysis.steps else ""
+    return ("error",
+            f" With lr {probe.lr:g}, {op_of(analysis, where)}'s first SGD step is {ratio:.1e} "
+            f"of its weight norm, below the {floor:g} floor of the usual band: the first "
+            f"layers barely move{steps}.", evidence)
 
 
 def min_severity(a: Severity, b: Severity) -> Severity:
