@@ -34,12 +34,21 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class Progress:
-    """Stage messages on stderr, printed only for stages that last over a second."""
+    """Stage messages on stderr for stages that last: after ``delay`` s, then every ``every`` s.
 
-    def __init__(self, enabled: bool, label: str) -> None:
+    At a terminal the first line comes after a second; in a CI log or a pre-commit hook
+    (stderr not a terminal) after 10 s, so that quick runs print nothing before their
+    result or their one-line error, and a long one still shows it is alive at least
+    every 10 s (issue 15).
+    """
+
+    def __init__(self, enabled: bool, label: str, *, delay: float = 1.0,
+                 every: float = 10.0) -> None:
         self.enabled = enabled
         self.label = label
-        self._timer: threading.Timer | None = None
+        self.delay = delay
+        self.every = every
+        self._done: threading.Event | None = None
         self._start = time.monotonic()
         self._stream = sys.stderr  # tracers redirect sys.stderr while they run
 
@@ -47,16 +56,22 @@ class Progress:
         self.stop()
         if not self.enabled:
             return
-        elapsed = time.monotonic() - self._start
-        self._timer = threading.Timer(1.0, lambda: click.echo(
-            f"gradscope: {self.label}: {message}... ({elapsed:.0f}s)", file=self._stream))
-        self._timer.daemon = True
-        self._timer.start()
+        done = self._done = threading.Event()
+
+        def report() -> None:
+            wait = self.delay
+            while not done.wait(wait):
+                elapsed = time.monotonic() - self._start
+                click.echo(f"gradscope: {self.label}: {message}... ({elapsed:.0f}s)",
+                           file=self._stream)
+                wait = self.every
+
+        threading.Thread(target=report, daemon=True).start()
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._done is not None:
+            self._done.set()
+            self._done = None
 
 
 def _fail(error: GradscopeError, debug: bool) -> None:
@@ -334,9 +349,11 @@ def _check_outputs(settings: Settings, count: int, fmt: str = "text") -> None:
 def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
                  color: bool | None, quiet: bool, fmt: str = "text",
                  baseline: tuple[str, dict[str, Any]] | None = None) -> bool:
-    # Progress is for people watching a terminal; in CI logs and pre-commit hooks it would
-    # come before (and blur) the one-line error of a run that fails.
-    progress = Progress(enabled=not quiet and sys.stderr.isatty(), label=target)
+    # At a terminal, progress after a second; in CI logs and pre-commit hooks only for
+    # stages past 10 s (a quick run prints nothing before its result or its one-line
+    # error), then every 10 s, so a long run is seen to be alive.
+    interactive = sys.stderr.isatty()
+    progress = Progress(enabled=not quiet, label=target, delay=1.0 if interactive else 10.0)
     try:
         progress("loading")
         from gradscope.api import analyze as run_analysis
