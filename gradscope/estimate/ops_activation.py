@@ -21,6 +21,7 @@ from gradscope.estimate.activations import (
     activation_grad_sq,
     activation_moments,
     activation_moments_array,
+    unit_mean_spread,
 )
 from gradscope.estimate.fluctuation import weighted_mean_log_stats
 from gradscope.estimate.ops_base import Ctx
@@ -63,14 +64,6 @@ def _activation_params(ctx: Ctx, name: str) -> dict[str, Any]:
     return params
 
 
-#: Probabilists' Gauss-Hermite rule for the spread of the output's unit means. The
-#: integrand g(mu)^2 (g below) is smooth wherever units still vary within (g is phi
-#: smoothed by a Gaussian) and only kinked, like phi, when they do not; 24 nodes keep
-#: the ReLU worst case (within = 0) to ~1e-3 relative, 5 nodes were ~10% off.
-_SPREAD_U, _SPREAD_W = np.polynomial.hermite_e.hermegauss(24)
-_SPREAD_W = _SPREAD_W / math.sqrt(2.0 * math.pi)
-
-
 def _act(ctx: Ctx) -> tuple[Any, str | None]:
     """Activation moments of the node's input, and the spread of its output's unit means.
 
@@ -100,10 +93,7 @@ def _act(ctx: Ctx) -> tuple[Any, str | None]:
     if spread <= 1e-3 * max(var, EPS):
         return pooled, first
     within = max(var - spread, 0.0)
-    unit_means = activation_moments_array(name, xm[0] + math.sqrt(spread) * _SPREAD_U,
-                                          within, **params)[0]
-    mean = float(_SPREAD_W @ unit_means)
-    ctx.est.pending_spread = max(float(_SPREAD_W @ (unit_means * unit_means)) - mean * mean, 0.0)
+    ctx.est.pending_spread = unit_mean_spread(name, xm[0], spread, within, **params)
     return pooled, first
 
 
