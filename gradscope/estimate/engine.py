@@ -374,5 +374,5 @@ def estimate(traced: TracedModel, inputs: tuple[Any, ...],
     does (``gradscope.estimate.fluctuation``; it only matters where one
     sample's gradient fluctuates by orders of magnitude).
     """
-    with statistics_scope(declared, overrides):
+    with statistics_scope(declared, overrides, traced.measured):
         return _Estimator(traced, inputs).run(batches)

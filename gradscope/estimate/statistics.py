@@ -61,10 +61,12 @@ _OVERRIDES: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextV
 
 @contextlib.contextmanager
 def statistics_scope(declared: dict[int, Mom] | None = None,
-                     overrides: dict[int, Mom] | None = None) -> Iterator[None]:
-    """One estimate's declared moments, overrides and a fresh measurement cache."""
+                     overrides: dict[int, Mom] | None = None,
+                     cache: dict[tuple[int, int], Mom] | None = None) -> Iterator[None]:
+    """One estimate's declared moments, overrides and measurement cache (``cache``: one
+    kept across estimates of the same tensors; a fresh one otherwise)."""
     token = _DECLARED.set(declared or {})
-    stats_token = _STATS.set({})
+    stats_token = _STATS.set(cache if cache is not None else {})
     override_token = _OVERRIDES.set(overrides or {})
     try:
         yield

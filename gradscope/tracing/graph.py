@@ -62,6 +62,12 @@ class TracedModel:
     #: Modules kept whole, by their qualified path.
     modules: dict[str, nn.Module] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Measured (mean, second moment) of weight tensors by (id, version), shared by every
+    #: static estimate of this graph and of its what-if copies (which share the tensors):
+    #: each verified fix re-estimates the graph, and reading the weights is the hot spot.
+    #: The ids stay valid because ``tensors`` and ``modules`` keep the tensors alive.
+    measured: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict,
+                                                                repr=False)
 
     def node(self, name: str) -> NodeRecord:
         """The record of one node."""
