@@ -392,3 +392,32 @@ def test_huggingface_model_output() -> None:
             raise
         assert traced.output_desc in ("output['logits']", "output.logits"), method
         assert node_record(traced.graph, traced.output_node).module == "head"
+
+
+def test_quiet_torch_logs_silences_torch_loggers_old_and_new_and_restores_them() -> None:
+    """Export's failure logs stay out of the output; every logger is left as it was."""
+    import logging
+
+    from gradscope.tracing import quiet_torch_logs
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logging.getLogger("torch").addHandler(handler)  # torch's loggers may not propagate
+    existing = logging.getLogger("torch.gradscope_test")
+    existing.setLevel(logging.INFO)  # a level of its own: the parent's does not reach it
+    try:
+        with quiet_torch_logs():
+            existing.warning("guard failed")
+            logging.getLogger("torch.gradscope_created_inside").warning("graph dump")
+            logging.getLogger("torch").error("export failed")
+        assert records == []
+        assert existing.level == logging.INFO and not existing.disabled
+        existing.warning("after")
+        assert [r.getMessage() for r in records] == ["after"]
+    finally:
+        logging.getLogger("torch").removeHandler(handler)

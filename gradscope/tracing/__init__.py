@@ -46,17 +46,24 @@ def quiet_torch_logs() -> Iterator[None]:
     ``torch.export`` logs whole graphs and guard warnings at WARNING level when
     it gives up on data-dependent code; the report already says why it failed.
     """
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name == "torch" or name.startswith("torch.")]
-    loggers.append(logging.getLogger("torch"))
-    levels = [(lg, lg.level) for lg in loggers]
+    # One setLevel on the "torch" logger (its children without a level of their own, and
+    # those created while tracing, inherit it) and the ``disabled`` flag on the children
+    # that exist: setLevel clears every logger's cache, so calling it on each of torch's
+    # ~500 loggers twice per trace cost more than tracing a small model (issue 15).
+    parent = logging.getLogger("torch")
+    children = [lg for name, lg in list(logging.root.manager.loggerDict.items())
+                if name.startswith("torch.") and isinstance(lg, logging.Logger)]
+    level = parent.level
+    disabled = [(lg, lg.disabled) for lg in children]
     try:
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
+        parent.setLevel(logging.CRITICAL)
+        for lg in children:
+            lg.disabled = True
         yield
     finally:
-        for lg, level in levels:
-            lg.setLevel(level)
+        parent.setLevel(level)
+        for lg, flag in disabled:
+            lg.disabled = flag
 
 
 def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | None = None,
