@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from types import FrameType
 from typing import Any
 
 import networkx as nx
@@ -105,6 +107,24 @@ def _is_library_path(path: str) -> bool:
     # Cached: every traced node's stack trace repeats the same few files.
     path = os.path.abspath(path)
     return path.startswith(_TORCH_DIR + os.sep) or path.startswith(_GRADSCOPE_DIR + os.sep)
+
+
+def user_location(skip: int = 1, stop: FrameType | None = None,
+                  ) -> tuple[str | None, int | None]:
+    """The innermost frame of the running stack that is the user's code (not torch's or ours).
+
+    Read from the live frames while a tracer records a node: cheap, where asking torch.fx
+    for whole stack traces (``record_stack_traces``) symbolises every frame of every node
+    and, the first time in a process, imports torch's compiler stack (1.7 s; issue 15).
+    Frames from ``stop`` outwards (the code that started the trace) are not the model's.
+    """
+    frame: FrameType | None = sys._getframe(skip + 1)
+    while frame is not None and frame is not stop:  # ``stop``: where the tracing began
+        path = frame.f_code.co_filename
+        if not is_library_file(path) and not path.startswith("<"):
+            return path, frame.f_lineno
+        frame = frame.f_back
+    return None, None
 
 
 def user_frame(stack_trace: str | None) -> tuple[str | None, int | None]:

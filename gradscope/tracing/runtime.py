@@ -11,7 +11,6 @@ same way, so measurements land on the recorded nodes.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -33,10 +32,10 @@ from gradscope.tracing.graph import (
     add_node,
     compute_depths,
     describe_value,
-    is_library_file,
     node_record,
     set_record,
     tensor_leaves,
+    user_location,
 )
 
 
@@ -62,14 +61,8 @@ def _is_whole(module: nn.Module) -> bool:
 
 
 def _caller_location() -> tuple[str | None, int | None]:
-    """The innermost frame of the running stack that is the user's code."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        path = frame.f_code.co_filename
-        if not is_library_file(path) and not path.startswith("<"):
-            return path, frame.f_lineno
-        frame = frame.f_back  # type: ignore[assignment]
-    return None, None
+    """The user's frame that called into the recorder (two frames up: hook, then here)."""
+    return user_location(skip=2)
 
 
 class _Recorder(TorchFunctionMode):
