@@ -12,10 +12,11 @@ used was needed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +78,9 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
     from gradscope.tracing.fx_tracers import trace_export, trace_symbolic
     from gradscope.tracing.runtime import trace_runtime
 
-    tracers = [("symbolic_trace", trace_symbolic), ("export", trace_export),
-               ("runtime", trace_runtime)]
+    tracers: list[tuple[str, Callable[..., Any]]] = [
+        ("symbolic_trace", functools.partial(trace_symbolic, run=allow_run)),
+               ("export", trace_export), ("runtime", trace_runtime)]
     if method is not None:
         tracers = [t for t in tracers if t[0] == method]
         if not tracers:

@@ -278,13 +278,20 @@ class _Tracer(fx.Tracer):
         return in_torch and next(m.children(), None) is None
 
 
-def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...], memo: bool = True
-                      ) -> tuple[dict[str, Any], str | None]:
+def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...], memo: bool = True,
+                      real: bool = False) -> tuple[dict[str, Any], str | None]:
     """Node values from fake tensors, or from one real no-grad forward when fake fails.
 
     Returns the values and a note when the real forward was needed. ``memo``:
-    see :class:`ValuePropagation` (values may be shared between nodes).
+    see :class:`ValuePropagation` (values may be shared between nodes). ``real``: the
+    model may be run (the probe will run it anyway), so one real forward without
+    gradients gives the values directly: fake tensors cost a millisecond per op and, the
+    first time in a process, importing torch's compiler stack (1.4 s; issue 15). The
+    forward leaves no trace: the global RNG states are forked and the buffers (BatchNorm's
+    running statistics) put back.
     """
+    if real and not any(t.is_meta for t in inputs if isinstance(t, torch.Tensor)):
+        return _real_values(gm, inputs), None
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
@@ -306,6 +313,27 @@ def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...], memo: bool = 
         f"shapes were taken from one real forward without gradients: fake tensors could not "
         f"run node {fake_error.node.name} ({type(fake_error.error).__name__})"
     )
+
+
+def _real_values(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """One real forward without gradients, leaving RNG states and buffers as they were."""
+    from gradscope.tracing.runtime import ModelForwardError
+
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    devices = sorted({t.device.index or 0 for t in [*inputs, *gm.parameters()]
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    prop = ValuePropagation(gm, memo=False)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            prop.run(*inputs)
+    except NodeExecutionError as exc:  # a real failure here is the model's own error
+        raise ModelForwardError(exc.error) from exc
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape == saved.shape:
+                    buffer.copy_(saved)
+    return prop.values
 
 
 def _is_float_node(values: dict[str, Any]) -> Any:
@@ -352,8 +380,12 @@ def _select_fx_output(arg: Any, output_key: str | None, values: dict[str, Any],
 
 
 def trace_symbolic(model: nn.Module, inputs: tuple[Any, ...], output_key: str | None,
-                   attempts: list[TraceAttempt]) -> TracedModel:
-    """``torch.fx.symbolic_trace`` with stack traces, then fake-tensor shape propagation."""
+                   attempts: list[TraceAttempt], run: bool = False) -> TracedModel:
+    """``torch.fx.symbolic_trace`` with source lines, then the values of every node.
+
+    ``run``: the model may be run (the probe will), so the values come from one real
+    forward without gradients instead of fake tensors (:func:`_propagate_values`).
+    """
     tracer = _Tracer()
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -362,7 +394,7 @@ def trace_symbolic(model: nn.Module, inputs: tuple[Any, ...], output_key: str | 
         raise TypeError(
             f"forward takes {len(placeholders)} tensor arguments, {len(inputs)} inputs given"
         )
-    values, note = _propagate_values(gm, inputs)
+    values, note = _propagate_values(gm, inputs, real=run)
     tensors: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
