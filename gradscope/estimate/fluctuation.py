@@ -164,11 +164,23 @@ def log_mean_gain(var: float, samples: int) -> float:
     The typical log of the mean of N lognormal samples above their common median:
     0 for N = 1, tending to V/2 for N -> infinity, close to sqrt(2 V ln N) - ln N
     once V >> ln N (the largest sample dominates the sum). Seeded Monte Carlo with
-    about 2.6e5 normals, cached on V rounded to 4 significant digits.
+    about 2.6e5 normals at grid points of ln V, interpolated between them.
     """
     if samples <= 1 or not math.isfinite(var) or var <= 0:
         return 0.0
-    return _log_mean_gain(float(f"{var:.4g}"), int(samples))
+    # Interpolated linearly in ln V between grid points 0.05 apart (each one Monte Carlo
+    # run, cached): a static estimate asks at hundreds of distinct V (958 on a 128-layer
+    # MLP, 1.5 s of its analysis; issue 15) and h is smooth in ln V, so the interpolation
+    # is within ~0.03% (Delta^2 / 8 of the curvature), below the Monte Carlo's own noise.
+    u = math.log(var) / _LOG_STEP
+    k = math.floor(u)
+    lo = _log_mean_gain(math.exp(k * _LOG_STEP), int(samples))
+    hi = _log_mean_gain(math.exp((k + 1) * _LOG_STEP), int(samples))
+    return lo + (u - k) * (hi - lo)
+
+
+#: Grid spacing in ln V for :func:`log_mean_gain`'s interpolation.
+_LOG_STEP = 0.05
 
 
 def typical_log_shift(gap: float, var: float, samples: int) -> float:
