@@ -98,6 +98,7 @@ def try_fixes(model: nn.Module, findings: Sequence[Finding], test: RangeTest,
                              output=output)
     notes: list[str] = []
     withdrawn: set[str] = set()
+    noted: set[str] = set()  # one note per change, however many findings offer it
     out: list[Finding] = []
     for finding in findings:
         kept: list[tuple[tuple[int, float, int], Recommendation]] = []
@@ -105,7 +106,8 @@ def try_fixes(model: nn.Module, findings: Sequence[Finding], test: RangeTest,
             key = _key(rec)
             result = runs.get(key) if key is not None else None
             if not isinstance(result, RangeRun):
-                if isinstance(result, str):
+                if isinstance(result, str) and key not in noted:
+                    noted.add(str(key))
                     notes.append(f"{rec.kind} fix ({rec.action and rec.action.get('op')}) "
                                  f"{result}")
                 # Advice for the training loop, or a change made by hand: as it was.
@@ -130,8 +132,8 @@ def try_fixes(model: nn.Module, findings: Sequence[Finding], test: RangeTest,
                     f"{baseline.outcome()} without.")
             kept.append(((1 if _broke(result) else 0, -result.drop, position),
                          replace(rec, text=text, measured=measured)))
-        # Loop advice and hand edits keep their place at the front; measured changes are
-        # ordered by what the run showed.
+        # Loop advice and hand edits come first, in their order; the measured changes
+        # follow, ordered by what their runs showed.
         kept.sort(key=lambda item: item[0])
         out.append(replace(finding, recommendations=tuple(rec for _, rec in kept)))
     return out, notes
