@@ -47,6 +47,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradscope.estimate.activations import activation_moments
+from gradscope.estimate.ops_activation import _activation_params
 from gradscope.estimate.statistics import var_of
 from gradscope.tracing.graph import Ref, node_record
 
@@ -448,30 +450,43 @@ def _slope_coherence(ctx: Any) -> float:
     """E[phi'(x)]^2 / E[phi'(x)^2] for x ~ N(m, v): the share of a coherent gradient an
     activation keeps (dx_i = phi'(x_i) g; its mean over positions is E[phi'] g).
 
-    E[phi'] = d E[phi(x)] / dm (Stein), by a central difference of the activation's
-    Gaussian mean (``gradscope.estimate.activations``); E[phi'^2] is its ``grad_second``.
+    E[phi'] is :func:`mean_slope`; E[phi'^2] is the activation's ``grad_second``.
     """
-    from gradscope.estimate.activations import activation_moments
-
     first = ctx.first()
     xm = ctx.est.moments.get(first) if first else None
     if xm is None:
         return 0.0
-    name = ctx.data.key.split(":", 1)[1]
+    slope = mean_slope(ctx, xm)
     try:
-        from gradscope.estimate.ops_activation import _activation_params
-        params = _activation_params(ctx, name)
-    except (ImportError, AttributeError, TypeError, ValueError):
-        params = {}
+        mid = activation_moments(ctx.data.key.split(":", 1)[1], xm[0], var_of(xm),
+                                 **_params(ctx))
+    except (ValueError, TypeError):
+        return 0.0
+    if mid.grad_second <= 0.0 or slope == 0.0:
+        return 0.0
+    return min(slope * slope / mid.grad_second, 1.0)
+
+
+def _params(ctx: Any) -> dict[str, Any]:
+    """The activation node's parameters (slope, beta ...), {} where they cannot be read."""
+    try:
+        return _activation_params(ctx, ctx.data.key.split(":", 1)[1])
+    except (AttributeError, TypeError, ValueError):
+        return {}
+
+
+def mean_slope(ctx: Any, xm: tuple[float, float]) -> float:
+    """E[phi'(x)] for x ~ N(m, v) at an activation node: d E[phi(x)] / dm (Stein), by a
+    central difference of the activation's Gaussian mean (``gradscope.estimate.activations``);
+    0 where the moments cannot be computed."""
+    name = ctx.data.key.split(":", 1)[1]
+    params = _params(ctx)
     m, v = xm[0], var_of(xm)
     h = 1e-3 * math.sqrt(v) + 1e-6
     try:
         up = activation_moments(name, m + h, v, **params)
         down = activation_moments(name, m - h, v, **params)
-        mid = activation_moments(name, m, v, **params)
     except (ValueError, TypeError):
         return 0.0
     slope = (up.mean - down.mean) / (2 * h)
-    if mid.grad_second <= 0.0 or not math.isfinite(slope):
-        return 0.0
-    return min(slope * slope / mid.grad_second, 1.0)
+    return slope if math.isfinite(slope) else 0.0

@@ -62,6 +62,7 @@ from gradscope.estimate.coherence import (
     axis_sources,
     block_of,
     canonical,
+    mean_slope,
 )
 from gradscope.estimate.statistics import Mom, var_of, weight_stats
 from gradscope.tracing.graph import Ref, node_record
@@ -148,7 +149,7 @@ class CollapseForward:
         if key == "neg":
             return coh
         if key.startswith("activation:"):
-            slope = _mean_slope(ctx, xm)
+            slope = mean_slope(ctx, xm)
             return _scaled(coh, slope * slope * coh.share * var_of(xm) / var_out)
         if key == "view":
             return self._routed(ctx, coh, in_shape, out_shape)
@@ -272,22 +273,3 @@ def _scaled(coh: Coherence, share: float) -> Coherence:
     return Coherence(min(share, 1.0), coh.blocks)
 
 
-def _mean_slope(ctx: Any, xm: Mom) -> float:
-    """E[phi'(x)] for x ~ N(m, v): d E[phi(x)] / dm (Stein), by a central difference."""
-    from gradscope.estimate.activations import activation_moments
-    from gradscope.estimate.ops_activation import _activation_params
-
-    name = ctx.data.key.split(":", 1)[1]
-    try:
-        params = _activation_params(ctx, name)
-    except (AttributeError, TypeError, ValueError):
-        params = {}
-    m, v = xm[0], var_of(xm)
-    h = 1e-3 * math.sqrt(v) + 1e-6
-    try:
-        up = activation_moments(name, m + h, v, **params)
-        down = activation_moments(name, m - h, v, **params)
-    except (ValueError, TypeError):
-        return 0.0
-    slope = (up.mean - down.mean) / (2 * h)
-    return slope if math.isfinite(slope) else 0.0
