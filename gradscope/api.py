@@ -18,6 +18,7 @@ from torch import nn
 from gradscope.errors import DeviceError, InputError
 from gradscope.estimate.depth import summarize_depth
 from gradscope.estimate.engine import estimate
+from gradscope.loading import as_batches
 from gradscope.lr_range import RangeTest, output_picker, run_range_test
 from gradscope.meta import is_meta_model
 from gradscope.options import (
@@ -27,7 +28,7 @@ from gradscope.options import (
     per_module_pairs,
     split_codes,
 )
-from gradscope.probe import ProbeResult, RealBatch, run_probe
+from gradscope.probe import ProbeResult, run_probe
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
 from gradscope.rules.analysis import Analysis, run_rules
@@ -116,21 +117,6 @@ def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
         return tuple(example_inputs)
     raise InputError(f"example_inputs must be a tensor or a tuple of tensors, not "
                      f"{type(example_inputs).__name__}", "pass (x,) or (x, y)")
-
-
-def _as_batches(example_batches: Any) -> list[RealBatch]:
-    """``example_batches`` as (inputs tuple, target) pairs; anything else is an InputError."""
-    hint = "pass example_batches=[(x0, y0), (x1, y1), ...]"
-    if isinstance(example_batches, (str, bytes, torch.Tensor)) \
-            or not isinstance(example_batches, (list, tuple)) or not example_batches:
-        raise InputError("example_batches must be a non-empty list of (inputs, target) pairs, "
-                         f"not {type(example_batches).__name__}", hint)
-    batches = []
-    for i, item in enumerate(example_batches):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise InputError(f"example_batches[{i}] is not an (inputs, target) pair", hint)
-        batches.append((_as_inputs(item[0]), item[1]))
-    return batches
 
 
 def _range_test_skipped(enabled: bool, loss: Any, real: bool,
@@ -347,7 +333,8 @@ def analyze(
     selection = RuleSelection(select=split_codes(select or ()), ignore=split_codes(ignore or ()),
                               per_module_ignore=per_module_pairs(per_module_ignore))
     output = None if output is None else str(output)
-    real_batches = None if example_batches is None else _as_batches(example_batches)
+    real_batches = None if example_batches is None else as_batches(
+        example_batches, "example_batches", "pass example_batches=[(x0, y0), (x1, y1), ...]")
     if example_inputs is None and real_batches:
         example_inputs = real_batches[0][0]
     inputs = _as_inputs(example_inputs)

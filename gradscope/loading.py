@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -256,23 +257,34 @@ def as_input_tuple(value: Any, where: str) -> tuple[Any, ...]:
                      "return a tensor or a tuple of tensors")
 
 
-def as_batches(value: Any, where: str) -> list[tuple[tuple[Any, ...], Any]]:
+def _call_data_hook(hook: Callable[[], Any], name: str) -> Any:
+    """A model file's ``example_inputs()`` / ``example_batches()``, its failure one line."""
+    try:
+        return hook()
+    except Exception as exc:
+        raise InputError(f"{name}() raised {_short_error(exc)}",
+                         f"fix {name}() or pass --input-shape") from exc
+
+
+def as_batches(value: Any, where: str,
+               hint: str = "return a list of (inputs, target) pairs, e.g. [(x0, y0), (x1, y1)]",
+               ) -> list[tuple[tuple[Any, ...], Any]]:
     """``example_batches()``'s value as (inputs tuple, target) pairs, or a one-line error.
 
     Each batch is a pair ``(inputs, target)``, ``inputs`` a tensor or a tuple of
     tensors as ``example_inputs()`` returns; the target is handed to
-    ``loss_fn(output, inputs, target)`` as it is.
+    ``loss_fn(output, inputs, target)`` as it is. The API's ``example_batches=`` is
+    checked here too, with its own ``hint``.
     """
-    hint = "return a list of (inputs, target) pairs, e.g. [(x0, y0), (x1, y1)]"
     if isinstance(value, (str, bytes, torch.Tensor)) or not hasattr(value, "__iter__"):
-        raise InputError(f"{where} returned {type(value).__name__}, not a list of batches", hint)
+        raise InputError(f"{where} gave {type(value).__name__}, not a list of batches", hint)
     batches = []
     for i, item in enumerate(value):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise InputError(f"{where}: batch {i} is not an (inputs, target) pair", hint)
         batches.append((as_input_tuple(item[0], f"{where}: batch {i}'s inputs"), item[1]))
     if not batches:
-        raise InputError(f"{where} returned no batch", hint)
+        raise InputError(f"{where} gave no batch", hint)
     return batches
 
 
@@ -359,21 +371,14 @@ def load_target(target: str, input_shapes: list[str] | None = None,
                                 "used (the probe ran on seeded synthetic batches)")
         return loaded
     if callable(batcher):
-        try:
-            value = batcher()
-        except Exception as exc:
-            raise InputError(f"example_batches() raised {_short_error(exc)}",
-                             "fix example_batches() or pass --input-shape") from exc
-        loaded.batches = [(_with_dtypes(x, dtypes), y)
-                          for x, y in as_batches(value, "example_batches()")]
+        loaded.batches = [(_with_dtypes(x, dtypes), y) for x, y in
+                          as_batches(_call_data_hook(batcher, "example_batches"),
+                                     "example_batches()")]
     factory = getattr(module, "example_inputs", None)
     if callable(factory):
-        try:
-            value = factory()
-        except Exception as exc:
-            raise InputError(f"example_inputs() raised {_short_error(exc)}",
-                             "fix example_inputs() or pass --input-shape") from exc
-        loaded.inputs = _with_dtypes(as_input_tuple(value, "example_inputs()"), dtypes)
+        loaded.inputs = _with_dtypes(
+            as_input_tuple(_call_data_hook(factory, "example_inputs"), "example_inputs()"),
+            dtypes)
         return loaded
     if loaded.batches:  # the first real batch stands for the example inputs
         loaded.inputs = loaded.batches[0][0]
