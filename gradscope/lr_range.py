@@ -28,6 +28,7 @@ from torch import nn
 
 from gradscope.outputs import select_output
 from gradscope.resources import Deadline
+from gradscope.tracing.graph import to_device
 
 #: Factors of the given learning rate tried, ascending; all within [1/100, 100] so that
 #: no advice leaves [lr / 100, lr * 100] (issue 14). Half-decade steps: a margin of one
@@ -175,16 +176,6 @@ def choose_factor(runs: Sequence[RangeRun]) -> float | None:
     return max(picks) if picks else None
 
 
-def _to(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def _is_float_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
@@ -288,7 +279,8 @@ def run_range_test(model: nn.Module, batches: Sequence[Batch], loss: Loss, lr: f
     output = output or output_picker(None)
     grid = sorted({float(f) for f in factors if FACTOR_RANGE[0] <= f <= FACTOR_RANGE[1]}
                   | {1.0})
-    moved = [(_to(inputs, device), _to(target, device)) for inputs, target in batches]
+    moved = [(to_device(inputs, device), to_device(target, device))
+             for inputs, target in batches]
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     notes: list[str] = []
     runs: dict[float, RangeRun] = {}

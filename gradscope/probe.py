@@ -22,7 +22,7 @@ from torch import nn
 from gradscope.errors import ModelRunError, model_error_hint
 from gradscope.resources import Deadline
 from gradscope.tracing.fx_tracers import NodeExecutionError
-from gradscope.tracing.graph import TracedModel, node_record, tensor_leaves
+from gradscope.tracing.graph import TracedModel, node_record, tensor_leaves, to_device
 from gradscope.tracing.ops import RELU_LIKE, SATURATION_EDGE
 
 #: Activations whose units can die: the ReLU-like family of the op table.
@@ -387,14 +387,6 @@ def _halve_target(target: Any, size: int) -> Any:
     return target
 
 
-def _target_to(target: Any, device: str) -> Any:
-    if isinstance(target, torch.Tensor):
-        return target.detach().to(device)
-    if isinstance(target, (tuple, list)):
-        return type(target)(_target_to(t, device) for t in target)
-    return target
-
-
 def _is_oom(exc: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError",
                                                               None)
@@ -440,7 +432,7 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
     if not out.requires_grad:
         return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
     value, _ = _loss(out, tuple(probe_inputs), loss, seed,
-                     target if target is NO_TARGET else _target_to(target, device))
+                     target if target is NO_TARGET else to_device(target, device))
     # dLoss/d(output) itself, not only through the output node's hook: an output that is
     # an alias of an earlier tensor (``logits.float()`` on float logits, nn.Identity) has
     # no hook of its own, and without its gradient no figure could be normalised.
@@ -692,7 +684,8 @@ def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Param
 
 def _absolute_scale(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Parameter],
                     result: ProbeResult, mean_loss: bool) -> None:
-    """Each weight's gradient RMS per element on a mean-reduced loss (``param_grad_rms``).
+    """Each weight's gradient RMS per element on a mean-reduced loss (``param_grad_rms``),
+    from the ``param_grad_norm`` that :func:`_combine` measured.
 
     Relative figures (health, ||grad W||/||W||) do not depend on the loss's scale; Adam's
     epsilon does: it compares each gradient element with 1e-8 in absolute terms. The
@@ -717,16 +710,11 @@ def _absolute_scale(done: list[_Batch], traced: TracedModel, params: dict[str, n
         result.grad_scale = (f"the {result.loss} rescaled to a mean cross-entropy over "
                              f"{rows} rows of {classes} (no loss_fn given)")
     for name, weights in _node_weights(traced, params).items():
-        g_sq = 0.0
+        norm = result.param_grad_norm.get(name)  # ||grad W|| of one typical step (_combine)
         numel = sum(params[w].numel() for w in weights)
-        for b in usable:
-            for wname in weights:
-                stats = b.param_stats.get(id(params[wname]))
-                if stats is not None:
-                    g_sq += stats[0]
-        g_sq /= len(usable)
-        result.param_grad_rms[name] = (math.sqrt(g_sq / numel) * scale
-                                       if numel and math.isfinite(g_sq) else None)
+        result.param_grad_rms[name] = (norm / math.sqrt(numel) * scale
+                                       if numel and norm is not None and math.isfinite(norm)
+                                       else None)
 
 
 def _finish_forward(acc: _Accumulator, result: ProbeResult) -> None:

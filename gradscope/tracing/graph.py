@@ -143,6 +143,13 @@ def user_frame(stack_trace: str | None) -> tuple[str | None, int | None]:
 # Values and shapes
 
 
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` (a tensor, or tuples, lists and dicts of them) detached and moved to
+    ``device``; anything else as it is. For batches and targets handed to a model copy."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v.detach().to(device) if isinstance(v, torch.Tensor) else v, value)
+
+
 def tensor_leaves(value: Any) -> list[torch.Tensor]:
     """Every tensor inside a (possibly nested) output, in order."""
     leaves, _ = torch.utils._pytree.tree_flatten(value)
