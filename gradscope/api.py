@@ -411,10 +411,10 @@ def analyze(
                                              synthetic_inputs)
             if lr_skipped is None:
                 say("learning-rate range test")
-                test_batches = range_batches = real_batches[:max(batches, 1)] if real_batches \
+                range_batches = real_batches[:max(batches, 1)] if real_batches \
                     else [(trace_inputs, None)]
                 lr_test, lr_skipped = _run_range_test(
-                    model, test_batches, loss, lr, optimizer, momentum=momentum,
+                    model, range_batches, loss, lr, optimizer, momentum=momentum,
                     weight_decay=weight_decay, steps=lr_range_steps, device=target_device,
                     seed=seed, mode=probe_mode, output=output, deadline=deadline)
             if lr_test is not None:

@@ -21,6 +21,7 @@ import networkx as nx
 from gradscope.estimate.statistics import tensor_stats, var_of
 from gradscope.records import Recommendation, Verification
 from gradscope.rules.actions import (
+    SWAPPABLE,
     init_action,
     norm_action,
     norm_first_action,
@@ -144,7 +145,8 @@ class Fixer:
         init = init_action(self.analysis, weight_layers(self.traced), 2.0)
         action = {"op": "sequence", "actions": [swap, init]} if swap and init else None
         kinds = sorted({node_record(self.graph, n).key.split(":", 1)[1] for n in nodes})
-        classes = ", ".join(f"nn.{_ACT_CLASS.get(k, k)}" for k in kinds)
+        classes = ", ".join(f"nn.{SWAPPABLE[k].__name__}" if k in SWAPPABLE else f"nn.{k}"
+                            for k in kinds)
         return Recommendation(
             "activation",
             f"Replace the {len(nodes)} hidden {'/'.join(kinds)} activation(s) "
@@ -325,11 +327,6 @@ class Fixer:
         """Weight layers feeding a ReLU whose bias mean is below -k pre-activation stds."""
         return self.analysis.remember(  # type: ignore[no-any-return]
             "negative_bias_layers", lambda: negative_bias_layers(self.analysis))
-
-
-
-_ACT_CLASS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "softsign": "Softsign",
-              "hardsigmoid": "Hardsigmoid", "hardtanh": "Hardtanh", "logsigmoid": "LogSigmoid"}
 
 
 _INIT_LOOP = (

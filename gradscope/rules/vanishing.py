@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from gradscope.records import Finding, Recommendation, Severity
+from gradscope.records import Finding, Recommendation, Severity, severity_rank
 from gradscope.rules.base import (
     GLOROT,
     HE,
@@ -177,7 +177,7 @@ def _under_adam(analysis: Analysis, node: str, severity: Severity,
     nodes = set(analysis.facts.entries) | {node}
     scale = gradient_scale(analysis, nodes)
     if scale is None:
-        return (min_severity(severity, "warning"),
+        return (max(severity, "warning", key=severity_rank),  # the milder of the two
                 f"{name} rescales a small gradient unless it is below its eps ({ADAM_EPS:g}); "
                 "without the probe's measurement its absolute size is unknown.", {})
     where, rms = scale
@@ -231,10 +231,6 @@ def _under_sgd(analysis: Analysis, node: str, severity: Severity,
             f"layers barely move{steps}.", evidence)
 
 
-def min_severity(a: Severity, b: Severity) -> Severity:
-    """The milder of two severities."""
-    order = ("info", "warning", "error")
-    return a if order.index(a) <= order.index(b) else b
 
 
 def check_static_vanishing(analysis: Analysis) -> list[Finding]:
