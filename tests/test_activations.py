@@ -617,3 +617,22 @@ def test_works_under_no_grad_and_inference_mode() -> None:
         e1, _, _ = activation_moments_array("silu", [0.1, 0.2], 3.0)
         assert np.isfinite(e1).all()
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh", "gelu", "sigmoid"])
+def test_unit_mean_spread_is_the_quadrature_over_unit_means(name: str) -> None:
+    """The cached spread of unit means equals Var_c g(m_c) computed from the array moments,
+    and a Monte Carlo of units whose means are drawn N(mean, spread)."""
+    mean, spread, within = 0.3, 0.8, 0.5
+    u, w = np.polynomial.hermite_e.hermegauss(24)
+    w = w / math.sqrt(2 * math.pi)
+    g = acts.activation_moments_array(name, mean + math.sqrt(spread) * u, within)[0]
+    direct = float(w @ (g * g)) - float(w @ g) ** 2
+    assert acts.unit_mean_spread(name, mean, spread, within) == pytest.approx(direct, rel=1e-9)
+    gen = torch.Generator().manual_seed(0)
+    m_c = mean + math.sqrt(spread) * torch.randn(4000, 1, generator=gen, dtype=torch.float64)
+    x = m_c + math.sqrt(within) * torch.randn(4000, 2000, generator=gen, dtype=torch.float64)
+    phi = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid}
+    unit_means = phi[name](x).mean(dim=1)
+    assert acts.unit_mean_spread(name, mean, spread, within) == pytest.approx(
+        float(unit_means.var()), rel=0.08)

@@ -134,3 +134,15 @@ def test_tanh_gain_fluctuation_and_shared_unit_means() -> None:
     d1, v1 = weighted_mean_log_stats(relu, 0.0, 1.0, 32, spread=0.9)
     assert v1 < 0.8 * v0
     assert d1 == pytest.approx(d0, rel=0.25)
+
+
+def test_log_mean_gain_interpolation_matches_the_monte_carlo_it_stands_for() -> None:
+    """h_N(V) between grid points is within the Monte Carlo's own noise of a direct run."""
+    from gradscope.estimate.fluctuation import _log_mean_gain, log_mean_gain
+
+    rng = np.random.default_rng(0)
+    for v in np.exp(rng.uniform(math.log(1e-4), math.log(1e3), 40)):
+        for n in (2, 8, 512):
+            direct = _log_mean_gain(float(v), n)
+            assert log_mean_gain(float(v), n) == pytest.approx(direct, rel=2e-3, abs=1e-9)
+    assert log_mean_gain(0.0, 8) == 0.0 and log_mean_gain(2.0, 1) == 0.0

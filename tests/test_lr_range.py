@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import cli_runner
+from sklearn import datasets  # the test extra: a missing install fails, never skips
 from torch import nn
 
 import gradscope
@@ -26,8 +27,6 @@ from gradscope.cli import main
 from gradscope.loading import load_target
 from gradscope.lr_range import FACTORS, RangeRun, choose_factor, clamp_lr, run_range_test
 from gradscope.schema import validate_report
-
-datasets = pytest.importorskip("sklearn.datasets")
 
 BATCH = 64
 

@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn import datasets  # the test extra: a missing install fails, never skips
 from torch import nn
 
 import gradscope
 from gradscope.probe import ProbeResult, run_probe
 from gradscope.rules.optimizers import ADAM_EPS, ASSUMED_NOTE
 from gradscope.tracing import trace_model
-
-datasets = pytest.importorskip("sklearn.datasets")
 
 
 def _digits(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -421,3 +421,23 @@ def test_quiet_torch_logs_silences_torch_loggers_old_and_new_and_restores_them()
         assert [r.getMessage() for r in records] == ["after"]
     finally:
         logging.getLogger("torch").removeHandler(handler)
+
+
+def test_tracing_with_a_real_forward_leaves_buffers_and_rng_as_found() -> None:
+    """With allow_run the fx values come from one real forward (no fake tensors): the
+    BatchNorm statistics and the RNG states that the probe's dropout draws from are
+    left as they were, and the shapes recorded are the fake path's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5),
+                          nn.ReLU(), nn.Linear(16, 2)).train()
+    x = torch.randn(4, 8)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    rng = torch.get_rng_state()
+    real = trace_model(model, (x,), allow_run=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.named_buffers():
+        assert torch.equal(value, buffers[key]), key
+    fake = trace_model(model, (x,), allow_run=False)
+    assert real.method == fake.method == "symbolic_trace"
+    assert [(r.name, r.shape, r.dtype) for r in real.records()] \
+        == [(r.name, r.shape, r.dtype) for r in fake.records()]

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn import datasets  # the test extra: a missing install fails, never skips
 from torch import nn
 
 import gradscope
@@ -22,8 +23,6 @@ from gradscope.fixes import apply
 from gradscope.lr_range import run_range_test
 from gradscope.records import Finding, Recommendation
 from gradscope.trial import try_fixes
-
-datasets = pytest.importorskip("sklearn.datasets")
 
 
 def _batches() -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
