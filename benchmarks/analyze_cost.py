@@ -36,6 +36,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
+#: A width-256 ReLU MLP of ``hidden`` + 1 weight layers, as a model file's source.
+_MLP = """
+    import torch
+    from torch import nn
+
+    def build_model():
+        layers = []
+        for _ in range({hidden}):
+            layers += [nn.Linear(256, 256), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(256, 10))
+
+    def example_inputs():
+        return torch.randn(256, 256)
+"""
+
 #: Each model as the source of a model file: ``build_model()`` and ``example_inputs()``.
 MODELS: dict[str, str] = {
     "cnn": """
@@ -125,32 +140,8 @@ MODELS: dict[str, str] = {
         def example_inputs():
             return torch.randint(0, 5000, (16, 64))
     """,
-    "mlp8": """
-        import torch
-        from torch import nn
-
-        def build_model():
-            layers = []
-            for _ in range(7):
-                layers += [nn.Linear(256, 256), nn.ReLU()]
-            return nn.Sequential(*layers, nn.Linear(256, 10))
-
-        def example_inputs():
-            return torch.randn(256, 256)
-    """,
-    "mlp128": """
-        import torch
-        from torch import nn
-
-        def build_model():
-            layers = []
-            for _ in range(127):
-                layers += [nn.Linear(256, 256), nn.ReLU()]
-            return nn.Sequential(*layers, nn.Linear(256, 10))
-
-        def example_inputs():
-            return torch.randn(256, 256)
-    """,
+    "mlp8": _MLP.format(hidden=7),
+    "mlp128": _MLP.format(hidden=127),
     "tenc12": """
         import torch
         from torch import nn

@@ -39,10 +39,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))
 
+from gradscope.fixes import LOOP_OPS  # noqa: E402 - the repository's own, first on the path
+
 #: Where finished training runs are kept (the tests point it at a temporary folder).
 CACHE = Path(os.environ.get("GRADSCOPE_TRAINABILITY_CACHE", HERE / ".cache"))
-#: Recommendation ops the training loop applies (the rest change the model).
-LOOP_OPS = ("learning_rate", "warmup", "clip_grad_norm")
 
 
 def _cache_path(key: dict[str, Any]) -> Path:
@@ -57,7 +57,11 @@ def cached_train(arch: str, recipe_name: str, seed: int, change: dict[str, Any] 
     import torch
     import train
 
-    key = {"arch": arch, "recipe": recipe_name, "seed": seed, "change": change, "v": 1}
+    key: dict[str, Any] = {"arch": arch, "recipe": recipe_name, "seed": seed, "change": change,
+                           "v": 1}
+    if change is not None and (change.get("action") or {}).get("op") not in LOOP_OPS:
+        # Re-initialisations draw from the run's seed, as the trial in analyze() did.
+        key["apply_seed"] = seed
     path = _cache_path(key)
     if path.exists():
         return json.loads(path.read_text())["outcome"]  # type: ignore[no-any-return]
@@ -80,9 +84,8 @@ def cached_train(arch: str, recipe_name: str, seed: int, change: dict[str, Any] 
         else:
             import gradscope.fixes
 
-            torch.manual_seed(1_000 + seed)
             try:
-                model = gradscope.fixes.apply(model, change)
+                model = gradscope.fixes.apply(model, change, seed=seed)
             except Exception as exc:  # noqa: BLE001 - a fix that cannot apply is a result
                 error = f"{type(exc).__name__}: {exc}"
     if error is not None:
