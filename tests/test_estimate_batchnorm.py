@@ -92,6 +92,15 @@ class ConvBN(nn.Module):
         return self.head(self.bn(self.conv(x)).flatten(1))
 
 
+def _population_input(shape: tuple[int, ...]) -> torch.Tensor:
+    """An input whose moments are exactly the population's the loops draw from (variance 4,
+    no spread of channel means): the estimate reads moments off this one tensor."""
+    x0 = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dims = [d for d in range(x0.dim()) if d != 1]
+    x0 = x0 - x0.mean(dim=dims, keepdim=True)
+    return (2.0 * x0 / x0.pow(2).mean().sqrt()).float()
+
+
 def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     return make().train()
@@ -140,10 +149,7 @@ def test_bn_gain_with_few_values_per_channel(shape: tuple[int, ...]) -> None:
     model = _seeded(lambda: BNHead(bn, features))
     # The estimate reads the input's moments off one tensor: give it exactly the population's
     # (variance 4, no spread of channel means), so that only the BatchNorm rule is tested.
-    x0 = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    dims = [d for d in range(x0.dim()) if d != 1]
-    x0 = x0 - x0.mean(dim=dims, keepdim=True)
-    x0 = (2.0 * x0 / x0.pow(2).mean().sqrt()).float()
+    x0 = _population_input(shape)
     static = _static_gains(model, x0, [("x", "bn")])[("x", "bn")]
     caught: list[torch.Tensor] = []
     handle = model.bn.register_forward_hook(
@@ -259,10 +265,7 @@ def test_bn_gain_before_global_average_pool(residual: bool) -> None:
     """
     shape = (2, 64, 2, 2)
     model = _seeded(lambda: BNPoolHead(64, residual))
-    x0 = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    dims = [d for d in range(x0.dim()) if d != 1]
-    x0 = x0 - x0.mean(dim=dims, keepdim=True)
-    x0 = (2.0 * x0 / x0.pow(2).mean().sqrt()).float()
+    x0 = _population_input(shape)
     static = _bn_rule_gain(model, x0)
     caught: list[torch.Tensor] = []
     handle = model.bn.register_forward_hook(
