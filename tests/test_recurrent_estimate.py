@@ -68,6 +68,7 @@ from gradscope.estimate.recurrent import (
     estimate_cell,
     estimate_recurrent,
     input_gradient_profile,
+    step_gain_through_time,
 )
 from gradscope.estimate.recurrent import _run as run_both  # estimate and profile in one run
 from gradscope.estimate.rnn_gates import gate_moments
@@ -322,6 +323,29 @@ def test_one_and_two_layers_are_consistent() -> None:
                         rel_tol=0.05)
     # Two layers pass the product of the gains (both near uniform entries), to a factor 2.
     assert _log_ratio(est_two.input_gain, est_first.input_gain * est_second.input_gain) <= 0.3
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: nn.LSTM(FEATURES, HIDDEN, num_layers=2, batch_first=True),
+    lambda: nn.GRU(FEATURES, HIDDEN, num_layers=2, bidirectional=True, batch_first=True),
+    lambda: nn.RNN(FEATURES, HIDDEN, nonlinearity="relu", batch_first=True),
+    lambda: nn.LSTM(FEATURES, HIDDEN, proj_size=16, num_layers=2, dropout=0.3),
+], ids=["lstm_2layer", "gru_bidirectional_2layer", "rnn_relu", "lstm_proj_dropout"])
+@pytest.mark.parametrize("meta", [False, True], ids=["real", "meta"])
+def test_step_gain_through_time_is_the_estimates_step_gain(
+        factory: Callable[[], nn.Module], meta: bool) -> None:
+    """The fixed points alone give exactly the full unroll's chi (what verifies fixes)."""
+    if meta:
+        with torch.device("meta"):
+            module = factory()
+    else:
+        module = _build(factory)
+    module.train()
+    for x_mean, x_second, steps in ((0.0, 1.0, 20), (0.5, 2.0, 64)):
+        full = estimate_recurrent(module, x_mean, x_second, steps)
+        assert step_gain_through_time(module, x_mean, x_second, steps) == full.step_gain
+    with pytest.raises(NotImplementedError):
+        step_gain_through_time(nn.LSTMCell(4, 4), 0.0, 1.0, 5)
 
 
 def test_estimate_is_deterministic() -> None:

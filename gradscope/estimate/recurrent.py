@@ -259,7 +259,14 @@ class _Forward:
 
 
 def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
-             n_steps: int) -> _Forward:
+             n_steps: int, stationary_only: bool = False) -> _Forward:
+    """Every layer's cells, fixed points and steps over the sequence.
+
+    ``stationary_only``: the cells and fixed points alone (``steps`` stays empty). Each
+    layer's fixed point depends only on the stationary input, which is the layer below's
+    fixed-point output, so the chain of fixed points does not need the sequence: what chi
+    through time needs (:func:`step_gain_through_time`) at a fraction of the unroll's cost.
+    """
     per_unit = _per_unit(module, n_steps)
     rng = np.random.default_rng(_SEED) if per_unit else None
     dirs = 2 if module.bidirectional else 1
@@ -273,12 +280,7 @@ def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
         cells = [cell_from(module, kind, s, size, rng)
                  for s in [f"_l{li}", f"_l{li}_reverse"][:dirs]]
         fixed = [_fixed_point(cell, x_stat) for cell in cells]
-        per_dir = []
-        for d, cell in enumerate(cells):
-            st = _run_forward(cell, xs if d == 0 else xs[::-1], x_stat, fixed[d])
-            per_dir.append(st if d == 0 else st[::-1])
         fw.layers.append(cells)
-        fw.steps.append(per_dir)
         fw.fixed.append(fixed)
         scale = 1.0 / (1.0 - drop) if li < int_attr(module, "num_layers") - 1 else 1.0
         sizes = [c.out_size for c in cells]
@@ -287,6 +289,15 @@ def _forward(module: nn.Module, kind: str, x_mean: float, x_second: float,
             return m if s == 1.0 else UnitMoments(m.mean, s * m.second)
 
         new_stat = scaled(_concat([f.h for f in fixed], sizes, per_unit))
+        if stationary_only:
+            xs, x_stat = [new_stat] * n_steps, new_stat
+            fw.out, fw.out_stat = xs, x_stat
+            continue
+        per_dir = []
+        for d, cell in enumerate(cells):
+            st = _run_forward(cell, xs if d == 0 else xs[::-1], x_stat, fixed[d])
+            per_dir.append(st if d == 0 else st[::-1])
+        fw.steps.append(per_dir)
         nxt = []
         for t in range(n_steps):
             if all(p[t] is f for p, f in zip(per_dir, fixed, strict=True)):
@@ -420,9 +431,7 @@ def _run_checked(module: nn.Module, kind: str, x_mean: float, x_second: float, n
         how = "independent-step mean field (too large to simulate)"
 
     profile = [v if math.isfinite(v) else math.inf for v in profile]
-    rates = [(cell.step_gain(fw.fixed[li][d].coef), li, d)
-             for li, cells in enumerate(fw.layers) for d, cell in enumerate(cells)]
-    step_gain, li_max, d_max = max(rates)
+    step_gain, li_max, d_max = _step_gain(fw)
     where = f" (layer {li_max})" if len(fw.layers) > 1 else ""
     note = _note(fw.layers[li_max][d_max], fw.fixed[li_max][d_max].coef, step_gain,
                  where) + f"; input gradients by {how}"
@@ -431,6 +440,12 @@ def _run_checked(module: nn.Module, kind: str, x_mean: float, x_second: float, n
     est = RecurrentEstimate(out_mean, out_second, float(np.mean(fw.out_stat.second)),
                             float(sum(profile)), step_gain, n_steps, note)
     return _Result(est, profile)
+
+
+def _step_gain(fw: _Forward) -> tuple[float, int, int]:
+    """Chi through time, the largest over layers and directions, and where it is."""
+    return max((cell.step_gain(fw.fixed[li][d].coef), li, d)
+               for li, cells in enumerate(fw.layers) for d, cell in enumerate(cells))
 
 
 def _note(cell: Cell, k: dict[str, Coef], chi: float, where: str) -> str:
@@ -474,6 +489,27 @@ def estimate_recurrent(module: nn.Module, x_mean: float, x_second: float, seq_le
     the surrogate backward uses a fixed seed.
     """
     return _run(module, x_mean, x_second, seq_len, _entry(entry)).estimate
+
+
+def step_gain_through_time(module: nn.Module, x_mean: float, x_second: float,
+                           seq_len: int) -> float:
+    """``estimate_recurrent(...).step_gain`` from the layers' fixed points alone.
+
+    The same number (the same cells, drawn in the same order, and the same fixed points),
+    without the unroll over the sequence or the surrogate backward: verifying a fix of the
+    recurrent weights needs only this, and the full estimate cost ~1.7 s on a 2-layer
+    512-unit LSTM over 64 steps where this costs about a third of it.
+    """
+    if not isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        raise NotImplementedError(f"{type(module).__name__} is not nn.LSTM / nn.GRU / nn.RNN")
+    if int(seq_len) < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not (math.isfinite(x_mean) and math.isfinite(x_second)):
+        raise ValueError(f"input moments must be finite, got {x_mean!r}, {x_second!r}")
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        fw = _forward(module, cell_kind(module), x_mean, max(x_second, x_mean * x_mean),
+                      int(seq_len), stationary_only=True)
+        return _step_gain(fw)[0]
 
 
 def input_gradient_profile(module: nn.Module, x_mean: float, x_second: float, seq_len: int,

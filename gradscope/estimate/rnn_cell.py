@@ -89,6 +89,11 @@ class Cell:
     proj: GateWeights | None
     tensors: tuple[torch.Tensor | None, ...] = field(repr=False, compare=False)
     realized: Mats | None = field(default=None, repr=False, compare=False)
+    #: The last input moments and their ``ih`` projection: the stationary input is one
+    #: object for every step of a first layer and every fixed-point iteration, and its
+    #: projection is a quarter of a step's cost (a (gates * H, input) mat-vec, twice).
+    _ih_memo: list[tuple[UnitMoments, tuple[Vec, Vec]]] = field(
+        default_factory=list, init=False, repr=False, compare=False)
 
     def summarised(self) -> Cell:
         """This cell with block statistics (for the O(T) mean-field backward)."""
@@ -115,7 +120,12 @@ class Cell:
         return Step(st.h.clamped(), st.c.clamped(), st.coef)
 
     def _step(self, x: UnitMoments, h: UnitMoments, c: UnitMoments, settle: bool) -> Step:
-        xm, xv = self.ih.forward(x.mean, x.second)
+        memo = self._ih_memo
+        if memo and memo[0][0] is x:  # the object itself is held: no id reuse
+            xm, xv = memo[0][1]
+        else:
+            xm, xv = self.ih.forward(x.mean, x.second)
+            memo[:] = [(x, (xm, xv))]
         hm, hv = self.hh.forward(h.mean, h.second)
         if self.kind == "lstm":
             return self._lstm(xm + hm + self.bias.mean, xv + hv + self.bias.var, c, settle)

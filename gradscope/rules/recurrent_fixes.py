@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradscope.estimate.recurrent import estimate_recurrent
+from gradscope.estimate.recurrent import step_gain_through_time
 from gradscope.records import Recommendation, Verification
 from gradscope.rules.actions import recurrent_module_action
 from gradscope.rules.base import fmt, signal_inputs
@@ -35,10 +35,10 @@ def _recurrent_ratio(module: torch.nn.Module, analysis: Analysis, node: str) -> 
     if result is None or mom is None:
         return None
     try:
-        new = estimate_recurrent(module, mom[0], mom[1], int(result.steps))
+        gain = step_gain_through_time(module, mom[0], mom[1], int(result.steps))
     except (NotImplementedError, ValueError, RuntimeError):
         return None
-    return math.sqrt(max(new.step_gain, 0.0)) ** (int(result.steps) - 1)
+    return math.sqrt(max(gain, 0.0)) ** (int(result.steps) - 1)
 
 
 def _module(analysis: Analysis, node: str) -> torch.nn.Module | None:
