@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import gradscope
 
@@ -255,6 +256,38 @@ def test_a_short_gru_classifier_is_not_a_through_time_alarm(seed: int) -> None:
     model.head(h[-1]).sum().backward()
     assert emb.grad is not None
     assert float(emb.grad[:, 7].norm() / emb.grad[:, -1].norm()) > 1e-3
+
+
+class ViewedWordLM(nn.Module):
+    """PyTorch's word-language-model example: a 2-layer LSTM over 35 time-first steps whose
+    output is viewed to (steps x batch, vocab) before the loss, one prediction per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(512, 64)
+        self.rnn = nn.LSTM(64, 64, 2)
+        self.decoder = nn.Linear(64, 512)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        output, _ = self.rnn(self.encoder(ids))
+        return F.log_softmax(self.decoder(output).view(-1, 512), dim=1)
+
+
+@pytest.mark.parametrize("tracer", ["symbolic_trace", "runtime"])
+def test_a_language_model_that_views_its_steps_is_not_a_through_time_alarm(
+        tracer: str) -> None:
+    """The loss reads every step, through a view that merges steps and batch. GS103 was an
+    error under the runtime recorder: the merged (70, 512) rows did not count as "every
+    step", and the recorder's LSTM node (its output tuple unpacked without a getitem) read
+    as "gradient at the last step only"."""
+    ids = torch.randint(0, 512, (35, 2), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    report = gradscope.analyze(ViewedWordLM(), (ids,), device="cpu", tracer=tracer)
+    gs103 = [f for f in report.findings if f.rule == "GS103"]
+    assert gs103, "the 35-step LSTM's horizon is reported"
+    for finding in gs103:
+        assert finding.severity == "info", finding.message
+        assert "The loss reads every step" in finding.message
 
 
 # ------------------------------------------------------------------ a forward that marks its input

@@ -39,15 +39,28 @@ def _rnn_entry(ctx: Ctx) -> str:
     """
     graph = ctx.est.graph
     numel_out = numel(ctx.shape())
+    direct = []
     for succ in graph.successors(ctx.name):
-        index = node_record(graph, succ).args[1] if len(node_record(graph, succ).args) > 1 else None
-        if node_record(graph, succ).key != "getitem" or index != 0:
+        record = node_record(graph, succ)
+        index = record.args[1] if len(record.args) > 1 else None
+        if record.key != "getitem" or not isinstance(index, int):
+            direct.append(succ)
+            continue
+        if index != 0:
             continue
         for consumer in graph.successors(succ):
             n = numel(node_record(graph, consumer).shape)
             if numel_out and n and n * 2 <= numel_out:
                 return "last"
         return "uniform"
+    # The runtime recorder links consumers to the module's node itself (unpacking the
+    # output tuple calls no torch function): each reads the sequence, the final state, or
+    # a slice of either, and its size says which. Without this a language model's
+    # ``output, hidden = self.rnn(emb)`` read as "last step only" (a GS103 false error).
+    for succ in direct:
+        n = numel(node_record(graph, succ).shape)
+        if numel_out and n and n * 2 > numel_out:
+            return "uniform"
     return "last"
 
 

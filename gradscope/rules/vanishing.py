@@ -250,18 +250,26 @@ def reads_every_step(analysis: Analysis, node: str, steps: int) -> bool:
     gradient of its own, and the decay through time only bounds how far back a
     dependency can be learned. A classifier that reads the last step (or a pooled
     state) gets all its gradient through time. Structurally: every node between the
-    layer and the output keeps a dimension of the sequence's length.
+    layer and the output keeps a dimension of the sequence's length, or one that is the
+    steps times the batch (``output.view(-1, vocab)`` before the decoder, as PyTorch's
+    word-language-model example does: 35 x 2 rows of 512 logits).
     """
     from networkx import descendants
 
     between = descendants(analysis.traced.graph, node) & analysis.facts.on_path
     if not between:
         return False
+    own = analysis.traced.node(node).shape
+    # The layer's other leading dimensions (the batch): merged with the steps by a view.
+    others = [int(d) for d in own[:-1]] if own else []
+    if steps in others:
+        others.remove(steps)
+    merged = {steps * d for d in others if d > 1}
     for name in between:
         rec = analysis.traced.node(name)
         if rec.role != "compute" or not rec.is_float:
             continue
-        if rec.shape is None or steps not in rec.shape:
+        if rec.shape is None or not (steps in rec.shape or merged & set(rec.shape)):
             return False
     return True
 
