@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -138,12 +139,13 @@ def _decades(a: float, b: float) -> float:
     return abs(math.log10(a / b))
 
 
-def test_class_token_gradient_per_segment() -> None:
+@pytest.mark.parametrize("method", ["export", "runtime"])
+def test_class_token_gradient_per_segment(method: str) -> None:
     torch.manual_seed(0)
     model = ClassTokenEncoder().train()
     x = torch.randn(4, T, P, generator=torch.Generator().manual_seed(1))
     measured = _measured(model, (x,), ["cat", "patches"])
-    traced = trace_model(model, (x,))
+    traced = trace_model(model, (x,), method=method)
     est = estimate(traced, (x,))
     cat = _node(traced, key="cat")
     patches = _node(traced, module="patch")
@@ -251,13 +253,14 @@ class MaskedAttention(nn.Module):
         return self.head(a.transpose(1, 2).reshape(b, t, D))
 
 
-def test_causal_mask_tensor_counts_visible_keys() -> None:
+@pytest.mark.parametrize("method", ["export", "runtime"])
+def test_causal_mask_tensor_counts_visible_keys(method: str) -> None:
     """Value-path gain A = mean over rows of 1/(i+1), not 1/T, under a causal mask tensor."""
     torch.manual_seed(0)
     model = MaskedAttention().train()
     x = torch.randn(4, 16, D, generator=torch.Generator().manual_seed(4))
     measured = _measured(model, (x,), ["v"])
-    traced = trace_model(model, (x,))
+    traced = trace_model(model, (x,), method=method)
     est = estimate(traced, (x,))
     sdpa = _node(traced, key="sdpa")
     v = traced.node(sdpa).args[2].name

@@ -85,12 +85,40 @@ def test_plain_mlp_uses_symbolic_trace() -> None:
     _check_graph(traced)
 
 
-def test_transformer_encoder_falls_back_to_export() -> None:
+def test_transformer_encoder_is_recorded_when_it_may_run() -> None:
+    """With the probe on (the model runs anyway) the recorder goes before torch.export: one
+    forward without gradients instead of export's trace (issue 15)."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64,
                                        batch_first=True)
     model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
     traced = trace_model(model, (_randn(2, 8, 32),))
+    assert [(a.method, a.ok) for a in traced.attempts] == [
+        ("symbolic_trace", False), ("runtime", True)]
+    _check_graph(traced)
+    paths = {d.module for _, d in traced.graph.nodes(data="rec")
+             if d.role == "compute" and d.module}
+    assert {"layers.0.linear1", "layers.0.linear2", "layers.1.linear1",
+            "layers.0.self_attn", "layers.1.norm2"} <= paths
+
+
+def test_meta_model_is_recorded_not_exported() -> None:
+    """On the meta device a forward computes nothing: the recorder goes first there too."""
+    with torch.device("meta"):
+        layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64,
+                                           batch_first=True)
+        model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    traced = trace_model(model, (torch.randn(2, 8, 32, device="meta"),), allow_run=False)
+    assert traced.method == "runtime"
+
+
+def test_transformer_encoder_falls_back_to_export() -> None:
+    """--no-probe on real weights: export before the recorder (the model is not to run)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64,
+                                       batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    traced = trace_model(model, (_randn(2, 8, 32),), allow_run=False)
     assert traced.method == "export"
     first = traced.attempts[0]
     assert (first.method, first.ok) == ("symbolic_trace", False)
@@ -119,7 +147,9 @@ def test_transformer_encoder_falls_back_to_export() -> None:
 def test_data_dependent_control_flow_falls_back_to_runtime() -> None:
     model = DataDependent()
     x = _randn(4, 8)
-    traced = trace_model(model, (x,))
+    assert [(a.method, a.ok) for a in trace_model(model, (x,)).attempts] == [
+        ("symbolic_trace", False), ("runtime", True)]
+    traced = trace_model(model, (x,), allow_run=False)  # export is tried before it there
     assert traced.method == "runtime"
     assert [(a.method, a.ok) for a in traced.attempts] == [
         ("symbolic_trace", False), ("export", False), ("runtime", True)]

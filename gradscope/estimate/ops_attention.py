@@ -267,7 +267,8 @@ def visible_keys(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
     average over all T keys, so the value path's gain A = E[sum p^2] came out ~1/T
     instead of the causal mean of 1/(i+1) (3.4x too small at T = 16) and the query/key
     paths likewise. The mask depends on shapes only, so its subgraph (aten calls on
-    constants, no inputs or weights) is evaluated here, once per mask node; a mask
+    constants, no inputs or weights; torch functions on a recorded graph) is evaluated
+    here, once per mask node; a mask
     that depends on the inputs or on weights, or that uses an op not resolvable as
     ``torch.ops.aten``, gives None (no mask assumed, as before). A boolean mask keeps
     the True keys; a float (additive) mask the keys above -1e4.
@@ -300,13 +301,17 @@ def _evaluate_rows(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
         if name not in needed:
             continue
         data = node_record(graph, name)
-        if data.role != "compute" or data.kind != "call_function" \
-                or not str(data.target).startswith("aten."):
+        if data.role != "compute" or data.kind != "call_function":
             return None
-        parts = str(data.target).split(".")
         try:
-            fn = getattr(getattr(torch.ops.aten, parts[1]), parts[2] if len(parts) > 2
-                         else "default")
+            if str(data.target).startswith("aten."):
+                parts = str(data.target).split(".")
+                fn = getattr(getattr(torch.ops.aten, parts[1]), parts[2] if len(parts) > 2
+                             else "default")
+            elif ctx.est.traced.method == "runtime" and "fn" in graph.nodes[name]:
+                fn = graph.nodes[name]["fn"]  # the torch function the recorder saw
+            else:
+                return None
             with torch.no_grad():
                 values[name] = fn(*resolve(data.args), **resolve(data.kwargs))
         except (AttributeError, RuntimeError, TypeError, ValueError, KeyError, IndexError):

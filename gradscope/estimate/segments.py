@@ -106,6 +106,49 @@ class Pick:
     last: int
 
 
+def _pick_spec(ctx: Any, ndim: int) -> tuple[str, int, int | None, int | None] | None:
+    """(``"select"``, dim, index, None) or (``"slice"``, dim, start, stop) of a pick.
+
+    From ``select`` / ``slice`` / ``narrow`` (traced graphs), or from a ``getitem`` whose
+    index is an int or a tuple of full slices with one int or unit-step slice among them
+    (``h[:, 0]``, ``x[:, 1:]``: what the runtime recorder sees of the same reads).
+    """
+    op = ctx.data.op
+    if ctx.data.key == "getitem":
+        index = ctx.arg(1)
+        parts = index if isinstance(index, tuple) else (index,)
+        if len(parts) > ndim or any(p is None or p is Ellipsis for p in parts):
+            return None
+        picks = [(d, p) for d, p in enumerate(parts) if p != slice(None)]
+        if len(picks) != 1:
+            return None
+        at, p = picks[0]
+        if isinstance(p, int) and not isinstance(p, bool):
+            return "select", at, p, None
+        if isinstance(p, slice) and p.step in (None, 1) \
+                and isinstance(p.start, (int, type(None))) \
+                and isinstance(p.stop, (int, type(None))):
+            return "slice", at, p.start, p.stop
+        return None
+    dim = _axis(ctx.arg(1, "dim", 0), ndim)
+    if dim is None:
+        return None
+    if op == "select":
+        index = ctx.arg(2, "index")
+        return ("select", dim, index, None) if isinstance(index, int) else None
+    start = ctx.arg(2, "start", 0)
+    if op == "narrow":
+        size = ctx.arg(3, "length")
+        if not isinstance(start, int) or not isinstance(size, int):
+            return None
+        return "slice", dim, start, start + size
+    stop, step = ctx.arg(3, "end", None), ctx.arg(4, "step", 1)
+    if step != 1 or not isinstance(start, (int, type(None))) \
+            or not isinstance(stop, (int, type(None))):
+        return None
+    return "slice", dim, start, stop
+
+
 class SegmentForward:
     """Forward half: computes a node's segments (or none) from its inputs' segments."""
 
@@ -130,7 +173,7 @@ class SegmentForward:
         segmented = [r for r in ctx.activations_in() if r in self.segments]
         if not segmented:
             return mom
-        if op in ("select", "slice", "narrow"):
+        if op in ("select", "slice", "narrow") or key == "getitem":
             return self._pick(ctx, mom, segmented[0], out_shape)
         seg = self.segments[segmented[0]]
         if not self._positionwise(ctx, seg, segmented[0], out_shape):
@@ -209,10 +252,10 @@ class SegmentForward:
         in_shape = ctx.shape(src)
         if in_shape is None:
             return mom
-        op = ctx.data.op
-        dim = _axis(ctx.arg(1, "dim", 0), len(in_shape))
-        if dim is None:
+        spec = _pick_spec(ctx, len(in_shape))
+        if spec is None:
             return mom
+        op, dim, start_arg, stop_arg = spec
         if dim != seg.axis:
             # selecting along another axis keeps every position of the segmented one
             axis = seg.axis - 1 if op == "select" and dim < seg.axis else seg.axis
@@ -222,22 +265,9 @@ class SegmentForward:
             return out.average()
         length = sum(seg.sizes)
         if op == "select":
-            index = ctx.arg(2, "index")
-            if not isinstance(index, int):
-                return mom
-            start, stop = index % length, index % length + 1
+            assert isinstance(start_arg, int)
+            start, stop = start_arg % length, start_arg % length + 1
         else:
-            start_arg = ctx.arg(2, "start", 0)
-            if op == "narrow":
-                size = ctx.arg(3, "length")
-                stop_arg: Any = start_arg + size if isinstance(start_arg, int) and \
-                    isinstance(size, int) else None
-                step: Any = 1
-            else:
-                stop_arg, step = ctx.arg(3, "end", None), ctx.arg(4, "step", 1)
-            if step != 1 or not isinstance(start_arg, (int, type(None))) \
-                    or not isinstance(stop_arg, (int, type(None))):
-                return mom
             start, stop, _ = slice(start_arg, stop_arg).indices(length)
             if stop <= start:
                 return mom

@@ -48,8 +48,11 @@ _DECLARED: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextVa
 
 #: Measured moments of weight tensors for the estimate being run: each weight is
 #: read by several rules (forward, backward, spread), and reading is the hot spot.
-_STATS: contextvars.ContextVar[dict[tuple[int, int], Mom] | None] = contextvars.ContextVar(
-    "stats", default=None)
+#: Each entry keeps its tensor: a rule's temporary (``in_proj_weight.chunk(3)``) is freed
+#: after use and a later temporary may get its id, which then read the stale moments (a
+#: nondeterministic estimate of nn.MultiheadAttention's layers, 1e-4 relative).
+_STATS: contextvars.ContextVar[dict[tuple[int, int], tuple[torch.Tensor, Mom]] | None] = \
+    contextvars.ContextVar("stats", default=None)
 
 
 #: Moments that replace a weight's own for the estimate being run, by id: how a
@@ -62,7 +65,8 @@ _OVERRIDES: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextV
 @contextlib.contextmanager
 def statistics_scope(declared: dict[int, Mom] | None = None,
                      overrides: dict[int, Mom] | None = None,
-                     cache: dict[tuple[int, int], Mom] | None = None) -> Iterator[None]:
+                     cache: dict[tuple[int, int], tuple[torch.Tensor, Mom]] | None = None,
+                     ) -> Iterator[None]:
     """One estimate's declared moments, overrides and measurement cache (``cache``: one
     kept across estimates of the same tensors; a fresh one otherwise)."""
     token = _DECLARED.set(declared or {})
@@ -96,9 +100,10 @@ def tensor_stats(t: torch.Tensor) -> Mom | None:
     cache = _STATS.get()
     if cache is not None:
         key = (id(t), t._version)
-        if key not in cache:
-            cache[key] = _measure(t)
-        return cache[key]
+        hit = cache.get(key)
+        if hit is None or hit[0] is not t:  # the same object, not a reused id
+            hit = cache[key] = (t, _measure(t))
+        return hit[1]
     return _measure(t)
 
 

@@ -16,9 +16,10 @@ GS801 = Rule(
     category="trace",
     severity="info",
     summary="torch.fx symbolic tracing failed; a fallback tracer recorded the graph.",
-    what="gradscope tries torch.fx.symbolic_trace, then torch.export.export, then a "
-    "runtime graph recorded with module hooks during one forward. This model needed a "
-    "fallback; the report says why each earlier tracer failed.",
+    what="gradscope tries torch.fx.symbolic_trace, then a runtime graph recorded with "
+    "module hooks during one forward without gradients, then torch.export.export (export "
+    "before the recorder with --no-probe on real weights). This model needed a fallback; "
+    "the report says why each earlier tracer failed.",
     why="torch.export graphs are at the level of aten ops, so module paths come from "
     "nn_module_stack; a runtime graph records only the path the example inputs took "
     "through data-dependent branches, so other branches are not analysed.",

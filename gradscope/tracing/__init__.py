@@ -74,13 +74,27 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
     ``allow_run=False`` (``--no-probe``) still permits the runtime recorder,
     which runs one forward without gradients, because otherwise a model with
     data-dependent control flow could not be analysed at all; the report says so.
+
+    Where symbolic_trace fails (every Hugging Face model, ``nn.TransformerEncoder``), the
+    runtime recorder goes before torch.export when the model may run (the probe will run
+    it anyway) or lives on the meta device (a meta forward computes nothing): it costs
+    one forward without gradients, where export cost 1.4 s on a 12-layer encoder whose
+    forward and backward take 27 ms, and 6 s on Llama-7B on meta (issue 15). On the 31
+    zoo models that need one of the two, the findings are the same except where the
+    recorder's are better (the word-level LSTM language model, whose ``aten.lstm`` the
+    estimate does not model on an exported graph; Mamba, a GS104 false warning);
+    docs/benchmarks.md section 6. Export stays first for ``--no-probe`` on real weights,
+    where the model is not to be run.
     """
+    from gradscope.meta import is_meta_model
     from gradscope.tracing.fx_tracers import trace_export, trace_symbolic
     from gradscope.tracing.runtime import trace_runtime
 
     tracers: list[tuple[str, Callable[..., Any]]] = [
         ("symbolic_trace", functools.partial(trace_symbolic, run=allow_run)),
-               ("export", trace_export), ("runtime", trace_runtime)]
+        ("export", trace_export), ("runtime", trace_runtime)]
+    if allow_run or is_meta_model(model):
+        tracers = [tracers[0], tracers[2], tracers[1]]
     if method is not None:
         tracers = [t for t in tracers if t[0] == method]
         if not tracers:
@@ -88,6 +102,7 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
                              "choose symbolic_trace, export or runtime")
     attempts: list[TraceAttempt] = []
     last_error: BaseException | None = None
+    errors: list[BaseException] = []
     for name, tracer in tracers:
         try:
             # torch.export prints partial graphs straight to sys.stderr when it fails.
@@ -100,6 +115,7 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
         except Exception as exc:  # noqa: BLE001 - every tracer failure is reported, then next
             attempts.append(TraceAttempt(name, False, _reason(exc)))
             last_error = exc
+            errors.append(exc)
             continue
         if not allow_run and name == "runtime":
             traced.notes.append("--no-probe: the model was still run forward once, without "
@@ -107,6 +123,9 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
         return traced
     from gradscope.tracing.runtime import ModelForwardError
 
+    # The model's own error, from the recorder's real forward, says most whichever tracer
+    # ran last: the inputs do not fit the model.
+    last_error = next((e for e in errors if isinstance(e, ModelForwardError)), last_error)
     shapes = ", ".join(str(list(t.shape)) if hasattr(t, "shape") else repr(t) for t in inputs)
     assert last_error is not None
     hint = model_error_hint(last_error)

@@ -67,9 +67,9 @@ class TracedModel:
     #: Measured (mean, second moment) of weight tensors by (id, version), shared by every
     #: static estimate of this graph and of its what-if copies (which share the tensors):
     #: each verified fix re-estimates the graph, and reading the weights is the hot spot.
-    #: The ids stay valid because ``tensors`` and ``modules`` keep the tensors alive.
-    measured: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict,
-                                                                repr=False)
+    #: Each entry holds its tensor, so an id is never read for another (temporaries).
+    measured: dict[tuple[int, int], tuple[torch.Tensor, tuple[float, float]]] = field(
+        default_factory=dict, repr=False)
 
     def node(self, name: str) -> NodeRecord:
         """The record of one node."""
@@ -257,6 +257,10 @@ def add_node(
         num_params=int(num_params),
     )
     graph.add_node(name, rec=record)
+    if kind == "call_function" and callable(target):
+        # The function itself (the record keeps its name): constant subgraphs such as an
+        # attention mask built from ``arange`` are evaluated again from it.
+        graph.nodes[name]["fn"] = target
     for src in inputs:
         graph.add_edge(src, name)
 

@@ -347,6 +347,10 @@ IGNORED = frozenset(
 )
 
 
+#: Tensor properties that are ops, by the function name they stand for.
+_PROPERTIES = {"T": "t", "mT": "transpose", "H": "t", "mH": "transpose", "data": "detach"}
+
+
 def function_name(target: Any) -> str:
     """The bare name of a call target: ``aten.relu.default`` -> ``relu``, ``operator.add``
     -> ``add``.
@@ -356,6 +360,12 @@ def function_name(target: Any) -> str:
     """
     if isinstance(target, str):
         name = target
+    elif getattr(target, "__name__", None) == "__get__" and \
+            hasattr(getattr(target, "__self__", None), "__name__"):
+        # A tensor property read under a TorchFunctionMode (the runtime recorder): the
+        # descriptor's ``__get__``; ``weight.T`` (Falcon's linear layers) is a transpose.
+        attr = target.__self__.__name__
+        return _PROPERTIES.get(attr, attr)
     else:
         text = str(target)
         if text.startswith("aten.") or text.startswith("prims."):

@@ -51,6 +51,10 @@ class ModelForwardError(RuntimeError):
         self.error = error
 
 
+#: Factories from Python values: constants, not ops of the model.
+_CONSTANTS = frozenset({"tensor", "as_tensor", "scalar_tensor"})
+
+
 def _is_whole(module: nn.Module) -> bool:
     """Same rule as the symbolic tracer: childless torch.nn modules and MHA stay whole."""
     cls = type(module)
@@ -127,8 +131,37 @@ class _Recorder(TorchFunctionMode):
         for leaf in tensor_leaves(value):
             self.producer[id(leaf)] = name
             self.keep.append(leaf)
+        if node_record(self.graph, name).role == "param":
+            if isinstance(value, torch.Tensor):
+                self.tensors[name] = value.detach()
+            return  # part of a weight: not a layer the probe measures
         if self.observe is not None:
             self.observe(name, value)
+
+    def _weight_only(self, args: Any) -> list[str] | None:
+        """The weight nodes ``args`` are computed from, or None if they read anything else.
+
+        A computation on weights alone (``w.T``, ``w.float()``, DeBERTa's LayerNorm of its
+        relative-position table) is part of the weight its consumer multiplies by, not a
+        layer, as the fx conversion (``graph.graph_from_fx``) folds it for torch.export:
+        the two tracers then agree on which layers there are.
+        """
+        refs: list[str] = []
+        for leaf in tensor_leaves(args):
+            name = self.producer.get(id(leaf))
+            if name is None and id(leaf) in self.param_ids:
+                name = self._param_node(leaf)
+            if name is None or name not in self.graph \
+                    or node_record(self.graph, name).role != "param":
+                return None
+            refs.append(name)
+        return list(dict.fromkeys(refs)) or None
+
+    def _record_weight(self, base: str, value: Any, refs: list[str], **attrs: Any) -> None:
+        self._record(self._fresh(base), value, role="param",
+                     module_path=node_record(self.graph, refs[0]).module,
+                     num_params=sum(node_record(self.graph, r).num_params for r in refs),
+                     **attrs)
 
     # inputs ---------------------------------------------------------------
     def add_inputs(self, inputs: tuple[Any, ...]) -> None:
@@ -146,6 +179,12 @@ class _Recorder(TorchFunctionMode):
             return
         path = self.paths.get(id(module), type(module).__name__)
         file, line = _caller_location()
+        weights = self._weight_only(args) if isinstance(output, torch.Tensor) else None
+        if weights is not None:
+            own = [self._param_node(p) for p in module.parameters()]
+            self._record_weight(path, output, weights + own, kind="call_module",
+                                target=path, args=self._refs(args), file=file, line=line)
+            return
         params = [f"{path}.{n}" for n, _ in module.named_parameters()]
         self.modules[path] = module
         self._record(self._fresh(path), output, kind="call_module", role="compute",
@@ -165,9 +204,18 @@ class _Recorder(TorchFunctionMode):
         _, _, is_tensor = describe_value(out)
         if not is_tensor:
             return out
+        if name in _CONSTANTS and not tensor_leaves((args, kwargs)):
+            # A tensor built from Python values (``torch.tensor([])``, a cache's empty
+            # start): a constant, as torch.export lifts it; consumers see its shape.
+            return out
         file, line = _caller_location()
         ref_args = self._refs(tuple(args))
         ref_kwargs = self._refs(dict(kwargs))
+        weights = self._weight_only((args, kwargs)) if isinstance(out, torch.Tensor) else None
+        if weights is not None:
+            self._record_weight(name, out, weights, kind="call_function", target=func,
+                                args=ref_args, kwargs=ref_kwargs, file=file, line=line)
+            return out
         params = []
         num = 0
         for leaf in tensor_leaves((args, kwargs)):
