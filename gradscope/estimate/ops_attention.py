@@ -267,8 +267,8 @@ def visible_keys(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
     average over all T keys, so the value path's gain A = E[sum p^2] came out ~1/T
     instead of the causal mean of 1/(i+1) (3.4x too small at T = 16) and the query/key
     paths likewise. The mask depends on shapes only, so its subgraph (aten calls on
-    constants, no inputs or weights; torch functions on a recorded graph) is evaluated
-    here, once per mask node; a mask
+    constants, no inputs or weights) is evaluated here, once per mask node (the runtime
+    recorder folds such a subgraph into one constant, read as it is); a mask
     that depends on the inputs or on weights, or that uses an op not resolvable as
     ``torch.ops.aten``, gives None (no mask assumed, as before). A boolean mask keeps
     the True keys; a float (additive) mask the keys above -1e4.
@@ -283,6 +283,10 @@ def _evaluate_rows(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
     import networkx as nx  # the graph library the tracers already use
 
     graph = ctx.est.graph
+    if node_record(graph, mask).role == "param":
+        # A constant with its value (the runtime recorder folds what is computed from
+        # constants alone): nothing to evaluate.
+        return _rows_of(ctx.est.tensor_of(mask))
     needed = nx.ancestors(graph, mask) | {mask}
     if len(needed) > _MASK_NODES:
         return None
@@ -301,22 +305,22 @@ def _evaluate_rows(ctx: Ctx, mask: str) -> tuple[int, ...] | None:
         if name not in needed:
             continue
         data = node_record(graph, name)
-        if data.role != "compute" or data.kind != "call_function":
+        if data.role != "compute" or data.kind != "call_function" \
+                or not str(data.target).startswith("aten."):
             return None
+        parts = str(data.target).split(".")
         try:
-            if str(data.target).startswith("aten."):
-                parts = str(data.target).split(".")
-                fn = getattr(getattr(torch.ops.aten, parts[1]), parts[2] if len(parts) > 2
-                             else "default")
-            elif ctx.est.traced.method == "runtime" and "fn" in graph.nodes[name]:
-                fn = graph.nodes[name]["fn"]  # the torch function the recorder saw
-            else:
-                return None
+            fn = getattr(getattr(torch.ops.aten, parts[1]), parts[2] if len(parts) > 2
+                         else "default")
             with torch.no_grad():
                 values[name] = fn(*resolve(data.args), **resolve(data.kwargs))
         except (AttributeError, RuntimeError, TypeError, ValueError, KeyError, IndexError):
             return None
-    m = values.get(mask)
+    return _rows_of(values.get(mask))
+
+
+def _rows_of(m: Any) -> tuple[int, ...] | None:
+    """Keys each query row of a mask tensor sees (True, or above -1e4 when additive)."""
     if not isinstance(m, torch.Tensor) or m.dim() < 2 or m.is_meta:
         return None
     try:

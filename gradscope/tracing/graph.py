@@ -257,10 +257,6 @@ def add_node(
         num_params=int(num_params),
     )
     graph.add_node(name, rec=record)
-    if kind == "call_function" and callable(target):
-        # The function itself (the record keeps its name): constant subgraphs such as an
-        # attention mask built from ``arange`` are evaluated again from it.
-        graph.nodes[name]["fn"] = target
     for src in inputs:
         graph.add_edge(src, name)
 

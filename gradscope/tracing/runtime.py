@@ -51,10 +51,6 @@ class ModelForwardError(RuntimeError):
         self.error = error
 
 
-#: Factories from Python values: constants, not ops of the model.
-_CONSTANTS = frozenset({"tensor", "as_tensor", "scalar_tensor"})
-
-
 def _is_whole(module: nn.Module) -> bool:
     """Same rule as the symbolic tracer: childless torch.nn modules and MHA stay whole."""
     cls = type(module)
@@ -83,6 +79,8 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[Any] = []  # keeps recorded tensors alive so ids stay unique
         self.counts: dict[str, int] = {}
         self.inside_whole = 0
+        #: Paths of the modules traced into, innermost last (the root's is "").
+        self.stack: list[str] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.param_ids = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self.param_ids.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
@@ -170,6 +168,16 @@ class _Recorder(TorchFunctionMode):
                          target=f"input_{i}")
 
     # modules --------------------------------------------------------------
+    def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """A module traced into: the ops called until it returns are its own (the module
+        path export reads from ``nn_module_stack``; the report's per-module view)."""
+        if not self.inside_whole:
+            self.stack.append(self.paths.get(id(module), type(module).__name__))
+
+    def leave(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self.inside_whole and self.stack:
+            self.stack.pop()
+
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.inside_whole += 1
 
@@ -204,11 +212,16 @@ class _Recorder(TorchFunctionMode):
         _, _, is_tensor = describe_value(out)
         if not is_tensor:
             return out
-        if name in _CONSTANTS and not tensor_leaves((args, kwargs)):
-            # A tensor built from Python values (``torch.tensor([])``, a cache's empty
-            # start): a constant, as torch.export lifts it; consumers see its shape.
-            return out
         file, line = _caller_location()
+        if not tensor_leaves((args, kwargs)):
+            # A tensor made from Python values alone (Gemma's ``torch.tensor(hidden **
+            # 0.5)`` embedding scale, ``arange`` positions, an all-ones mask, a cache's
+            # empty start): a constant with its value, as torch.export lifts constants;
+            # what is computed from constants and weights alone (rotary cos/sin tables)
+            # then folds into constants too (``_weight_only``), not ops to model.
+            self._record(self._fresh(name), out, kind="get_attr", role="param",
+                         target=name, file=file, line=line)
+            return out
         ref_args = self._refs(tuple(args))
         ref_kwargs = self._refs(dict(kwargs))
         weights = self._weight_only((args, kwargs)) if isinstance(out, torch.Tensor) else None
@@ -224,7 +237,7 @@ class _Recorder(TorchFunctionMode):
                 num += leaf.numel()
         self._record(self._fresh(name), out, kind="call_function", role="compute", target=func,
                      args=ref_args, kwargs=ref_kwargs, file=file, line=line, params=params,
-                     num_params=num)
+                     num_params=num, module_path=self.stack[-1] if self.stack else None)
         return out
 
 
@@ -237,6 +250,9 @@ def _recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
             if _is_whole(module):
                 handles.append(module.register_forward_pre_hook(recorder.pre_hook))
                 handles.append(module.register_forward_hook(recorder.post_hook))
+            else:
+                handles.append(module.register_forward_pre_hook(recorder.enter))
+                handles.append(module.register_forward_hook(recorder.leave))
         with recorder:
             yield
     finally:
