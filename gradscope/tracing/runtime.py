@@ -235,6 +235,15 @@ class _Recorder(TorchFunctionMode):
             if id(leaf) in self.param_ids:
                 params.append(self.param_ids[id(leaf)])
                 num += leaf.numel()
+                continue
+            source = self.producer.get(id(leaf))
+            record = node_record(self.graph, source) \
+                if source is not None and source in self.graph else None
+            if record is not None and record.role == "param" and record.num_params:
+                # A weight made from weights (``-exp(A_log)``, ``w.T``): the layer that
+                # multiplies by it trains them, as the fx conversion attributes them.
+                params.append(record.module or source)
+                num += record.num_params
         self._record(self._fresh(name), out, kind="call_function", role="compute", target=func,
                      args=ref_args, kwargs=ref_kwargs, file=file, line=line, params=params,
                      num_params=num, module_path=self.stack[-1] if self.stack else None)
