@@ -83,6 +83,24 @@ def _fail(error: GradscopeError, debug: bool) -> None:
     sys.exit(int(error.exit_code))
 
 
+def _target_failed(target: str, error: GradscopeError, debug: bool) -> None:
+    """One target's error line, named by its target (the run goes on to the next one)."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(error)
+    click.echo(f"gradscope: error: {target}: {error.one_line()}", err=True)
+
+
+def _target_bug(target: str, error: BaseException) -> None:
+    import traceback
+
+    traceback.print_exception(error)
+    click.echo(f"gradscope: internal error: {target}: {type(error).__name__}: "
+               f"{' '.join(str(error).split())} (this is a bug in gradscope; please report "
+               "it with the traceback above)", err=True)
+
+
 def _per_target(path: str | None, stem: str, many: bool) -> str | None:
     """With several targets, ``out.json`` becomes ``out.<target>.json`` for each."""
     if path is None or path == "-" or not many:
@@ -252,6 +270,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
         # Read before the analysis: a missing or corrupt baseline fails at once, not after it.
         known = None if baseline is None else (baseline, load_report(baseline, "baseline"))
         failed = False
+        broken: list[str] = []  # targets that could not be analysed (several targets)
+        many = len(targets) > 1
         for target, stem in zip(targets, _target_stems(targets), strict=True):
             if skip_non_models and not _may_be_model(target):
                 _skipped(target, "no model in it (no build_model(), no module-level `model`, "
@@ -259,15 +279,39 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
                 continue
             try:
                 failed |= _analyze_one(target, _for_target(settings, target, input_shape),
-                                       stem=stem, many=len(targets) > 1, color=color,
+                                       stem=stem, many=many, color=color,
                                        quiet=quiet, fmt=fmt, baseline=known)
             except NoModelError as error:
                 if not skip_non_models:
-                    raise
+                    if not many:
+                        raise
+                    _target_failed(target, error, debug)
+                    broken.append(target)
+                    continue
                 _skipped(target, error.message, quiet)
                 continue
+            except GradscopeError as error:
+                # One target's failure does not stop the others: each is analysed, each
+                # error line names its target, and the run exits 2 at the end.
+                if not many:
+                    raise
+                _target_failed(target, error, debug)
+                broken.append(target)
+                continue
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:  # a bug on one target: go on to the next, exit 2
+                if not many:
+                    raise
+                _target_bug(target, error)
+                broken.append(target)
+                continue
             if open_html:
-                _open_in_browser(str(_per_target(settings.html, stem, len(targets) > 1)))
+                _open_in_browser(str(_per_target(settings.html, stem, many)))
+        if broken:
+            click.echo(f"gradscope: {len(broken)} of {len(targets)} targets could not be "
+                       f"analysed: {', '.join(broken)}", err=True)
+            sys.exit(int(ExitCode.USAGE))
     except GradscopeError as error:
         _fail(error, debug)
     except KeyboardInterrupt:
@@ -402,7 +446,12 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
                                                      and "NO_COLOR" not in os.environ)
         # color= explicitly: click.echo strips ANSI codes from a pipe unless told not to,
         # which would make --color a no-op in CI logs.
-        click.echo(render_terminal(doc, color=use_color), nl=False, color=use_color)
+        # The terminal's width: $COLUMNS, else the terminal's own, else 80 (a pipe, CI).
+        import shutil
+
+        width = shutil.get_terminal_size((80, 24)).columns
+        click.echo(render_terminal(doc, color=use_color, width=width), nl=False,
+                   color=use_color)
         for label, path in (("HTML", html_to), ("JSON", json_to), ("SARIF", sarif_to)):
             if path is not None and path != "-":
                 click.echo(f"{label} report: {path}")

@@ -492,6 +492,62 @@ def test_two_targets_exit_1_when_either_fails(tmp_path: Path) -> None:
     assert analyze(UNHEALTHY, SMALL, "--no-probe", "-q").exit_code == 1
 
 
+BROKEN_FORWARD = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x.view(3, -1))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs():
+    return torch.randn(2, 8)
+"""
+
+
+def test_one_broken_target_does_not_stop_the_others(tmp_path: Path) -> None:
+    """good, bad, good2: both good reports are written, the error line names bad.py, and
+    the run exits 2 (a target could not be analysed)."""
+    bad = write_model(tmp_path, "bad.py", BROKEN_FORWARD)
+    result = analyze(SMALL, bad, TWO_INPUTS, "--json", "out.json", "--no-probe", "-q")
+    assert result.exit_code == 2, result.stderr
+    assert json.loads((tmp_path / "out.tuple_output_mlp.json").read_text())["status"]
+    assert json.loads((tmp_path / "out.two_input_model.json").read_text())["status"]
+    assert not (tmp_path / "out.bad.json").exists()
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors and all(str(bad) in line for line in errors), result.stderr
+    assert "1 of 3 targets could not be analysed" in result.stderr
+
+
+def test_an_error_in_forward_names_the_module_and_the_line(tmp_path: Path) -> None:
+    bad = write_model(tmp_path, "bad.py", BROKEN_FORWARD)
+    line = BROKEN_FORWARD.lstrip("\n").splitlines().index(
+        "        return self.fc(x.view(3, -1))") + 1
+    result = analyze(bad, "-q")
+    assert result.exit_code == 2
+    assert "in module `block`" in result.stderr and f"(bad.py:{line})" in result.stderr, \
+        result.stderr
+
+
 def test_targets_with_the_same_file_name_do_not_overwrite_each_other(tmp_path: Path) -> None:
     """Two NAMEs in one file, and two files called model.py: four targets, four reports."""
     write_model(tmp_path, "two.py", TWO_CLASSES)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from helpers import SAMPLES
 
 from gradscope._io import atomic_write_text, ensure_parent_writable
 from gradscope.errors import OutputError
@@ -730,7 +731,7 @@ def test_clean(raw: Any, expected: str) -> None:
 
 
 def test_terminal_layout_and_order() -> None:
-    out = render_terminal(unhealthy_report().to_dict(), color=False)
+    out = render_terminal(unhealthy_report().to_dict(), color=False, width=1000)
     lines = out.splitlines()
     assert lines[0].startswith("gradscope Evil") and lines[0].endswith("UNHEALTHY")
     body = "\n".join(lines)
@@ -743,7 +744,7 @@ def test_terminal_layout_and_order() -> None:
     assert [ln.split()[0] for ln in finding_lines] == ["ERROR", "WARNING", "INFO"]
     err = lines.index(finding_lines[0])
     assert "model.py:12" in finding_lines[0]
-    assert lines[err + 1] == "    fix: Use Kaiming init for ReLU layers"
+    assert lines[err + 1] == "    fix 1: Use Kaiming init for ReLU layers"  # every fix, numbered
     assert finding_lines[2].startswith("INFO    GS801 <model>: ")
     assert not out.endswith("\n\n")
 
@@ -931,3 +932,41 @@ def test_terminal_prints_notes_up_to_a_limit() -> None:
     lines = render_terminal(doc, color=False).splitlines()
     assert lines[-1] == "note: ... and 3 more in the JSON/HTML report"
     assert sum(1 for ln in lines if ln.startswith("note: note ")) == NOTES_SHOWN
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("width", [80, 60])
+def test_terminal_fits_the_width_on_every_sample(sample_report: Any, name: str,
+                                                 width: int) -> None:
+    """No line over the width, coloured or not (issue 16: 290-505 character lines)."""
+    doc = sample_report(name).doc
+    for color in (False, True):
+        out = render_terminal(doc, color=color, width=width)
+        visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in out.splitlines()]
+        assert max(len(line) for line in visible) <= width, \
+            max(visible, key=len)
+    # nothing is lost to the wrapping: every finding's message is there, word for word
+    flat = " ".join(render_terminal(doc, color=False, width=width).split())
+    for finding in doc["findings"]:
+        assert " ".join(clean(finding["message"]).split()) in flat
+
+
+def test_terminal_prints_every_fix_and_a_shared_one_once(sample_report: Any) -> None:
+    doc = sample_report("deep_sigmoid_mlp").doc
+    out = " ".join(render_terminal(doc, color=False, width=80).split())
+    texts = [rec["text"] for f in doc["findings"] for rec in f["recommendations"]]
+    assert len(texts) > len(set(texts)), "the sample shares fixes between findings"
+    for text in set(texts):
+        assert out.count(" ".join(clean(text).split())) == 1, text  # printed once...
+    assert "the same as fix [1] above." in out  # ...and referred to after that
+    gs101 = next(f for f in doc["findings"] if f["rule"] == "GS101")
+    assert len(gs101["recommendations"]) >= 2 and "fix 2:" in out
+
+
+def test_cli_wraps_to_columns(tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "70"}
+    proc = subprocess.run([sys.executable, "-m", "gradscope", "analyze",
+                           str(REPO / "sample_models" / "deep_sigmoid_mlp.py"), "--no-probe"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 1, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 70

@@ -189,42 +189,102 @@ def _severity_key(indexed: tuple[int, Mapping[str, Any]]) -> tuple[int, str, int
 NOTES_SHOWN = 5
 
 
-def render_terminal(doc: dict[str, Any], color: bool) -> str:
-    """The text the CLI prints.
+#: Width when the terminal's is unknown (a pipe, a CI log): the classic 80 columns.
+DEFAULT_WIDTH = 80
 
-    ``color`` is the caller's decision (isatty, NO_COLOR, --no-color) because
-    only the CLI knows where the text is going.
+
+def _wrap(first: str, first_styled: str, body: str, width: int, indent: int) -> list[str]:
+    """``first`` (plain, as printed ``first_styled``) then ``body`` wrapped to ``width``
+    columns, continuation lines indented by ``indent``. Lengths are counted on the plain
+    text, so colour codes never push a line over the width."""
+    import textwrap
+
+    avail = max(width - len(first), 20)
+    rest = max(width - indent, 20)
+    head, *tail = textwrap.wrap(body, width=avail, break_on_hyphens=False) or [""]
+    lines = [first_styled + head]
+    if tail:
+        lines.extend(" " * indent + line for line in
+                     textwrap.wrap(" ".join(tail), width=rest, break_on_hyphens=False))
+    return lines
+
+
+def _fix_key(rec: Mapping[str, Any]) -> str:
+    """What makes two findings' fixes the same fix: its action, else its text."""
+    action = rec.get("action")
+    if action:
+        import json
+
+        return json.dumps(action, sort_keys=True)
+    return clean(rec.get("text", ""))
+
+
+def render_terminal(doc: dict[str, Any], color: bool, width: int | None = None) -> str:
+    """The text the CLI prints, no line wider than ``width`` columns (80 by default).
+
+    ``color`` and ``width`` are the caller's decision (isatty, NO_COLOR, --no-color, the
+    terminal's size) because only the CLI knows where the text is going. Every fix of a
+    finding is printed; a fix that several findings share (one re-initialisation for
+    three sigmoid findings) is printed once, numbered, and referred to after that.
     """
+    width = max(int(width or DEFAULT_WIDTH), 40)
     model: Mapping[str, Any] = doc.get("model") or {}
     status = str(doc.get("status", ""))
-    lines = [
-        f"{_style('gradscope', ('bold',), color)} {clean(model.get('name', 'model'))}: "
-        + _style(clean(status).upper() or "UNKNOWN", _STATUS_STYLE.get(status, ()), color)
-    ]
-    rows = _summary_rows(doc, color)
-    width = max(len(label) for label, _ in rows)
-    lines.extend(
-        f"  {_style(label.ljust(width), ('dim',), color)}  {value}" for label, value in rows
-    )
+    name = clean(model.get("name", "model"))
+    verdict = clean(status).upper() or "UNKNOWN"
+    lines = _wrap("gradscope ", _style("gradscope", ("bold",), color) + " ",
+                  f"{name}: {verdict}", width, 2)
+    if color:  # the verdict's colour, on whichever line it ended
+        lines[-1] = lines[-1][:len(lines[-1]) - len(verdict)] + _style(
+            verdict, _STATUS_STYLE.get(status, ()), color)
+    rows = _summary_rows(doc, False)
+    styled_rows = dict(_summary_rows(doc, color))
+    label_width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        first = f"  {label.ljust(label_width)}  "
+        styled_first = f"  {_style(label.ljust(label_width), ('dim',), color)}  "
+        wrapped = _wrap(first, styled_first, value, width, len(first))
+        if color and len(wrapped) == 1:  # coloured counts: only when they fit as they are
+            wrapped = [styled_first + styled_rows[label]]
+        lines.extend(wrapped)
 
     findings: Sequence[Mapping[str, Any]] = doc.get("findings") or []
     if findings:
         lines.append("")
     sev_width = max(len(s) for s in _SEVERITY_ORDER)
+    shared: dict[str, int] = {}  # fix -> its number, for fixes printed once
+    counts: dict[str, int] = {}
+    for finding in findings:
+        for rec in finding.get("recommendations") or []:
+            counts[_fix_key(rec)] = counts.get(_fix_key(rec), 0) + 1
     for _, finding in sorted(enumerate(findings), key=_severity_key):
         sev = clean(finding.get("severity", ""))
-        head = _style(sev.upper().ljust(sev_width), _SEVERITY_STYLE.get(sev, ()), color)
-        rule = _style(clean(finding.get("rule", "")), ("bold",), color)
+        rule = clean(finding.get("rule", ""))
+        first = f"{sev.upper().ljust(sev_width)} {rule} "
+        styled = (f"{_style(sev.upper().ljust(sev_width), _SEVERITY_STYLE.get(sev, ()), color)}"
+                  f" {_style(rule, ('bold',), color)} ")
         where = location_text(finding.get("location"))
-        lines.append(f"{head} {rule} {where}: {clean(finding.get('message', ''))}")
+        lines.extend(_wrap(first, styled, f"{where}: {clean(finding.get('message', ''))}",
+                           width, 4))
         recs = finding.get("recommendations") or []
-        if recs:
-            lines.append(f"    {_style('fix:', ('dim',), color)} {clean(recs[0].get('text', ''))}")
+        for number, rec in enumerate(recs, 1):
+            label = "fix:" if len(recs) == 1 else f"fix {number}:"
+            key = _fix_key(rec)
+            if key in shared:
+                text = f"the same as fix [{shared[key]}] above."
+            else:
+                text = clean(rec.get("text", ""))
+                if counts.get(key, 0) > 1:
+                    shared[key] = len(shared) + 1
+                    text = f"[{shared[key]}] {text}"
+            first = f"    {label} "
+            lines.extend(_wrap(first, f"    {_style(label, ('dim',), color)} ", text, width, 6))
     notes = [clean(str(n)) for n in doc.get("notes") or []]
     if notes:  # e.g. findings suppressed by --ignore: the exit code depends on them
         lines.append("")
-        lines.extend(f"{_style('note:', ('dim',), color)} {n}" for n in notes[:NOTES_SHOWN])
+        shown = notes[:NOTES_SHOWN]
         if len(notes) > NOTES_SHOWN:
-            lines.append(f"{_style('note:', ('dim',), color)} ... and {len(notes) - NOTES_SHOWN} "
-                         "more in the JSON/HTML report")
+            shown.append(f"... and {len(notes) - NOTES_SHOWN} more in the JSON/HTML report")
+        for note in shown:
+            lines.extend(_wrap("note: ", f"{_style('note:', ('dim',), color)} ", note, width, 6))
     return "\n".join(lines) + "\n"

@@ -139,8 +139,10 @@ def trace_model(model: nn.Module, inputs: tuple[Any, ...], *, output_key: str | 
             f"no tracer could record the graph: {_reason(last_error)}",
             "rerun with --debug and report it, or try --tracer runtime",
         ) from last_error
+    where = f" {last_error.where}" if last_error.where else ""
     raise InputError(
-        f"the model could not be run on inputs of shape {shapes}: {_reason(last_error.error)}",
+        f"the model could not be run on inputs of shape {shapes}: "
+        f"{_reason(last_error.error)}{where}",
         model_error_hint(last_error.error)
         or "check --input-shape/--dtype or example_inputs() against what forward expects",
     ) from last_error

@@ -308,7 +308,7 @@ def _propagate_values(gm: fx.GraphModule, inputs: tuple[Any, ...], memo: bool = 
         try:
             prop.run(*inputs)
         except NodeExecutionError as exc:  # a real failure here is the model's own error
-            raise ModelForwardError(exc.error) from exc
+            raise ModelForwardError.at_node(exc.node, exc.error) from exc
     return prop.values, (
         f"shapes were taken from one real forward without gradients: fake tensors could not "
         f"run node {fake_error.node.name} ({type(fake_error.error).__name__})"
@@ -327,7 +327,7 @@ def _real_values(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[str, Any]:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             prop.run(*inputs)
     except NodeExecutionError as exc:  # a real failure here is the model's own error
-        raise ModelForwardError(exc.error) from exc
+        raise ModelForwardError.at_node(exc.node, exc.error) from exc
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:

@@ -314,12 +314,18 @@ def _weight_transform(node: fx.Node, refs: list[str], graph: nx.DiGraph,
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return None
     value = value.detach()
-    sources = [tensors[r] for r in refs]
-    if len(sources) == 1 and ops.function_name(node.target) in _SAME_VALUES:
-        # On the meta device the transform has no values: the estimate reads the declared
-        # moments of the weight it was made from (gradscope.estimate.statistics).
-        setattr(value, WEIGHT_SOURCE, sources[0])
+    mark_weight_source(value, ops.function_name(node.target), [tensors[r] for r in refs])
     return value
+
+
+def mark_weight_source(value: torch.Tensor, op: str, sources: list[torch.Tensor]) -> None:
+    """Point a value-preserving transform of one weight at that weight (WEIGHT_SOURCE).
+
+    On the meta device the transform has no values: the estimate reads the declared
+    moments of the weight it was made from (gradscope.estimate.statistics).
+    """
+    if len(sources) == 1 and op in _SAME_VALUES:
+        setattr(value, WEIGHT_SOURCE, sources[0])
 
 
 #: Attribute set on a value-preserving transform of a weight (``W.T``, ``w.float()``),

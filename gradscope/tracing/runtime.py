@@ -32,6 +32,7 @@ from gradscope.tracing.graph import (
     add_node,
     compute_depths,
     describe_value,
+    mark_weight_source,
     node_record,
     set_record,
     tensor_leaves,
@@ -46,9 +47,47 @@ class ModelForwardError(RuntimeError):
     reported as "the model rejects these inputs".
     """
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, module: str | None = None,
+                 location: tuple[str | None, int | None] = (None, None)) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
         self.error = error
+        #: Where in the model it raised: the module running and the user's source line.
+        self.where = _where(error, module, location)
+
+    @classmethod
+    def at_node(cls, node: Any, error: BaseException) -> ModelForwardError:
+        """The model's error raised while an fx graph ran ``node``: its module and line."""
+        from gradscope.tracing.graph import user_frame
+
+        module = str(node.target) if node.op == "call_module" else None
+        stack = node.meta.get("nn_module_stack")
+        if module is None and stack:
+            module = str(list(stack.values())[-1][0])
+        return cls(error, module, user_frame(node.meta.get("stack_trace")))
+
+
+def _where(error: BaseException, module: str | None,
+           location: tuple[str | None, int | None]) -> str | None:
+    """``in module `layers.3` (model.py:42)``: the module that was running when ``error``
+    was raised and the innermost line of the user's code in its traceback (else
+    ``location``, the line that called the op, when the traceback holds none)."""
+    import os
+
+    from gradscope.tracing.graph import is_library_file
+
+    file, line = location
+    tb = error.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename
+        if not path.startswith("<") and not is_library_file(path):
+            file, line = path, tb.tb_lineno
+        tb = tb.tb_next
+    parts = []
+    if module is not None:
+        parts.append(f"in module `{module or '(the model itself)'}`")
+    if file is not None:
+        parts.append(f"({os.path.basename(file)}:{line})")
+    return " ".join(parts) or None
 
 
 def _is_whole(module: nn.Module) -> bool:
@@ -81,6 +120,8 @@ class _Recorder(TorchFunctionMode):
         self.inside_whole = 0
         #: Paths of the modules traced into, innermost last (the root's is "").
         self.stack: list[str] = []
+        #: The module kept whole that is running (meaningful while ``inside_whole``).
+        self.whole = ""
         self.tensors: dict[str, torch.Tensor] = {}
         self.param_ids = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self.param_ids.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
@@ -156,10 +197,15 @@ class _Recorder(TorchFunctionMode):
         return list(dict.fromkeys(refs)) or None
 
     def _record_weight(self, base: str, value: Any, refs: list[str], **attrs: Any) -> None:
-        self._record(self._fresh(base), value, role="param",
+        name = self._fresh(base)
+        self._record(name, value, role="param",
                      module_path=node_record(self.graph, refs[0]).module,
                      num_params=sum(node_record(self.graph, r).num_params for r in refs),
                      **attrs)
+        stored = self.tensors.get(name)
+        if stored is not None and attrs.get("kind") == "call_function" \
+                and all(r in self.tensors for r in refs):
+            mark_weight_source(stored, base, [self.tensors[r] for r in refs])
 
     # inputs ---------------------------------------------------------------
     def add_inputs(self, inputs: tuple[Any, ...]) -> None:
@@ -168,6 +214,12 @@ class _Recorder(TorchFunctionMode):
                          target=f"input_{i}")
 
     # modules --------------------------------------------------------------
+    def running(self) -> str:
+        """The path of the innermost module running now ("" for the model itself)."""
+        if self.inside_whole:
+            return self.whole
+        return self.stack[-1] if self.stack else ""
+
     def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """A module traced into: the ops called until it returns are its own (the module
         path export reads from ``nn_module_stack``; the report's per-module view)."""
@@ -179,6 +231,8 @@ class _Recorder(TorchFunctionMode):
             self.stack.pop()
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self.inside_whole:
+            self.whole = self.paths.get(id(module), type(module).__name__)
         self.inside_whole += 1
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -239,7 +293,8 @@ class _Recorder(TorchFunctionMode):
             source = self.producer.get(id(leaf))
             record = node_record(self.graph, source) \
                 if source is not None and source in self.graph else None
-            if record is not None and record.role == "param" and record.num_params:
+            if source is not None and record is not None and record.role == "param" \
+                    and record.num_params:
                 # A weight made from weights (``-exp(A_log)``, ``w.T``): the layer that
                 # multiplies by it trains them, as the fx conversion attributes them.
                 params.append(record.module or source)
@@ -299,7 +354,7 @@ def trace_runtime(model: nn.Module, inputs: tuple[Any, ...], output_key: str | N
         try:
             out = model(*inputs)
         except Exception as exc:
-            raise ModelForwardError(exc) from exc
+            raise ModelForwardError(exc, recorder.running()) from exc
     selected, desc = select_output(out, output_key, _is_float_tensor)
     output_node = recorder.producer.get(id(selected))
     if output_node is None:
