@@ -238,6 +238,29 @@ def _summary(analysis: Analysis, layers: list[Layer]) -> dict[str, float | int |
     return summary
 
 
+
+class NotebookReport(Report):
+    """The report :func:`analyze` returns: a :class:`Report` that a Jupyter notebook shows
+    as the HTML report, inline.
+
+    Here, not in ``gradscope.report``: the report model sits below the renderers in the
+    pipeline's layers and never imports them; the API sits above both.
+    """
+
+    def _repr_html_(self) -> str:
+        """The HTML report in an iframe: the same self-contained page (template, charts,
+        scripts) as ``--html`` writes, its styles kept to itself, nothing fetched."""
+        import html
+
+        from gradscope.render.html import render_html
+
+        page = render_html(self.to_dict())
+        return ('<iframe class="gradscope-report" title="gradscope report" '
+                'style="width: 100%; height: 760px; border: 1px solid #d0d7de; '
+                'border-radius: 6px;" sandbox="allow-scripts allow-popups" '
+                'allow="clipboard-write" '
+                f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
+
 def analyze(
     model: nn.Module | Callable[[], nn.Module],
     example_inputs: Any,
@@ -472,7 +495,8 @@ def analyze(
         inputs=[{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                 if isinstance(t, torch.Tensor) else {"shape": None, "dtype": type(t).__name__}
                 for t in inputs],
-        source=source)
+        source=source,
+        modules={path: type(m).__name__ for path, m in model.named_modules() if path})
     probe_info = ProbeInfo(enabled=probe)
     if result is not None:
         probe_info = ProbeInfo(
@@ -486,5 +510,5 @@ def analyze(
     summary = _summary(analysis, layers)
     summary = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                for k, v in summary.items()}
-    return Report(model=info, layers=layers, findings=findings,
+    return NotebookReport(model=info, layers=layers, findings=findings,
                   probe=probe_info, summary=summary, notes=report_notes)

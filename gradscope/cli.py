@@ -354,7 +354,12 @@ def _open_in_browser(report: str | Path) -> None:
     if not path.is_file():
         raise ConfigError(f"no such report file: {path}",
                           "write one with 'gradscope analyze MODEL --html PATH'")
-    webbrowser.open(path.resolve().as_uri())
+    # webbrowser.open returns False when no browser could be started (a server, a
+    # container, CI): say so with the file, instead of exiting 0 having shown nothing.
+    if not webbrowser.open(path.resolve().as_uri()):
+        raise ConfigError(f"no browser could be opened for {path}",
+                          f"open {path.resolve()} yourself, or set $BROWSER to a browser "
+                          "command")
 
 
 def _for_target(settings: Settings, target: str, cli_shapes: tuple[str, ...]) -> Settings:

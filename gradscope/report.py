@@ -145,6 +145,9 @@ class ModelInfo:
     output: str | None = None
     inputs: Sequence[Mapping[str, Any]] = ()
     source: str | None = None
+    #: The nn.Module hierarchy: each submodule's path and class, in registration order
+    #: (the report's per-module table names containers no graph node stands for).
+    modules: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +159,7 @@ class ModelInfo:
             "output": self.output,
             "inputs": [dict(i) for i in self.inputs],
             "source": self.source,
+            "modules": dict(self.modules),
         }
 
 

@@ -92,6 +92,9 @@ def assert_healthy_gradients(model: Any, example_inputs: Any, fail_on: str = "er
     checks of your own. A bad ``fail_on`` is a ``ValueError`` raised before
     anything runs.
     """
+    # pytest shows the source of every frame of a failing test; this one's is gradscope's,
+    # not the user's: hidden, the failure shows the test's line and then the diagnosis.
+    __tracebackhide__ = True
     _check_fail_on(fail_on)
     from gradscope.api import analyze
 

@@ -139,7 +139,9 @@ class Opened:
 def open_report(browser: Any) -> Iterator[Any]:
     contexts: list[Any] = []
 
-    def _open(path: Path, width: int = 1280) -> Opened:
+    def _open(path: Path, width: int = 1280, nodes: bool = True) -> Opened:
+        """``nodes``: unfold the graph-node table (folded on load under the module view),
+        for the tests of that table's sorting and filtering."""
         context = browser.new_context(viewport={"width": width, "height": 900})
         contexts.append(context)
         page = context.new_page()
@@ -149,6 +151,8 @@ def open_report(browser: Any) -> Iterator[Any]:
         page.on("pageerror", lambda e: opened.errors.append(f"pageerror: {e}"))
         page.on("request", lambda r: opened.requests.append(r.url))
         page.goto(opened.url, wait_until="load")
+        if nodes and page.locator("details.layers:not([open]) > summary").count():
+            page.click("details.layers > summary")  # as a user unfolds it
         return opened
 
     yield _open
@@ -316,3 +320,45 @@ def test_hostile_module_names_are_text_not_script(reports: dict[str, Path],
         assert shown and all(XSS_SCRIPT in t for t in shown), shown
     assert page.evaluate("typeof window.__xss") == "undefined"
     opened.assert_clean()
+
+
+# ------------------------------------------------------------------ the module view
+
+
+@pytest.fixture(scope="module")
+def gpt2_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("gpt2")
+    return write_report(SAMPLE_DIR.parent / "examples" / "hf_gpt2.py", folder / "gpt2.html")
+
+
+def test_gpt2_report_shows_modules_first_and_folds_the_ops(gpt2_report: Path,
+                                                          open_report: Any) -> None:
+    """Issue 16's done-when: on load the visible rows are modules; no ``view``,
+    ``unsqueeze`` or ``arange`` row shows until a module is unfolded. (``checkVisibility``:
+    a closed <details> keeps its rows laid out, hidden by content-visibility.)"""
+    opened = open_report(gpt2_report, nodes=False)
+    page = opened.page
+    visible = page.eval_on_selector_all(
+        "table tr", "rows => rows.filter(r => r.checkVisibility() && r.closest('tbody'))"
+        ".map(r => r.className + '|' + (r.dataset.module || r.dataset.name || r.dataset.op "
+        "|| ''))")
+    layer_rows = [v for v in visible if v.split("|")[0] in ("", "flagged", "nonfinite", "op")
+                  and v.split("|")[1]]
+    assert not layer_rows, layer_rows[:5]  # no graph node, no op row
+    modules = [v.split("|")[1] for v in visible if v.startswith("module")]
+    assert {"transformer.h.0.attn", "transformer.h.0.mlp.c_fc", "lm_head"} <= set(modules)
+    names = page.eval_on_selector_all("tr", "rows => rows.filter(r => r.checkVisibility())"
+                                      ".map(r => r.innerText.split('\\t')[0].trim())")
+    assert not [n for n in names if n.split("_")[0] in ("view", "unsqueeze", "arange")]
+    # unfold one module: its own ops appear under it, and fold again
+    fold = "tr.module[data-module='transformer.h.0.attn'] button.fold"
+    page.click(fold)
+    ops = page.eval_on_selector_all(
+        "tr.op", "rows => rows.filter(r => r.checkVisibility()).map(r => r.dataset.op)")
+    assert ops and any(op.startswith("view") for op in ops), ops
+    assert page.get_attribute(fold, "aria-expanded") == "true"
+    page.click(fold)
+    assert not page.eval_on_selector_all(
+        "tr.op", "rows => rows.filter(r => r.checkVisibility()).map(r => r.dataset.op)")
+    opened.assert_clean()
+

@@ -588,6 +588,18 @@ def test_view_opens_the_report_as_a_file_uri(tmp_path: Path, opened: list[str]) 
     assert opened[0].startswith("file://")
 
 
+def test_view_without_a_browser_exits_2_with_the_path(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """webbrowser.open answers False when no browser can start (a server, CI): exit 2
+    with the report's path and a hint, not 0 having shown nothing."""
+    (tmp_path / "r.html").write_text("<html></html>", encoding="utf-8")
+    monkeypatch.setattr("webbrowser.open", lambda url, *a, **k: False)
+    result = invoke("view", "r.html")
+    assert result.exit_code == 2
+    line = assert_one_line_error(result.stderr, result.stdout, "no browser")
+    assert str((tmp_path / "r.html").resolve()) in line and "BROWSER" in line
+
+
 def test_view_missing_file_exits_2_with_one_line(opened: list[str]) -> None:
     assert_usage_error(invoke("view", "missing.html"), "missing.html")
     assert opened == []

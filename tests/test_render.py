@@ -970,3 +970,33 @@ def test_cli_wraps_to_columns(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert proc.returncode == 1, proc.stderr
     assert max(len(line) for line in proc.stdout.splitlines()) <= 70
+
+
+def test_module_rows_fold_ops_under_their_modules(sample_report: Any) -> None:
+    """The main table: the nn.Module hierarchy in execution order, containers named by
+    their class (from model.modules), a module's own ops folded under it, a module kept
+    whole standing for its one node."""
+    from gradscope.render.html import module_rows
+
+    doc = sample_report("post_ln_transformer").doc
+    rows = module_rows(doc["layers"], doc["findings"], None, doc["model"]["modules"])
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["encoder"]["class"] == "TransformerEncoder"
+    assert by_path["encoder.layers.0"]["class"] == "TransformerEncoderLayer"
+    attn = by_path["encoder.layers.0.self_attn"]
+    assert attn["class"] == "MultiheadAttention" and attn["ops"] == []  # kept whole
+    assert by_path["encoder.layers.0"]["indent"] == 2 and by_path["encoder"]["indent"] == 0
+    # execution order: a parent before its children, the embedding before the encoder
+    paths = [r["path"] for r in rows]
+    assert paths.index("embed") < paths.index("encoder") < paths.index("encoder.layers.0") \
+        < paths.index("encoder.layers.0.self_attn")
+    # every graph node but inputs and weights is either a module row or an op under one
+    nodes = {la["name"] for la in doc["layers"] if la["op"] not in ("input", "parameter")}
+    whole = {la["name"] for la in doc["layers"] if la.get("module_class")
+             and by_path.get(la["module"], {}).get("ops") == []}
+    folded = {doc["layers"][i]["name"] for r in rows for i in r["ops"]}
+    assert nodes == whole | folded, nodes - (whole | folded)
+    # a container's parameters are its layers' (each weight counted where it is used)
+    layer0 = [la for la in doc["layers"] if (la.get("module") or "").startswith(
+        "encoder.layers.0.") and la["op"] not in ("input", "parameter")]
+    assert by_path["encoder.layers.0"]["params"] == f"{sum(la['num_params'] for la in layer0):,}"

@@ -74,6 +74,34 @@ def test_example_file_passes_under_a_real_pytest() -> None:
     assert "3 passed" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
+def test_a_failing_test_shows_its_line_and_the_diagnosis_not_gradscopes_source(
+        tmp_path: Path) -> None:
+    """pytest printed ~40 lines of the helper's own source before its message."""
+    (tmp_path / "test_deep.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from gradscope.testing import assert_healthy_gradients
+
+        def test_deep_sigmoid():
+            torch.manual_seed(0)
+            layers = []
+            for _ in range(20):
+                layers += [nn.Linear(16, 16), nn.Sigmoid()]
+            assert_healthy_gradients(nn.Sequential(*layers), torch.randn(8, 16))
+    """), encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "test_deep.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "gradscope: " in proc.stdout and "GS101" in proc.stdout, proc.stdout
+    assert "assert_healthy_gradients(nn.Sequential(*layers)" in proc.stdout  # the user's line
+    for ours in ("_check_fail_on(fail_on)", "failing.sort(", "def assert_healthy_gradients"):
+        assert ours not in proc.stdout, ours
+
+
 def test_message_lists_codes_locations_and_fixes() -> None:
     torch.manual_seed(0)
     with pytest.raises(AssertionError) as failure:

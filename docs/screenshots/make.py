@@ -1,6 +1,6 @@
 """Write the README's report screenshots: docs/screenshots/<sample>.png, 1280 x 1600.
 
-    python docs/screenshots/make.py            # deep_sigmoid_mlp and post_ln_transformer
+    python docs/screenshots/make.py            # the samples below and the GPT-2 module view
     python docs/screenshots/make.py resnet_bn  # any sample model by file stem
 
 Each sample model is analysed as ``gradscope analyze`` does, its HTML report is
@@ -25,12 +25,12 @@ WIDTH = 1280
 HEIGHT = 1600
 
 
-def write_report(name: str, folder: Path) -> Path:
+def write_report(name: str, folder: Path, path: Path | None = None) -> Path:
     from gradscope.api import analyze
     from gradscope.loading import load_target
     from gradscope.render.html import write_html
 
-    loaded = load_target(str(REPO / "sample_models" / f"{name}.py"))
+    loaded = load_target(str(path or REPO / "sample_models" / f"{name}.py"))
     report = analyze(loaded.model, loaded.inputs, name=loaded.name, source=loaded.source,
                      notes=loaded.notes, declared=loaded.declared,
                      loss=loaded.loss_fn or "dot")
@@ -50,6 +50,14 @@ def main(names: list[str]) -> int:
             page.goto(html.resolve().as_uri(), wait_until="load")
             out = HERE / f"{name}.png"
             page.screenshot(path=str(out), full_page=False)
+            print(f"wrote {out.relative_to(REPO)}")
+        if not names or names == list(DEFAULT):
+            # The module view of examples/hf_gpt2.py, one module unfolded to its ops.
+            html = write_report("gpt2", Path(tmp), REPO / "examples" / "hf_gpt2.py")
+            page.goto(html.resolve().as_uri(), wait_until="load")
+            page.click("tr.module[data-module='transformer.h.0.attn'] button.fold")
+            out = HERE / "gpt2_modules.png"
+            page.locator("#modules").screenshot(path=str(out))
             print(f"wrote {out.relative_to(REPO)}")
         browser.close()
     return 0

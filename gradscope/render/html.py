@@ -562,6 +562,125 @@ def _layer_rows(
     return rows
 
 
+#: The pseudo-module of ops the model's own forward calls outside any submodule.
+TOP_LEVEL = "(model)"
+
+
+def _module_of(layer: Mapping[str, Any]) -> str:
+    return str(layer.get("module") or "") or TOP_LEVEL
+
+
+def _ancestors(path: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c`` (the pseudo-module has none)."""
+    if path == TOP_LEVEL:
+        return [path]
+    parts = path.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+
+def _norm_of(values: Iterable[Any]) -> float | None:
+    """sqrt(sum of squares) of the known figures: ||grad W|| over several weights."""
+    known = [float(v) for v in values if _is_real(v)]
+    return math.sqrt(sum(v * v for v in known)) if known else None
+
+
+def _one(values: list[Any]) -> Any:
+    """The figure of the module's one weighted layer; None (no single figure) otherwise."""
+    known = [v for v in values if _is_real(v)]
+    return known[0] if len(known) == 1 else None
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """``3,4,5,9`` as ``3-5,9``: a module's ops mostly run one after another, and a
+    1,200-layer model's page must stay under 2 MB with its JSON embedded."""
+    parts: list[str] = []
+    for i in indices:
+        if parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == i - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
+        elif parts and "-" not in parts[-1] and int(parts[-1]) == i - 1:
+            parts[-1] = f"{parts[-1]}-{i}"
+        else:
+            parts.append(str(i))
+    return ",".join(parts)
+
+
+def module_rows(layers: Sequence[Mapping[str, Any]], findings: Sequence[Mapping[str, Any]],
+                files: Mapping[str, str] | None = None,
+                classes_by_path: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The report's main table: one row per nn.Module, the hierarchy in execution order,
+    with the graph's op-level nodes folded under the module that runs them.
+
+    torchinfo's per-module table is what users read: on GPT-2 the node table's first 30
+    rows were ``view``, ``arange`` and ``unsqueeze`` (issue 16). A module's figures are
+    its output's (the last node it runs): gradient health predicted and measured; its
+    weights' ||grad W|| (over all of them) and, when it holds one weighted layer, that
+    layer's ||grad W||/||W|| and update ratio; the largest dead and saturated shares of
+    its activations; its parameters (what its nodes use); the first source line. Ops
+    the model's own forward runs outside any submodule are under ``(model)``. ``ops``
+    are indices into ``layers`` (the node table's ``data-i``).
+    """
+    files = files if files is not None else short_files(layers)
+    flagged_nodes = {(f.get("location") or {}).get("node") for f in findings} - {None}
+    flagged_modules = {(f.get("location") or {}).get("module") for f in findings} - {None}
+    order: list[str] = []
+    subtree: dict[str, list[int]] = {}
+    own: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        if layer.get("op") in ("input", "parameter"):
+            continue
+        path = _module_of(layer)
+        own.setdefault(path, []).append(i)
+        for ancestor in _ancestors(path):
+            if ancestor not in subtree:
+                subtree[ancestor] = []
+                order.append(ancestor)
+            subtree[ancestor].append(i)
+    rows: list[dict[str, Any]] = []
+    for path in order:
+        members = [layers[i] for i in subtree[path]]
+        out = members[-1]
+        classes = [str(layer.get("module_class")) for layer in members
+                   if layer.get("module") == path and layer.get("module_class")]
+        if not classes and classes_by_path and path in classes_by_path:
+            classes = [str(classes_by_path[path])]
+        weighted = [layer for layer in members if _is_real(layer.get("param_grad_ratio"))]
+        located = next((layer for layer in members if layer.get("file")), None)
+        children = own.get(path, [])
+        if len(children) == 1 and layers[children[0]].get("module_class") \
+                and layers[children[0]].get("module") == path:
+            children = []  # a module kept whole: its one node is the row itself
+        flagged = path in flagged_modules or any(
+            layer.get("name") in flagged_nodes or layer.get("module") in flagged_modules
+            for layer in members)
+        depth = 0 if path == TOP_LEVEL else path.count(".")
+        rows.append({
+            "path": path,
+            "name": path.rsplit(".", 1)[-1],
+            "indent": depth,
+            "class": classes[0] if classes else "",
+            "shape": fmt_shape(out.get("shape")),
+            "params": fmt_count(sum(int(layer.get("num_params") or 0) for layer in members)),
+            "static": fmt_num(out.get("health_predicted")),
+            "probe": fmt_num(out.get("health_measured")),
+            "grad_w": fmt_num(_norm_of(layer.get("param_grad_norm") for layer in members)),
+            "ratio": fmt_num(_one([layer.get("param_grad_ratio") for layer in weighted])),
+            "upd": fmt_num(_one([layer.get("update_ratio") for layer in weighted])),
+            "dead": fmt_pct(max((float(layer["dead_fraction"]) for layer in members
+                                 if _is_real(layer.get("dead_fraction"))), default=None)),
+            "saturated": fmt_pct(max((float(layer["saturated_fraction"]) for layer in members
+                                      if _is_real(layer.get("saturated_fraction"))),
+                                     default=None)),
+            "location": fmt_location(files.get(str(located.get("file")), located.get("file")),
+                                     located.get("line")) if located else "",
+            "css": "flagged" if flagged else "",
+            # Indices of the node table's rows: the page builds a module's op rows from
+            # them when it is unfolded (no second copy of every node in the file).
+            "ops": list(children),
+            "ops_attr": _ranges(children),
+        })
+    return rows
+
+
 def _fact(label: str, value: Any = "", items: Sequence[str] = ()) -> dict[str, Any]:
     return {"label": label, "value": value if isinstance(value, str) else fmt_any(value),
             "entries": list(items)}
@@ -665,6 +784,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "num_findings": len(findings),
         "profile": depth_profile(layers, doc.get("summary") or {}),
         "rows": rows,
+        "modules": module_rows(layers, findings, files, model.get("modules") or {}),
         "files": [(short, full) for full, short in sorted(files.items(), key=lambda kv: kv[1])
                   if short != full],
         "has_update": any(layer.get("update_ratio") is not None for layer in layers),
