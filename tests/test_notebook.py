@@ -79,9 +79,9 @@ def test_the_output_renders_in_a_browser(notebook_html: str, tmp_path: Path) -> 
             page.goto(out.resolve().as_uri(), wait_until="load")
             frame: Any = page.frame_locator("iframe.gradscope-report")
             assert "UNHEALTHY" in frame.locator("body").inner_text().upper()
-            rows = frame.locator("table.modules tr.module")
+            rows = frame.locator("table.modules tr[data-module]")
             assert rows.count() >= 24  # 12 Linear + 12 Sigmoid modules
-            assert frame.locator("table.modules tr.module").first.is_visible()
+            assert frame.locator("table.modules tr[data-module]").first.is_visible()
         finally:
             browser.close()
     assert errors == [], errors

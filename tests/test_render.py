@@ -1000,3 +1000,26 @@ def test_module_rows_fold_ops_under_their_modules(sample_report: Any) -> None:
     layer0 = [la for la in doc["layers"] if (la.get("module") or "").startswith(
         "encoder.layers.0.") and la["op"] not in ("input", "parameter")]
     assert by_path["encoder.layers.0"]["params"] == f"{sum(la['num_params'] for la in layer0):,}"
+
+
+def test_weight_gradient_chart_has_a_bar_per_weight_layer(sample_report: Any) -> None:
+    """||grad W|| per weight layer in network order, labelled by module, the measured
+    figures of the layer table (the plot_grad_flow chart)."""
+    from gradscope.render.html import weight_grad_chart
+
+    doc = sample_report("deep_sigmoid_mlp").doc
+    chart = weight_grad_chart(doc["layers"])
+    assert chart is not None
+    weighted = [la for la in doc["layers"] if (la.get("param_grad_norm") or 0) > 0]
+    assert chart["count"] == len(weighted) == len(chart["bars"])
+    xs = [float(b["x"]) for b in chart["bars"]]
+    assert xs == sorted(xs)  # network order, first layer on the left
+    ys = [float(b["y"]) for b in chart["bars"]]
+    # the vanishing sample: the first layer's bar is the shortest (largest y), the last
+    # layer's the tallest, as the measured norms say
+    assert ys[0] == max(ys) and ys[-1] == min(ys)
+    assert [lab["label"] for lab in chart["labels"]] == [
+        str(la.get("module") or la["name"]) for la in weighted]
+    html = render_html(doc)
+    assert '<svg class="profile grads"' in html and html.count('class="grad-bar"') == len(weighted)
+    assert weight_grad_chart([{"name": "x", "param_grad_norm": None}]) is None

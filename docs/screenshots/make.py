@@ -55,7 +55,7 @@ def main(names: list[str]) -> int:
             # The module view of examples/hf_gpt2.py, one module unfolded to its ops.
             html = write_report("gpt2", Path(tmp), REPO / "examples" / "hf_gpt2.py")
             page.goto(html.resolve().as_uri(), wait_until="load")
-            page.click("tr.module[data-module='transformer.h.0.attn'] button.fold")
+            page.click("tr[data-module='transformer.h.0.attn'] button.fold")
             out = HERE / "gpt2_modules.png"
             page.locator("#modules").screenshot(path=str(out))
             print(f"wrote {out.relative_to(REPO)}")

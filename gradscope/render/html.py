@@ -400,6 +400,91 @@ def update_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
     }
 
 
+#: Most bars the weight-gradient chart draws (3.4 px each): a larger model's neighbouring
+#: layers share a bar, and a 1,200-layer page stays under 2 MB.
+_MAX_BARS = 200
+#: Height of the weight-gradient chart (room under the plot for the module labels).
+_GH = 300.0
+_GBOTTOM = 110.0
+
+
+def weight_grad_chart(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Bars of ||grad W|| per weight layer in network order, labelled by module, with
+    ||grad W||/||W|| as points on the same log axis; None without measured weights.
+
+    The chart everybody draws (``plot_grad_flow``, ``wandb.watch``): the measured
+    gradient of each layer's weights, first layer on the left. Bars and points are one
+    path each above :data:`COMPACT_LAYERS` layers, so a large model's page stays small.
+    """
+    weighted = [(i, layer) for i, layer in enumerate(layers)
+                if _positive_log10(layer.get("param_grad_norm")) is not None]
+    if not weighted:
+        return None
+    total = len(weighted)
+    per = max(1, math.ceil(total / _MAX_BARS))  # layers per bar on a large model
+    if per > 1:
+        # 0.3 px per layer on a 1,200-layer model: each bar is the largest of ``per``
+        # neighbouring layers (and so is each point), labelled by the first of them.
+        weighted = [max(weighted[k:k + per],
+                        key=lambda item: _positive_log10(item[1].get("param_grad_norm")) or 0.0)
+                    for k in range(0, total, per)]
+    norms = [_positive_log10(layer.get("param_grad_norm")) or 0.0 for _, layer in weighted]
+    ratios = [_positive_log10(layer.get("param_grad_ratio")) for _, layer in weighted]
+    values = norms + [v for v in ratios if v is not None]
+    lo, hi = math.floor(min(values)) - 1, math.ceil(max(values))
+    if hi <= lo:
+        hi = lo + 1
+    n = len(weighted)
+    plot_w = _W - _LEFT - _RIGHT
+    plot_h = _GH - _TOP - _GBOTTOM
+    slot = plot_w / n
+    bar = max(min(slot * 0.7, 18.0), 0.6)
+
+    def x_of(k: int) -> float:
+        return _LEFT + slot * (k + 0.5)
+
+    def y_of(v: float) -> float:
+        return _TOP + plot_h * (hi - v) / (hi - lo)
+
+    def r(v: float) -> str:
+        return f"{v:.1f}"
+
+    bottom = _GH - _GBOTTOM
+    compact = total > COMPACT_LAYERS
+    bars = [{"x": r(x_of(k)), "y": r(y_of(v)),
+             "title": f"{layer.get('module') or layer.get('name')}: ||grad W|| "
+                      f"{fmt_num(layer.get('param_grad_norm'))}, ||grad W||/||W|| "
+                      f"{fmt_num(layer.get('param_grad_ratio'))}"}
+            for k, ((_, layer), v) in enumerate(zip(weighted, norms, strict=True))]
+    dots = "".join(f"M{r(x_of(k))},{r(y_of(v))}h0" for k, v in enumerate(ratios)
+                   if v is not None)
+    every = max(1, math.ceil(n / 30))
+    labels = [{"x": r(x_of(k)), "label": str(layer.get("module") or layer.get("name"))}
+              for k, (_, layer) in enumerate(weighted) if k % every == 0]
+    step = max(1, math.ceil((hi - lo) / 6))
+    return {
+        "compact": compact,
+        "bars": [] if compact else bars,
+        "bars_path": "".join(f"M{b['x']},{r(bottom)}V{b['y']}" for b in bars) if compact else "",
+        "bar_width": r(bar),
+        "dots": dots,
+        "count": total,
+        "per_bar": per,
+        "width": int(_W),
+        "height": int(_GH),
+        "yticks": [{"y": r(y_of(k)), "label": _decade_label(k)}
+                   for k in range(lo, hi + 1) if (k - lo) % step == 0],
+        "labels": labels,
+        "label_y": r(bottom + 8),
+        "left": r(_LEFT),
+        "right": r(_W - _RIGHT),
+        "top": r(_TOP),
+        "bottom": r(bottom),
+        "ylabel_x": r(14),
+        "ylabel_y": r(_TOP + plot_h / 2),
+    }
+
+
 def _verified_text(verified: Any) -> str:
     """``verified: 2.00e-08 \u2192 4.10e-01 (metric)``, or '' without figures."""
     if not isinstance(verified, Mapping):
@@ -653,6 +738,12 @@ def module_rows(layers: Sequence[Mapping[str, Any]], findings: Sequence[Mapping[
             layer.get("name") in flagged_nodes or layer.get("module") in flagged_modules
             for layer in members)
         depth = 0 if path == TOP_LEVEL else path.count(".")
+        def num(value: Any) -> str:  # a module row leaves unknown figures blank
+            return fmt_num(value) if _is_real(value) else ""
+
+        def pct(value: Any) -> str:
+            return fmt_pct(value) if _is_real(value) else ""
+
         rows.append({
             "path": path,
             "name": path.rsplit(".", 1)[-1],
@@ -660,14 +751,14 @@ def module_rows(layers: Sequence[Mapping[str, Any]], findings: Sequence[Mapping[
             "class": classes[0] if classes else "",
             "shape": fmt_shape(out.get("shape")),
             "params": fmt_count(sum(int(layer.get("num_params") or 0) for layer in members)),
-            "static": fmt_num(out.get("health_predicted")),
-            "probe": fmt_num(out.get("health_measured")),
-            "grad_w": fmt_num(_norm_of(layer.get("param_grad_norm") for layer in members)),
-            "ratio": fmt_num(_one([layer.get("param_grad_ratio") for layer in weighted])),
-            "upd": fmt_num(_one([layer.get("update_ratio") for layer in weighted])),
-            "dead": fmt_pct(max((float(layer["dead_fraction"]) for layer in members
+            "static": num(out.get("health_predicted")),
+            "probe": num(out.get("health_measured")),
+            "grad_w": num(_norm_of(layer.get("param_grad_norm") for layer in members)),
+            "ratio": num(_one([layer.get("param_grad_ratio") for layer in weighted])),
+            "upd": num(_one([layer.get("update_ratio") for layer in weighted])),
+            "dead": pct(max((float(layer["dead_fraction"]) for layer in members
                                  if _is_real(layer.get("dead_fraction"))), default=None)),
-            "saturated": fmt_pct(max((float(layer["saturated_fraction"]) for layer in members
+            "saturated": pct(max((float(layer["saturated_fraction"]) for layer in members
                                       if _is_real(layer.get("saturated_fraction"))),
                                      default=None)),
             "location": fmt_location(files.get(str(located.get("file")), located.get("file")),
@@ -783,6 +874,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "groups": _finding_groups(findings),
         "num_findings": len(findings),
         "profile": depth_profile(layers, doc.get("summary") or {}),
+        "weight_grads": weight_grad_chart(layers),
         "rows": rows,
         "modules": module_rows(layers, findings, files, model.get("modules") or {}),
         "files": [(short, full) for full, short in sorted(files.items(), key=lambda kv: kv[1])
