@@ -275,7 +275,8 @@ def graph_view(doc: Mapping[str, Any]) -> dict[str, Any] | None:
                 (_, i), = sub.children
                 views.append(leaf(i, sub.name))
                 count += 1
-                consider(i)
+                num_modules += 1  # a module of one layer is a module too (an nn.Sequential
+                consider(i)       # of 20 of them read "20 layers in 0 modules")
                 continue
             children, sub_count, sub_worst = build(sub)
             num_modules += 1
