@@ -1023,3 +1023,28 @@ def test_weight_gradient_chart_has_a_bar_per_weight_layer(sample_report: Any) ->
     html = render_html(doc)
     assert '<svg class="profile grads"' in html and html.count('class="grad-bar"') == len(weighted)
     assert weight_grad_chart([{"name": "x", "param_grad_norm": None}]) is None
+
+
+def test_depth_profile_marks_the_modules(sample_report: Any) -> None:
+    """The profile is indexed by node; spans along the top say which module each stretch
+    is: top-level modules, a span over a quarter of the layers split into its children
+    (through a one-child container such as encoder.layers)."""
+    from gradscope.render.html import module_spans
+
+    doc = sample_report("post_ln_transformer").doc
+    spans = module_spans(doc["layers"])
+    assert [label for _, _, label in spans] == [
+        "embed", "layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "layers.5",
+        "head"]
+    firsts = [a for a, _, _ in spans]
+    assert firsts == sorted(firsts)
+    for a, b, label in spans:  # each span's layers are that module's (or its parent's ops)
+        block = label.split(".")[-1]
+        for layer in doc["layers"][a:b + 1]:
+            assert block in (layer.get("module") or "").split(".") or \
+                layer.get("module") in ("encoder", "encoder.layers"), (label, layer)
+    html = render_html(doc)
+    assert html.count('<rect class="span') == len(spans)  # each with its title
+    labels = re.findall(r'class="span-label"[^>]*>([^<]*)<', html)
+    assert [f"layers.{k}" for k in range(6)] == labels  # where a label fits
+    assert module_spans([{"module": "a"}, {"module": "a.b"}]) == []  # one span: none

@@ -289,6 +289,13 @@ def depth_profile(layers: Sequence[Mapping[str, Any]],
     ]
     xstep = max(1, math.ceil(n / 10))
     xticks = [{"x": r(x_of(i)), "label": str(i)} for i in range(0, n, xstep)]
+    half = (plot_w / (n - 1) if n > 1 else plot_w) / 2
+    spans = []
+    for k, (a, b, label) in enumerate(module_spans(layers)):
+        x0, x1 = max(x_of(a) - half, _LEFT), min(x_of(b) + half, _W - _RIGHT)
+        # a label only where it fits (5 px a character at 9 px): every span keeps its title
+        spans.append({"x": r(x0), "w": r(x1 - x0), "label": label, "lx": r(x0 + 3),
+                      "shown": (x1 - x0) >= 5.0 * len(label) + 6, "shade": k % 2 == 1})
     if base["compact"]:
         # One path per series: a zero-length segment with a round cap is a dot.
         base["probe_dots"] = "".join(f"M{p['x']},{p['y']}h0" for p in probe_points)
@@ -306,6 +313,8 @@ def depth_profile(layers: Sequence[Mapping[str, Any]],
             "has_spread": base["has_spread"] or bool(spread_bars),
             "yticks": yticks,
             "xticks": xticks,
+            "spans": spans,
+            "plot_h": r(plot_h),
             "unity_y": r(y_of(0.0)) if lo <= 0 <= hi else None,
             "left": r(_LEFT),
             "right": r(_W - _RIGHT),
@@ -318,6 +327,57 @@ def depth_profile(layers: Sequence[Mapping[str, Any]],
         }
     )
     return base
+
+
+#: Most module spans the depth profile marks (beyond, a coarser nesting level is used).
+MAX_SPANS = 24
+
+
+def module_spans(layers: Sequence[Mapping[str, Any]]) -> list[tuple[int, int, str]]:
+    """(first, last, label) runs of consecutive layers in one module, for the depth profile.
+
+    The profile is indexed by node; these spans say which module each stretch belongs to
+    (GPT-2: wte, h.0 ... h.3, ln_f, lm_head). Top-level modules first; then, while a
+    span holds more than a quarter of the layers and splitting it keeps at most
+    :data:`MAX_SPANS`, it is replaced by its submodules' runs. An op a module runs itself
+    (between its submodules) does not break a run. Labels are at most the path's last two
+    parts (``transformer.h.3`` -> ``h.3``). Empty when there are fewer than two spans.
+    """
+    paths = [str(layer.get("module") or "") for layer in layers]
+
+    def runs(first: int, last: int, level: int, prefix: str) -> list[tuple[int, int, str]]:
+        out: list[tuple[int, int, str]] = []
+        for i in range(first, last + 1):
+            path = paths[i]
+            if not path or (prefix and not path.startswith(prefix + ".")) \
+                    or path.count(".") + 1 < level:
+                continue  # outside, or an op of the enclosing module: it breaks nothing
+            key = ".".join(path.split(".")[:level])
+            if out and out[-1][2] == key:
+                out[-1] = (out[-1][0], i, key)
+            else:
+                out.append((i, i, key))
+        return out
+
+    spans = runs(0, len(paths) - 1, 1, "")
+    changed = True
+    while changed:
+        changed = False
+        biggest = max(spans, key=lambda run: run[1] - run[0], default=None)
+        if biggest is None or biggest[1] - biggest[0] + 1 <= len(paths) / 4:
+            break
+        a, b, key = biggest
+        sub = runs(a, b, key.count(".") + 2, key)
+        while len(sub) == 1 and sub[0][2] != key:  # one child (encoder.layers): go through
+            key = sub[0][2]
+            sub = runs(a, b, key.count(".") + 2, key)
+        if len(sub) >= 2 and len(spans) - 1 + len(sub) <= MAX_SPANS:
+            k = spans.index(biggest)
+            spans[k:k + 1] = sub
+            changed = True
+    if len(spans) < 2:
+        return []
+    return [(a, b, ".".join(label.split(".")[-2:])) for a, b, label in spans]
 
 
 def update_profile(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
