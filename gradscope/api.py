@@ -201,8 +201,19 @@ def _layers(analysis: Analysis) -> list[Layer]:
             health_class=judged.cls, health_note=judged.note,
             health_predicted=_num(health.predicted.get(name)),
             health_measured=_num(health.measured.get(name)),
+            time_profile=_time_profile(est.recurrent.get(name)),
         ))
     return layers
+
+
+def _time_profile(result: Any) -> list[float | None] | None:
+    """A recurrent unroll's per-step input gradient norm relative to its largest step's
+    (None at a step whose figure overflowed)."""
+    profile = getattr(result, "profile", ()) or ()
+    top = max((v for v in profile if math.isfinite(v)), default=0.0)
+    if top <= 0.0:
+        return None
+    return [math.sqrt(v / top) if math.isfinite(v) else None for v in profile]
 
 
 def _summary(analysis: Analysis, layers: list[Layer]) -> dict[str, float | int | str | None]:

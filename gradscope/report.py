@@ -73,8 +73,17 @@ class Layer:
     #: The same ratio as predicted by the static estimate and as measured by the probe.
     health_predicted: float | None = None
     health_measured: float | None = None
+    #: A recurrent layer's predicted gradient at its input per time step, relative to the
+    #: largest step's (static estimate); None for other layers.
+    time_profile: Sequence[float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        doc = self._fields()
+        if self.time_profile is not None:  # recurrent layers only: absent elsewhere
+            doc["time_profile"] = list(self.time_profile)
+        return doc
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "module": self.module,

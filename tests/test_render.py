@@ -1048,3 +1048,25 @@ def test_depth_profile_marks_the_modules(sample_report: Any) -> None:
     labels = re.findall(r'class="span-label"[^>]*>([^<]*)<', html)
     assert [f"layers.{k}" for k in range(6)] == labels  # where a label fits
     assert module_spans([{"module": "a"}, {"module": "a.b"}]) == []  # one span: none
+
+
+def test_recurrent_layer_gets_a_gradient_per_time_step_chart(sample_report: Any) -> None:
+    """The LSTM sample (forget bias 0, 100 steps): its predicted input gradient per step,
+    relative to the largest, as the JSON's time_profile, drawn step by step."""
+    from gradscope.render.html import time_charts
+
+    doc = sample_report("lstm").doc
+    rnn = [la for la in doc["layers"] if la.get("time_profile")]
+    assert len(rnn) == 1
+    profile = rnn[0]["time_profile"]
+    assert len(profile) == 100 and max(profile) == pytest.approx(1.0)
+    # the gradient fades towards the first step (ground truth: 4.7e-21 measured at t=0,
+    # tests/test_sample_models_ground_truth.py)
+    assert profile[0] < 1e-18 and profile[-1] == pytest.approx(1.0)
+    charts = time_charts(doc["layers"])
+    assert len(charts) == 1 and charts[0]["steps"] == 100
+    assert charts[0]["path"].count("L") == 99
+    html = render_html(doc)
+    assert html.count('<svg class="profile time"') == 1 and "Gradient per time step" in html
+    # layers that are not recurrent carry no profile
+    assert all(la.get("time_profile") is None for la in doc["layers"] if la is not rnn[0])

@@ -232,6 +232,9 @@ class RecurrentEstimate:
     step_gain: float
     steps: int
     note: str
+    #: ``||dL/dx_t||^2 / S_out`` per position ``t`` (what :func:`input_gradient_profile`
+    #: returns): the report draws the gradient per time step from it.
+    profile: tuple[float, ...] = ()
 
 
 @dataclass
@@ -438,7 +441,7 @@ def _run_checked(module: nn.Module, kind: str, x_mean: float, x_second: float, n
     out_mean = float(np.mean([np.mean(x.mean) for x in fw.out]))
     out_second = float(np.mean([np.mean(x.second) for x in fw.out]))
     est = RecurrentEstimate(out_mean, out_second, float(np.mean(fw.out_stat.second)),
-                            float(sum(profile)), step_gain, n_steps, note)
+                            float(sum(profile)), step_gain, n_steps, note, tuple(profile))
     return _Result(est, profile)
 
 

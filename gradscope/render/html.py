@@ -545,6 +545,53 @@ def weight_grad_chart(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | N
     }
 
 
+_TH = 200.0
+
+
+def time_charts(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each recurrent layer, its predicted input gradient per time step (relative to
+    the largest step's, log scale): how far back in the sequence the gradient reaches."""
+    charts = []
+    for layer in layers:
+        profile = layer.get("time_profile")
+        if not isinstance(profile, list) or len(profile) < 2:
+            continue
+        logs = [_positive_log10(v) for v in profile]
+        known = [v for v in logs if v is not None]
+        if not known:
+            continue
+        lo, hi = min(math.floor(min(known)), -3), 0
+        n = len(profile)
+        plot_w = _W - _LEFT - _RIGHT
+        plot_h = _TH - _TOP - _BOTTOM
+
+        def x_of(t: int, n: int = n, plot_w: float = plot_w) -> float:
+            return _LEFT + plot_w * t / (n - 1)
+
+        def y_of(v: float, lo: int = lo, plot_h: float = plot_h) -> float:
+            return _TOP + plot_h * (0 - v) / (0 - lo)
+
+        points = [(x_of(t), y_of(v)) for t, v in enumerate(logs) if v is not None]
+        step = max(1, math.ceil(-lo / 6))
+        charts.append({
+            "name": str(layer.get("module") or layer.get("name")),
+            "op": str(layer.get("op", "")),
+            "steps": n,
+            "first": fmt_num(profile[0]),
+            "width": int(_W), "height": int(_TH),
+            "path": "M" + "L".join(f"{x:.1f},{y:.1f}" for x, y in points),
+            "yticks": [{"y": f"{y_of(k):.1f}", "label": _decade_label(k)}
+                       for k in range(lo, hi + 1) if (k - lo) % step == 0],
+            "xticks": [{"x": f"{x_of(t):.1f}", "label": str(t)}
+                       for t in range(0, n, max(1, math.ceil(n / 10)))],
+            "left": f"{_LEFT:.1f}", "right": f"{_W - _RIGHT:.1f}",
+            "top": f"{_TOP:.1f}", "bottom": f"{_TH - _BOTTOM:.1f}",
+            "xmid": f"{_LEFT + plot_w / 2:.1f}", "xlabel_y": f"{_TH - 6:.1f}",
+            "ylabel_x": "14", "ylabel_y": f"{_TOP + plot_h / 2:.1f}",
+        })
+    return charts
+
+
 def _verified_text(verified: Any) -> str:
     """``verified: 2.00e-08 \u2192 4.10e-01 (metric)``, or '' without figures."""
     if not isinstance(verified, Mapping):
@@ -935,6 +982,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "num_findings": len(findings),
         "profile": depth_profile(layers, doc.get("summary") or {}),
         "weight_grads": weight_grad_chart(layers),
+        "time_charts": time_charts(layers),
         "rows": rows,
         "modules": module_rows(layers, findings, files, model.get("modules") or {}),
         "files": [(short, full) for full, short in sorted(files.items(), key=lambda kv: kv[1])
