@@ -358,5 +358,16 @@ def test_gpt2_report_shows_modules_first_and_folds_the_ops(gpt2_report: Path,
     page.click(fold)
     assert not page.eval_on_selector_all(
         "tr.op", "rows => rows.filter(r => r.checkVisibility()).map(r => r.dataset.op)")
+    # the charts: weight gradients by layer, one drawn bar per weight layer, and the
+    # depth profile's module spans (h.0 ... h.3 labelled)
+    doc = json.loads(gpt2_report.with_suffix(".json").read_text(encoding="utf-8"))
+    weighted = [la for la in doc["layers"] if (la.get("param_grad_norm") or 0) > 0]
+    bars = page.locator("svg.grads line.grad-bar")
+    assert bars.count() == len(weighted) > 0 and page.locator("svg.grads").is_visible()
+    # a vertical line's box has no width (playwright calls it invisible): its height
+    assert bars.first.bounding_box()["height"] > 0  # type: ignore[index]
+    spans = page.eval_on_selector_all("svg.profile text.span-label", "ts => ts.map(t => "
+                                      "t.textContent)")
+    assert {"h.0", "h.1", "h.2", "h.3"} <= set(spans), spans
     opened.assert_clean()
 
