@@ -242,7 +242,10 @@ class _Recorder(TorchFunctionMode):
         path = self.paths.get(id(module), type(module).__name__)
         file, line = _caller_location()
         weights = self._weight_only(args) if isinstance(output, torch.Tensor) else None
-        if weights is not None:
+        if weights is not None and any(node_record(self.graph, w).num_params for w in weights):
+            # A module applied to weights (DeBERTa's LayerNorm of its position table) is
+            # part of them; one applied to constants alone (an Embedding of arange
+            # positions, GPT-2's wpe) is a layer, as export's graph has it.
             own = [self._param_node(p) for p in module.parameters()]
             self._record_weight(path, output, weights + own, kind="call_module",
                                 target=path, args=self._refs(args), file=file, line=line)
@@ -278,8 +281,9 @@ class _Recorder(TorchFunctionMode):
             return out
         ref_args = self._refs(tuple(args))
         ref_kwargs = self._refs(dict(kwargs))
-        weights = self._weight_only((args, kwargs)) if isinstance(out, torch.Tensor) else None
-        if weights is not None:
+        weights = self._weight_only((args, kwargs)) \
+            if isinstance(out, torch.Tensor) and name != "embedding" else None
+        if weights is not None:  # an embedding lookup stays a layer (OPT's learned positions)
             self._record_weight(name, out, weights, kind="call_function", target=func,
                                 args=ref_args, kwargs=ref_kwargs, file=file, line=line)
             return out
