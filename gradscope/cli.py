@@ -75,28 +75,27 @@ class Progress:
 
 
 def _fail(error: GradscopeError, debug: bool) -> None:
-    if debug:
-        import traceback
-
-        traceback.print_exception(error)
-    click.echo(f"gradscope: error: {error.one_line()}", err=True)
+    _report_error(error, debug)
     sys.exit(int(error.exit_code))
 
 
-def _target_failed(target: str, error: GradscopeError, debug: bool) -> None:
-    """One target's error line, named by its target (the run goes on to the next one)."""
+def _report_error(error: GradscopeError, debug: bool, target: str | None = None) -> None:
+    """``gradscope: error: [TARGET: ]message (hint)`` on stderr, the traceback with --debug."""
     if debug:
         import traceback
 
         traceback.print_exception(error)
-    click.echo(f"gradscope: error: {target}: {error.one_line()}", err=True)
+    where = f"{target}: " if target else ""
+    click.echo(f"gradscope: error: {where}{error.one_line()}", err=True)
 
 
-def _target_bug(target: str, error: BaseException) -> None:
+def _report_bug(error: BaseException, target: str | None = None) -> None:
+    """A bug in gradscope, not the user's to fix: the traceback for the report, one line."""
     import traceback
 
     traceback.print_exception(error)
-    click.echo(f"gradscope: internal error: {target}: {type(error).__name__}: "
+    where = f"{target}: " if target else ""
+    click.echo(f"gradscope: internal error: {where}{type(error).__name__}: "
                f"{' '.join(str(error).split())} (this is a bug in gradscope; please report "
                "it with the traceback above)", err=True)
 
@@ -285,7 +284,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
                 if not skip_non_models:
                     if not many:
                         raise
-                    _target_failed(target, error, debug)
+                    _report_error(error, debug, target)
                     broken.append(target)
                     continue
                 _skipped(target, error.message, quiet)
@@ -295,7 +294,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
                 # error line names its target, and the run exits 2 at the end.
                 if not many:
                     raise
-                _target_failed(target, error, debug)
+                _report_error(error, debug, target)
                 broken.append(target)
                 continue
             except (KeyboardInterrupt, SystemExit):
@@ -303,7 +302,7 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
             except Exception as error:  # a bug on one target: go on to the next, exit 2
                 if not many:
                     raise
-                _target_bug(target, error)
+                _report_bug(error, target)
                 broken.append(target)
                 continue
             if open_html:
@@ -318,14 +317,8 @@ def analyze(targets: tuple[str, ...], input_shape: tuple[str, ...], dtype: tuple
         click.echo("gradscope: interrupted", err=True)
         sys.exit(130)
     except Exception as error:  # noqa: BLE001 - last resort: exit 2, never 1
-        # A bug in gradscope, not the user's to fix: keep the traceback for the report,
-        # but exit 2 ("could not be done"), never 1, which CI reads as "findings".
-        import traceback
-
-        traceback.print_exception(error)
-        click.echo(f"gradscope: internal error: {type(error).__name__}: "
-                   f"{' '.join(str(error).split())} (this is a bug in gradscope; please "
-                   "report it with the traceback above)", err=True)
+        # Exit 2 ("could not be done"), never 1, which CI reads as "findings".
+        _report_bug(error)
         sys.exit(int(ExitCode.USAGE))
     sys.exit(int(ExitCode.FINDINGS if failed else ExitCode.OK))
 

@@ -785,15 +785,13 @@ def _one(values: list[Any]) -> Any:
 def _ranges(indices: Sequence[int]) -> str:
     """``3,4,5,9`` as ``3-5,9``: a module's ops mostly run one after another, and a
     1,200-layer model's page must stay under 2 MB with its JSON embedded."""
-    parts: list[str] = []
+    runs: list[list[int]] = []
     for i in indices:
-        if parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == i - 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
-        elif parts and "-" not in parts[-1] and int(parts[-1]) == i - 1:
-            parts[-1] = f"{parts[-1]}-{i}"
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
         else:
-            parts.append(str(i))
-    return ",".join(parts)
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def module_rows(layers: Sequence[Mapping[str, Any]], findings: Sequence[Mapping[str, Any]],
