@@ -35,6 +35,7 @@ from gradscope.rules.analysis import Analysis, run_rules
 from gradscope.rules.optimizers import ASSUMED_NOTE
 from gradscope.rules.selection import RuleSelection
 from gradscope.state import preserved
+from gradscope.streaming import Streamer, find_blocks, stream_footprint
 from gradscope.tracing import trace_model
 from gradscope.trial import try_fixes
 
@@ -71,13 +72,14 @@ def resolve_device(device: str) -> str:
 
 
 def _build(factory: Callable[[], nn.Module], meta: bool,
-           declared: dict[int, tuple[float, float]]) -> nn.Module:
-    """Call a model factory, on the meta device with init recording when asked."""
+           declared: dict[int, tuple[float, float]], values: bool = False) -> nn.Module:
+    """Call a model factory, on the meta device with init recording when asked
+    (``values``: also what ``--stream`` needs to materialise the weights later)."""
     from gradscope.loading import call_factory
     from gradscope.meta import library_init, recording_init
 
     if meta:
-        with recording_init(declared):
+        with recording_init(declared, values=values):
             model = call_factory(factory, "the model factory")
             library_init(model)
             return model
@@ -120,8 +122,11 @@ def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _range_test_skipped(enabled: bool, loss: Any, real: bool,
-                        synthetic_inputs: bool) -> str | None:
+                        synthetic_inputs: bool, stream: bool = False) -> str | None:
     """Why no learning-rate range test runs (what would enable one); None: it runs."""
+    if stream:
+        return ("the range test trains copies of the whole model, which --stream does not "
+                "hold in memory")
     if not enabled:
         return "the range test was turned off (--no-lr-range)"
     if not callable(loss):
@@ -358,6 +363,9 @@ def analyze(
         opts.momentum
     lr_range, lr_range_steps = opts.lr_range, opts.lr_range_steps
     meta, batches, probe_mode, timeout = opts.meta, opts.batches, opts.probe_mode, opts.timeout
+    stream = opts.stream
+    if stream:
+        tracer = "runtime"  # the streamed blocks run their own forward (see gradscope.streaming)
     loss = "dot" if opts.loss is None else opts.loss
     select, ignore, per_module_ignore = opts.select, opts.ignore, opts.per_module_ignore
     thresholds = opts.thresholds
@@ -379,11 +387,11 @@ def analyze(
         if not callable(model):
             raise InputError(f"model must be an nn.Module or a factory, not "
                              f"{type(model).__name__}", "pass the model or a function building it")
-        if not meta:  # on meta nothing is allocated; else count on meta before building
+        if not (meta or stream):  # on meta nothing is allocated; else count before building
             planned = factory_footprint(model)
             if planned is not None:
                 check_memory("cpu", weights=planned.weights, doing="build the model")
-        model = _build(model, meta, declared)
+        model = _build(model, meta or stream, declared, values=stream)
     if _is_lazy(model):
         model = _materialised(model, inputs)
         report_notes.append("the model has lazy (uninitialised) parameters: a copy was "
@@ -393,12 +401,18 @@ def analyze(
     if meta and not on_meta:
         report_notes.append("meta=True, but the model was already built with real weights: "
                             "their measured scales were used")
-    if on_meta and probe:
+    if on_meta and probe and not stream:
         probe = False
         report_notes.append("the model is on the meta device (no weights): static estimate "
                             "only, from each weight's declared initialisation")
     target_device = resolve_device(device) if probe else "cpu"
-    if probe:  # before the snapshot and the move: fail while nothing is allocated yet
+    blocks: list[str] = []
+    if stream:
+        blocks = find_blocks(model, opts.stream_blocks)
+        largest, kept, kept_grads = stream_footprint(model, blocks)
+        check_memory(target_device, weights=largest + kept, gradients=kept_grads,
+                     doing="stream the probe")
+    elif probe:  # before the snapshot and the move: fail while nothing is allocated yet
         size = footprint(model)
         moving = torch.device(target_device) != _model_device(model)
         check_memory(target_device, weights=size.weights if moving else 0,
@@ -426,14 +440,23 @@ def analyze(
         est = estimate(traced, est_inputs, declared, batches=batches)
         result: ProbeResult | None = None
         if probe:
-            say(f"probe on {target_device}")
-            if torch.device(target_device) != home:
+            say(f"probe on {target_device}" + (f", streaming {len(blocks)} blocks"
+                                                 if stream else ""))
+            streamer = None
+            if stream:
+                streamer = Streamer(model, blocks, target_device, seed)
+                streamer.prepare()
+            elif torch.device(target_device) != home:
                 model.to(target_device)
-            result = run_probe(model, traced, trace_inputs, target_device, seed=seed, lr=lr,
+            result = run_probe(model, traced, inputs if stream else trace_inputs,
+                               target_device, seed=seed, lr=lr,
                                optimizer=optimizer, weight_decay=weight_decay,
                                batches=batches, loss=loss, mode=probe_mode,
-                               deadline=deadline, real_batches=real_batches)
+                               deadline=deadline, real_batches=real_batches,
+                               streamer=streamer)
             report_notes.extend(result.notes)
+            if streamer is not None:
+                report_notes.append(streamer.note())
             if result.batches == 0:  # timed out before one batch: static estimate only
                 result = None
                 probe = False
@@ -442,7 +465,7 @@ def analyze(
         lr_skipped: str | None = None
         if lr is not None and result is not None:
             lr_skipped = _range_test_skipped(lr_range, loss, real_batches is not None,
-                                             synthetic_inputs)
+                                             synthetic_inputs, stream)
             if lr_skipped is None:
                 say("learning-rate range test")
                 range_batches = real_batches[:max(batches, 1)] if real_batches \

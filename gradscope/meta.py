@@ -67,12 +67,32 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str,
     return default
 
 
-class _InitRecorder(TorchFunctionMode):
-    """Sees the in-place samplers every initialiser ends in."""
+#: Attribute of a meta tensor holding the call that initialised it last, to replay on a
+#: real tensor of the same shape: ``(function, arguments after the tensor, keywords)``.
+RECIPE = "_gradscope_init"
+#: Attribute of a small meta tensor holding its value computed on the CPU while the model
+#: was built (``torch.ones`` norm weights, rotary ``inv_freq`` tables, masks).
+SHADOW = "_gradscope_value"
+#: Largest tensor (elements) whose value is computed alongside its meta twin: norms,
+#: biases and buffers; weight matrices are always drawn by an init call instead.
+SHADOW_LIMIT = 1 << 22
 
-    def __init__(self, declared: Declared) -> None:
+Recipe = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class _InitRecorder(TorchFunctionMode):
+    """Sees the in-place samplers every initialiser ends in.
+
+    With ``values=True`` (``--stream``, which materialises the weights later) it also
+    keeps, on each meta tensor, the last init call to replay (:data:`RECIPE`) and, for
+    small tensors made from factories and Python values, their real value computed on
+    the CPU alongside (:data:`SHADOW`): a meta tensor has neither.
+    """
+
+    def __init__(self, declared: Declared, values: bool = False) -> None:
         super().__init__()
         self.declared = declared
+        self.values = values
         self.keep: list[torch.Tensor] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
@@ -85,6 +105,8 @@ class _InitRecorder(TorchFunctionMode):
             kwargs.get("tensor")
         if not isinstance(target, torch.Tensor):
             target = None
+        if self.values:
+            _shadow(func, args, kwargs, out)
         if target is None:
             return out
         moments: tuple[float, float] | None = None
@@ -100,12 +122,68 @@ class _InitRecorder(TorchFunctionMode):
         elif name == "zero_":
             moments = (0.0, 0.0)
         if moments is not None:
-            self.record(target, moments)
+            self.record(target, moments, (func, args, kwargs))
         return out
 
-    def record(self, tensor: torch.Tensor, moments: tuple[float, float]) -> None:
+    def record(self, tensor: torch.Tensor, moments: tuple[float, float],
+               call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> None:
         self.declared[id(tensor)] = moments
         self.keep.append(tensor)  # ids stay unique while the model is built
+        if self.values and tensor.is_meta:
+            func, args, kwargs = call
+            rest = dict(kwargs)
+            if rest.pop("tensor", None) is None:
+                args = args[1:]
+            setattr(tensor, RECIPE, (func, tuple(args), rest))
+            if hasattr(tensor, SHADOW):  # the init call comes last: it decides the values
+                delattr(tensor, SHADOW)
+
+
+def _shadow(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    """Compute a small meta result's value on the CPU, from its arguments' values.
+
+    Factories (``torch.ones``, ``arange``) run again on the CPU; other ops run on the
+    arguments' shadows when every meta argument has one; an in-place op on a tensor
+    with a shadow updates the shadow. Anything else leaves no shadow: the tensor is
+    then materialised from its init call, or not at all (``--stream`` says which).
+    """
+    from torch.utils._device import _device_constructors
+
+    if not isinstance(out, torch.Tensor) or not out.is_meta or out.numel() > SHADOW_LIMIT:
+        return
+    if func in _device_constructors():
+        try:
+            with torch._C.DisableTorchFunction():
+                value = func(*args, **{**kwargs, "device": "cpu"})
+        except Exception:  # noqa: BLE001 - a value we cannot compute is simply not kept
+            return
+        setattr(out, SHADOW, value)
+        return
+    missing = False
+
+    def real(value: Any) -> Any:
+        nonlocal missing
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            shadow = getattr(value, SHADOW, None)
+            if shadow is None:
+                missing = True
+            return shadow
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(real(v) for v in value)
+        return value
+
+    real_args, real_kwargs = real(args), {k: real(v) for k, v in kwargs.items()}
+    if missing or not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+        return
+    if "device" in real_kwargs:
+        real_kwargs["device"] = "cpu"
+    try:
+        with torch._C.DisableTorchFunction():
+            value = func(*real_args, **real_kwargs)
+    except Exception:  # noqa: BLE001
+        return
+    if isinstance(value, torch.Tensor) and value.shape == out.shape:
+        setattr(out, SHADOW, value)
 
 
 def _fan(tensor: torch.Tensor, mode: str) -> int:
@@ -171,19 +249,38 @@ def _orthogonal_moments(tensor: torch.Tensor, gain: float = 1.0, *args: Any,
 
 
 @contextmanager
-def recording_init(declared: Declared, device: str = "meta") -> Iterator[None]:
-    """Build under ``torch.device(device)`` and record declared init moments into ``declared``."""
-    recorder = _InitRecorder(declared)
+def recording_init(declared: Declared, device: str = "meta",
+                   values: bool = False) -> Iterator[None]:
+    """Build under ``torch.device(device)`` and record declared init moments into ``declared``.
+
+    ``values=True`` also keeps what :func:`gradscope.streaming` needs to materialise the
+    weights later with the same initialisation (see :class:`_InitRecorder`).
+    """
+    recorder = _InitRecorder(declared, values)
     # On meta tensors these two return before sampling anything (nothing for the
     # recorder to see), so they are wrapped for the duration of the build.
     originals: dict[str, Callable[..., Any]] = {
         "trunc_normal_": nn.init.trunc_normal_, "orthogonal_": nn.init.orthogonal_}
     nn.init.trunc_normal_ = _recorded(originals["trunc_normal_"], recorder)
     nn.init.orthogonal_ = _recorded(originals["orthogonal_"], recorder)
+    saved_new = nn.Parameter.__dict__["__new__"]
+    new_parameter = nn.Parameter.__new__
+    if values:
+        # ``nn.Parameter(torch.ones(d))`` wraps the meta tensor in a new object: what was
+        # kept on the tensor goes with it.
+        def parameter(cls: Any, data: Any = None, requires_grad: bool = True) -> Any:
+            made = new_parameter(cls, data, requires_grad)
+            for attr in (RECIPE, SHADOW):
+                if data is not None and hasattr(data, attr):
+                    setattr(made, attr, getattr(data, attr))
+            return made
+
+        nn.Parameter.__new__ = staticmethod(parameter)  # type: ignore[assignment]
     try:
         with torch.device(device), recorder:
             yield
     finally:
+        nn.Parameter.__new__ = saved_new  # type: ignore[method-assign]
         for name, original in originals.items():
             setattr(nn.init, name, original)
 
@@ -196,7 +293,7 @@ def _recorded(original: Callable[..., Any], recorder: _InitRecorder) -> Callable
         result = original(tensor, *args, **kwargs)
         moments = _init_function_moments(name, tensor, (tensor, *args), kwargs)
         if moments is not None:
-            recorder.record(tensor, moments)
+            recorder.record(tensor, moments, (original, (tensor, *args), kwargs))
         return result
 
     return wrapper

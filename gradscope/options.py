@@ -162,6 +162,12 @@ class AnalysisOptions:
     meta: bool = field(default=False, metadata=_meta(
         "Build the model on the meta device (no weights allocated) and estimate from "
         "declared initialisations; implies --no-probe", "flag"))
+    stream: bool = field(default=False, metadata=_meta(
+        "Probe a model larger than memory: build it on the meta device and materialise one "
+        "block at a time with its declared initialisation (docs/large-models.md)", "flag"))
+    stream_blocks: str | None = field(default=None, metadata=_meta(
+        "With --stream: the module whose children are the blocks (default: the largest "
+        "ModuleList/Sequential of same-class layers)", "text", metavar="PATH"))
     thresholds: Thresholds = field(default_factory=Thresholds, metadata=_meta(
         "Limits the rules judge against ([tool.gradscope.thresholds])", "table", cli=False))
 
@@ -202,11 +208,17 @@ class AnalysisOptions:
             raise bad("device", "must be a string", self.device)
         if self.output is not None and not isinstance(self.output, str):
             raise bad("output", "must be a string", self.output)
-        for name in ("probe", "meta", "lr_range"):
+        for name in ("probe", "meta", "stream", "lr_range"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false", getattr(self, name))
         if not _is_int(self.seed):
             raise bad("seed", "must be an integer", self.seed)
+        if self.stream and (self.meta or not self.probe):
+            raise ConfigError("--stream runs the probe: it cannot go with "
+                              + ("--meta" if self.meta else "--no-probe"),
+                              "drop one of the two (--meta: static estimate only)")
+        if self.stream_blocks is not None and not isinstance(self.stream_blocks, str):
+            raise bad("stream-blocks", "must be a module path", self.stream_blocks)
         for name, choices in (("tracer", TRACERS), ("optimizer", OPTIMIZERS),
                               ("probe_mode", PROBE_MODES)):
             value = getattr(self, name)

@@ -14,7 +14,7 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from gradscope.resources import Deadline
 from gradscope.tracing.fx_tracers import NodeExecutionError
 from gradscope.tracing.graph import TracedModel, node_record, tensor_leaves, to_device
 from gradscope.tracing.ops import RELU_LIKE, SATURATION_EDGE
+
+if TYPE_CHECKING:
+    from gradscope.streaming import Streamer
 
 #: Activations whose units can die: the ReLU-like family of the op table.
 DEAD_KEYS = frozenset(f"activation:{name}" for name in RELU_LIKE)
@@ -405,7 +408,7 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                loss: str | LossFn, seed: int, wanted: list[nn.Parameter],
                measured: set[int], update: tuple[float | None, str, float],
                deadline: Deadline | None = None, plain_inputs: bool = False,
-               target: Any = NO_TARGET) -> _Batch:
+               target: Any = NO_TARGET, streamer: Streamer | None = None) -> _Batch:
     probe_inputs = []
     grad_inputs: list[torch.Tensor] = []
     for t in inputs:
@@ -428,26 +431,22 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
             if deadline.expired():
                 raise _Expired
 
-    out = traced.runner.run(tuple(probe_inputs), observe)
+    if streamer is None:
+        out = traced.runner.run(tuple(probe_inputs), observe)
+    else:
+        with streamer.running():
+            out = traced.runner.run(tuple(probe_inputs), observe)
+            if out.requires_grad:
+                value, _ = _loss(out, tuple(probe_inputs), loss, seed,
+                                 target if target is NO_TARGET else to_device(target, device))
+                out_grad, param_stats = _backward_streamed(value, out, grad_inputs, wanted,
+                                                           measured, update)
     if not out.requires_grad:
         return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
-    value, _ = _loss(out, tuple(probe_inputs), loss, seed,
-                     target if target is NO_TARGET else to_device(target, device))
-    # dLoss/d(output) itself, not only through the output node's hook: an output that is
-    # an alias of an earlier tensor (``logits.float()`` on float logits, nn.Identity) has
-    # no hook of its own, and without its gradient no figure could be normalised.
-    targets: list[torch.Tensor] = [out, *grad_inputs, *wanted]
-    grads = torch.autograd.grad(value, targets, allow_unused=True)
-    out_grad, grads = grads[0], grads[1:]
-    lr, optimizer, weight_decay = update
-    param_stats: dict[int, tuple[float, float] | None] = {}
-    for p, g in zip(wanted, grads[len(grad_inputs):], strict=True):
-        if id(p) not in measured:
-            continue
-        param_stats[id(p)] = None if g is None else (
-            float(sq_sum(g)),
-            first_update_sq(g, p, lr, optimizer, weight_decay) if lr is not None else 0.0)
-    del grads
+    if streamer is None:
+        value, _ = _loss(out, tuple(probe_inputs), loss, seed,
+                         target if target is NO_TARGET else to_device(target, device))
+        out_grad, param_stats = _backward(value, out, grad_inputs, wanted, measured, update)
     name = traced.output_node
     if name not in acc.sq and out_grad is not None:
         acc._hook(name)(out_grad)  # the aliased output's own row: the same gradient
@@ -456,11 +455,71 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                   _batch_size(inputs), True)
 
 
+def _backward(value: torch.Tensor, out: torch.Tensor, grad_inputs: list[torch.Tensor],
+              wanted: list[nn.Parameter], measured: set[int],
+              update: tuple[float | None, str, float],
+              ) -> tuple[torch.Tensor | None, dict[int, tuple[float, float] | None]]:
+    """dLoss/d(output), and (||grad W||^2, ||first update||^2) per measured parameter."""
+    # dLoss/d(output) itself, not only through the output node's hook: an output that is
+    # an alias of an earlier tensor (``logits.float()`` on float logits, nn.Identity) has
+    # no hook of its own, and without its gradient no figure could be normalised.
+    targets: list[torch.Tensor] = [out, *grad_inputs, *wanted]
+    grads = torch.autograd.grad(value, targets, allow_unused=True)
+    out_grad, grads = grads[0], grads[1:]
+    param_stats: dict[int, tuple[float, float] | None] = {}
+    for p, g in zip(wanted, grads[len(grad_inputs):], strict=True):
+        if id(p) in measured:
+            param_stats[id(p)] = None if g is None else _param_stats(g, p, update)
+    return out_grad, param_stats
+
+
+def _param_stats(grad: torch.Tensor, p: torch.Tensor,
+                 update: tuple[float | None, str, float]) -> tuple[float, float]:
+    lr, optimizer, weight_decay = update
+    return (float(sq_sum(grad)),
+            first_update_sq(grad, p, lr, optimizer, weight_decay) if lr is not None else 0.0)
+
+
+def _backward_streamed(value: torch.Tensor, out: torch.Tensor, grad_inputs: list[torch.Tensor],
+                       wanted: list[nn.Parameter], measured: set[int],
+                       update: tuple[float | None, str, float],
+                       ) -> tuple[torch.Tensor | None, dict[int, tuple[float, float] | None]]:
+    """:func:`_backward` without holding every weight gradient at once (``--stream``).
+
+    ``autograd.grad`` returns all of them together: a whole model's worth. Here each
+    parameter's gradient is reduced as soon as it is accumulated, while its block's
+    weights are still materialised, and dropped.
+    """
+    param_stats: dict[int, tuple[float, float] | None] = \
+        {id(p): None for p in wanted if id(p) in measured}
+    captured: list[torch.Tensor] = []
+
+    def reduce(p: torch.Tensor) -> None:
+        if p.grad is not None and id(p) in param_stats:
+            param_stats[id(p)] = _param_stats(p.grad, p, update)
+        p.grad = None
+
+    saved = [(p, p.grad) for p in wanted]
+    handles = [out.register_hook(lambda g: captured.append(g.detach()))]
+    try:
+        for p in wanted:
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(reduce))
+        torch.autograd.backward(value, inputs=[*grad_inputs, *wanted] or None)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in saved:
+            p.grad = grad
+    return (captured[0] if captured else None), param_stats
+
+
 def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], device: str,
               seed: int = 0, lr: float | None = None, optimizer: str = "sgd",
               weight_decay: float = 0.0, batches: int = 3, loss: str | LossFn = "dot",
               mode: str = "train", deadline: Deadline | None = None,
-              real_batches: Sequence[RealBatch] | None = None) -> ProbeResult:
+              real_batches: Sequence[RealBatch] | None = None,
+              streamer: Streamer | None = None) -> ProbeResult:
     """Forward and backward on ``batches`` seeded batches; the caller restores the model.
 
     ``real_batches`` (``example_batches()``: (inputs, target) pairs of real data) are
@@ -508,7 +567,7 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
             try:
                 done.append(_run_batch(model, traced, batch, device, loss, seed, wanted,
                                        measured, (lr, optimizer, weight_decay), deadline,
-                                       plain_inputs, target))
+                                       plain_inputs, target, streamer))
                 if notes:
                     working = _batch_size(batch)
                 break
@@ -563,7 +622,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
                                           "estimate only"))
     if not done:
         return result
-    _combine(done, traced, params, result, lr, optimizer, weight_decay)
+    _combine(done, traced, params, result, lr, optimizer, weight_decay,
+             streamer.weight_sq if streamer is not None else None)
     _absolute_scale(done, traced, params, result, mean_loss=callable(loss)
                     or loss in ("mse", "cross_entropy"))
     _contain_nonfinite(traced, result)
@@ -616,8 +676,13 @@ def _retry_smaller(batch: tuple[Any, ...], error: BaseException,
 
 
 def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Parameter],
-             result: ProbeResult, lr: float | None, optimizer: str, weight_decay: float) -> None:
-    """Sum the batches' measurements into the per-node figures of the report."""
+             result: ProbeResult, lr: float | None, optimizer: str, weight_decay: float,
+             weight_sq: dict[int, float] | None = None) -> None:
+    """Sum the batches' measurements into the per-node figures of the report.
+
+    ``weight_sq``: ||W||^2 by id(parameter), measured earlier where the weights are
+    no longer there to read (the streamed probe frees them).
+    """
     for batch in done:
         _finish_forward(batch.acc, result)
     if not any(b.differentiable for b in done):
@@ -657,7 +722,8 @@ def _combine(done: list[_Batch], traced: TracedModel, params: dict[str, nn.Param
         total = sum(stats[0] for stats in b.param_stats.values() if stats is not None)
         if math.isfinite(total):
             result.batch_grad_norms.append(math.sqrt(total))
-    w_sqs: dict[int, float] = {}  # a weight shared by several nodes is measured once
+    # a weight shared by several nodes is measured once
+    w_sqs: dict[int, float] = dict(weight_sq or {})
     for name, weights in _node_weights(traced, params).items():
         w_sq = 0.0
         for w in weights:
