@@ -402,7 +402,8 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
         from gradscope.loading import load_target
 
         loaded = load_target(target, list(settings.input_shape), list(settings.dtype),
-                             meta=settings.analysis.meta)
+                             meta=settings.analysis.meta or settings.analysis.stream,
+                             values=settings.analysis.stream)
         report = run_analysis(loaded.model, loaded.inputs, settings.options(loaded.loss_fn),
                               name=loaded.name, source=loaded.source, notes=loaded.notes,
                               progress=progress, declared=loaded.declared,

@@ -325,11 +325,13 @@ def _with_dtypes(inputs: tuple[Any, ...], dtypes: list[str] | None) -> tuple[Any
 
 
 def load_target(target: str, input_shapes: list[str] | None = None,
-                dtypes: list[str] | None = None, meta: bool = False) -> LoadedTarget:
+                dtypes: list[str] | None = None, meta: bool = False,
+                values: bool = False) -> LoadedTarget:
     """Resolve a CLI target to a model and inputs, or raise a one-line error.
 
     ``meta=True`` builds the model under ``torch.device("meta")`` (no weight is
-    allocated) and records how each weight was initialised (gradscope.meta).
+    allocated) and records how each weight was initialised (gradscope.meta);
+    ``values=True`` also what ``--stream`` needs to materialise them later.
     Inputs are still made on the CPU: the estimate needs their statistics.
     """
     head, name = split_target(target)
@@ -351,7 +353,7 @@ def load_target(target: str, input_shapes: list[str] | None = None,
     if meta:
         from gradscope.meta import library_init, recording_init
 
-        with recording_init(declared):
+        with recording_init(declared, values=values):
             model, display = resolve_model(module, name, where)
             library_init(model)
     else:

@@ -78,6 +78,9 @@ SHADOW = "_gradscope_value"
 SHADOW_LIMIT = 1 << 22
 
 Recipe = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+#: Ops whose result is a copy of their tensor argument (``p.data``, ``clone``): it keeps
+#: the argument's recipe.
+_COPIES = frozenset({"__get__", "clone", "detach", "contiguous"})
 
 
 class _InitRecorder(TorchFunctionMode):
@@ -107,6 +110,14 @@ class _InitRecorder(TorchFunctionMode):
             target = None
         if self.values:
             _shadow(func, args, kwargs, out)
+            if name in _COPIES and target is not None and hasattr(target, RECIPE) \
+                    and isinstance(out, torch.Tensor) and out is not target \
+                    and out.shape == target.shape:
+                # ``copy.deepcopy`` of a layer (nn.TransformerEncoder's clones) makes its
+                # parameters from ``p.data.clone()``: the copy is initialised as the original.
+                setattr(out, RECIPE, getattr(target, RECIPE))
+            if name in _COPIES:
+                return out
         if target is None:
             return out
         moments: tuple[float, float] | None = None

@@ -196,10 +196,15 @@ class Streamer:
                 slot.real.copy_(getattr(source, SHADOW))
             else:
                 func, args, kwargs = getattr(source, RECIPE)
+                seed = seed_for(self.seed, slot.name)
+                # A generator the model passed (``init.normal_(w, generator=g)``) has moved
+                # on since: a fresh one with the tensor's seed draws the same values each time.
+                args = tuple(_own_generator(a, seed, self.device) for a in args)
+                kwargs = {k: _own_generator(v, seed, self.device) for k, v in kwargs.items()}
                 cuda = [torch.device(self.device).index or 0] \
                     if torch.device(self.device).type == "cuda" else []
                 with torch.random.fork_rng(devices=cuda):
-                    torch.manual_seed(seed_for(self.seed, slot.name))
+                    torch.manual_seed(seed)
                     func(slot.real, *args, **kwargs)
         slot.live = True
         if isinstance(slot.real, nn.Parameter) and id(slot.real) not in self.weight_sq:
@@ -292,6 +297,12 @@ class Streamer:
             return out
 
         return streamed
+
+
+def _own_generator(value: Any, seed: int, device: str) -> Any:
+    if isinstance(value, torch.Generator):
+        return torch.Generator(device=device).manual_seed(seed)
+    return value
 
 
 def stream_footprint(model: nn.Module, blocks: list[str]) -> tuple[int, int, int]:

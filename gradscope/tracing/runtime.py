@@ -11,9 +11,11 @@ same way, so measurements land on the recorded nodes.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from types import FrameType
 from typing import Any
 
 import networkx as nx
@@ -99,9 +101,12 @@ def _is_whole(module: nn.Module) -> bool:
     return in_torch and next(module.children(), None) is None
 
 
-def _caller_location() -> tuple[str | None, int | None]:
-    """The user's frame that called into the recorder (two frames up: hook, then here)."""
-    return user_location(skip=2)
+def _caller_location(stop: FrameType | None) -> tuple[str | None, int | None]:
+    """The user's frame that called into the recorder (two frames up: hook, then here),
+    looking no further out than ``stop``, the frame that started the forward: a model
+    made of torch modules alone (``nn.Sequential``) has no frame of its own, and the
+    callers' frames (a CLI, a test) are not its source."""
+    return user_location(skip=2, stop=stop)
 
 
 class _Recorder(TorchFunctionMode):
@@ -127,6 +132,8 @@ class _Recorder(TorchFunctionMode):
         self.param_ids.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
         self.paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
         self.modules: dict[str, nn.Module] = {}
+        #: The frame that runs the model's forward: where looking for the user's code ends.
+        self.stop: FrameType | None = sys._getframe(1)
 
     # naming ---------------------------------------------------------------
     def _fresh(self, base: str) -> str:
@@ -240,7 +247,7 @@ class _Recorder(TorchFunctionMode):
         if self.inside_whole:
             return
         path = self.paths.get(id(module), type(module).__name__)
-        file, line = _caller_location()
+        file, line = _caller_location(self.stop)
         weights = self._weight_only(args) if isinstance(output, torch.Tensor) else None
         if weights is not None and any(node_record(self.graph, w).num_params for w in weights):
             # A module applied to weights (DeBERTa's LayerNorm of its position table) is
@@ -269,7 +276,7 @@ class _Recorder(TorchFunctionMode):
         _, _, is_tensor = describe_value(out)
         if not is_tensor:
             return out
-        file, line = _caller_location()
+        file, line = _caller_location(self.stop)
         if not tensor_leaves((args, kwargs)):
             # A tensor made from Python values alone (Gemma's ``torch.tensor(hidden **
             # 0.5)`` embedding scale, ``arange`` positions, an all-ones mask, a cache's
