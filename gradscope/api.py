@@ -125,8 +125,8 @@ def _range_test_skipped(enabled: bool, loss: Any, real: bool,
                         synthetic_inputs: bool, stream: bool = False) -> str | None:
     """Why no learning-rate range test runs (what would enable one); None: it runs."""
     if stream:
-        return ("the range test trains copies of the whole model, which --stream does not "
-                "hold in memory")
+        return ("the range test trains copies of the whole model, which --stream and "
+                "--distributed do not hold in memory")
     if not enabled:
         return "the range test was turned off (--no-lr-range)"
     if not callable(loss):
@@ -363,9 +363,11 @@ def analyze(
         opts.momentum
     lr_range, lr_range_steps = opts.lr_range, opts.lr_range_steps
     meta, batches, probe_mode, timeout = opts.meta, opts.batches, opts.probe_mode, opts.timeout
-    stream = opts.stream
-    if stream:
-        tracer = "runtime"  # the streamed blocks run their own forward (see gradscope.streaming)
+    stream, distributed = opts.stream, opts.distributed
+    if stream or distributed:
+        # The blocks run their own forward (gradscope.streaming, FSDP's hooks): the graph
+        # is the runtime recorder's, which calls it.
+        tracer = "runtime"
     loss = "dot" if opts.loss is None else opts.loss
     select, ignore, per_module_ignore = opts.select, opts.ignore, opts.per_module_ignore
     thresholds = opts.thresholds
@@ -387,11 +389,12 @@ def analyze(
         if not callable(model):
             raise InputError(f"model must be an nn.Module or a factory, not "
                              f"{type(model).__name__}", "pass the model or a function building it")
-        if not (meta or stream):  # on meta nothing is allocated; else count before building
+        big = stream or distributed
+        if not (meta or big):  # on meta nothing is allocated; else count before building
             planned = factory_footprint(model)
             if planned is not None:
                 check_memory("cpu", weights=planned.weights, doing="build the model")
-        model = _build(model, meta or stream, declared, values=stream)
+        model = _build(model, meta or big, declared, values=big)
     if _is_lazy(model):
         model = _materialised(model, inputs)
         report_notes.append("the model has lazy (uninitialised) parameters: a copy was "
@@ -401,13 +404,23 @@ def analyze(
     if meta and not on_meta:
         report_notes.append("meta=True, but the model was already built with real weights: "
                             "their measured scales were used")
-    if on_meta and probe and not stream:
+    if on_meta and probe and not (stream or distributed):
         probe = False
         report_notes.append("the model is on the meta device (no weights): static estimate "
                             "only, from each weight's declared initialisation")
     target_device = resolve_device(device) if probe else "cpu"
+    if distributed:
+        from gradscope.distributed import setup
+
+        target_device = setup(target_device)
     blocks: list[str] = []
-    if stream:
+    if distributed:
+        from gradscope.distributed import sharded_footprint
+
+        blocks = find_blocks(model, opts.stream_blocks)
+        check_memory(target_device, **sharded_footprint(model, blocks),
+                     doing="probe the shards")
+    elif stream:
         blocks = find_blocks(model, opts.stream_blocks)
         largest, kept, kept_grads = stream_footprint(model, blocks)
         check_memory(target_device, weights=largest + kept, gradients=kept_grads,
@@ -442,21 +455,30 @@ def analyze(
         if probe:
             say(f"probe on {target_device}" + (f", streaming {len(blocks)} blocks"
                                                  if stream else ""))
-            streamer = None
+            streamer = sharded = None
+            probed, probed_traced = model, traced
             if stream:
                 streamer = Streamer(model, blocks, target_device, seed)
                 streamer.prepare()
+            elif distributed:
+                from gradscope.distributed import shard
+
+                sharded = shard(model, traced, blocks, target_device, seed)
+                probed, probed_traced = sharded.model, sharded.traced
             elif torch.device(target_device) != home:
                 model.to(target_device)
-            result = run_probe(model, traced, inputs if stream else trace_inputs,
+            result = run_probe(probed, probed_traced,
+                               inputs if stream or distributed else trace_inputs,
                                target_device, seed=seed, lr=lr,
                                optimizer=optimizer, weight_decay=weight_decay,
                                batches=batches, loss=loss, mode=probe_mode,
                                deadline=deadline, real_batches=real_batches,
-                               streamer=streamer)
+                               streamer=streamer, sharded=sharded)
             report_notes.extend(result.notes)
             if streamer is not None:
                 report_notes.append(streamer.note())
+            if sharded is not None:
+                report_notes.append(sharded.note(blocks))
             if result.batches == 0:  # timed out before one batch: static estimate only
                 result = None
                 probe = False
@@ -465,7 +487,7 @@ def analyze(
         lr_skipped: str | None = None
         if lr is not None and result is not None:
             lr_skipped = _range_test_skipped(lr_range, loss, real_batches is not None,
-                                             synthetic_inputs, stream)
+                                             synthetic_inputs, stream or distributed)
             if lr_skipped is None:
                 say("learning-rate range test")
                 range_batches = real_batches[:max(batches, 1)] if real_batches \

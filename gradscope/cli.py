@@ -401,9 +401,13 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
         from gradscope.api import analyze as run_analysis
         from gradscope.loading import load_target
 
+        big = settings.analysis.stream or settings.analysis.distributed
+        if settings.analysis.distributed:  # every process builds the same model
+            import torch
+
+            torch.manual_seed(settings.analysis.seed)
         loaded = load_target(target, list(settings.input_shape), list(settings.dtype),
-                             meta=settings.analysis.meta or settings.analysis.stream,
-                             values=settings.analysis.stream)
+                             meta=settings.analysis.meta or big, values=big)
         report = run_analysis(loaded.model, loaded.inputs, settings.options(loaded.loss_fn),
                               name=loaded.name, source=loaded.source, notes=loaded.notes,
                               progress=progress, declared=loaded.declared,
@@ -417,6 +421,13 @@ def _analyze_one(target: str, settings: Settings, *, stem: str, many: bool,
             deciding = new_findings(baseline[1], report.findings)
             report.notes.append(baseline_note(baseline[0], report.findings, deciding))
         doc = report.to_dict()
+        if settings.analysis.distributed:
+            from gradscope.distributed import rank
+
+            if rank() != 0:  # every process ran the probe; rank 0 writes the report
+                from gradscope.baseline import fails
+
+                return fails(deciding, settings.fail_on)
     finally:
         progress.stop()
     from gradscope.render.html import write_html

@@ -165,9 +165,13 @@ class AnalysisOptions:
     stream: bool = field(default=False, metadata=_meta(
         "Probe a model larger than memory: build it on the meta device and materialise one "
         "block at a time with its declared initialisation (docs/large-models.md)", "flag"))
+    distributed: bool = field(default=False, metadata=_meta(
+        "Under torchrun: shard the model over the processes with FSDP2 and probe the "
+        "shards; rank 0 writes the report (docs/large-models.md)", "flag"))
     stream_blocks: str | None = field(default=None, metadata=_meta(
-        "With --stream: the module whose children are the blocks (default: the largest "
-        "ModuleList/Sequential of same-class layers)", "text", metavar="PATH"))
+        "With --stream or --distributed: the module whose children are the blocks (the "
+        "default: the largest ModuleList/Sequential of same-class layers)", "text",
+        metavar="PATH"))
     thresholds: Thresholds = field(default_factory=Thresholds, metadata=_meta(
         "Limits the rules judge against ([tool.gradscope.thresholds])", "table", cli=False))
 
@@ -208,15 +212,21 @@ class AnalysisOptions:
             raise bad("device", "must be a string", self.device)
         if self.output is not None and not isinstance(self.output, str):
             raise bad("output", "must be a string", self.output)
-        for name in ("probe", "meta", "stream", "lr_range"):
+        for name in ("probe", "meta", "stream", "distributed", "lr_range"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false", getattr(self, name))
         if not _is_int(self.seed):
             raise bad("seed", "must be an integer", self.seed)
-        if self.stream and (self.meta or not self.probe):
-            raise ConfigError("--stream runs the probe: it cannot go with "
-                              + ("--meta" if self.meta else "--no-probe"),
-                              "drop one of the two (--meta: static estimate only)")
+        for name in ("stream", "distributed"):
+            if getattr(self, name) and (self.meta or not self.probe):
+                raise ConfigError(f"--{name} runs the probe: it cannot go with "
+                                  + ("--meta" if self.meta else "--no-probe"),
+                                  "drop one of the two (--meta: static estimate only)")
+        if self.stream and self.distributed:
+            raise ConfigError("--stream and --distributed are two ways to probe a model too "
+                              "large for one device: choose one",
+                              "--distributed under torchrun with several processes, "
+                              "--stream in one")
         if self.stream_blocks is not None and not isinstance(self.stream_blocks, str):
             raise bad("stream-blocks", "must be a module path", self.stream_blocks)
         for name, choices in (("tracer", TRACERS), ("optimizer", OPTIMIZERS),

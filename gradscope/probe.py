@@ -26,6 +26,7 @@ from gradscope.tracing.graph import TracedModel, node_record, tensor_leaves, to_
 from gradscope.tracing.ops import RELU_LIKE, SATURATION_EDGE
 
 if TYPE_CHECKING:
+    from gradscope.distributed import Sharded
     from gradscope.streaming import Streamer
 
 #: Activations whose units can die: the ReLU-like family of the op table.
@@ -408,7 +409,8 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                loss: str | LossFn, seed: int, wanted: list[nn.Parameter],
                measured: set[int], update: tuple[float | None, str, float],
                deadline: Deadline | None = None, plain_inputs: bool = False,
-               target: Any = NO_TARGET, streamer: Streamer | None = None) -> _Batch:
+               target: Any = NO_TARGET, streamer: Streamer | None = None,
+               sharded: Sharded | None = None) -> _Batch:
     probe_inputs = []
     grad_inputs: list[torch.Tensor] = []
     for t in inputs:
@@ -443,7 +445,19 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                                                            measured, update)
     if not out.requires_grad:
         return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
-    if streamer is None:
+    if sharded is not None:
+        value, _ = _loss(out, tuple(probe_inputs), loss, seed,
+                         target if target is NO_TARGET else to_device(target, device))
+        captured: list[torch.Tensor] = []
+        handle = out.register_hook(lambda g: captured.append(g.detach()))
+        try:
+            value.backward()  # FSDP reduce-scatters the weight gradients in backward()
+        finally:
+            handle.remove()
+        out_grad = captured[0] if captured else None
+        param_stats = sharded.param_stats(wanted, measured, update)
+        sharded.reduce_nodes(acc.sq, acc.forward_order)
+    elif streamer is None:
         value, _ = _loss(out, tuple(probe_inputs), loss, seed,
                          target if target is NO_TARGET else to_device(target, device))
         out_grad, param_stats = _backward(value, out, grad_inputs, wanted, measured, update)
@@ -519,7 +533,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
               weight_decay: float = 0.0, batches: int = 3, loss: str | LossFn = "dot",
               mode: str = "train", deadline: Deadline | None = None,
               real_batches: Sequence[RealBatch] | None = None,
-              streamer: Streamer | None = None) -> ProbeResult:
+              streamer: Streamer | None = None,
+              sharded: Sharded | None = None) -> ProbeResult:
     """Forward and backward on ``batches`` seeded batches; the caller restores the model.
 
     ``real_batches`` (``example_batches()``: (inputs, target) pairs of real data) are
@@ -567,7 +582,7 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
             try:
                 done.append(_run_batch(model, traced, batch, device, loss, seed, wanted,
                                        measured, (lr, optimizer, weight_decay), deadline,
-                                       plain_inputs, target, streamer))
+                                       plain_inputs, target, streamer, sharded))
                 if notes:
                     working = _batch_size(batch)
                 break
@@ -623,7 +638,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
     if not done:
         return result
     _combine(done, traced, params, result, lr, optimizer, weight_decay,
-             streamer.weight_sq if streamer is not None else None)
+             streamer.weight_sq if streamer is not None
+             else sharded.weight_sq if sharded is not None else None)
     _absolute_scale(done, traced, params, result, mean_loss=callable(loss)
                     or loss in ("mse", "cross_entropy"))
     _contain_nonfinite(traced, result)

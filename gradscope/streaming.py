@@ -183,7 +183,7 @@ class Streamer:
             real = nn.Parameter(real, requires_grad=tensor.requires_grad)
         return _Slot(name, tensor, real, nbytes)
 
-    def _fill(self, slot: _Slot) -> None:
+    def _fill(self, slot: _Slot, measure: bool = True) -> None:
         """Grow the slot's storage and give it its values (the same ones every time)."""
         storage = slot.real.untyped_storage()
         if storage.nbytes() != slot.nbytes:
@@ -207,7 +207,8 @@ class Streamer:
                     torch.manual_seed(seed)
                     func(slot.real, *args, **kwargs)
         slot.live = True
-        if isinstance(slot.real, nn.Parameter) and id(slot.real) not in self.weight_sq:
+        if measure and isinstance(slot.real, nn.Parameter) \
+                and id(slot.real) not in self.weight_sq:
             from gradscope.probe import sq_sum
 
             self.weight_sq[id(slot.real)] = float(sq_sum(slot.real))

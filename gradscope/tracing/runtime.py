@@ -95,6 +95,8 @@ def _where(error: BaseException, module: str | None,
 def _is_whole(module: nn.Module) -> bool:
     """Same rule as the symbolic tracer: childless torch.nn modules and MHA stay whole."""
     cls = type(module)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2:
+        cls = cls.__bases__[1]  # fully_shard's FSDP<Class>(FSDPModule, Class): the class
     if cls.__name__ in ops.LEAF_WITH_CHILDREN:
         return True
     in_torch = cls.__module__.startswith(("torch.nn", "torch.ao.nn"))
@@ -113,8 +115,11 @@ class _Recorder(TorchFunctionMode):
     """Builds (or replays) the graph of one forward."""
 
     def __init__(self, model: nn.Module, graph: nx.DiGraph | None, observe: Observer | None,
-                 ) -> None:
+                 skip_distributed: bool = False) -> None:
         super().__init__()
+        #: Ignore the ops torch.distributed runs inside the model's hooks (FSDP's
+        #: all-gathers and copies): not the model's, and they would shift node names.
+        self.skip_distributed = skip_distributed
         self.model = model
         self.building = graph is None
         self.graph = graph if graph is not None else nx.DiGraph()
@@ -268,7 +273,7 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.inside_whole:
+        if self.inside_whole or (self.skip_distributed and _from_distributed()):
             return out
         name = ops.function_name(func)
         if name in ops.IGNORED or name.startswith("__get") or name == "__set__":
@@ -316,6 +321,27 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+def _from_distributed() -> bool:
+    """Whether the op being recorded was called by torch.distributed's code (FSDP's hooks),
+    looking out from the caller until the first frame of the user's code."""
+    import sysconfig
+
+    from gradscope.tracing.graph import is_library_file
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            return False
+        path = frame.f_code.co_filename
+        if "torch/distributed/" in path.replace("\\", "/"):
+            return True
+        if not is_library_file(path) and not path.startswith(stdlib):
+            return False
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def _recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
     """Hooks on the modules kept whole and the function mode, removed whatever happens."""
@@ -338,13 +364,15 @@ def _recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
 class RuntimeRunner(Runner):
     """Replays the recorder during the probe so each node's output is observed."""
 
-    def __init__(self, model: nn.Module, graph: nx.DiGraph, output_key: str | None) -> None:
+    def __init__(self, model: nn.Module, graph: nx.DiGraph, output_key: str | None,
+                 skip_distributed: bool = False) -> None:
         self.model = model
         self.graph = graph
         self.output_key = output_key
+        self.skip_distributed = skip_distributed
 
     def run(self, inputs: tuple[Any, ...], observe: Observer) -> torch.Tensor:
-        recorder = _Recorder(self.model, self.graph, observe)
+        recorder = _Recorder(self.model, self.graph, observe, self.skip_distributed)
         with _recording(self.model, recorder):
             recorder.add_inputs(inputs)
             out = self.model(*inputs)
