@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -86,6 +88,45 @@ class Sharded:
                 "initialisation with a seed of its own; every process ran the same batches, "
                 "weight figures summed over the shards and per-node figures averaged over "
                 "the processes")
+
+    @contextmanager
+    def linking(self, acc: Any) -> Iterator[None]:
+        """While the probe's forward runs: FSDP's new input tensors count as the old.
+
+        FSDP2 passes each sharded module's inputs through an autograd function (its
+        post-backward hook), so a module returning its input unchanged (nn.Identity, a
+        shortcut) hands back a tensor the in-memory probe would recognise as an alias
+        and not measure. Two pre-hooks, one before and one after FSDP's, pair them.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        from gradscope.tracing.graph import tensor_leaves
+
+        handles = []
+        for module in self.model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            before: list[list[torch.Tensor]] = []
+
+            def first(_m: Any, args: Any, kwargs: Any,
+                      before: list[list[torch.Tensor]] = before) -> None:
+                before.append(tensor_leaves((args, kwargs)))
+
+            def last(_m: Any, args: Any, kwargs: Any,
+                     before: list[list[torch.Tensor]] = before) -> None:
+                old = before.pop() if before else []
+                for new, was in zip(tensor_leaves((args, kwargs)), old, strict=False):
+                    if new is not was:
+                        acc.alias(new, was)
+
+            handles.append(module.register_forward_pre_hook(first, prepend=True,
+                                                            with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(last, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def param_stats(self, wanted: list[nn.Parameter], measured: set[int],
                     update: tuple[float | None, str, float],

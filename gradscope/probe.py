@@ -137,6 +137,13 @@ class _Accumulator:
             if leaf.requires_grad:
                 leaf.register_hook(self._hook(name))
 
+    def alias(self, new: torch.Tensor, old: torch.Tensor) -> None:
+        """``new`` stands for ``old`` (FSDP passes a module's inputs through an autograd
+        function of its own): an op returning it unchanged is an alias, as of ``old``."""
+        seen = self.outputs.get(id(old))
+        if seen is not None and seen[0]() is old:
+            self.outputs[id(new)] = (weakref.ref(new), new._version)
+
     def _hook(self, name: str) -> Any:
         def hook(grad: torch.Tensor | None) -> None:
             if grad is None:
@@ -433,7 +440,10 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
             if deadline.expired():
                 raise _Expired
 
-    if streamer is None:
+    if sharded is not None:
+        with sharded.linking(acc):
+            out = traced.runner.run(tuple(probe_inputs), observe)
+    elif streamer is None:
         out = traced.runner.run(tuple(probe_inputs), observe)
     else:
         with streamer.running():

@@ -51,7 +51,11 @@ def assert_same_probe(streamed: Any, plain: Any, rel: float = 1e-4) -> int:
     a = {layer.name: layer for layer in streamed.layers}
     b = {layer.name: layer for layer in plain.layers}
     assert a.keys() == b.keys()
-    assert streamed.probe.output_grad_rms == pytest.approx(plain.probe.output_grad_rms, rel=rel)
+    if plain.probe.output_grad_rms is None:
+        assert streamed.probe.output_grad_rms is None
+    else:
+        assert streamed.probe.output_grad_rms == pytest.approx(plain.probe.output_grad_rms,
+                                                               rel=rel)
     assert streamed.probe.nonfinite_forward == plain.probe.nonfinite_forward
     assert streamed.probe.nonfinite_backward == plain.probe.nonfinite_backward
     compared = 0
@@ -200,8 +204,8 @@ def test_materialised_weights_follow_the_declared_initialisation() -> None:
     assert not torch.equal(w, other.layers[2][1].weight)
     assert not torch.equal(w, model.layers[3][1].weight)  # each tensor its own draw
     bound = 1 / math.sqrt(16)  # nn.Linear's kaiming_uniform_(a=sqrt(5)) on 16 inputs
-    assert float(w.abs().max()) <= bound
-    assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.15)
+    assert float(w.detach().abs().max()) <= bound
+    assert float(w.detach().std()) == pytest.approx(bound / math.sqrt(3), rel=0.15)
     assert torch.equal(model.layers[0][0].weight, torch.ones(16))  # LayerNorm: ones
     assert seed_for(3, "a") != seed_for(3, "b")
 
