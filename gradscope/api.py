@@ -35,7 +35,12 @@ from gradscope.rules.analysis import Analysis, run_rules
 from gradscope.rules.optimizers import ASSUMED_NOTE
 from gradscope.rules.selection import RuleSelection
 from gradscope.state import preserved
-from gradscope.streaming import Streamer, find_blocks, stream_footprint
+from gradscope.streaming import (
+    Streamer,
+    find_blocks,
+    memory_alternatives,
+    stream_footprint,
+)
 from gradscope.tracing import trace_model
 from gradscope.trial import try_fixes
 
@@ -393,7 +398,10 @@ def analyze(
         if not (meta or big):  # on meta nothing is allocated; else count before building
             planned = factory_footprint(model)
             if planned is not None:
-                check_memory("cpu", weights=planned.weights, doing="build the model")
+                counted = planned.model
+                check_memory("cpu", weights=planned.weights, doing="build the model",
+                             instead=None if counted is None else
+                             lambda: memory_alternatives(counted, opts.stream_blocks))
         model = _build(model, meta or big, declared, values=big)
     if _is_lazy(model):
         model = _materialised(model, inputs)
@@ -418,7 +426,8 @@ def analyze(
         from gradscope.distributed import sharded_footprint
 
         blocks = find_blocks(model, opts.stream_blocks)
-        check_memory(target_device, **sharded_footprint(model, blocks),
+        weights, gradients = sharded_footprint(model, blocks)
+        check_memory(target_device, weights=weights, gradients=gradients,
                      doing="probe the shards")
     elif stream:
         blocks = find_blocks(model, opts.stream_blocks)
@@ -429,7 +438,8 @@ def analyze(
         size = footprint(model)
         moving = torch.device(target_device) != _model_device(model)
         check_memory(target_device, weights=size.weights if moving else 0,
-                     gradients=size.gradients)
+                     gradients=size.gradients,
+                     instead=lambda: memory_alternatives(model, opts.stream_blocks))
     with preserved(model, report_notes):
         # Trace where the model lives; the probe moves it (and its inputs) when asked to.
         home = _model_device(model)
@@ -472,8 +482,11 @@ def analyze(
                                target_device, seed=seed, lr=lr,
                                optimizer=optimizer, weight_decay=weight_decay,
                                batches=batches, loss=loss, mode=probe_mode,
-                               deadline=deadline, real_batches=real_batches,
-                               streamer=streamer, sharded=sharded)
+                               # processes must stop at the same node: a deadline
+                               # each reads from its own clock would not stop them so
+                               deadline=None if distributed else deadline,
+                               real_batches=real_batches, streamer=streamer,
+                               sharded=sharded)
             report_notes.extend(result.notes)
             if streamer is not None:
                 report_notes.append(streamer.note())

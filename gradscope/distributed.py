@@ -172,17 +172,17 @@ class Sharded:
         return moved.cpu()
 
 
-def sharded_footprint(model: nn.Module, blocks: list[str]) -> dict[str, int]:
+def sharded_footprint(model: nn.Module, blocks: list[str]) -> tuple[int, int]:
     """Bytes one process holds, for the memory check: its shard of every weight and
     gradient, plus the largest block gathered whole for its forward and backward."""
     from gradscope.streaming import stream_footprint
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    largest, kept, _ = stream_footprint(model, blocks)
+    largest, _, _ = stream_footprint(model, blocks)
     params = list(dict.fromkeys(model.parameters()))
     total = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    return {"weights": total // world + largest, "gradients": grads // world + largest}
+    return total // world + largest, grads // world + largest
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

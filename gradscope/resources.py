@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,9 @@ class Footprint:
 
     weights: int
     gradients: int
+    #: The model counted, when it was built on the meta device for the count (the memory
+    #: check's hint works out from it what --stream would need).
+    model: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
 def footprint(model: nn.Module) -> Footprint:
@@ -81,7 +84,8 @@ def factory_footprint(factory: Callable[[], nn.Module]) -> Footprint | None:
         torch.set_rng_state(rng)
     if not isinstance(model, nn.Module):
         return None
-    return footprint(model)
+    counted = footprint(model)
+    return Footprint(counted.weights, counted.gradients, model)
 
 
 def _cpu_available() -> int | None:
@@ -124,11 +128,15 @@ def _gb(n: int) -> str:
 
 
 def check_memory(device: str, *, weights: int = 0, gradients: int = 0,
-                 doing: str = "probe the model") -> None:
+                 doing: str = "probe the model",
+                 instead: Callable[[], str | None] | None = None) -> None:
     """Raise :class:`ResourceError` when ``weights + gradients`` bytes do not fit on ``device``.
 
     ``weights`` are the bytes about to be allocated or moved there (0 when the
-    model already lives there), ``gradients`` those the probe will add.
+    model already lives there), ``gradients`` those the probe will add. ``instead``:
+    gives what the ways of probing a large model would need (``--stream``,
+    ``--distributed``) for the hint, asked only when the model does not fit
+    (``gradscope.streaming.memory_alternatives``).
     """
     need = weights + gradients
     if need <= 0:
@@ -136,12 +144,14 @@ def check_memory(device: str, *, weights: int = 0, gradients: int = 0,
     free = available_bytes(device)
     if free is None or need <= free:
         return
+    other = instead() if instead is not None else None
     parts = [f"{label} {_gb(n)}" for label, n in (("weights", weights),
                                                     ("gradients", gradients)) if n]
     raise ResourceError(
         f"not enough memory to {doing} on {device}: it needs about {_gb(need)} "
         f"({' + '.join(parts)}), only {_gb(free)} is available",
-        "use --meta for a static analysis that allocates nothing (or --no-probe, or "
+        (f"{other}; or use " if other else "use ")
+        + "--meta for a static analysis that allocates nothing (or --no-probe, or "
         "--device with more memory)")
 
 

@@ -323,6 +323,25 @@ def stream_footprint(model: nn.Module, blocks: list[str]) -> tuple[int, int, int
     return max(per_block.values(), default=0), kept, kept_grads
 
 
+def memory_alternatives(model: nn.Module, container: str | None = None,
+                        processes: int = 8) -> str | None:
+    """What ``--stream`` and ``--distributed`` would hold, for the memory check's hint;
+    None when the model has no repeated blocks to stream or shard."""
+    try:
+        blocks = find_blocks(model, container)
+    except InputError:
+        return None
+    largest, kept, kept_grads = stream_footprint(model, blocks)
+    params = list(dict.fromkeys(model.parameters()))
+    total = sum(p.numel() * p.element_size() for p in params)
+    gb = 2 ** 30
+    return (f"probe it with --stream (about {(largest + kept + kept_grads) / gb:.3g} GB: one "
+            f"of its {len(blocks)} blocks at a time, {largest / gb:.3g} GB, beside "
+            f"{kept / gb:.3g} GB kept) or with --distributed under torchrun (about "
+            f"{(2 * total / processes + 2 * largest) / gb:.3g} GB per process on "
+            f"{processes}: a shard of the weights and gradients and one gathered block)")
+
+
 def materialise_all(model: nn.Module, device: str = "cpu", seed: int = 0) -> nn.Module:
     """The meta model with every tensor materialised as the streamed probe draws it.
 

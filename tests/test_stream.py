@@ -258,3 +258,23 @@ def test_generated_models_stream_to_the_same_figures(spec: Any, mode: str) -> No
         return  # a documented error of the model itself (test_generated_models covers it)
     streamed = gradscope.analyze(model, inputs, stream=True, probe_mode=mode)
     assert_same_probe(streamed, plain)
+
+
+def test_memory_check_suggests_stream_and_distributed_with_figures(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradscope.resources as resources
+    from gradscope.errors import ResourceError
+
+    monkeypatch.setattr(resources, "available_bytes", lambda device: 1000)
+    with pytest.raises(ResourceError) as info:
+        gradscope.analyze(_Stack, (torch.randn(4, 8),))  # a factory: counted on meta
+    hint = info.value.hint
+    assert "--stream (about " in hint and "one of its 5 blocks at a time" in hint
+    assert "--distributed under torchrun (about " in hint and "--meta" in hint
+    with pytest.raises(ResourceError) as info:
+        gradscope.analyze(_Stack(), (torch.randn(4, 8),))  # built: moved/probed
+    assert "--stream (about " in info.value.hint
+    # and --stream itself is checked against what it holds, which fits far more often
+    monkeypatch.setattr(resources, "available_bytes", lambda device: 10 ** 9)
+    report = gradscope.analyze(_Stack, (torch.randn(4, 8),), stream=True)
+    assert report.probe.enabled

@@ -329,7 +329,7 @@ def _from_distributed() -> bool:
     from gradscope.tracing.graph import is_library_file
 
     stdlib = sysconfig.get_paths()["stdlib"]
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(16):
         if frame is None:
             return False
