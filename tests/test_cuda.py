@@ -45,3 +45,32 @@ def test_model_already_on_cuda_stays_there() -> None:
     report = gradscope.analyze(model, (x,), device="cuda")
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert report.probe.device == "cuda"
+
+
+def test_stream_on_cuda_copies_host_blocks_and_matches_cpu() -> None:
+    """--stream with real weights in host memory: blocks are copied to the GPU one at a
+    time (issue 17); figures as the CPU probe's, the model left on the CPU, unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), *[nn.Sequential(nn.LayerNorm(64),
+                                                             nn.Linear(64, 64), nn.Tanh())
+                                                for _ in range(4)], nn.Linear(64, 10))
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu = gradscope.analyze(model, (x,), device="cpu", tracer="runtime")
+    gpu = gradscope.analyze(model, (x,), device="cuda", stream=True)
+    assert gpu.probe.device == "cuda"
+    for name, value in model.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, before[name]), name
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        if a.probe_grad_rms is None:
+            assert b.probe_grad_rms is None
+        else:
+            assert b.probe_grad_rms == pytest.approx(a.probe_grad_rms, rel=1e-3, abs=1e-6)
+
+
+def test_stream_draws_a_meta_model_on_cuda() -> None:
+    from test_stream import _Stack
+
+    report = gradscope.analyze(_Stack, (torch.randn(4, 8),), device="cuda", stream=True)
+    assert report.probe.enabled and report.probe.device == "cuda"
+    assert any(layer.probe_grad_rms for layer in report.layers)
