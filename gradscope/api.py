@@ -360,6 +360,7 @@ def analyze(
     if unknown:
         raise TypeError(f"analyze() got an unexpected keyword argument {unknown[0]!r}")
     opts = (options or AnalysisOptions()).replaced(**keywords)
+    opts.check_together()
     device, probe, output, tracer, seed = (opts.device, opts.probe, opts.output, opts.tracer,
                                            opts.seed)
     # Not given: plain SGD is assumed (the stricter judge: it rescales nothing), and the

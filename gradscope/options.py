@@ -203,6 +203,21 @@ class AnalysisOptions:
                             f"{', '.join(OPTION_NAMES)})")
         return replace(self, **changes) if changes else self
 
+    def check_together(self) -> None:
+        """Refuse options that contradict each other (checked by ``analyze`` before it runs
+        anything; each value alone is checked by :meth:`validate` on construction, so the
+        settings layers can hold any one of them)."""
+        for name in ("stream", "distributed"):
+            if getattr(self, name) and (self.meta or not self.probe):
+                raise ConfigError(f"--{name} runs the probe: it cannot go with "
+                                  + ("--meta" if self.meta else "--no-probe"),
+                                  "drop one of the two (--meta: static estimate only)")
+        if self.stream and self.distributed:
+            raise ConfigError("--stream and --distributed are two ways to probe a model too "
+                              "large for one device: choose one",
+                              "--distributed under torchrun with several processes, "
+                              "--stream in one")
+
     def validate(self) -> None:
         """Check every value's type and range: a bad one is a one-line :class:`ConfigError`."""
         def bad(name: str, wants: str, value: Any) -> ConfigError:
@@ -217,16 +232,6 @@ class AnalysisOptions:
                 raise bad(name, "must be true or false", getattr(self, name))
         if not _is_int(self.seed):
             raise bad("seed", "must be an integer", self.seed)
-        for name in ("stream", "distributed"):
-            if getattr(self, name) and (self.meta or not self.probe):
-                raise ConfigError(f"--{name} runs the probe: it cannot go with "
-                                  + ("--meta" if self.meta else "--no-probe"),
-                                  "drop one of the two (--meta: static estimate only)")
-        if self.stream and self.distributed:
-            raise ConfigError("--stream and --distributed are two ways to probe a model too "
-                              "large for one device: choose one",
-                              "--distributed under torchrun with several processes, "
-                              "--stream in one")
         if self.stream_blocks is not None and not isinstance(self.stream_blocks, str):
             raise bad("stream-blocks", "must be a module path", self.stream_blocks)
         for name, choices in (("tracer", TRACERS), ("optimizer", OPTIMIZERS),

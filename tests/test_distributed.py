@@ -114,4 +114,4 @@ def test_stream_and_distributed_together_are_refused() -> None:
     from gradscope.options import AnalysisOptions
 
     with pytest.raises(ConfigError):
-        AnalysisOptions(stream=True, distributed=True)
+        AnalysisOptions(stream=True, distributed=True).check_together()

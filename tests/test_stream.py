@@ -129,9 +129,11 @@ def test_no_repeated_blocks_is_a_one_line_error(name: str) -> None:
 
 def test_stream_and_meta_or_no_probe_are_refused() -> None:
     with pytest.raises(ConfigError):
-        AnalysisOptions(stream=True, meta=True)
+        AnalysisOptions(stream=True, meta=True).check_together()
     with pytest.raises(ConfigError):
-        AnalysisOptions(stream=True, probe=False)
+        AnalysisOptions(stream=True, probe=False).check_together()
+    with pytest.raises(ConfigError):  # before anything is built or run
+        gradscope.analyze(_Stack, (torch.randn(4, 8),), stream=True, meta=True)
 
 
 class _Stack(nn.Module):
