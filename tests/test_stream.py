@@ -280,3 +280,30 @@ def test_memory_check_suggests_stream_and_distributed_with_figures(
     monkeypatch.setattr(resources, "available_bytes", lambda device: 10 ** 9)
     report = gradscope.analyze(_Stack, (torch.randn(4, 8),), stream=True)
     assert report.probe.enabled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hugging_face_decoders_stream_to_the_same_figures(family: str) -> None:
+    """Built from a config on meta: rotary ``inv_freq`` tables and masks are computed
+    alongside (small tensors), weights drawn from HF's ``_init_weights``."""
+    transformers = pytest.importorskip("transformers")
+    from gradscope.meta import library_init
+
+    def factory() -> nn.Module:
+        if family == "llama":
+            return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=300))
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=3, n_embd=64, n_head=4, vocab_size=300, n_positions=64,
+            bos_token_id=0, eos_token_id=0))
+
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    streamed = gradscope.analyze(factory, (x,), stream=True)
+    with recording_init({}, values=True):
+        model = factory()
+        library_init(model)
+    materialise_all(model)
+    plain = gradscope.analyze(model, (x,), tracer="runtime")
+    assert assert_same_probe(streamed, plain) > 100
