@@ -151,9 +151,20 @@ def to_device(value: Any, device: torch.device | str) -> Any:
 
 
 def tensor_leaves(value: Any) -> list[torch.Tensor]:
-    """Every tensor inside a (possibly nested) output, in order."""
+    """Every tensor inside a (possibly nested) output, in order.
+
+    A plain tensor (most ops' output) is its own only leaf: answered without pytree, whose
+    flattening was a tenth of the runtime recorder's replay in the probe (issue 15).
+    Subclasses go through pytree, which may know them as containers.
+    """
+    if type(value) in _PLAIN_TENSORS:
+        return [value]
     leaves, _ = torch.utils._pytree.tree_flatten(value)
     return [v for v in leaves if isinstance(v, torch.Tensor)]
+
+
+#: Tensor types that pytree never flattens further.
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def describe_value(value: Any) -> tuple[list[int] | None, str | None, bool]:
