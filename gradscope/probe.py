@@ -154,10 +154,14 @@ class _Accumulator:
             total = sq_sum(g)
             # Squares of float32/16 values summed in float64 cannot overflow: the sum is
             # non-finite exactly when some element is, so it doubles as the check.
-            bad = _nonfinite(g) if g.dtype == torch.float64 else ~torch.isfinite(total)
-            sq: Value = total
-            if g.device.type == "cpu":  # see Value
-                sq, bad = float(total), bool(bad)
+            sq: Value
+            bad: Flag
+            if g.device.type == "cpu":  # see Value; the check on the Python float
+                sq = float(total)
+                bad = _nonfinite(g) if g.dtype == torch.float64 else not math.isfinite(sq)
+            else:
+                sq = total
+                bad = _nonfinite(g) if g.dtype == torch.float64 else ~torch.isfinite(total)
             self.sq.setdefault(name, []).append(sq)
             self.bad_grad.setdefault(name, []).append(bad)
 

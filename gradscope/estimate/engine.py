@@ -31,6 +31,7 @@ pooling rules read.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,7 @@ from gradscope.estimate.segments import SegmentBackward, SegmentForward
 from gradscope.estimate.spread import cat_spread
 from gradscope.estimate.statistics import (
     Mom,
+    cached_fact,
     numel,
     statistics_scope,
     tensor_stats,
@@ -167,7 +169,10 @@ class _Estimator(SweepState):
             if role == "input":
                 value = self.inputs[input_index] if input_index < len(self.inputs) else None
                 input_index += 1
-                self.spread[name] = unit_means_spread(value) \
+                # the same inputs in every fix's re-estimate: read once per traced model
+                self.spread[name] = cached_fact(
+                    self.traced.weight_facts, "unit_means_spread", (value,),
+                    functools.partial(unit_means_spread, value)) \
                     if isinstance(value, torch.Tensor) else 0.0
                 self.moments[name] = tensor_stats(value) if isinstance(value, torch.Tensor) \
                     else (0.0, 1.0)

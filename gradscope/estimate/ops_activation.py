@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from gradscope.estimate.activations import (
     activation_grad_sq,
@@ -36,13 +37,32 @@ _ACT_POSITIONAL = {"leaky_relu": "negative_slope", "elu": "alpha", "celu": "alph
                    "softshrink": "lambd"}
 
 
+def _plain_attr(module: nn.Module, attr: str) -> Any:
+    """``getattr(module, attr, None)``, without asking ``nn.Module.__getattr__`` for names
+    that are in neither the instance's nor its classes' dictionaries.
+
+    That fallback only finds parameters, buffers and submodules (never a number or a
+    string, all an activation's parameters can be) and raises an AttributeError, built
+    with its message, for the rest: nine of them per activation node, in every estimate,
+    were a tenth of the sweep over a deep MLP. Modules that override attribute lookup
+    are asked as they are.
+    """
+    cls = type(module)
+    if cls.__getattr__ is nn.Module.__getattr__ \
+            and cls.__getattribute__ is nn.Module.__getattribute__ \
+            and attr not in module.__dict__ \
+            and not any(attr in vars(klass) for klass in cls.__mro__):
+        return None
+    return getattr(module, attr, None)
+
+
 def _activation_params(ctx: Ctx, name: str) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if name == "relu6":  # nn.ReLU6 is a Hardtanh(0, 6) whose bounds are part of its name
         return params
     if ctx.module is not None:
         for attr in _ACT_PARAMS:
-            value = getattr(ctx.module, attr, None)
+            value = _plain_attr(ctx.module, attr)
             if isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 params[attr] = value
         if name == "prelu" and isinstance(getattr(ctx.module, "weight", None), torch.Tensor):

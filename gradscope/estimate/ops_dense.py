@@ -206,7 +206,8 @@ def unit_mean_fan(ctx: Ctx, w: torch.Tensor) -> float:
     """
     if ctx.data.key == "addmm":
         return float(w.shape[0])
-    fan = float(w[0].numel())
+    # w[0].numel() without indexing (a view per call): the same product of sizes
+    fan = float(math.prod(w.shape[1:]) if w.dim() >= 1 and w.shape[0] > 0 else w[0].numel())
     if ctx.data.key != "conv":
         return fan
     shares = _conv_tap_shares(ctx, w)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -28,6 +29,10 @@ EPS = 1e-12
 #: (mean, second moment) of a node's output; None where unknown or not floating.
 Mom = tuple[float, float]
 UNIT: Mom = (0.0, 1.0)
+
+
+#: A key of the measurement cache (:func:`_cache_key`).
+StatsKey = tuple[Hashable, ...]
 
 
 def numel(shape: Sequence[int] | None) -> int | None:
@@ -51,7 +56,8 @@ _DECLARED: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextVa
 #: Each entry keeps its tensor: a rule's temporary (``in_proj_weight.chunk(3)``) is freed
 #: after use and a later temporary may get its id, which then read the stale moments (a
 #: nondeterministic estimate of nn.MultiheadAttention's layers, 1e-4 relative).
-_STATS: contextvars.ContextVar[dict[tuple[int, int], tuple[torch.Tensor, Mom]] | None] = \
+#: Keys: :func:`_cache_key`.
+_STATS: contextvars.ContextVar[dict[StatsKey, tuple[torch.Tensor, Mom]] | None] = \
     contextvars.ContextVar("stats", default=None)
 
 
@@ -65,7 +71,7 @@ _OVERRIDES: contextvars.ContextVar[dict[int, Mom] | None] = contextvars.ContextV
 @contextlib.contextmanager
 def statistics_scope(declared: dict[int, Mom] | None = None,
                      overrides: dict[int, Mom] | None = None,
-                     cache: dict[tuple[int, int], tuple[torch.Tensor, Mom]] | None = None,
+                     cache: dict[StatsKey, tuple[torch.Tensor, Mom]] | None = None,
                      ) -> Iterator[None]:
     """One estimate's declared moments, overrides and measurement cache (``cache``: one
     kept across estimates of the same tensors; a fresh one otherwise)."""
@@ -99,18 +105,56 @@ def tensor_stats(t: torch.Tensor) -> Mom | None:
         return None
     cache = _STATS.get()
     if cache is not None:
-        key = (id(t), t._version)
+        key, owner = _cache_key(t)
         hit = cache.get(key)
-        if hit is None or hit[0] is not t:  # the same object, not a reused id
-            hit = cache[key] = (t, _measure(t))
+        if hit is None or hit[0] is not owner:  # the same object, not a reused id
+            hit = cache[key] = (owner, _measure(t))
         return hit[1]
     return _measure(t)
+
+
+def _cache_key(t: torch.Tensor) -> tuple[StatsKey, torch.Tensor]:
+    """The measurement cache's key for ``t``, and the tensor its entry must keep alive.
+
+    A tensor is keyed by its id and version. A view (``in_proj_weight.chunk(3)``, which
+    nn.MultiheadAttention's rules take afresh on every call, so its id is new every time)
+    is keyed by the tensor it views and where it reads it (offset, shape, strides, dtype,
+    conjugate and negative bits): the same elements of the same tensor, whose version
+    counter it shares, so an in-place change of either is a new key. The entry keeps the
+    viewed tensor, so its id is never reused for another while the cache lives.
+    """
+    base = t._base
+    if base is None:
+        return (id(t), t._version), t
+    return (("view", id(base), t._version, t.storage_offset(), tuple(t.shape), t.stride(),
+             t.dtype, t.is_conj(), t.is_neg()), base)
 
 
 def _measure(t: torch.Tensor) -> Mom:
     with torch.no_grad():
         x = t.detach().to(torch.float64)
         return float(x.mean()), float((x * x).mean())
+
+
+#: Facts computed from tensor values alone, kept across estimates of one traced model
+#: (``TracedModel.weight_facts``), by a tag and the ids and versions of the tensors read.
+Facts = dict[tuple[Hashable, ...], tuple[tuple[torch.Tensor, ...], Any]]
+
+
+def cached_fact(facts: Facts, tag: str, tensors: tuple[torch.Tensor, ...],
+                compute: Callable[[], Any]) -> Any:
+    """``compute()``, a fact about the values of ``tensors``, cached in ``facts``.
+
+    Keyed by each tensor's id and version: an in-place change is a new key, and an entry
+    is used only for the very tensors it holds (not another that reuses a freed id).
+    """
+    key = (tag, *((id(t), t._version) for t in tensors))
+    hit = facts.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
+        return hit[1]
+    value = compute()
+    facts[key] = (tensors, value)
+    return value
 
 
 def weight_stats(t: torch.Tensor | None, default: Mom) -> Mom:

@@ -59,6 +59,7 @@ from block to block and decorrelate the paths slightly (by ``1 - p`` on cross te
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -67,7 +68,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 
-from gradscope.estimate.statistics import Mom
+from gradscope.estimate.statistics import Facts, Mom, cached_fact
 from gradscope.tracing.graph import TracedModel, node_record
 
 #: Longest chain handled coherently: the pair sum costs O(n) per block and O(n^2) memory.
@@ -240,14 +241,33 @@ def _float_tensors(traced: TracedModel, nodes: Iterable[str]) -> list[torch.Tens
     return [t for t in out if t.is_floating_point()]
 
 
-class _Classes:
-    """Equality classes of tensors by value: shape, dtype, a fingerprint, then torch.equal."""
+def _fingerprint(t: torch.Tensor) -> tuple[object, ...] | None:
+    """Shape, dtype, min, max, sum and first values of ``t``; None for a constant tensor."""
+    flat = t.detach().reshape(-1)
+    lo, hi = float(flat.min()), float(flat.max())
+    if lo == hi:
+        return None
+    head = tuple(float(v) for v in flat[:4])
+    return (tuple(t.shape), str(t.dtype), lo, hi, float(flat.double().sum()), head)
 
-    def __init__(self) -> None:
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.detach(), b.detach())
+
+
+class _Classes:
+    """Equality classes of tensors by value: shape, dtype, a fingerprint, then torch.equal.
+
+    ``facts`` (the traced model's ``weight_facts``) keeps the fingerprints and equalities
+    for the next estimate of the same weights: every fix's re-estimate asks again.
+    """
+
+    def __init__(self, facts: Facts | None = None) -> None:
         self._by_id: dict[int, int] = {}
         self._buckets: dict[tuple[object, ...], list[tuple[torch.Tensor, int]]] = \
             defaultdict(list)
         self._next = 0
+        self._facts: Facts = facts if facts is not None else {}
 
     def of(self, t: torch.Tensor) -> int | None:
         """The class of ``t``; None for a constant tensor or one without values (meta)."""
@@ -258,15 +278,12 @@ class _Classes:
         if t.is_meta or t.numel() < 2:
             self._by_id[key_id] = -1
             return None
-        flat = t.detach().reshape(-1)
-        lo, hi = float(flat.min()), float(flat.max())
-        if lo == hi:
+        key = cached_fact(self._facts, "fingerprint", (t,), functools.partial(_fingerprint, t))
+        if key is None:
             self._by_id[key_id] = -1
             return None
-        head = tuple(float(v) for v in flat[:4])
-        key = (tuple(t.shape), str(t.dtype), lo, hi, float(flat.double().sum()), head)
         for other, cls in self._buckets[key]:
-            if torch.equal(other.detach(), t.detach()):
+            if cached_fact(self._facts, "equal", (other, t), functools.partial(_equal, other, t)):
                 self._by_id[key_id] = cls
                 return cls
         cls = self._next
@@ -305,7 +322,7 @@ def _has_equal_weights(traced: TracedModel) -> bool:
             continue
         seen.add(id(t))
         by_shape[(tuple(t.shape), str(t.dtype))].append(t)
-    classes = _Classes()
+    classes = _Classes(traced.weight_facts)
     for group in by_shape.values():
         if len(group) < 2:
             continue
@@ -357,7 +374,7 @@ def find_tied_blocks(traced: TracedModel) -> TiedBlocks:
     except (RuntimeError, TypeError, ValueError):
         return found
     graph = traced.graph
-    classes = _Classes()
+    classes = _Classes(traced.weight_facts)
     blocks: dict[str, tuple[str, int]] = {}  # add -> (fork, letter)
     outs: dict[str, str] = {}
     fresh = -1

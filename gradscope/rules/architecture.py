@@ -239,6 +239,8 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
     pairs = []
     adds = analysis.facts.residual_adds
     add_set = set(adds)
+    # each add's (stream, branch) split, found once rather than once per other add
+    splits = {add: stream_and_branch(graph, add) for add in add_set}
     for add in adds:
         succ = list(graph.successors(add))
         if len(succ) != 1 or node_record(graph, succ[0]).key not in ("layer_norm", "rms_norm"):
@@ -247,8 +249,8 @@ def post_ln_pairs(analysis: Analysis) -> list[tuple[str, str]]:
         # The normalised sum is the stream: the next residual add adds a branch to it, or
         # it reaches the output without crossing another residual add (a Pre-LN encoder's
         # final norm feeding a decoder's cross-attention does neither).
-        streams = {split[0] for other in add_set if other != add
-                   and (split := stream_and_branch(graph, other)) is not None}
+        streams = {split[0] for other, split in splits.items()
+                   if other != add and split is not None}
         if norm in streams or _reaches_output_directly(analysis, norm, add_set):
             pairs.append((add, norm))
     return pairs

@@ -197,7 +197,12 @@ class Fixer:
             init_action(self.analysis, layers, gain_sq))
 
     def zero_bias(self, nodes: Sequence[str], worst: str = "low") -> Recommendation | None:
-        """Biases before ReLUs set to 0."""
+        """Biases before ReLUs set to 0 (memoised: GS401 and GS402 offer it for the same
+        layers, and each offer costs an estimate)."""
+        return self.analysis.remember(f"zero_bias:{worst}:{list(nodes)!r}",
+                                      lambda: self._zero_bias(nodes, worst))
+
+    def _zero_bias(self, nodes: Sequence[str], worst: str) -> Recommendation | None:
         variant = Variant(self.traced)
         for node in nodes:
             _, bias = weight_and_bias(self.traced, node)
@@ -216,7 +221,12 @@ class Fixer:
             check, tuple(modules), zero_bias_action(self.analysis, nodes))
 
     def residual(self, worst: str) -> Recommendation | None:
-        """Identity skips around blocks of two weight layers on the longest plain run."""
+        """Identity skips around blocks of two weight layers on the longest plain run
+        (memoised: GS701's plain run and the vanishing fixes offer the same, and each
+        offer costs two estimates)."""
+        return self.analysis.remember(f"residual:{worst}", lambda: self._residual(worst))
+
+    def _residual(self, worst: str) -> Recommendation | None:
         spans = plain_blocks(self.analysis)
         if not spans:
             return None
@@ -455,6 +465,22 @@ def _weight_grad(graph: nx.DiGraph, est: StaticEstimate, node: str) -> float | N
     return sq * mom[1]
 
 
+def _between(graph: nx.DiGraph, start: str, end: str) -> set[str]:
+    """``descendants(start) & ancestors(end)``: the ancestors of ``end`` reached from
+    ``start``. Searched within the ancestors (every node on a path from ``start`` to one of
+    them is one of them too), not over all of ``start``'s descendants, which in a stack of
+    blocks is the rest of the graph for every block."""
+    above = nx.ancestors(graph, end)
+    found: set[str] = set()
+    stack = [start]
+    while stack:
+        for succ in graph.successors(stack.pop()):
+            if succ in above and succ not in found:
+                found.add(succ)
+                stack.append(succ)
+    return found
+
+
 def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendation | None:
     """Move each LayerNorm onto its sublayer's input (Pre-LN); the last one stays as final norm.
 
@@ -476,7 +502,7 @@ def pre_ln_fix(analysis: Analysis, pairs: list[tuple[str, str]]) -> Recommendati
         if split is None:
             return None
         stream, branch_out = split
-        branch = (nx.descendants(variant.graph, stream) & nx.ancestors(variant.graph, branch_out))
+        branch = _between(variant.graph, stream, branch_out)
         branch.add(branch_out)
         shape = node_record(variant.graph, stream).shape or [1]
         pre = variant.insert("pre_ln", stream, "layer_norm", "layer_norm",

@@ -12,7 +12,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
@@ -68,7 +68,14 @@ class TracedModel:
     #: static estimate of this graph and of its what-if copies (which share the tensors):
     #: each verified fix re-estimates the graph, and reading the weights is the hot spot.
     #: Each entry holds its tensor, so an id is never read for another (temporaries).
-    measured: dict[tuple[int, int], tuple[torch.Tensor, tuple[float, float]]] = field(
+    #: Keys: ``gradscope.estimate.statistics._cache_key`` (views by the tensor they view).
+    measured: dict[tuple[Hashable, ...], tuple[torch.Tensor, tuple[float, float]]] = field(
+        default_factory=dict, repr=False)
+    #: Facts read from weight values alone (``gradscope.estimate.tied``'s fingerprints and
+    #: equalities), shared like ``measured``: the search for equal weights runs again in
+    #: every fix's re-estimate, on the same weights. Keyed by the ids and versions of the
+    #: tensors read; each entry holds them, so an id is never read for another tensor.
+    weight_facts: dict[tuple[Hashable, ...], tuple[tuple[torch.Tensor, ...], Any]] = field(
         default_factory=dict, repr=False)
 
     def node(self, name: str) -> NodeRecord:
@@ -151,9 +158,20 @@ def to_device(value: Any, device: torch.device | str) -> Any:
 
 
 def tensor_leaves(value: Any) -> list[torch.Tensor]:
-    """Every tensor inside a (possibly nested) output, in order."""
+    """Every tensor inside a (possibly nested) output, in order.
+
+    A plain tensor (most ops' output) is its own only leaf: answered without pytree, whose
+    flattening was a tenth of the runtime recorder's replay in the probe (issue 15).
+    Subclasses go through pytree, which may know them as containers.
+    """
+    if type(value) in _PLAIN_TENSORS:
+        return [value]
     leaves, _ = torch.utils._pytree.tree_flatten(value)
     return [v for v in leaves if isinstance(v, torch.Tensor)]
+
+
+#: Tensor types that pytree never flattens further.
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def describe_value(value: Any) -> tuple[list[int] | None, str | None, bool]:

@@ -33,7 +33,6 @@ from gradscope.tracing.graph import (
     TracedModel,
     add_node,
     compute_depths,
-    describe_value,
     mark_weight_source,
     node_record,
     set_record,
@@ -133,14 +132,31 @@ class _Recorder(TorchFunctionMode):
         #: The module kept whole that is running (meaningful while ``inside_whole``).
         self.whole = ""
         self.tensors: dict[str, torch.Tensor] = {}
-        self.param_ids = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-        self.param_ids.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
+        #: Weights by id: only the build reads them (a replay names nodes without them).
+        self.param_ids: dict[int, str] = {}
+        if self.building:
+            self.param_ids = {id(p): n
+                              for n, p in model.named_parameters(remove_duplicate=False)}
+            self.param_ids.update(
+                {id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
         self.paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
         self.modules: dict[str, nn.Module] = {}
         #: The frame that runs the model's forward: where looking for the user's code ends.
         self.stop: FrameType | None = sys._getframe(1)
+        #: ``ops.function_name`` by function, for this forward: the same few functions are
+        #: called thousands of times (a replay pays for it on every probe batch).
+        self.names: dict[Any, str] = {}
 
     # naming ---------------------------------------------------------------
+    def _function_name(self, func: Any) -> str:
+        try:
+            name = self.names.get(func)
+        except TypeError:  # an unhashable callable: named every time
+            return ops.function_name(func)
+        if name is None:
+            name = self.names[func] = ops.function_name(func)
+        return name
+
     def _fresh(self, base: str) -> str:
         base = base.replace(".", "_") or "node"
         count = self.counts.get(base, 0)
@@ -175,10 +191,10 @@ class _Recorder(TorchFunctionMode):
         return node
 
     def _record(self, name: str, value: Any, **attrs: Any) -> None:
-        if self.building:
-            add_node(self.graph, name, value=value, **attrs)
-        elif name not in self.graph:
-            return  # a branch the recorded graph does not have: measured nowhere
+        if not self.building:
+            self._replay(name, value)
+            return
+        add_node(self.graph, name, value=value, **attrs)
         for leaf in tensor_leaves(value):
             self.producer[id(leaf)] = name
             self.keep.append(leaf)
@@ -187,6 +203,33 @@ class _Recorder(TorchFunctionMode):
                 self.tensors[name] = value.detach()
             return  # part of a weight: not a layer the probe measures
         if self.observe is not None:
+            self.observe(name, value)
+
+    def _replay(self, name: str, value: Any) -> None:
+        """A replayed node's output, named as the build named it, handed to the observer.
+
+        All the probe needs of a replay is each node's name and output: the name comes
+        from the same ``_fresh`` counters as in the build (every path through
+        ``__torch_function__`` and ``post_hook`` takes one name from the same base, so the
+        names do not depend on the build-only work: caller lines, argument references,
+        weight folding, producers), and whether the node is a weight, the recorded graph
+        says. Producers are not tracked, so nothing is kept alive for their ids.
+        """
+        if name not in self.graph:
+            return  # a branch the recorded graph does not have: measured nowhere
+        if node_record(self.graph, name).role == "param":
+            if isinstance(value, torch.Tensor):
+                # Part of a weight: not a layer the probe measures. The build stored its
+                # ``detach()``, which a module hook (outside ``__torch_function__``) runs
+                # under the mode: a ``detach`` node of its own that later names count, so
+                # the replay detaches too.
+                self.tensors[name] = value.detach()
+            return
+        if self.observe is None:
+            return
+        # The observer's checks (``is_floating_point``, hooks, sums) are not the model's
+        # ops: outside the mode they cost nothing here and cannot shift replayed names.
+        with torch._C.DisableTorchFunction():
             self.observe(name, value)
 
     def _weight_only(self, args: Any) -> list[str] | None:
@@ -252,6 +295,9 @@ class _Recorder(TorchFunctionMode):
         if self.inside_whole:
             return
         path = self.paths.get(id(module), type(module).__name__)
+        if not self.building:
+            self._replay(self._fresh(path), output)  # both branches below name it so
+            return
         file, line = _caller_location(self.stop)
         weights = self._weight_only(args) if isinstance(output, torch.Tensor) else None
         if weights is not None and any(node_record(self.graph, w).num_params for w in weights):
@@ -275,11 +321,14 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.inside_whole or (self.skip_distributed and _from_distributed()):
             return out
-        name = ops.function_name(func)
+        name = self._function_name(func)
         if name in ops.IGNORED or name.startswith("__get") or name == "__set__":
             return out
-        _, _, is_tensor = describe_value(out)
-        if not is_tensor:
+        if not tensor_leaves(out):
+            return out
+        if not self.building:
+            # Every branch below names the node ``_fresh(name)``: the replay needs no more.
+            self._replay(self._fresh(name), out)
             return out
         file, line = _caller_location(self.stop)
         if not tensor_leaves((args, kwargs)):
