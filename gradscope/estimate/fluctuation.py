@@ -152,11 +152,21 @@ def _pooled_normals(samples: int) -> FloatArray:
     return np.random.default_rng(_SEED).standard_normal((draws, samples))
 
 
+@functools.lru_cache(maxsize=16)
+def _pooled_below_max(samples: int) -> tuple[FloatArray, FloatArray]:
+    """Each row's largest normal, and the row less it (<= 0), for the log-sum-exp below:
+    sqrt(V) > 0 keeps the largest sample the largest, so these do not depend on V."""
+    z = _pooled_normals(samples)
+    top = z.max(axis=1, keepdims=True)
+    return top[:, 0], z - top
+
+
 @functools.lru_cache(maxsize=4096)
 def _log_mean_gain(var: float, samples: int) -> float:
-    x = math.sqrt(var) * _pooled_normals(samples)
-    top = x.max(axis=1, keepdims=True)  # log-sum-exp: exp(sqrt(V) Z) overflows for V ~ 1e4
-    logs = top[:, 0] + np.log(np.exp(x - top).mean(axis=1))
+    top, below = _pooled_below_max(samples)
+    scale = math.sqrt(var)
+    # log-sum-exp around each row's largest sample: exp(sqrt(V) Z) overflows for V ~ 1e4
+    logs = scale * top + np.log(np.exp(scale * below).mean(axis=1))
     return float(logs.mean())
 
 
