@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,9 +26,36 @@ from gradscope.tracing.fx_tracers import NodeExecutionError
 from gradscope.tracing.graph import TracedModel, node_record, tensor_leaves, to_device
 from gradscope.tracing.ops import RELU_LIKE, SATURATION_EDGE
 
-if TYPE_CHECKING:
-    from gradscope.distributed import Sharded
-    from gradscope.streaming import Streamer
+
+class StreamHooks(Protocol):
+    """What the probe needs of ``--stream``'s :class:`gradscope.streaming.Streamer`."""
+
+    #: ||W||^2 by id(parameter), measured while each weight was materialised.
+    weight_sq: dict[int, float]
+
+    def running(self) -> AbstractContextManager[None]:
+        """Blocks checkpointed and materialised on demand while forward and backward run."""
+        ...
+
+
+class ShardHooks(Protocol):
+    """What the probe needs of ``--distributed``'s :class:`gradscope.distributed.Sharded`."""
+
+    weight_sq: dict[int, float]
+
+    def linking(self, acc: Any) -> AbstractContextManager[None]:
+        """FSDP's new input tensors counted as the ones they stand for, during a forward."""
+        ...
+
+    def param_stats(self, wanted: list[nn.Parameter], measured: set[int],
+                    update: tuple[float | None, str, float],
+                    ) -> dict[int, tuple[float, float] | None]:
+        """(||grad W||^2, ||first update||^2) per measured parameter, over all shards."""
+        ...
+
+    def reduce_nodes(self, sq: dict[str, list[Any]], order: list[str]) -> None:
+        """Each node's squared norms reduced over the process group, in place."""
+        ...
 
 #: Activations whose units can die: the ReLU-like family of the op table.
 DEAD_KEYS = frozenset(f"activation:{name}" for name in RELU_LIKE)
@@ -420,8 +448,8 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
                loss: str | LossFn, seed: int, wanted: list[nn.Parameter],
                measured: set[int], update: tuple[float | None, str, float],
                deadline: Deadline | None = None, plain_inputs: bool = False,
-               target: Any = NO_TARGET, streamer: Streamer | None = None,
-               sharded: Sharded | None = None) -> _Batch:
+               target: Any = NO_TARGET, streamer: StreamHooks | None = None,
+               sharded: ShardHooks | None = None) -> _Batch:
     probe_inputs = []
     grad_inputs: list[torch.Tensor] = []
     for t in inputs:
@@ -547,8 +575,8 @@ def run_probe(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], de
               weight_decay: float = 0.0, batches: int = 3, loss: str | LossFn = "dot",
               mode: str = "train", deadline: Deadline | None = None,
               real_batches: Sequence[RealBatch] | None = None,
-              streamer: Streamer | None = None,
-              sharded: Sharded | None = None) -> ProbeResult:
+              streamer: StreamHooks | None = None,
+              sharded: ShardHooks | None = None) -> ProbeResult:
     """Forward and backward on ``batches`` seeded batches; the caller restores the model.
 
     ``real_batches`` (``example_batches()``: (inputs, target) pairs of real data) are
