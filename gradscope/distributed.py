@@ -34,7 +34,7 @@ from torch import nn
 
 from gradscope.errors import ConfigError
 from gradscope.meta import RECIPE, SHADOW
-from gradscope.streaming import Streamer, seed_for
+from gradscope.streaming import fill
 from gradscope.tracing.graph import TracedModel
 from gradscope.tracing.runtime import RuntimeRunner
 
@@ -204,7 +204,6 @@ def shard(model: nn.Module, traced: TracedModel, blocks: list[str], device: str,
     fully_shard(twin, mesh=mesh)
     twin.to_empty(device=device)
     world, me = dist.get_world_size(), dist.get_rank()
-    filler = Streamer(twin, [], device, seed)
     local_sq: dict[str, float] = {}
     with torch.no_grad():
         for kind, named in (("param", twin.named_parameters()), ("buffer", twin.named_buffers())):
@@ -215,7 +214,7 @@ def shard(model: nn.Module, traced: TracedModel, blocks: list[str], device: str,
                                       "was not recorded while the model was built",
                                       "initialise it with torch.nn.init, or probe without "
                                       "--distributed")
-                full = _full(filler, name, source, device)
+                full = _full(name, source, device, seed)
                 target = _local(tensor)
                 if kind == "param" and getattr(tensor, "placements", None):
                     part = full.chunk(world, dim=0)
@@ -248,14 +247,11 @@ def _sources(model: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-def _full(filler: Streamer, name: str, source: torch.Tensor, device: str) -> torch.Tensor:
+def _full(name: str, source: torch.Tensor, device: str, seed: int) -> torch.Tensor:
     """The whole tensor ``name`` as the in-memory probe of the same model would hold it."""
-    from gradscope.streaming import _Slot
-
     real = torch.empty(source.shape, dtype=source.dtype, device=device)
-    slot = _Slot(name, source, real, real.untyped_storage().nbytes())
-    filler._fill(slot, measure=False)
+    fill(real, name, source, seed)
     return real
 
 
-__all__ = ["Sharded", "rank", "seed_for", "setup", "shard"]
+__all__ = ["Sharded", "rank", "setup", "shard", "sharded_footprint"]

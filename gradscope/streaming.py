@@ -183,32 +183,14 @@ class Streamer:
             real = nn.Parameter(real, requires_grad=tensor.requires_grad)
         return _Slot(name, tensor, real, nbytes)
 
-    def _fill(self, slot: _Slot, measure: bool = True) -> None:
+    def _fill(self, slot: _Slot) -> None:
         """Grow the slot's storage and give it its values (the same ones every time)."""
         storage = slot.real.untyped_storage()
         if storage.nbytes() != slot.nbytes:
             storage.resize_(slot.nbytes)
-        source = slot.original
-        with torch.no_grad():
-            if not source.is_meta:
-                slot.real.copy_(source)
-            elif hasattr(source, SHADOW) and not hasattr(source, RECIPE):
-                slot.real.copy_(getattr(source, SHADOW))
-            else:
-                func, args, kwargs = getattr(source, RECIPE)
-                seed = seed_for(self.seed, slot.name)
-                # A generator the model passed (``init.normal_(w, generator=g)``) has moved
-                # on since: a fresh one with the tensor's seed draws the same values each time.
-                args = tuple(_own_generator(a, seed, self.device) for a in args)
-                kwargs = {k: _own_generator(v, seed, self.device) for k, v in kwargs.items()}
-                cuda = [torch.device(self.device).index or 0] \
-                    if torch.device(self.device).type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):
-                    torch.manual_seed(seed)
-                    func(slot.real, *args, **kwargs)
+        fill(slot.real, slot.name, slot.original, self.seed)
         slot.live = True
-        if measure and isinstance(slot.real, nn.Parameter) \
-                and id(slot.real) not in self.weight_sq:
+        if isinstance(slot.real, nn.Parameter) and id(slot.real) not in self.weight_sq:
             from gradscope.probe import sq_sum
 
             self.weight_sq[id(slot.real)] = float(sq_sum(slot.real))
@@ -298,6 +280,32 @@ class Streamer:
             return out
 
         return streamed
+
+
+def fill(target: torch.Tensor, name: str, source: torch.Tensor, seed: int) -> None:
+    """Give ``target`` (real, ``source``'s shape) the values ``source`` stands for.
+
+    ``source`` real: its values. On the meta device: its recorded init call replayed
+    under the seed of (``seed``, ``name``), or the value computed alongside while the
+    model was built. The same values every time, in every process.
+    """
+    device = str(target.device)
+    with torch.no_grad():
+        if not source.is_meta:
+            target.copy_(source)
+        elif hasattr(source, SHADOW) and not hasattr(source, RECIPE):
+            target.copy_(getattr(source, SHADOW))
+        else:
+            func, args, kwargs = getattr(source, RECIPE)
+            own = seed_for(seed, name)
+            # A generator the model passed (``init.normal_(w, generator=g)``) has moved
+            # on since: a fresh one with the tensor's seed draws the same values each time.
+            args = tuple(_own_generator(a, own, device) for a in args)
+            kwargs = {k: _own_generator(v, own, device) for k, v in kwargs.items()}
+            cuda = [target.device.index or 0] if target.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(own)
+                func(target, *args, **kwargs)
 
 
 def _own_generator(value: Any, seed: int, device: str) -> Any:
