@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -472,37 +472,27 @@ def _run_batch(model: nn.Module, traced: TracedModel, inputs: tuple[Any, ...], d
             if deadline.expired():
                 raise _Expired
 
-    if sharded is not None:
-        with sharded.linking(acc):
-            out = traced.runner.run(tuple(probe_inputs), observe)
-    elif streamer is None:
+    # The streamed probe's blocks stay checkpointed through the backward; FSDP's inputs
+    # are paired with the tensors they stand for while the forward runs.
+    context: AbstractContextManager[None] = (
+        streamer.running() if streamer is not None
+        else sharded.linking(acc) if sharded is not None else nullcontext())
+    with context:
         out = traced.runner.run(tuple(probe_inputs), observe)
-    else:
-        with streamer.running():
-            out = traced.runner.run(tuple(probe_inputs), observe)
-            if out.requires_grad:
-                value, _ = _loss(out, tuple(probe_inputs), loss, seed,
-                                 target if target is NO_TARGET else to_device(target, device))
-                out_grad, param_stats = _backward_streamed(value, out, grad_inputs, wanted,
-                                                           measured, update)
-    if not out.requires_grad:
-        return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
-    if sharded is not None:
+        if not out.requires_grad:
+            return _Batch(acc, 0.0, out.numel(), {}, _batch_size(inputs), False)
         value, _ = _loss(out, tuple(probe_inputs), loss, seed,
                          target if target is NO_TARGET else to_device(target, device))
-        captured: list[torch.Tensor] = []
-        handle = out.register_hook(lambda g: captured.append(g.detach()))
-        try:
-            value.backward()  # FSDP reduce-scatters the weight gradients in backward()
-        finally:
-            handle.remove()
-        out_grad = captured[0] if captured else None
-        param_stats = sharded.param_stats(wanted, measured, update)
-        sharded.reduce_nodes(acc.sq, acc.forward_order)
-    elif streamer is None:
-        value, _ = _loss(out, tuple(probe_inputs), loss, seed,
-                         target if target is NO_TARGET else to_device(target, device))
-        out_grad, param_stats = _backward(value, out, grad_inputs, wanted, measured, update)
+        if streamer is not None:
+            out_grad, param_stats = _backward_streamed(value, out, grad_inputs, wanted,
+                                                       measured, update)
+        elif sharded is not None:
+            out_grad, param_stats = _backward_sharded(value, out, sharded, wanted,
+                                                      measured, update)
+            sharded.reduce_nodes(acc.sq, acc.forward_order)
+        else:
+            out_grad, param_stats = _backward(value, out, grad_inputs, wanted, measured,
+                                              update)
     name = traced.output_node
     if name not in acc.sq and out_grad is not None:
         acc._hook(name)(out_grad)  # the aliased output's own row: the same gradient
@@ -527,6 +517,21 @@ def _backward(value: torch.Tensor, out: torch.Tensor, grad_inputs: list[torch.Te
         if id(p) in measured:
             param_stats[id(p)] = None if g is None else _param_stats(g, p, update)
     return out_grad, param_stats
+
+
+def _backward_sharded(value: torch.Tensor, out: torch.Tensor, sharded: ShardHooks,
+                      wanted: list[nn.Parameter], measured: set[int],
+                      update: tuple[float | None, str, float],
+                      ) -> tuple[torch.Tensor | None, dict[int, tuple[float, float] | None]]:
+    """:func:`_backward` on an FSDP model (``--distributed``): ``backward()``, in which FSDP
+    reduce-scatters the weight gradients into the shards, then the shards' figures."""
+    captured: list[torch.Tensor] = []
+    handle = out.register_hook(lambda g: captured.append(g.detach()))
+    try:
+        value.backward()
+    finally:
+        handle.remove()
+    return (captured[0] if captured else None), sharded.param_stats(wanted, measured, update)
 
 
 def _param_stats(grad: torch.Tensor, p: torch.Tensor,

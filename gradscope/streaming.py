@@ -85,6 +85,17 @@ def find_blocks(model: nn.Module, container: str | None = None) -> list[str]:
     return best[1]
 
 
+def block_owners(model: nn.Module, blocks: list[str]) -> dict[int, str]:
+    """id(parameter) -> the block it belongs to; a parameter also used elsewhere (tied
+    across blocks, or with the embedding) belongs to none and stays materialised."""
+    uses: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = next((b for b in blocks if name.startswith(b + ".")), "")
+        uses.setdefault(id(p), set()).add(owner)
+    return {pid: next(iter(found)) for pid, found in uses.items()
+            if len(found) == 1 and "" not in found}
+
+
 def seed_for(seed: int, name: str) -> int:
     """The seed a tensor is drawn with: a function of the probe's seed and its name only,
     so a block materialised again (in the backward) gets exactly the same values."""
@@ -103,7 +114,6 @@ class _Slot:
     #: while its block is not running.
     real: torch.Tensor
     nbytes: int
-    live: bool = False
 
 
 @dataclass
@@ -131,7 +141,7 @@ class Streamer:
         """Give every module real tensors on the probe's device: blocks' parameters with
         empty storage, everything else materialised. The caller restores the model's
         ``_parameters``/``_buffers`` afterwards (``gradscope.state.preserved``)."""
-        owners = self._owners()
+        owners = block_owners(self.model, self.blocks)
         missing: list[str] = []
         made: dict[int, _Slot] = {}
         for path, module in self.model.named_modules(remove_duplicate=False):
@@ -164,17 +174,6 @@ class Streamer:
                 "initialise them with torch.nn.init (or in reset_parameters), or probe "
                 "without --stream")
 
-    def _owners(self) -> dict[int, str]:
-        """id(parameter) -> the block it belongs to; a parameter also used elsewhere
-        (tied across blocks, or with the embedding) stays materialised, in none."""
-        uses: dict[int, set[str]] = {}
-        block_of = {path: path for path in self.blocks}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            owner = next((b for b in block_of if name.startswith(b + ".")), "")
-            uses.setdefault(id(p), set()).add(owner)
-        return {pid: next(iter(found)) for pid, found in uses.items()
-                if len(found) == 1 and "" not in found}
-
     def _slot(self, name: str, tensor: torch.Tensor) -> _Slot:
         real = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
         nbytes = real.untyped_storage().nbytes()
@@ -189,7 +188,6 @@ class Streamer:
         if storage.nbytes() != slot.nbytes:
             storage.resize_(slot.nbytes)
         fill(slot.real, slot.name, slot.original, self.seed)
-        slot.live = True
         if isinstance(slot.real, nn.Parameter) and id(slot.real) not in self.weight_sq:
             from gradscope.probe import sq_sum
 
@@ -213,7 +211,6 @@ class Streamer:
             return
         for slot in self._slots.get(block, []):
             slot.real.untyped_storage().resize_(0)
-            slot.live = False
         self._live.discard(block)
 
     def note(self) -> str:
@@ -317,7 +314,7 @@ def _own_generator(value: Any, seed: int, device: str) -> Any:
 def stream_footprint(model: nn.Module, blocks: list[str]) -> tuple[int, int, int]:
     """Bytes the streamed probe holds: (largest block's parameters, what stays materialised,
     gradients of what stays), for the memory check before anything is allocated."""
-    shared = Streamer(model, blocks, "meta")._owners()
+    shared = block_owners(model, blocks)
     per_block: dict[str, int] = {}
     kept = kept_grads = 0
     for t in dict.fromkeys([*model.parameters(), *model.buffers()]):

@@ -108,10 +108,3 @@ def test_distributed_outside_torchrun_is_a_one_line_error() -> None:
     with pytest.raises(ConfigError) as info:
         gradscope.analyze(loaded.model, loaded.inputs, distributed=True)
     assert "torchrun" in info.value.hint
-
-
-def test_stream_and_distributed_together_are_refused() -> None:
-    from gradscope.options import AnalysisOptions
-
-    with pytest.raises(ConfigError):
-        AnalysisOptions(stream=True, distributed=True).check_together()

@@ -127,11 +127,17 @@ def test_no_repeated_blocks_is_a_one_line_error(name: str) -> None:
     assert "--stream-blocks" in info.value.hint
 
 
-def test_stream_and_meta_or_no_probe_are_refused() -> None:
+@pytest.mark.parametrize("options", [dict(stream=True, meta=True), dict(stream=True, probe=False),
+                                     dict(distributed=True, meta=True),
+                                     dict(distributed=True, probe=False),
+                                     dict(stream=True, distributed=True)])
+def test_contradictory_large_model_options_are_refused(options: dict[str, bool]) -> None:
+    AnalysisOptions(**options)  # each value alone is valid (settings layers hold them)
     with pytest.raises(ConfigError):
-        AnalysisOptions(stream=True, meta=True).check_together()
-    with pytest.raises(ConfigError):
-        AnalysisOptions(stream=True, probe=False).check_together()
+        AnalysisOptions(**options).check_together()
+
+
+def test_contradictory_options_stop_analyze_before_anything_runs() -> None:
     with pytest.raises(ConfigError):  # before anything is built or run
         gradscope.analyze(_Stack, (torch.randn(4, 8),), stream=True, meta=True)
 

@@ -11,6 +11,7 @@ same way, so measurements land on the recorded nodes.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -370,14 +371,19 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+@functools.cache
+def _stdlib() -> str:
+    import sysconfig
+
+    return sysconfig.get_paths()["stdlib"]
+
+
 def _from_distributed() -> bool:
     """Whether the op being recorded was called by torch.distributed's code (FSDP's hooks),
     looking out from the caller until the first frame of the user's code."""
-    import sysconfig
-
     from gradscope.tracing.graph import is_library_file
 
-    stdlib = sysconfig.get_paths()["stdlib"]
+    stdlib = _stdlib()
     frame: FrameType | None = sys._getframe(2)
     for _ in range(16):
         if frame is None:
