@@ -428,9 +428,14 @@ class RuntimeRunner(Runner):
 
     def run(self, inputs: tuple[Any, ...], observe: Observer) -> torch.Tensor:
         recorder = _Recorder(self.model, self.graph, observe, self.skip_distributed)
-        with _recording(self.model, recorder):
-            recorder.add_inputs(inputs)
-            out = self.model(*inputs)
+        try:
+            with _recording(self.model, recorder):
+                recorder.add_inputs(inputs)
+                out = self.model(*inputs)
+        finally:
+            # The recorder holds this frame, which holds the output and its autograd
+            # graph: without this the cycle keeps them until the next collection.
+            recorder.stop = None
         selected, _ = select_output(out, self.output_key, _is_float_tensor)
         return selected  # type: ignore[no-any-return]
 
@@ -453,6 +458,12 @@ def trace_runtime(model: nn.Module, inputs: tuple[Any, ...], output_key: str | N
     output_node = recorder.producer.get(id(selected))
     if output_node is None:
         raise RuntimeError("the selected output tensor was not produced by a recorded op")
+    # The recorded values were kept only so that ids stayed unique while recording: let
+    # them go now, not whenever the recorder's reference cycles are collected, or the
+    # probe's own activations must take fresh pages beside a whole forward's (issue 15).
+    recorder.keep.clear()
+    recorder.producer.clear()
+    recorder.stop = None  # this frame, which holds the output: a cycle through the recorder
     compute_depths(recorder.graph)
     attempts.append(TraceAttempt("runtime", True, None))
     return TracedModel(
