@@ -184,3 +184,27 @@ def test_gradient_hook_flags_exactly_the_nonfinite_gradients(dtype: torch.dtype)
     assert all(isinstance(f, bool) for f in acc.bad_grad["n"])
     first, inf, nan = acc.sq["n"]
     assert math.isclose(first, 5.0) and math.isinf(inf) and math.isnan(nan)
+
+
+# ---------------------------------------------------------------------------
+# The loss's seeded draw, kept across a probe's batches
+
+
+@pytest.mark.parametrize("loss", ["dot", "mse", "cross_entropy", "sum"])
+def test_loss_draw_kept_across_batches_is_the_same_draw(loss: str) -> None:
+    """Every batch's loss is what a fresh draw gives, and the draw is made once."""
+    from gradscope.probe import _loss
+
+    torch.manual_seed(0)
+    outs = [torch.randn(4, 5, 7) for _ in range(3)]
+    drawn: dict[Any, torch.Tensor] = {}
+    for out in outs:
+        fresh, text = _loss(out, (), loss, 3)
+        kept, kept_text = _loss(out, (), loss, 3, drawn=drawn)
+        assert kept_text == text
+        assert torch.equal(kept, fresh)
+    assert len(drawn) == (0 if loss == "sum" else 1)
+    # Another seed or shape is another draw, not the kept one.
+    other, _ = _loss(outs[0], (), loss, 4, drawn=drawn)
+    assert torch.equal(other, _loss(outs[0], (), loss, 4)[0])
+    assert len(drawn) == (0 if loss == "sum" else 2)
