@@ -146,3 +146,18 @@ def test_log_mean_gain_interpolation_matches_the_monte_carlo_it_stands_for() -> 
             direct = _log_mean_gain(float(v), n)
             assert log_mean_gain(float(v), n) == pytest.approx(direct, rel=2e-3, abs=1e-9)
     assert log_mean_gain(0.0, 8) == 0.0 and log_mean_gain(2.0, 1) == 0.0
+
+
+@pytest.mark.parametrize("samples", [2, 16, 128])
+def test_log_mean_gain_grid_point_is_the_plain_log_sum_exp(samples: int) -> None:
+    """The in-place grid point computes the textbook formula over the same pooled normals."""
+    from gradscope.estimate import fluctuation
+
+    z = fluctuation._pooled_normals(samples)
+    for var in (1e-3, 0.5, 3.0, 40.0):
+        fluctuation._log_mean_gain.cache_clear()
+        got = fluctuation._log_mean_gain(var, samples)
+        s = math.sqrt(var)
+        top = z.max(axis=1)
+        want = float((s * top + np.log(np.exp(s * (z - top[:, None])).mean(axis=1))).mean())
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12)

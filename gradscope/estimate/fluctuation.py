@@ -165,8 +165,15 @@ def _pooled_below_max(samples: int) -> tuple[FloatArray, FloatArray]:
 def _log_mean_gain(var: float, samples: int) -> float:
     top, below = _pooled_below_max(samples)
     scale = math.sqrt(var)
-    # log-sum-exp around each row's largest sample: exp(sqrt(V) Z) overflows for V ~ 1e4
-    logs = scale * top + np.log(np.exp(scale * below).mean(axis=1))
+    # log-sum-exp around each row's largest sample: exp(sqrt(V) Z) overflows for V ~ 1e4.
+    # One temporary, worked in place: each fresh 2 MB array is new pages, which made the
+    # three temporaries of ``np.log(np.exp(scale * below).mean(axis=1))`` cost 4x the
+    # arithmetic (the same values; issue 15, a first call's grid of ~50 points).
+    scaled = np.multiply(below, scale)
+    np.exp(scaled, out=scaled)
+    logs = scaled.mean(axis=1)
+    np.log(logs, out=logs)
+    logs += scale * top
     return float(logs.mean())
 
 
