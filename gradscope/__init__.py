@@ -4,6 +4,9 @@ The pipeline, one module per stage: ``loading`` (target -> model, inputs) ->
 ``tracing`` (model -> networkx graph) -> ``estimate`` (static gradient
 estimate) -> ``probe`` (one real forward/backward) -> ``rules`` (findings and
 fixes) -> ``report`` (plain data) -> ``render`` (JSON, HTML, SARIF, terminal).
+``watching`` (``gradscope.watch``) records the first steps of the user's own
+training run and judges them with the rules over steps (``gradscope.steps``
+holds what it recorded).
 
 Importing this package does not import torch: ``analyze`` loads it on first
 use, so ``gradscope --help`` and CI tooling that only reads reports stay fast.
@@ -25,9 +28,11 @@ if TYPE_CHECKING:
     from gradscope.report import Finding as Finding
     from gradscope.report import Report as Report
     from gradscope.testing import assert_healthy_gradients as assert_healthy_gradients
+    from gradscope.watching import Watch as Watch
+    from gradscope.watching import watch as watch
 
-__all__ = ["Finding", "GradscopeError", "Report", "__version__", "analyze",
-           "assert_healthy_gradients", "fixes"]
+__all__ = ["Finding", "GradscopeError", "Report", "Watch", "__version__", "analyze",
+           "assert_healthy_gradients", "fixes", "watch"]
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +53,10 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return importlib.import_module("gradscope.fixes")
+    if name in ("watch", "Watch"):  # the first steps of a real training run
+        from gradscope import watching
+
+        return getattr(watching, name)
     if name in ("Report", "Finding"):
         from gradscope import report
 

@@ -27,6 +27,7 @@ from gradscope.records import (
     reaches,
     severity_rank,
 )
+from gradscope.steps import TrainingRecord
 
 SCHEMA_VERSION = 1
 
@@ -217,6 +218,8 @@ class Report:
     summary: dict[str, float | int | str | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     gradscope_version: str = __version__
+    #: The watched training steps (``gradscope.watch``); None for a before-training report.
+    steps: TrainingRecord | None = None
 
     @property
     def status(self) -> Status:
@@ -254,10 +257,33 @@ class Report:
             "findings": [f.to_dict() for f in self.findings],
             "notes": list(self.notes),
         }
+        if self.steps is not None:
+            doc["steps"] = self.steps.to_dict()
         extra_notes: list[str] = []
         doc = _finite_only(doc, "", extra_notes)
         doc["notes"].extend(extra_notes)
         return doc
+
+
+def watch_report(name: str, record: TrainingRecord, findings: Sequence[Finding], *,
+                 num_parameters: int, num_trainable: int, device: str) -> Report:
+    """The report of a watched training run: the findings of the rules over steps and the
+    record they read; no layer table (the per-module figures are per step, in ``steps``)."""
+    steps = record.steps
+    summary: dict[str, float | int | str | None] = {
+        "steps_watched": steps, "every": record.every, "horizon": record.horizon,
+        "optimizer": record.optimizer, "lr": record.lr,
+        "first_nonfinite_step": record.first_nonfinite_step}
+    losses = record.finite_losses()
+    if losses:
+        summary["first_loss"] = losses[0][1]
+        summary["last_loss"] = losses[-1][1]
+    return Report(
+        model=ModelInfo(name=name, num_parameters=num_parameters, device=device,
+                        trace=TraceInfo(method="watch", ok=True, message=None),
+                        num_trainable_parameters=num_trainable, modules=dict(record.modules)),
+        layers=[], findings=list(findings), probe=ProbeInfo(enabled=False),
+        summary=summary, notes=list(record.notes), steps=record)
 
 
 def _finite_only(value: Any, where: str, notes: list[str]) -> Any:

@@ -178,7 +178,8 @@ class Analysis(Protocol):
 
 
 #: A check reads the analysis and returns findings of its family's codes.
-CheckFunction = Callable[[Analysis], list[Finding]]
+#: An analysis (before training) or a ``gradscope.steps.TrainingRecord`` (step checks).
+CheckFunction = Callable[[Any], list[Finding]]
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,9 @@ class RuleFamily:
     number: int
     rules: tuple[Rule, ...]
     checks: tuple[Check, ...]
+    #: Checks over the steps of a watched training run (``gradscope.watch``): the same
+    #: ``Check``, run on a ``gradscope.steps.TrainingRecord`` instead of an analysis.
+    step_checks: tuple[Check, ...] = ()
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from gradscope.records import Finding, Severity
+from gradscope.records import Finding, Location, Severity
 from gradscope.rules.base import HE, LU, Check, Rule, RuleFamily, location, op_of
+from gradscope.steps import TrainingRecord
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -95,8 +96,45 @@ def check_negative_bias(analysis: Analysis) -> list[Finding]:
         {"bias_in_std": score, "layers": len(found), "off_fraction": off})]
 
 
+GS403 = Rule(
+    code="GS403",
+    name="units-dying-in-training",
+    category="dead_units",
+    severity="warning",
+    summary="During training, half of a ReLU-like layer's units died.",
+    what="Watching the first steps of a training run (gradscope.watch): a ReLU-like "
+    "module has at least half its units inactive on every sample of the batch at the "
+    "last recorded step, at least 10 points more than at step 0.",
+    why="A unit inactive on every input gets no gradient and never recovers: the first "
+    "updates (a large step, a negative bias drift) killed capacity the network had at "
+    "initialisation, which the before-training check (GS401) could not see.",
+    fix="Lower the learning rate or warm it up; use LeakyReLU/GELU in that layer; "
+    "initialise biases at zero or slightly positive; normalise before the activation.",
+    references=(HE, LU),
+)
+
+#: Half the units, and a rise of 10 points since step 0 (dead at init is GS401's).
+DYING_SHARE, DYING_RISE = 0.5, 0.1
+
+
+def check_step_dying(record: TrainingRecord) -> list[Finding]:
+    findings = []
+    for name in record.rectifiers:
+        series = record.series(name, "dead_fraction")
+        if len(series) < 2:
+            continue
+        (_, start), (step, end) = series[0], series[-1]
+        if end >= DYING_SHARE and end - start >= DYING_RISE:
+            findings.append(GS403.finding(
+                f"{name} ({record.modules.get(name, '?')}) has {end:.0%} of its units dead "
+                f"at step {step}, up from {start:.0%} at step 0.",
+                Location(module=name),
+                evidence={"step": step, "dead_fraction": end, "dead_fraction_step0": start}))
+    return findings
+
 FAMILY = RuleFamily(
     number=4,
-    rules=(GS401, GS402),
+    rules=(GS401, GS402, GS403),
     checks=(Check(("GS401",), check_dead_units), Check(("GS402",), check_negative_bias)),
+    step_checks=(Check(("GS403",), check_step_dying),),
 )

@@ -21,6 +21,7 @@ from gradscope.rules.base import (
     op_of,
 )
 from gradscope.rules.optimizers import adaptive
+from gradscope.steps import TrainingRecord
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -174,9 +175,54 @@ def check_measured_exploding(analysis: Analysis) -> list[Finding]:
     return _exploding(analysis, measured=True)
 
 
+GS203 = Rule(
+    code="GS203",
+    name="gradient-growth-in-training",
+    category="exploding_gradient",
+    severity="warning",
+    summary="During training, the gradient norm grew a hundredfold while the loss did not fall.",
+    what="Watching the first steps of a training run (gradscope.watch): the total gradient "
+    "norm over the parameters reached at least 100 times its median over the first five "
+    "steps, at a step whose loss is not below the first five steps' mean.",
+    why="A gradient that grows while the loss does not improve is the optimiser feeding "
+    "on its own updates (the step overshoots, the next gradient is larger): the run is "
+    "on its way to a loss spike or NaN (GS503). A gradient that grows while the loss "
+    "falls is a network leaving a small-logit start, and is not reported.",
+    fix="Clip the gradient norm at about the median of the first steps' norms "
+    "(torch.nn.utils.clip_grad_norm_), lower the learning rate or add a warmup.",
+    references=(PASCANU,),
+)
+
+#: Two orders of magnitude above the first steps' median norm.
+GROWTH_FACTOR = 100.0
+
+
+def check_step_growth(record: TrainingRecord) -> list[Finding]:
+    end = record.first_nonfinite_step if record.first_nonfinite_step is not None \
+        else len(record.grad_norms)
+    norms = [(i, v) for i, v in enumerate(record.grad_norms[:end])
+             if v is not None and math.isfinite(v)]
+    losses = dict(record.finite_losses())
+    if len(norms) < 6 or len(losses) < 5:
+        return []
+    start = sorted(v for _, v in norms[:5])[2]
+    base = sum(v for i, v in sorted(losses.items())[:5]) / 5
+    grown = [(i, v) for i, v in norms[5:] if start > 0 and v >= GROWTH_FACTOR * start
+             and i in losses and losses[i] >= base]
+    if not grown:
+        return []
+    step, peak = max(grown, key=lambda item: item[1])
+    return [GS203.finding(
+        f"The gradient norm reached {peak:.3g} at step {step}, {peak / start:.3g} times its "
+        f"median over the first five steps ({start:.3g}), while the loss ({losses[step]:.4g}) "
+        f"was not below its start ({base:.4g}).",
+        evidence={"step": step, "grad_norm": peak, "grad_norm_start": start,
+                  "loss": losses[step], "loss_start": base})]
+
 FAMILY = RuleFamily(
     number=2,
-    rules=(GS201, GS202),
+    rules=(GS201, GS202, GS203),
+    step_checks=(Check(("GS203",), check_step_growth),),
     checks=(Check(("GS201",), check_static_exploding),
             Check(("GS202",), check_measured_exploding)),
 )

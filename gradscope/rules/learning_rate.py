@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from gradscope.records import Finding, Recommendation
+from gradscope.records import Finding, Location, Recommendation
 from gradscope.rules.base import NOWHERE, Check, Rule, RuleFamily, location, op_of
 from gradscope.rules.optimizers import UPDATE_RATIO_BAND, UPDATE_RATIO_TARGET
+from gradscope.steps import TrainingRecord, loss_trend
 
 if TYPE_CHECKING:
     from gradscope.lr_range import RangeTest
@@ -228,9 +229,124 @@ def check_layer_learning_rates(analysis: Analysis) -> list[Finding]:
     return findings
 
 
+GS603 = Rule(
+    code="GS603",
+    name="update-ratio-out-of-band-in-training",
+    category="learning_rate",
+    severity="info",
+    summary="During training, some layers' real updates are far outside the usual band.",
+    what="Watching the first steps of a training run (gradscope.watch): a trainable "
+    "module whose median ||update|| / ||W|| over the recorded steps (the update the "
+    "optimiser really applied) is more than ten times above the band's top (1e-2) or "
+    "more than ten times below its bottom (1e-4).",
+    why="Above, the layer is rewritten every few steps and training is unstable; below, "
+    "it barely moves and learns nothing in the planned run. Unlike the first-update "
+    "check (GS601/GS602), this is the optimiser's real step, momentum, adaptive scaling "
+    "and schedule included. Information, like GS601/GS602: the band is a rule of thumb, "
+    "and runs outside it do train (SGD at 1.0 on character LSTMs updates by ~10% a step).",
+    fix="Scale that layer's learning rate (a parameter group) towards 1e-3 x ||W|| per "
+    "step, or the global rate when most layers are out of band.",
+    references=("Karpathy, CS231n: ratio of weights:updates ~ 1e-3",),
+)
+
+GS604 = Rule(
+    code="GS604",
+    name="loss-rising-in-training",
+    category="learning_rate",
+    severity="error",
+    summary="During training, the loss rose well above where it started.",
+    what="Watching the first steps of a training run (gradscope.watch): the mean of the "
+    "last five finite losses is more than 1.5 times the mean of the first five.",
+    why="A loss that climbs from its start is an optimiser that overshoots: the learning "
+    "rate is too large for the curvature the updates reach.",
+    fix="Lower the learning rate (a factor of 3-10), add a warmup, or clip the gradient "
+    "norm.",
+    references=("Smith 2017, Cyclical Learning Rates for Training Neural Networks (WACV): "
+                "the range test reads a rising loss as a rate too large",),
+)
+
+GS605 = Rule(
+    code="GS605",
+    name="loss-stalled-in-training",
+    category="learning_rate",
+    severity="warning",
+    summary="During training, the loss shows no significant decrease.",
+    what="Watching the first steps of a training run (gradscope.watch): a least-squares "
+    "line through every finite loss has no significantly negative slope (t statistic "
+    "above -2, at least 20 losses).",
+    why="No detectable progress over the watched steps: the gradient does not reach the "
+    "layers that matter (see GS105/GS403 on the same run), or the learning rate is far "
+    "from the one this model needs.",
+    fix="Read the other findings of the same watch for the cause; without one, try a "
+    "learning rate 3-10 times larger (or smaller, with Adam) and normalisation.",
+    references=("Bengio 2012, Practical Recommendations for Gradient-Based Training of "
+                "Deep Architectures (arXiv:1206.5533)",),
+)
+
+#: Ten times outside UPDATE_RATIO_BAND: the layer rewritten or frozen, not merely fast/slow.
+OUT_OF_BAND = 10.0
+#: The last five losses over the first five.
+RISE_FACTOR = 1.5
+#: A t statistic of the loss's slope above this is no significant decrease (about 2 sigma).
+STALL_T = -2.0
+
+
+def check_step_update_band(record: TrainingRecord) -> list[Finding]:
+    low, high = UPDATE_RATIO_BAND[0] / OUT_OF_BAND, UPDATE_RATIO_BAND[1] * OUT_OF_BAND
+    out = []
+    for name in record.trainable:
+        series = [v for _, v in record.series(name, "update_ratio")]
+        if not series:
+            continue
+        med = sorted(series)[len(series) // 2]
+        if med > high or 0 < med < low:
+            out.append((name, med))
+    if not out:
+        return []
+    big = [item for item in out if item[1] > high]
+    worst = max(out, key=lambda item: abs(math.log10(item[1])))
+    side = "above" if worst[1] > high else "below"
+    return [GS603.finding(
+        f"{len(out)} of {len(record.trainable)} trainable module(s) have real updates "
+        f"outside the band ({len(big)} above {high:.0e}, {len(out) - len(big)} below "
+        f"{low:.0e}); the farthest, {worst[0]}, moves by {worst[1]:.2g} of its weight norm "
+        f"per step (median over the recorded steps), {side} the band.",
+        Location(module=worst[0]),
+        evidence={"modules": len(out), "above": len(big), "update_ratio": worst[1]})]
+
+
+def check_step_loss_rising(record: TrainingRecord) -> list[Finding]:
+    losses = [v for _, v in record.finite_losses()]
+    if len(losses) < 10:
+        return []
+    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    if not (start > 0 and end > RISE_FACTOR * start):
+        return []
+    return [GS604.finding(
+        f"The loss rose from {start:.4g} (mean of the first five steps) to {end:.4g} (the "
+        f"last five of {len(losses)}).",
+        evidence={"loss_start": start, "loss_end": end})]
+
+
+def check_step_loss_stalled(record: TrainingRecord) -> list[Finding]:
+    trend = loss_trend(record)
+    if trend is None or record.first_nonfinite_step is not None:
+        return []
+    slope, t, n = trend
+    losses = [v for _, v in record.finite_losses()]
+    if t <= STALL_T or sum(losses[-5:]) / 5 > RISE_FACTOR * sum(losses[:5]) / 5:
+        return []  # decreasing; or rising, which GS604 reports
+    return [GS605.finding(
+        f"Over {n} steps the loss went from {losses[0]:.4g} to {losses[-1]:.4g}: its trend "
+        f"is {slope:.2g} per step (t = {t:.2g}), no significant decrease.",
+        evidence={"slope": slope, "t": t, "steps": n})]
+
 FAMILY = RuleFamily(
     number=6,
-    rules=(GS601, GS602),
+    rules=(GS601, GS602, GS603, GS604, GS605),
+    step_checks=(Check(("GS603",), check_step_update_band),
+                 Check(("GS604",), check_step_loss_rising),
+                 Check(("GS605",), check_step_loss_stalled)),
     checks=(Check(("GS601",), check_learning_rate),
             Check(("GS602",), check_layer_learning_rates)),
 )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from gradscope.records import Finding
+from gradscope.records import Finding, Location
 from gradscope.rules.base import PASCANU, Check, Rule, RuleFamily, location, op_of
+from gradscope.steps import TrainingRecord
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -89,9 +90,45 @@ def check_nonfinite_backward(analysis: Analysis) -> list[Finding]:
         evidence={"first_node": start, "op_node": op, "nonfinite_nodes": len(bad)})]
 
 
+GS503 = Rule(
+    code="GS503",
+    name="nonfinite-in-training",
+    category="nonfinite",
+    severity="error",
+    summary="The loss or the gradients turned NaN/Inf during training.",
+    what="Watching the first steps of a training run (gradscope.watch): the first step "
+    "whose loss or total gradient norm is not finite, and the modules whose parameters' "
+    "gradients were not finite at that step.",
+    why="One optimiser step with a non-finite gradient writes NaN into the weights: the "
+    "run is lost from there, usually after the gradient norm grew for a few steps "
+    "(GS203).",
+    fix="Clip the gradient norm, lower the learning rate or warm it up; if it starts in "
+    "one module, guard its ops (epsilon inside sqrt/log/division).",
+    references=(PASCANU,),
+)
+
+
+def check_step_nonfinite(record: TrainingRecord) -> list[Finding]:
+    step = record.first_nonfinite_step
+    if step is None:
+        return []
+    mods = record.first_nonfinite_modules
+    loss = record.losses[step] if step < len(record.losses) else None
+    what = "the loss" if loss is not None and not math.isfinite(loss) else "the gradient"
+    where = (f"; non-finite gradients in {len(mods)} module(s), first {mods[0]}" if mods
+             else "")
+    norms = [v for v in record.grad_norms[:step] if v is not None and math.isfinite(v)]
+    before = f" (the gradient norm was {norms[-1]:.3g} the step before)" if norms else ""
+    return [GS503.finding(
+        f"At step {step} {what} turned NaN/Inf{where}{before}.",
+        Location(module=mods[0]) if mods else Location(),
+        evidence={"step": step, "modules": len(mods),
+                  "grad_norm_before": norms[-1] if norms else None})]
+
 FAMILY = RuleFamily(
     number=5,
-    rules=(GS501, GS502),
+    rules=(GS501, GS502, GS503),
+    step_checks=(Check(("GS503",), check_step_nonfinite),),
     checks=(Check(("GS501",), check_nonfinite_forward),
             Check(("GS502",), check_nonfinite_backward)),
 )

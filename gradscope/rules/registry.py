@@ -110,3 +110,6 @@ for _module in FAMILY_MODULES:
 
 #: Every check, family by family; ``gradscope.rules.analysis.run_rules`` runs the selected ones.
 CHECKS: tuple[Check, ...] = tuple(check for m in FAMILY_MODULES for check in m.FAMILY.checks)
+#: Every check over training steps (``gradscope.rules.steps.run_step_rules``).
+STEP_CHECKS: tuple[Check, ...] = tuple(check for m in FAMILY_MODULES
+                                       for check in m.FAMILY.step_checks)

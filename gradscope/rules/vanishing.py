@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from gradscope.records import Finding, Recommendation, Severity, severity_rank
+from gradscope.options import Thresholds
+from gradscope.records import Finding, Location, Recommendation, Severity, severity_rank
 from gradscope.rules.base import (
     GLOROT,
     HE,
@@ -33,6 +34,7 @@ from gradscope.rules.optimizers import (
     gradient_scale,
     scale_words,
 )
+from gradscope.steps import TrainingRecord, weakest_health
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -393,9 +395,95 @@ def check_update_imbalance(analysis: Analysis) -> list[Finding]:
         location(analysis, node), severity, [], evidence)]
 
 
+GS105 = Rule(
+    code="GS105",
+    name="gradient-collapse-in-training",
+    category="vanishing_gradient",
+    severity="warning",
+    summary="During training, the gradient reaching some layer fell by an order of magnitude.",
+    what="Watching the first steps of a training run (gradscope.watch): the smallest "
+    "gradient health over the trainable layers (RMS of dLoss/d(layer output) over the "
+    "output's) at the last recorded step is at most a tenth of what it was at step 0.",
+    why="The updates themselves are pushing the network into a regime where the gradient "
+    "no longer reaches its early layers (units dying behind a normalisation, saturating "
+    "pre-activations, a residual stream dwarfing its branches): the layers that still "
+    "need to learn stop receiving a signal, although the network looked healthy at "
+    "initialisation.",
+    fix="Lower the learning rate or warm it up, so the first updates do not push the "
+    "pre-activations into dead or flat regions; prefer a Pre-LN/residual layout or "
+    "normalisation before the nonlinearity; check the finding's layer for dead units "
+    "(GS403).",
+    references=(PASCANU, HE),
+)
+
+#: An order of magnitude: the weakest layer's health at the last recorded step against step 0.
+COLLAPSE_FACTOR = 0.1
+
+
+def check_step_collapse(record: TrainingRecord) -> list[Finding]:
+    if len(record.recorded) < 2:
+        return []
+    first, last = weakest_health(record, 0), weakest_health(record, -1)
+    if first is None or last is None or first[1] <= 0:
+        return []
+    ratio = last[1] / first[1]
+    if ratio > COLLAPSE_FACTOR:
+        return []
+    step = record.recorded[-1].step
+    return [GS105.finding(
+        f"By step {step} the weakest layer, {last[0]}, receives {last[1]:.2g} of the "
+        f"output's gradient (RMS), {ratio:.2g} times what the weakest layer received at "
+        f"step 0 ({first[0]}: {first[1]:.2g}): the gradient stopped reaching it during "
+        "training.",
+        Location(module=last[0]),
+        evidence={"step": step, "health": last[1], "health_step0": first[1],
+                  "ratio": ratio, "layer_step0": first[0]})]
+
+GS106 = Rule(
+    code="GS106",
+    name="vanishing-in-training",
+    category="vanishing_gradient",
+    severity="warning",
+    summary="During training, some layer's gradient stayed below the vanishing threshold.",
+    what="Watching the first steps of a training run (gradscope.watch): at every recorded "
+    "step, the weakest trainable layer's gradient health (RMS of dLoss/d(layer output) "
+    "over the output's) is below the vanishing error threshold (1e-3 by default, the one "
+    "GS101/GS102 judge with).",
+    why="The before-training verdict under Adam is information only, because Adam "
+    "rescales each parameter's step; measured over real steps, a gradient that stays "
+    "this small is mostly noise, and the layers behind it do not learn what the output "
+    "needs.",
+    fix="The fixes of GS101/GS102 for that layer: a residual connection around the "
+    "stack, an activation that does not saturate (ReLU/GELU instead of sigmoid), "
+    "normalisation, or an initialisation that keeps the scale (He/Xavier).",
+    references=(GLOROT, HE),
+)
+
+
+def check_step_vanishing(record: TrainingRecord) -> list[Finding]:
+    if not record.recorded:
+        return []
+    threshold = Thresholds().vanishing_error
+    weakest = [weakest_health(record, i) for i in range(len(record.recorded))]
+    if any(w is None or w[1] >= threshold for w in weakest):
+        return []
+    last = weakest[-1]
+    assert last is not None
+    worst = max(w[1] for w in weakest if w is not None)
+    return [GS106.finding(
+        f"At each of the {len(weakest)} recorded steps the weakest layer received less than "
+        f"{threshold:.0e} of the output's gradient (RMS; at most {worst:.2g}); at step "
+        f"{record.recorded[-1].step} it is {last[0]} with {last[1]:.2g}.",
+        Location(module=last[0]),
+        evidence={"steps": len(weakest), "health": last[1], "health_max": worst,
+                  "threshold": threshold})]
+
+
 FAMILY = RuleFamily(
     number=1,
-    rules=(GS101, GS102, GS103, GS104),
+    rules=(GS101, GS102, GS103, GS104, GS105, GS106),
+    step_checks=(Check(("GS105",), check_step_collapse),
+                 Check(("GS106",), check_step_vanishing)),
     checks=(Check(("GS101",), check_static_vanishing),
             Check(("GS102",), check_measured_vanishing),
             Check(("GS103",), check_recurrent),

@@ -1,0 +1,149 @@
+"""Watch the first steps of every run of the trainability benchmark (issue 18).
+
+    HF_HUB_OFFLINE=1 python benchmarks/trainability/watch_runs.py            # every run
+    HF_HUB_OFFLINE=1 python benchmarks/trainability/watch_runs.py --markdown docs/watch.md
+    HF_HUB_OFFLINE=1 python benchmarks/trainability/watch_runs.py mlp8_relu --seeds 1
+
+For every architecture, recipe and seed of the trainability benchmark, the run's own first
+``--horizon`` steps (50) are trained again exactly as ``train.train`` trains them (same
+model, optimizer, learning rate and batches) under ``gradscope.watch`` (every 10th step
+recorded), and the rules over steps judge them. Whether the full 300-step run failed, and
+whether the before-training analysis called it unhealthy, come from docs/trainability.md's
+"Every run" table (that benchmark's own result), so only the 50 watched steps are trained
+here.
+
+Scored: of the failed runs the before-training analysis missed (not "unhealthy"), the share
+the watch flags (a warning or error finding), and of the runs that trained, the share it
+flags (false alarms). ``--dump FILE`` keeps every record (``gradscope.steps.TrainingRecord``
+as JSON), which the rules can judge again without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent.parent))
+
+TABLE = HERE.parent.parent / "docs" / "trainability.md"
+
+
+def outcomes(path: Path = TABLE) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(arch, recipe, seed) -> failed / status of the 300-step run, from its table."""
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    started = False
+    for line in path.read_text().splitlines():
+        if line.startswith("| architecture | task | recipe | seed"):
+            started = True
+            continue
+        if not started or not line.startswith("| ") or line.startswith("|---"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        arch, task, recipe, seed, figure, failed, status = cells[:7]
+        out[(arch, recipe, int(seed))] = {"task": task, "failed": failed == "yes",
+                                          "status": status, "figure": figure}
+    return out
+
+
+def watched_run(arch: str, recipe_name: str, seed: int, horizon: int, every: int,
+                ) -> dict[str, Any]:
+    """Train the run's first ``horizon`` steps under the watch; the record as a dict."""
+    import models
+    import torch
+    import train
+
+    import gradscope
+
+    spec = models.BY_NAME[arch]
+    recipe = {r.name: r for r in train.recipes(spec.task)}[recipe_name]
+    torch.manual_seed(seed)
+    model = spec.build()
+    model.train()
+    opt = train.make_optimizer(recipe, model, recipe.lr)
+    start = time.perf_counter()
+    with gradscope.watch(model, opt, every=every, horizon=horizon, name=arch) as watch:
+        for x, y in train.batches(spec.task, seed, horizon):
+            loss = train.criterion(spec.task, model(x), y)
+            watch.loss(loss)
+            if not math.isfinite(float(loss.detach())):
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    report = watch.report()
+    return {"record": watch.record.to_dict(), "report": report.to_dict(),
+            "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("archs", nargs="*")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--horizon", type=int, default=50)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--dump", type=Path, default=None, help="write every record here")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    table = outcomes()
+    rows = []
+    for (arch, recipe, seed), known in table.items():
+        if (args.archs and arch not in args.archs) or seed >= args.seeds:
+            continue
+        result = watched_run(arch, recipe, seed, args.horizon, args.every)
+        findings = result["report"]["findings"]
+        flagged = [f"{f['rule']}{f['severity'][0].upper()}" for f in findings
+                   if f["severity"] in ("error", "warning")]
+        rows.append({"arch": arch, "recipe": recipe, "seed": seed, **known,
+                     "flags": flagged, "all": [f"{f['rule']}{f['severity'][0].upper()}"
+                                               for f in findings],
+                     "seconds": result["seconds"], "record": result["record"]})
+        print(f"{arch:26s} {recipe:5s} {seed} failed={known['failed']!s:5s} "
+              f"before={known['status']:9s} watch={','.join(rows[-1]['all']) or '-'}",
+              flush=True)
+    missed = [r for r in rows if r["failed"] and r["status"] != "unhealthy"]
+    trained = [r for r in rows if not r["failed"]]
+    caught = [r for r in missed if r["flags"]]
+    alarms = [r for r in trained if r["flags"]]
+    print(f"missed by the before-training analysis: {len(missed)}, caught by the watch: "
+          f"{len(caught)}; runs that trained: {len(trained)}, flagged: {len(alarms)}")
+    if args.dump:
+        args.dump.write_text(json.dumps(rows))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, args))
+    return 0
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    missed = [r for r in rows if r["failed"] and r["status"] != "unhealthy"]
+    failed = [r for r in rows if r["failed"]]
+    trained = [r for r in rows if not r["failed"]]
+    caught = [r for r in missed if r["flags"]]
+    alarms = [r for r in trained if r["flags"]]
+    lines = ["| | runs | flagged by the watch | share |", "|---|---|---|---|",
+             f"| failed, missed before training | {len(missed)} | {len(caught)} | "
+             f"{len(caught) / max(len(missed), 1):.2f} |",
+             f"| failed (all) | {len(failed)} | {sum(1 for r in failed if r['flags'])} | "
+             f"{sum(1 for r in failed if r['flags']) / max(len(failed), 1):.2f} |",
+             f"| trained (false alarms) | {len(trained)} | {len(alarms)} | "
+             f"{len(alarms) / max(len(trained), 1):.2f} |", "",
+             "| architecture | recipe | seed | failed | before training | watch (first "
+             f"{args.horizon} steps) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['recipe']} | {r['seed']} | "
+                     f"{'yes' if r['failed'] else 'no'} | {r['status']} | "
+                     f"{' '.join(r['all']) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
