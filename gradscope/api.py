@@ -29,6 +29,7 @@ from gradscope.options import (
     split_codes,
 )
 from gradscope.probe import ProbeResult, run_probe
+from gradscope.render.notebook import NotebookReport
 from gradscope.report import Layer, ModelInfo, ProbeInfo, Report, TraceInfo
 from gradscope.resources import Deadline, check_memory, factory_footprint, footprint
 from gradscope.rules.analysis import Analysis, run_rules
@@ -259,28 +260,6 @@ def _summary(analysis: Analysis, layers: list[Layer]) -> dict[str, float | int |
     return summary
 
 
-
-class NotebookReport(Report):
-    """The report :func:`analyze` returns: a :class:`Report` that a Jupyter notebook shows
-    as the HTML report, inline.
-
-    Here, not in ``gradscope.report``: the report model sits below the renderers in the
-    pipeline's layers and never imports them; the API sits above both.
-    """
-
-    def _repr_html_(self) -> str:
-        """The HTML report in an iframe: the same self-contained page (template, charts,
-        scripts) as ``--html`` writes, its styles kept to itself, nothing fetched."""
-        import html
-
-        from gradscope.render.html import render_html
-
-        page = render_html(self.to_dict())
-        return ('<iframe class="gradscope-report" title="gradscope report" '
-                'style="width: 100%; height: 760px; border: 1px solid #d0d7de; '
-                'border-radius: 6px;" sandbox="allow-scripts allow-popups" '
-                'allow="clipboard-write" '
-                f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
 
 def analyze(
     model: nn.Module | Callable[[], nn.Module],

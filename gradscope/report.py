@@ -266,9 +266,11 @@ class Report:
 
 
 def watch_report(name: str, record: TrainingRecord, findings: Sequence[Finding], *,
-                 num_parameters: int, num_trainable: int, device: str) -> Report:
+                 num_parameters: int, num_trainable: int, device: str,
+                 cls: type[Report] | None = None) -> Report:
     """The report of a watched training run: the findings of the rules over steps and the
-    record they read; no layer table (the per-module figures are per step, in ``steps``)."""
+    record they read; no layer table (the per-module figures are per step, in ``steps``).
+    ``cls``: the API's subclass with its writers (``gradscope.render.notebook``)."""
     steps = record.steps
     summary: dict[str, float | int | str | None] = {
         "steps_watched": steps, "every": record.every, "horizon": record.horizon,
@@ -278,7 +280,7 @@ def watch_report(name: str, record: TrainingRecord, findings: Sequence[Finding],
     if losses:
         summary["first_loss"] = losses[0][1]
         summary["last_loss"] = losses[-1][1]
-    return Report(
+    return (cls or Report)(
         model=ModelInfo(name=name, num_parameters=num_parameters, device=device,
                         trace=TraceInfo(method="watch", ok=True, message=None),
                         num_trainable_parameters=num_trainable, modules=dict(record.modules)),

@@ -377,7 +377,9 @@ class Watch:
         return run_step_rules(self.close())
 
     def report(self) -> Any:
-        """The report of the watched steps (``gradscope.report.Report``)."""
+        """The report of the watched steps: a ``gradscope.report.Report`` with its writers
+        (``report.write_html(path)``, ``write_json``, ``write_sarif``)."""
+        from gradscope.render.notebook import NotebookReport
         from gradscope.report import watch_report
 
         record = self.close()
@@ -385,7 +387,8 @@ class Watch:
         return watch_report(self.name, record, self.findings(),
                             num_parameters=sum(p.numel() for p in params),
                             num_trainable=sum(p.numel() for p in params if p.requires_grad),
-                            device=str(params[0].device) if params else "cpu")
+                            device=str(params[0].device) if params else "cpu",
+                            cls=NotebookReport)
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, every: int = 10,

@@ -592,6 +592,77 @@ def time_charts(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return charts
 
 
+def _step_chart(values: Sequence[Any], log: bool, label: str) -> dict[str, Any] | None:
+    """One per-step series as an SVG line (a watched run's loss or gradient norm)."""
+    points = [(i, float(v)) for i, v in enumerate(values) if _is_real(v)
+              and (not log or float(v) > 0)]
+    if len(points) < 2:
+        return None
+    ys = [math.log10(v) if log else v for _, v in points]
+    lo, hi = min(ys), max(ys)
+    if log:
+        lo, hi = math.floor(lo), max(math.ceil(hi), math.floor(lo) + 1)
+    elif hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(len(values) - 1, 1)
+    plot_w, plot_h = _W - _LEFT - _RIGHT, _TH - _TOP - _BOTTOM
+
+    def x_of(t: float) -> float:
+        return _LEFT + plot_w * t / n
+
+    def y_of(v: float) -> float:
+        return _TOP + plot_h * (hi - v) / (hi - lo)
+
+    path = "M" + "L".join(f"{x_of(i):.1f},{y_of(y):.1f}"
+                          for (i, _), y in zip(points, ys, strict=True))
+    if log:
+        step = max(1, math.ceil((hi - lo) / 6))
+        yticks = [{"y": f"{y_of(k):.1f}", "label": _decade_label(k)}
+                  for k in range(int(lo), int(hi) + 1) if (k - int(lo)) % step == 0]
+    else:
+        yticks = [{"y": f"{y_of(lo + (hi - lo) * k / 4):.1f}",
+                   "label": fmt_num(lo + (hi - lo) * k / 4)} for k in range(5)]
+    return {"label": label, "width": int(_W), "height": int(_TH), "path": path,
+            "yticks": yticks,
+            "xticks": [{"x": f"{x_of(t):.1f}", "label": str(t)}
+                       for t in range(0, n + 1, max(1, math.ceil((n + 1) / 10)))],
+            "left": f"{_LEFT:.1f}", "right": f"{_W - _RIGHT:.1f}",
+            "top": f"{_TOP:.1f}", "bottom": f"{_TH - _BOTTOM:.1f}",
+            "xmid": f"{_LEFT + plot_w / 2:.1f}", "xlabel_y": f"{_TH - 6:.1f}"}
+
+
+#: The per-module figures of a watched run's table: (field, column title, as percent).
+_STEP_FIELDS = (("grad_rms", "Gradient health", False), ("update_ratio", "Update / weight", False),
+                ("dead_fraction", "Dead units", True),
+                ("saturated_fraction", "Saturated outputs", True))
+
+
+def steps_view(steps: Any) -> dict[str, Any] | None:
+    """A watched run (``gradscope.watch``): loss and gradient norm per step, and each
+    module's figures at the recorded steps (one table per figure, steps as columns)."""
+    if not isinstance(steps, Mapping):
+        return None
+    recorded = [r for r in steps.get("recorded") or [] if isinstance(r, Mapping)]
+    columns = [str(r.get("step")) for r in recorded]
+    tables = []
+    for field, title, pct in _STEP_FIELDS:
+        rows = []
+        for name, cls in (steps.get("modules") or {}).items():
+            cells = [((r.get("layers") or {}).get(name) or {}).get(field) for r in recorded]
+            if any(c is not None for c in cells):
+                rows.append({"name": str(name), "cls": str(cls),
+                             "cells": [fmt_pct(c) if pct else fmt_num(c) for c in cells]})
+        if rows:
+            tables.append({"title": title, "rows": rows})
+    first = steps.get("first_nonfinite_step")
+    return {"steps": steps.get("steps"), "every": steps.get("every"),
+            "horizon": steps.get("horizon"), "optimizer": str(steps.get("optimizer") or ""),
+            "lr": fmt_num(steps.get("lr")), "first_nonfinite": first,
+            "loss": _step_chart(steps.get("losses") or [], False, "loss"),
+            "grad_norm": _step_chart(steps.get("grad_norms") or [], True, "gradient norm"),
+            "columns": columns, "tables": tables}
+
+
 def _verified_text(verified: Any) -> str:
     """``verified: 2.00e-08 \u2192 4.10e-01 (metric)``, or '' without figures."""
     if not isinstance(verified, Mapping):
@@ -981,6 +1052,7 @@ def build_view(doc: Mapping[str, Any]) -> dict[str, Any]:
         "profile": depth_profile(layers, doc.get("summary") or {}),
         "weight_grads": weight_grad_chart(layers),
         "time_charts": time_charts(layers),
+        "steps": steps_view(doc.get("steps")),
         "rows": rows,
         "modules": module_rows(layers, findings, files, model.get("modules") or {}),
         "files": [(short, full) for full, short in sorted(files.items(), key=lambda kv: kv[1])

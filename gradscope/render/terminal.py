@@ -135,6 +135,22 @@ def _ratio_rows(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _steps_rows(steps: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A watched run's summary: what was watched, and loss and gradient norm first to last."""
+    rows = [("watched", f"{_num(steps.get('steps'))} step(s) of {clean(steps.get('optimizer'))}"
+                        f" (lr {_num(steps.get('lr'))}), modules every "
+                        f"{_num(steps.get('every'))}th step")]
+    for label, key in (("loss", "losses"), ("grad norm", "grad_norms")):
+        values = [v for v in steps.get(key) or [] if isinstance(v, (int, float))
+                  and math.isfinite(v)]
+        if values:
+            rows.append((label, f"{_num(values[0])} at step 0 -> {_num(values[-1])} at the "
+                                "last finite step"))
+    if steps.get("first_nonfinite_step") is not None:
+        rows.append(("non-finite", f"from step {_num(steps['first_nonfinite_step'])}"))
+    return rows
+
+
 def _summary_rows(doc: Mapping[str, Any], color: bool) -> list[tuple[str, str]]:
     model: Mapping[str, Any] = doc.get("model") or {}
     trace: Mapping[str, Any] = model.get("trace") or {}
@@ -155,9 +171,15 @@ def _summary_rows(doc: Mapping[str, Any], color: bool) -> list[tuple[str, str]]:
         trace_text += f", coverage {coverage * 100:.0f}%"
         if trace.get("num_nodes"):
             trace_text += f" of {_num(trace['num_nodes'])} nodes"
-    rows.append(("trace", trace_text))
+    steps: Mapping[str, Any] | None = doc.get("steps")
+    if isinstance(steps, Mapping):  # a watched training run: its steps replace the trace
+        rows.extend(_steps_rows(steps))
+    else:
+        rows.append(("trace", trace_text))
 
-    if probe is None or not probe.get("enabled"):
+    if isinstance(steps, Mapping):
+        pass  # no before-training probe: the steps above are the measurement
+    elif probe is None or not probe.get("enabled"):
         rows.append(("probe", "off (static analysis only)"))
     else:
         probe_text = clean(probe.get("device") or model.get("device") or "?")

@@ -1,0 +1,283 @@
+"""gradscope.watch: each recorded figure against a brute-force autograd computation of the same
+step, the training left exactly as it would be without the watch, every hook removed, and the
+first non-finite step found."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope.steps import TrainingRecord
+
+
+def _mlp(act: type[nn.Module] = nn.ReLU) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), act(), nn.Linear(32, 32), act(), nn.Linear(32, 4))
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 12, generator=gen), torch.randint(0, 4, (16,), generator=gen))
+            for _ in range(n)]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, batches: list[Any],
+           watch: Any = None) -> list[float]:
+    losses = []
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        if watch is not None:
+            watch.loss(loss)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
+
+
+def _no_hooks(model: nn.Module, opt: torch.optim.Optimizer) -> bool:
+    modules = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    return modules and not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_watch_does_not_change_training(optim: str) -> None:
+    """The same weights and losses, bit for bit, with and without the watch."""
+    batches = _batches(12)
+    runs = []
+    for watched in (False, True):
+        model = _mlp()
+        opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if optim == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=1e-3))
+        if watched:
+            with gradscope.watch(model, opt, every=3, horizon=10) as watch:
+                losses = _train(model, opt, batches, watch)
+            assert watch.record.steps == 10
+        else:
+            losses = _train(model, opt, batches)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_hooks_removed_at_horizon_and_close() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, every=2, horizon=4) as watch:
+        _train(model, opt, _batches(2), watch)
+        assert any(m._forward_hooks for m in model.modules())  # armed for step 2
+        _train(model, opt, _batches(1), watch)
+        assert all(not m._forward_hooks for m in model.modules())  # step 3: not recorded
+        _train(model, opt, _batches(3), watch)
+        # past the horizon: no module hook, no pre-hook; the post-hook waits for close
+        assert all(not m._forward_hooks for m in model.modules())
+        assert not opt._optimizer_step_pre_hooks
+    assert _no_hooks(model, opt)
+    assert watch.record.steps == 4
+    assert [r.step for r in watch.record.recorded] == [0, 2]
+
+
+def test_hooks_removed_when_the_loop_raises() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="boom"), gradscope.watch(model, opt):
+        _train(model, opt, _batches(2))
+        raise RuntimeError("boom")
+    assert _no_hooks(model, opt)
+
+
+def _brute_force_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """One step with every module output retained: the figures the watch must report."""
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name and next(module.children(), None) is None:
+            def keep(_m: nn.Module, _a: Any, out: torch.Tensor, name: str = name) -> None:
+                out.retain_grad()
+                outs[name] = out
+            handles.append(module.register_forward_hook(keep))
+    out = model(x)
+    out.retain_grad()
+    loss = nn.functional.cross_entropy(out, y)
+    opt.zero_grad()
+    loss.backward()
+    for h in handles:
+        h.remove()
+    out_rms = float(out.grad.double().pow(2).mean().sqrt())
+    before = {n: [p.detach().clone().double() for p in m.parameters(recurse=False)]
+              for n, m in model.named_modules() if n and list(m.parameters(recurse=False))}
+    grads = {n: [p.grad.detach().clone().double() for p in m.parameters(recurse=False)]
+             for n, m in model.named_modules() if n and list(m.parameters(recurse=False))}
+    total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    opt.step()
+    after = {n: [p.detach().clone().double() for p in m.parameters(recurse=False)]
+             for n, m in model.named_modules() if n and list(m.parameters(recurse=False))}
+    figures: dict[str, Any] = {"total": total, "loss": float(loss), "layers": {}}
+    for name, o in outs.items():
+        layer: dict[str, float] = {
+            "grad_rms": float(o.grad.double().pow(2).mean().sqrt()) / out_rms}
+        if name in before:
+            w = math.sqrt(sum(float(t.pow(2).sum()) for t in before[name]))
+            g = math.sqrt(sum(float(t.pow(2).sum()) for t in grads[name]))
+            u = math.sqrt(sum(float((a - b).pow(2).sum())
+                              for a, b in zip(after[name], before[name], strict=True)))
+            layer.update(weight_norm=w, weight_grad_norm=g, update_ratio=u / w)
+        if isinstance(model.get_submodule(name), nn.ReLU):
+            layer["dead_fraction"] = 1.0 - float((o.detach() > 0).any(dim=0).double().mean())
+        if isinstance(model.get_submodule(name), nn.Sigmoid):
+            s = o.detach().double()
+            layer["saturated_fraction"] = float((s * (1 - s) < 0.0025).double().mean())
+        figures["layers"][name] = layer
+    return figures
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid])
+def test_recorded_figures_equal_brute_force(act: type[nn.Module]) -> None:
+    batches = _batches(5)
+    model = _mlp(act)
+    twin = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    with gradscope.watch(model, opt, every=2, horizon=5) as watch:
+        _train(model, opt, batches, watch)
+    expected = [_brute_force_step(twin, x, y, twin_opt) for x, y in batches]
+    record = watch.record
+    assert [r.step for r in record.recorded] == [0, 2, 4]
+    for i, want in enumerate(expected):
+        assert record.grad_norms[i] == pytest.approx(want["total"], rel=1e-5)
+        assert record.losses[i] == pytest.approx(want["loss"], rel=1e-6)
+    checked = 0
+    for rec in record.recorded:
+        want = expected[rec.step]["layers"]
+        assert set(rec.layers) == set(want)
+        for name, layer in rec.layers.items():
+            for field, value in want[name].items():
+                assert getattr(layer, field) == pytest.approx(value, rel=1e-4, abs=1e-12), \
+                    (rec.step, name, field)
+                checked += 1
+    assert checked >= 3 * (5 + 3 * 3 + 2)
+
+
+def test_first_nonfinite_step_and_module() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = _batches(8)
+    batches[5] = (batches[5][0].clone(), batches[5][1])
+    batches[5][0][0, 0] = math.inf  # an overflowing input at step 5
+    with gradscope.watch(model, opt, every=4, horizon=8) as watch:
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(model(x), y)
+            watch.loss(loss)
+            if not math.isfinite(float(loss)):
+                break  # as careful loops do: no step on a non-finite loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    record = watch.record
+    assert record.first_nonfinite_step == 5
+    findings = watch.findings()
+    assert [f.rule for f in findings if f.severity == "error"] == ["GS503"]
+    assert "step 5" in findings[0].message
+
+
+def test_nonfinite_gradient_names_its_module() -> None:
+    class Sqrt(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.abs().sqrt()  # infinite derivative at 0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Sqrt(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, opt, every=1, horizon=3) as watch:
+        for step in range(3):
+            x = torch.randn(8, 4)
+            if step == 1:
+                with torch.no_grad():
+                    model[0].weight.zero_()
+                    model[0].bias.zero_()
+            loss = model(x).sum()
+            watch.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    record = watch.record
+    assert record.first_nonfinite_step == 1
+    assert record.first_nonfinite_modules[:1] == ("0",)
+    assert record.recorded[1].layers["0"].nonfinite_grad
+
+
+def test_loss_after_the_step() -> None:
+    """A callback that sees the loss after the optimizer stepped hands it to that step."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, every=5, horizon=4) as watch:
+        for x, y in _batches(4):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            watch.loss(loss, step=watch.step - 1)
+    assert all(v is not None for v in watch.record.losses)
+    assert len(watch.record.losses) == 4
+
+
+def test_record_round_trips_through_json() -> None:
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradscope.watch(model, opt, every=2, horizon=6) as watch:
+        _train(model, opt, _batches(6), watch)
+    doc = watch.record.to_dict()
+    again = TrainingRecord.from_dict(doc)
+    assert again.to_dict() == doc
+
+
+def test_report_json_and_renderers(tmp_path: Any) -> None:
+    import json
+
+    import jsonschema
+
+    from gradscope.render import write_html
+    from gradscope.schema import load_schema
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, every=2, horizon=6, name="mlp") as watch:
+        _train(model, opt, _batches(6), watch)
+    report = watch.report()
+    report.write_json(tmp_path / "w.json")
+    write_html(report, tmp_path / "w.html")
+    report.write_sarif(tmp_path / "w.sarif")
+    assert json.loads((tmp_path / "w.sarif").read_text())["version"] == "2.1.0"
+    doc = json.loads((tmp_path / "w.json").read_text())
+    jsonschema.validate(doc, load_schema())
+    assert doc["steps"]["steps"] == 6
+    assert doc["model"]["trace"]["method"] == "watch"
+    html = (tmp_path / "w.html").read_text()
+    assert "Training steps" in html and "Loss per step" in html
+    assert "Depth profile" not in html  # no before-training layers to plot
+    from gradscope.render.terminal import render_terminal
+
+    text = render_terminal(doc, False)
+    assert "watched     6 step(s) of sgd" in text
+    assert "trace" not in text.split("findings")[0]
+
+
+def test_analyze_report_writes_its_files(tmp_path: Any) -> None:
+    """docs/contract.md section 3: report.write_html / write_json / write_sarif."""
+    import json
+
+    report = gradscope.analyze(_mlp(), torch.randn(8, 12))
+    report.write_json(tmp_path / "r.json")
+    report.write_html(tmp_path / "r.html")
+    report.write_sarif(tmp_path / "r.sarif")
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == report.status
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    assert json.loads((tmp_path / "r.sarif").read_text())["runs"]
