@@ -1,4 +1,4 @@
-"""What ``gradscope.watch`` costs a training loop (issue 18: <= 1.2x when recording every 10th step).
+"""What ``gradscope.watch`` costs a training loop (issue 18: <= 1.2x recording every 10th step).
 
     python benchmarks/watch_overhead.py                # every model
     python benchmarks/watch_overhead.py mlp cnn        # some
