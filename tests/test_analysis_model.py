@@ -59,10 +59,14 @@ def test_each_rule_code_is_defined_in_exactly_one_module_of_its_family() -> None
 def test_each_family_module_runs_only_its_own_codes() -> None:
     for module in registry.FAMILY_MODULES:
         own = {rule.code for rule in module.FAMILY.rules}
-        for check in module.FAMILY.checks:
+        checks = (*module.FAMILY.checks, *module.FAMILY.step_checks)
+        for check in checks:
             assert set(check.codes) <= own, (module.__name__, check.codes)
-        emitted = {code for check in module.FAMILY.checks for code in check.codes}
+        emitted = {code for check in checks for code in check.codes}
         assert emitted == own, f"{module.__name__}: every rule has a check"
+        before = {code for check in module.FAMILY.checks for code in check.codes}
+        during = {code for check in module.FAMILY.step_checks for code in check.codes}
+        assert not before & during, "a code is judged before training or over steps, not both"
 
 
 def test_family_modules_and_the_registry_do_not_import_torch() -> None:
