@@ -4,7 +4,7 @@ Some failures cannot be seen at initialisation: an identity-initialised ReLU RNN
 diverges under SGD after a few steps, units that die once the first updates push their
 biases down, a run whose loss never moves. The watch records the first ``horizon``
 optimizer steps of the real run (the user's data, loss and optimizer) and the rules over
-steps (GS105, GS203, GS403, GS503, GS603-GS605) judge them::
+steps (GS105, GS106, GS203, GS403, GS503, GS603-GS606) judge them::
 
     with gradscope.watch(model, optimizer) as watch:
         for x, y in loader:

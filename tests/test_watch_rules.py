@@ -12,7 +12,8 @@ from gradscope.rules.registry import RULES, STEP_CHECKS
 from gradscope.rules.steps import run_step_rules
 from gradscope.steps import LayerStep, StepRecord, TrainingRecord, loss_trend
 
-STEP_CODES = ("GS105", "GS106", "GS203", "GS403", "GS503", "GS603", "GS604", "GS605")
+STEP_CODES = ("GS105", "GS106", "GS203", "GS403", "GS503", "GS603", "GS604", "GS605",
+              "GS606")
 
 
 def _record(losses: list[float | None] | None = None, norms: list[float] | None = None,
@@ -127,3 +128,13 @@ def test_loss_trend_is_least_squares() -> None:
 def test_no_loss_no_loss_rules() -> None:
     record = _record(losses=[None] * 50)
     assert _codes(record) == []
+
+
+def test_gs606_spikes_are_information() -> None:
+    losses: list[float | None] = [2.3 * math.exp(-i / 20) for i in range(50)]
+    losses[30] = 3.0  # far above the ten before (about 0.5), a new high for the window
+    findings = run_step_rules(_record(losses=losses))
+    assert [(f.rule, f.severity) for f in findings] == [("GS606", "info")]
+    assert "step 30" in findings[0].message
+    noisy = [2.3 * math.exp(-i / 20) * (1.3 if i % 2 else 0.8) for i in range(50)]
+    assert "GS606" not in _codes(_record(losses=noisy))  # minibatch noise, not a spike

@@ -283,6 +283,29 @@ GS605 = Rule(
                 "Deep Architectures (arXiv:1206.5533)",),
 )
 
+GS606 = Rule(
+    code="GS606",
+    name="loss-spike-in-training",
+    category="learning_rate",
+    severity="info",
+    summary="During training, the loss jumped far above its recent level at some steps.",
+    what="Watching the first steps of a training run (gradscope.watch): a step whose loss "
+    "is more than twice the median of the ten before it and more than ten median "
+    "absolute deviations above it.",
+    why="A spike is one update that overshot (a sharp region, an outlier batch): often "
+    "harmless once, the sign of a rate at the edge of stability when it repeats. "
+    "Information: at a low loss, one hard batch of a healthy run can double it too "
+    "(seen on 4 of the 142 runs of the trainability benchmark that trained).",
+    fix="If spikes repeat or grow, clip the gradient norm at about the norm of the steps "
+    "before them, or lower the learning rate.",
+    references=("Pascanu et al. 2013, On the difficulty of training recurrent neural "
+                "networks (ICML): clipping against sudden gradient growth",),
+)
+
+#: A spike: twice the median of the ten losses before it, and ten of their median absolute
+#: deviations above it (minibatch noise alone rarely reaches either).
+SPIKE_FACTOR, SPIKE_MADS, SPIKE_WINDOW = 2.0, 10.0, 10
+
 #: Ten times outside UPDATE_RATIO_BAND: the layer rewritten or frozen, not merely fast/slow.
 OUT_OF_BAND = 10.0
 #: The last five losses over the first five.
@@ -328,6 +351,26 @@ def check_step_loss_rising(record: TrainingRecord) -> list[Finding]:
         evidence={"loss_start": start, "loss_end": end})]
 
 
+def check_step_loss_spikes(record: TrainingRecord) -> list[Finding]:
+    points = record.finite_losses()
+    spikes = []
+    for k in range(SPIKE_WINDOW, len(points)):
+        before = sorted(v for _, v in points[k - SPIKE_WINDOW:k])
+        med = (before[SPIKE_WINDOW // 2 - 1] + before[SPIKE_WINDOW // 2]) / 2
+        mad = sorted(abs(v - med) for v in before)
+        spread = (mad[SPIKE_WINDOW // 2 - 1] + mad[SPIKE_WINDOW // 2]) / 2
+        step, value = points[k]
+        if med > 0 and value > SPIKE_FACTOR * med and value - med > SPIKE_MADS * spread:
+            spikes.append((step, value, med))
+    if not spikes:
+        return []
+    step, value, med = max(spikes, key=lambda item: item[1] / item[2])
+    return [GS606.finding(
+        f"{len(spikes)} loss spike(s); the largest at step {step}: {value:.4g} against a "
+        f"median of {med:.4g} over the ten steps before.",
+        evidence={"spikes": len(spikes), "step": step, "loss": value, "median_before": med})]
+
+
 def check_step_loss_stalled(record: TrainingRecord) -> list[Finding]:
     trend = loss_trend(record)
     if trend is None or record.first_nonfinite_step is not None:
@@ -343,10 +386,11 @@ def check_step_loss_stalled(record: TrainingRecord) -> list[Finding]:
 
 FAMILY = RuleFamily(
     number=6,
-    rules=(GS601, GS602, GS603, GS604, GS605),
+    rules=(GS601, GS602, GS603, GS604, GS605, GS606),
     step_checks=(Check(("GS603",), check_step_update_band),
                  Check(("GS604",), check_step_loss_rising),
-                 Check(("GS605",), check_step_loss_stalled)),
+                 Check(("GS605",), check_step_loss_stalled),
+                 Check(("GS606",), check_step_loss_spikes)),
     checks=(Check(("GS601",), check_learning_rate),
             Check(("GS602",), check_layer_learning_rates)),
 )

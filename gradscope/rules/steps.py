@@ -1,7 +1,7 @@
 """Running the rules over training steps (``gradscope.watch``) on a :class:`TrainingRecord`.
 
 The rules themselves live in their families (GS105 in ``vanishing``, GS203 in
-``exploding``, GS403 in ``dead_units``, GS503 in ``nonfinite``, GS603-GS605 in
+``exploding``, GS403 in ``dead_units``, GS503 in ``nonfinite``, GS603-GS606 in
 ``learning_rate``), each family's ``step_checks``; this module only runs the selected
 ones, as :func:`gradscope.rules.analysis.run_rules` does for the before-training checks.
 """
