@@ -1,6 +1,6 @@
 """What ``gradscope.watch`` recorded over the first steps of a real training run.
 
-Torch-free, like :mod:`gradscope.records`: the rules over steps (GS105, GS203, GS403,
+Torch-free, like :mod:`gradscope.records`: the rules over steps (GS105, GS106, GS203, GS403,
 GS503, GS603-GS606), the report model and the renderers read these records without
 loading torch. ``gradscope.watch`` fills them.
 
