@@ -31,6 +31,7 @@ The model and the optimizer are left as found: every hook is removed when the wa
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -95,7 +96,8 @@ class Watch:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  every: int = 10, horizon: int = 50, name: str | None = None,
-                 sinks: Sequence[StepSink] = ()) -> None:
+                 sinks: Sequence[StepSink] = (),
+                 replay: Callable[[nn.Module, int], torch.Tensor] | None = None) -> None:
         if every < 1 or horizon < 1:
             raise ValueError("every and horizon must be at least 1")
         self.model = model
@@ -104,6 +106,12 @@ class Watch:
         self.horizon = horizon
         self.name = name or type(model).__name__
         self.sinks = list(sinks)
+        #: ``replay(model, step)``: step ``step``'s loss on a given model (the user's batch
+        #: and loss); with it, the advice of the report is trained on copies before it is
+        #: offered (``gradscope.replay``).
+        self.replay = replay
+        self._initial: nn.Module | None = None
+        self._findings: list[Any] | None = None
         self._modules: dict[str, nn.Module] = {
             path: m for path, m in model.named_modules()
             if path and next(m.children(), None) is None}
@@ -153,6 +161,8 @@ class Watch:
         if self._open or self._closed:
             return self
         self._open = True
+        if self.replay is not None:  # the run as it starts, for the copies advice is tried on
+            self._initial = copy.deepcopy(self.model)
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step)]
         self._arm()
@@ -371,10 +381,20 @@ class Watch:
 
     # -- the verdict ---------------------------------------------------------------------
     def findings(self) -> list[Any]:
-        """The rules over steps on what was recorded (closing the watch first)."""
-        from gradscope.rules.steps import run_step_rules
+        """The rules over steps on what was recorded (closing the watch first); with
+        ``replay``, the loop changes that trained copies better attached to them."""
+        if self._findings is None:
+            from gradscope.rules.steps import run_step_rules
 
-        return run_step_rules(self.close())
+            found = run_step_rules(self.close())
+            if self.replay is not None and self._initial is not None:
+                from gradscope.replay import verified_findings
+
+                found = verified_findings(found, self.record, self.model, self._initial,
+                                          self.optimizer, self.replay, Watch)
+                self._initial = None
+            self._findings = found
+        return self._findings
 
     def report(self) -> Any:
         """The report of the watched steps: a ``gradscope.report.Report`` with its writers
@@ -392,8 +412,15 @@ class Watch:
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, every: int = 10,
-          horizon: int = 50, name: str | None = None,
-          sinks: Iterable[StepSink] = ()) -> Watch:
-    """Watch the first ``horizon`` optimizer steps of a training run (a context manager)."""
+          horizon: int = 50, name: str | None = None, sinks: Iterable[StepSink] = (),
+          replay: Callable[[nn.Module, int], torch.Tensor] | None = None) -> Watch:
+    """Watch the first ``horizon`` optimizer steps of a training run (a context manager).
+
+    ``replay(model, step)``, when given, computes watched step ``step``'s loss on another
+    model (your batch ``step`` and your loss): the report's loop advice (a lower learning
+    rate, clipping, a warmup) is then trained on copies of the run and offered only where it
+    ended the watched steps lower (``gradscope.replay``). It costs one copy of the model at
+    the start and, for a run with findings, three more short runs of the watched steps.
+    """
     return Watch(model, optimizer, every=every, horizon=horizon, name=name,
-                 sinks=tuple(sinks))
+                 sinks=tuple(sinks), replay=replay)

@@ -281,3 +281,73 @@ def test_analyze_report_writes_its_files(tmp_path: Any) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["status"] == report.status
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
     assert json.loads((tmp_path / "r.sarif").read_text())["runs"]
+
+
+def test_replay_verifies_loop_advice_on_copies() -> None:
+    """A diverging run (SGD at 5.0): the advice offered is what trained a copy of it to a
+    finite, lower loss with no finding of its own, with that measurement; the run itself
+    is not touched by the trials."""
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(12, 4, generator=gen)
+    batches = []
+    for _ in range(40):
+        x = torch.randn(16, 12, generator=gen)
+        batches.append((x, (x @ teacher).argmax(1)))  # learnable labels
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    calls: list[int] = []
+
+    def replay(copy_: nn.Module, step: int) -> torch.Tensor:
+        calls.append(step)
+        x, y = batches[step]
+        return nn.functional.cross_entropy(copy_(x), y)
+
+    with gradscope.watch(model, opt, every=10, horizon=40, replay=replay) as watch:
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(model(x), y)
+            watch.loss(loss)
+            if not math.isfinite(float(loss.detach())):
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    weights = [p.detach().clone() for p in model.parameters()]
+    findings = watch.findings()
+    assert watch.record.first_nonfinite_step is not None
+    assert "GS503" in [f.rule for f in findings]
+    advised = [r for f in findings for r in f.recommendations]
+    assert advised, "no loop change trained the copy better"
+    # the copies really trained: a lower rate ends well below chance (ln 4 = 1.39)
+    assert min(r.measured.after for r in advised if r.measured) < 1.2
+    for rec in advised:
+        assert rec.measured is not None and math.isfinite(rec.measured.after)
+        assert rec.measured.after < rec.measured.before
+        assert rec.action is not None and rec.action["op"] in (
+            "learning_rate", "clip_grad_norm", "warmup")
+    assert calls  # the trials ran through the user's replay
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))
+    assert watch.findings() is findings  # judged once
+
+
+def test_replay_is_not_called_for_a_healthy_run() -> None:
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(12, 4, generator=gen)
+    batches = []
+    for _ in range(30):
+        x = torch.randn(16, 12, generator=gen)
+        batches.append((x, (x @ teacher).argmax(1)))
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    calls: list[int] = []
+
+    def replay(copy_: nn.Module, step: int) -> torch.Tensor:
+        calls.append(step)
+        x, y = batches[step]
+        return nn.functional.cross_entropy(copy_(x), y)
+
+    with gradscope.watch(model, opt, every=10, horizon=30, replay=replay) as watch:
+        _train(model, opt, batches, watch)
+    assert [f for f in watch.findings() if f.severity != "info"] == []
+    assert calls == []

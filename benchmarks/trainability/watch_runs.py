@@ -53,8 +53,10 @@ def outcomes(path: Path = TABLE) -> dict[tuple[str, str, int], dict[str, Any]]:
 
 
 def watched_run(arch: str, recipe_name: str, seed: int, horizon: int, every: int,
-                ) -> dict[str, Any]:
-    """Train the run's first ``horizon`` steps under the watch; the record as a dict."""
+                replay: bool = False) -> dict[str, Any]:
+    """Train the run's first ``horizon`` steps under the watch; the record as a dict.
+
+    ``replay``: the watch tries its loop advice on copies trained on the same batches."""
     import models
     import torch
     import train
@@ -67,9 +69,16 @@ def watched_run(arch: str, recipe_name: str, seed: int, horizon: int, every: int
     model = spec.build()
     model.train()
     opt = train.make_optimizer(recipe, model, recipe.lr)
+    batches = train.batches(spec.task, seed, horizon)
+
+    def again(copy: torch.nn.Module, step: int) -> torch.Tensor:
+        x, y = batches[step]
+        return train.criterion(spec.task, copy(x), y)
+
     start = time.perf_counter()
-    with gradscope.watch(model, opt, every=every, horizon=horizon, name=arch) as watch:
-        for x, y in train.batches(spec.task, seed, horizon):
+    with gradscope.watch(model, opt, every=every, horizon=horizon, name=arch,
+                         replay=again if replay else None) as watch:
+        for x, y in batches:
             loss = train.criterion(spec.task, model(x), y)
             watch.loss(loss)
             if not math.isfinite(float(loss.detach())):
@@ -90,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--dump", type=Path, default=None, help="write every record here")
+    parser.add_argument("--replay", action="store_true",
+                        help="verify the watch's loop advice on copies, then train each "
+                        "flagged failed run for its full 300 steps with the first advice "
+                        "(benchmarks/trainability/run.py's cache)")
     args = parser.parse_args(argv)
     import torch
 
@@ -99,16 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     for (arch, recipe, seed), known in table.items():
         if (args.archs and arch not in args.archs) or seed >= args.seeds:
             continue
-        result = watched_run(arch, recipe, seed, args.horizon, args.every)
+        result = watched_run(arch, recipe, seed, args.horizon, args.every, args.replay)
         findings = result["report"]["findings"]
+        advice = next((r for f in findings for r in f["recommendations"] if r.get("action")),
+                      None)
+        retrained = None
+        if args.replay and advice is not None:
+            import run
+
+            retrained = run.cached_train(arch, recipe, seed, {"action": advice["action"]})
         flagged = [f"{f['rule']}{f['severity'][0].upper()}" for f in findings
                    if f["severity"] in ("error", "warning")]
         rows.append({"arch": arch, "recipe": recipe, "seed": seed, **known,
                      "flags": flagged, "all": [f"{f['rule']}{f['severity'][0].upper()}"
                                                for f in findings],
-                     "seconds": result["seconds"], "record": result["record"]})
+                     "seconds": result["seconds"], "record": result["record"],
+                     "advice": advice, "retrained": retrained})
+        after = "" if retrained is None else (
+            f" advice={advice['action']['op']} -> failed={retrained.get('failed')} "
+            f"({retrained.get('metric')})")
         print(f"{arch:26s} {recipe:5s} {seed} failed={known['failed']!s:5s} "
-              f"before={known['status']:9s} watch={','.join(rows[-1]['all']) or '-'}",
+              f"before={known['status']:9s} watch={','.join(rows[-1]['all']) or '-'}{after}",
               flush=True)
     missed = [r for r in rows if r["failed"] and r["status"] != "unhealthy"]
     trained = [r for r in rows if not r["failed"]]
@@ -116,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     alarms = [r for r in trained if r["flags"]]
     print(f"missed by the before-training analysis: {len(missed)}, caught by the watch: "
           f"{len(caught)}; runs that trained: {len(trained)}, flagged: {len(alarms)}")
+    if args.replay:
+        advised = [r for r in rows if r["failed"] and r["retrained"] is not None]
+        rescued = [r for r in advised if not r["retrained"].get("failed", True)]
+        worse = [r for r in rows if not r["failed"] and r["retrained"] is not None
+                 and r["retrained"].get("failed", True)]
+        print(f"failed runs with verified loop advice: {len(advised)}, trained with it: "
+              f"{len(rescued)}; runs that trained and were advised: "
+              f"{sum(1 for r in rows if not r['failed'] and r['retrained'] is not None)}, "
+              f"failing with the advice: {len(worse)}")
     if args.dump:
         args.dump.write_text(json.dumps(rows))
     if args.markdown:
