@@ -327,6 +327,12 @@ def test_replay_verifies_loop_advice_on_copies() -> None:
         assert rec.action is not None and rec.action["op"] in (
             "learning_rate", "clip_grad_norm", "warmup")
     assert calls  # the trials ran through the user's replay
+    from gradscope.render.html import render_html
+    from gradscope.render.terminal import render_terminal
+
+    doc = watch.report().to_dict()
+    assert "measured: " in render_html(doc)  # the measurement the advice is offered with
+    assert "(measured: " in render_terminal(doc, False)
     assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))
     assert watch.findings() is findings  # judged once
 

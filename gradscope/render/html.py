@@ -663,12 +663,13 @@ def steps_view(steps: Any) -> dict[str, Any] | None:
             "columns": columns, "tables": tables}
 
 
-def _verified_text(verified: Any) -> str:
-    """``verified: 2.00e-08 \u2192 4.10e-01 (metric)``, or '' without figures."""
+def _verified_text(verified: Any, label: str = "verified") -> str:
+    """``verified: 2.00e-08 \u2192 4.10e-01 (metric)``, or '' without figures; ``label``
+    ``measured`` for a change trained on a copy (``Recommendation.measured``)."""
     if not isinstance(verified, Mapping):
         return ""
     metric = str(verified.get("metric") or "").strip()
-    text = f"verified: {fmt_num(verified.get('before'))} \u2192 {fmt_num(verified.get('after'))}"
+    text = f"{label}: {fmt_num(verified.get('before'))} \u2192 {fmt_num(verified.get('after'))}"
     return f"{text} ({metric})" if metric else text
 
 
@@ -692,7 +693,8 @@ def _finding_view(f: Mapping[str, Any]) -> dict[str, Any]:
         "recommendations": [
             {"kind": str(rec.get("kind", "")), "text": str(rec.get("text", "")),
              "code": str(rec.get("code") or ""), "code_id": "",
-             "verified": _verified_text(rec.get("verified"))}
+             "verified": _verified_text(rec.get("verified")),
+             "measured": _verified_text(rec.get("measured"), "measured")}
             for rec in f.get("recommendations") or []
         ],
     }

@@ -296,6 +296,11 @@ def render_terminal(doc: dict[str, Any], color: bool, width: int | None = None) 
                 text = f"the same as fix [{shared[key]}] above."
             else:
                 text = clean(rec.get("text", ""))
+                measured = rec.get("measured")
+                if isinstance(measured, Mapping):  # trained on a copy: say what it gave
+                    text += (f" (measured: {_num(measured.get('before'))} -> "
+                             f"{_num(measured.get('after'))}, "
+                             f"{clean(measured.get('metric', ''))})")
                 if counts.get(key, 0) > 1:
                     shared[key] = len(shared) + 1
                     text = f"[{shared[key]}] {text}"
