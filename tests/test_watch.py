@@ -27,6 +27,17 @@ def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(n)]
 
 
+def _learnable(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches whose labels a linear teacher gives: a loss that can fall, unlike _batches'."""
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(12, 4, generator=gen)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, 12, generator=gen)
+        out.append((x, (x @ teacher).argmax(1)))
+    return out
+
+
 def _train(model: nn.Module, opt: torch.optim.Optimizer, batches: list[Any],
            watch: Any = None) -> list[float]:
     losses = []
@@ -287,12 +298,7 @@ def test_replay_verifies_loop_advice_on_copies() -> None:
     """A diverging run (SGD at 5.0): the advice offered is what trained a copy of it to a
     finite, lower loss with no finding of its own, with that measurement; the run itself
     is not touched by the trials."""
-    gen = torch.Generator().manual_seed(1)
-    teacher = torch.randn(12, 4, generator=gen)
-    batches = []
-    for _ in range(40):
-        x = torch.randn(16, 12, generator=gen)
-        batches.append((x, (x @ teacher).argmax(1)))  # learnable labels
+    batches = _learnable(40)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 4))
@@ -338,12 +344,7 @@ def test_replay_verifies_loop_advice_on_copies() -> None:
 
 
 def test_replay_is_not_called_for_a_healthy_run() -> None:
-    gen = torch.Generator().manual_seed(1)
-    teacher = torch.randn(12, 4, generator=gen)
-    batches = []
-    for _ in range(30):
-        x = torch.randn(16, 12, generator=gen)
-        batches.append((x, (x @ teacher).argmax(1)))
+    batches = _learnable(30)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     calls: list[int] = []
