@@ -1,0 +1,153 @@
+"""``gradscope.watch`` in Lightning, as a callback::
+
+    from gradscope.integrations.lightning import GradscopeLightningCallback
+
+    trainer = lightning.pytorch.Trainer(max_steps=1000,
+                                        callbacks=[GradscopeLightningCallback(horizon=50)])
+    trainer.fit(module, loader)   # writes gradscope-watch.html and .json into default_root_dir
+
+Built on ``lightning.pytorch`` where it is installed, else on ``pytorch_lightning``.
+
+How it meets Lightning (2.x, read from its fit loop and automatic optimization):
+
+- ``on_train_start``: the watch goes on the torch optimizer of ``trainer.optimizers[0]``
+  and on the ``LightningModule`` (its per-module figures are relative to the gradient at
+  the module's own output: ``training_step`` should call ``self(x)``, not only a submodule).
+- Automatic optimization calls ``optimizer.step(closure)``, and the closure runs the
+  step's forward and backward *inside* the step, after torch's step pre-hooks: the watch's
+  pre-step work (gradient norm, weights copied) is moved to the end of the closure
+  (:class:`gradscope.integrations._common.AfterClosure`), else it would read the previous
+  step's gradients and miss every module figure.
+- ``on_train_batch_end`` comes after the optimizer step: the batch's loss
+  (``outputs["loss"]``) goes to ``watch.step - 1``. Over gradient accumulation a step's
+  loss is the sum of its batches' (Lightning has divided each by the accumulation count).
+- The report is written on global rank zero when training ends, when the watch reaches
+  its horizon, or when training fails (``on_exception``); every hook is removed then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # pragma: no cover - the standalone package, where lightning is absent
+    try:
+        from pytorch_lightning import Callback  # type: ignore[assignment]
+    except ImportError as exc:
+        raise ImportError("gradscope.integrations.lightning needs Lightning: "
+                          "pip install 'gradscope[lightning]'") from exc
+
+from gradscope.integrations._common import (
+    AfterClosure,
+    check_formats,
+    check_watch_args,
+    torch_optimizer,
+    write_report,
+)
+from gradscope.watching import StepSink, Watch
+
+
+class GradscopeLightningCallback(Callback):
+    """Watch the first ``horizon`` optimizer steps of a Lightning run and write the report.
+
+    ``every`` and ``horizon`` are the watch's; ``output_dir`` defaults to the Trainer's
+    ``default_root_dir``; ``formats`` are written as ``gradscope-watch.<format>``; ``sinks``
+    are handed to the watch (``gradscope.sinks``). After training, ``report`` is the
+    ``gradscope.report.Report`` and ``paths`` the files written.
+    """
+
+    def __init__(self, every: int = 10, horizon: int = 50, output_dir: str | Path | None = None,
+                 formats: Iterable[str] = ("html", "json"), *, name: str | None = None,
+                 sinks: Sequence[StepSink] = ()) -> None:
+        check_watch_args(every, horizon)
+        self.every = every
+        self.horizon = horizon
+        self.output_dir = output_dir
+        self.formats = check_formats(formats)
+        self.name = name
+        self.sinks = tuple(sinks)
+        self.watch: Watch | None = None
+        self.report: Any = None
+        self.paths: list[Path] = []
+        self._steps: AfterClosure | None = None
+        self._folder: Path | None = None
+        self._summed = True
+        self._step_before = 0
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+
+    # -- Lightning hooks -----------------------------------------------------------------
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._finish()  # a callback reused by a second fit() starts over
+        if not getattr(trainer, "is_global_zero", True) or not trainer.optimizers:
+            return
+        self._folder = Path(self.output_dir if self.output_dir is not None
+                            else trainer.default_root_dir)
+        self.report, self.paths = None, []
+        optimizer = torch_optimizer(trainer.optimizers[0])
+        watch = Watch(pl_module, optimizer, every=self.every, horizon=self.horizon,
+                      name=self.name, sinks=self.sinks)
+        # The watch installs its step hooks through ``watch.optimizer`` when it starts;
+        # its record already names the real optimizer and its learning rate.
+        self._steps = AfterClosure(optimizer)
+        watch.optimizer = cast(torch.optim.Optimizer, self._steps)
+        self._summed = bool(getattr(pl_module, "automatic_optimization", True))
+        self._loss_sum, self._loss_count = None, 0
+        self.watch = watch.start()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        if self.watch is not None:
+            self._step_before = self.watch.step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        watch = self.watch
+        if watch is None:
+            return
+        loss = _loss_of(outputs)
+        if loss is not None:
+            value = loss.detach().float().reshape(-1)[:1]
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_count += 1
+        if watch.step > self._step_before:  # the optimizer stepped in this batch
+            if self._loss_sum is not None:
+                watch.loss(self._loss_sum if self._summed else self._loss_sum / self._loss_count,
+                           step=watch.step - 1)
+            self._loss_sum, self._loss_count = None, 0
+        if watch.step >= self.horizon:
+            self._finish()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish()
+
+    # -- the watch -----------------------------------------------------------------------
+    def _finish(self) -> None:
+        watch, self.watch = self.watch, None
+        if watch is None:
+            return
+        watch.close()
+        if self._steps is not None:
+            self._steps.remove()
+            self._steps = None
+        self.report = watch.report()
+        if self._folder is not None and self.formats:
+            self.paths = write_report(self.report, self._folder, self.formats)
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, torch.Tensor) and loss.numel() >= 1 and loss.is_floating_point():
+        return loss
+    return None
+
+
+__all__ = ["GradscopeLightningCallback"]
