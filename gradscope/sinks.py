@@ -17,8 +17,9 @@ Both sinks log the same scalars (:func:`step_scalars`), at the watch's step:
   parameters at that step, from the per-module figures;
 - ``gradscope/output_grad_rms``: the gradient reaching the model's output;
 - ``gradscope/grad_norm`` and ``gradscope/loss``: the total gradient norm and the loss of
-  that step, where the record already holds them (the watch reads its per-step series back
-  in bulk when it closes, so during the run they are usually not there yet).
+  that step (the watch reads its per-step series back up to each recorded step before it
+  calls the sinks; a loss handed over only after the step, as the Lightning callback does,
+  is not there yet).
 
 Neither library is imported until a sink is made: ``import gradscope.sinks`` needs neither.
 """

@@ -13,7 +13,7 @@ steps (GS105, GS106, GS203, GS403, GS503, GS603-GS606) judge them::
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()                 # the watch counts steps by the optimizer
-    watch.report().save("watch.html")        # or .json, or print(watch.report())
+    watch.report().write_html("watch.html")  # or write_json / write_sarif
 
 How it stays cheap (issue 18 asks <= 1.2x the plain loop when recording every 10th step):
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -56,13 +56,20 @@ def _first_float(value: Any) -> torch.Tensor | None:
             found = _first_float(item)
             if found is not None:
                 return found
-    if isinstance(value, dict):
-        for item in value.values():
+    if isinstance(value, Mapping) or hasattr(value, "to_tuple"):
+        # A Hugging Face ModelOutput is a Mapping: its "loss" comes first, but the output
+        # the probe measures against is the logits (the loss is a scalar of them).
+        items = dict(value.items()) if hasattr(value, "items") else {}
+        if "logits" in items:
+            found = _first_float(items["logits"])
+            if found is not None:
+                return found
+        for key, item in items.items():
+            if key == "loss" or (isinstance(item, torch.Tensor) and item.dim() == 0):
+                continue
             found = _first_float(item)
             if found is not None:
                 return found
-    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
-        return _first_float(value.to_tuple())
     return None
 
 
@@ -82,6 +89,9 @@ class _Pending:
         self.bad_forward: dict[str, torch.Tensor] = {}
         self.output: torch.Tensor | None = None
         self.output_sq: list[torch.Tensor] = []
+        #: The last leaf module whose output needed a gradient: the output's stand-in when
+        #: the model's own forward never ran (a Lightning module calling ``self.net(x)``).
+        self.last: str | None = None
         self.before: dict[str, list[torch.Tensor]] = {}
 
 
@@ -260,15 +270,46 @@ class Watch:
                 elif key in SATURATION_KEYS:
                     pending.saturated[path] = _saturated(key, first)
             if y.requires_grad:
+                pending.last = path
                 pending.numel[path] = pending.numel.get(path, 0) + y.numel()
                 y.register_hook(lambda g: pending.grad_sq.setdefault(path, []).append(
                     sq_sum(g.detach())))
         return hook
 
     # -- optimizer hooks: the step boundary --------------------------------------------
-    def _pre_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
+    def _pre_step(self, _optimizer: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """Before the optimizer step: the gradients are complete, the weights not yet changed.
+
+        ``optimizer.step(closure)`` (Lightning's automatic optimization, LBFGS) computes the
+        step's forward and backward inside the step, after this hook: the work then moves to
+        the end of the closure's first call, through the closure handed back to torch (a
+        step pre-hook may return new arguments), or it would read the previous step's
+        gradients and disarm the module hooks before the step's own forward.
+        """
         if not self.active:
-            return
+            return None
+        closure = kwargs.get("closure")
+        positional = closure is None and len(args) > 1 and callable(args[1])
+        if positional:
+            closure = args[1]  # args[0] is the optimizer: torch hands the bound call's args
+        if closure is None:
+            self._before_update()
+            return None
+        done = False
+
+        def after_closure() -> Any:
+            nonlocal done
+            result = closure()
+            if not done:
+                done = True
+                self._before_update()
+            return result
+
+        if positional:
+            return (args[0], after_closure, *args[2:]), kwargs
+        return args, {**kwargs, "closure": after_closure}
+
+    def _before_update(self) -> None:
         grads = [p.grad for p in self._all_params if p.grad is not None]
         if grads:
             norms: Sequence[torch.Tensor]
@@ -301,8 +342,10 @@ class Watch:
         if pending is not None:
             step = self._read(pending)
             self.record.recorded.append(step)
-            for sink in self.sinks:
-                sink(self.record, step)
+            if self.sinks:
+                self._series_so_far()
+                for sink in self.sinks:
+                    sink(self.record, step)
         self._step += 1
         if self._step >= self.horizon:
             self._stop_recording()
@@ -315,6 +358,10 @@ class Watch:
         out_rms = (math.sqrt(out_sq / pending.output.numel())
                    if out_sq is not None and pending.output is not None
                    and pending.output.numel() else None)
+        last = pending.last
+        if out_rms is None and last is not None and pending.numel.get(last):
+            last_sq = sum(float(t) for t in pending.grad_sq.get(last, []))
+            out_rms = math.sqrt(last_sq / pending.numel[last]) if last_sq > 0 else None
         rec = StepRecord(step=pending.step, output_grad_rms=out_rms)
         for path in self._modules:
             layer = LayerStep()
@@ -346,6 +393,14 @@ class Watch:
             if seen:
                 rec.layers[path] = layer
         return rec
+
+    def _series_so_far(self) -> None:
+        """The per-step loss and gradient norm up to now, for the sinks (a recorded step has
+        synchronised with the device already); ``_finish`` writes the final series."""
+        record = self.record
+        record.grad_norms = [float(n) for n in self._norms]
+        record.losses = [None if t is None else float(t.cpu()[0])
+                         for t in self._losses[:len(self._norms)]]
 
     def _finish(self) -> None:
         """Per-step series read back in bulk; the first non-finite step and its modules."""

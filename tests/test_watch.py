@@ -358,3 +358,47 @@ def test_replay_is_not_called_for_a_healthy_run() -> None:
         _train(model, opt, batches, watch)
     assert [f for f in watch.findings() if f.severity != "info"] == []
     assert calls == []
+
+
+def test_output_is_the_logits_not_the_loss() -> None:
+    """A model returning {"loss", "logits"} (Hugging Face's ModelOutput is such a Mapping):
+    gradient health is relative to the logits' gradient, as the probe's is."""
+
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = self.net(x)
+            return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits}
+
+    model = WithLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x, y), = _batches(1)
+    with gradscope.watch(model, opt, every=1, horizon=1) as watch:
+        out = model(x, y)
+        out["logits"].retain_grad()
+        out["loss"].backward()
+        want = float(out["logits"].grad.double().pow(2).mean().sqrt())
+        opt.step()
+    got = watch.record.recorded[0].output_grad_rms
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_model_forward_never_called_falls_back_to_the_last_module() -> None:
+    """A Lightning module whose training_step calls self.net(x), not self(x)."""
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+    model = Outer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, every=1, horizon=2) as watch:
+        _train(model.net, opt, _batches(2), watch)
+    step = watch.record.recorded[0]
+    assert step.output_grad_rms is not None
+    assert step.layers["net.4"].grad_rms == pytest.approx(1.0)  # the last module: the output
+    assert all(layer.grad_rms is not None for name, layer in step.layers.items())

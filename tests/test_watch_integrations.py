@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.integrations._common import AfterClosure, torch_optimizer
+from gradscope.integrations._common import torch_optimizer
 from gradscope.sinks import LAYER_FIGURES, PREFIX, TensorBoardSink, WandbSink, step_scalars
 from gradscope.steps import TrainingRecord
 
@@ -86,10 +86,7 @@ def _closure_run(with_closure: bool) -> TrainingRecord:
     torch.manual_seed(0)
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gradscope.watch(model, optimizer, every=2, horizon=6)
-    steps = AfterClosure(optimizer)
-    watch.optimizer = steps  # type: ignore[assignment]
-    with watch:
+    with gradscope.watch(model, optimizer, every=2, horizon=6) as watch:
         for i in range(8):
             xb, yb = x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]
 
@@ -104,12 +101,11 @@ def _closure_run(with_closure: bool) -> TrainingRecord:
             else:
                 watch.loss(closure())
                 optimizer.step()
-    steps.remove()
     _no_hooks(model, optimizer)
     return watch.record
 
 
-def test_after_closure_sees_the_steps_gradients() -> None:
+def test_closure_steps_see_the_steps_gradients() -> None:
     """optimizer.step(closure) (Lightning, LBFGS) gives the watch the figures a plain
     step gives: the step's own gradient norm and every module's figures."""
     plain, closed = _closure_run(False), _closure_run(True)
@@ -165,13 +161,12 @@ def test_step_scalars_are_the_records_figures() -> None:
         # every parameter of the MLP belongs to a watched module: the same total norm
         assert scalars[f"{PREFIX}/weight_grad_norm"] == pytest.approx(
             record.grad_norms[step.step], rel=1e-5)
+        # during the run, the step's loss and total norm are already in the record
+        assert scalars[f"{PREFIX}/loss"] == pytest.approx(record.losses[step.step])
+        assert scalars[f"{PREFIX}/grad_norm"] == pytest.approx(record.grad_norms[step.step])
     # the ReLU's dead share and the tanh's saturated share are among them
     assert f"{PREFIX}/1/dead_fraction" in seen[0]
     assert f"{PREFIX}/3/saturated_fraction" in seen[0]
-    # once the record holds the step's loss and norm, they are logged as well
-    final = step_scalars(record, record.recorded[1])
-    assert final[f"{PREFIX}/loss"] == record.losses[3]
-    assert final[f"{PREFIX}/grad_norm"] == record.grad_norms[3]
 
 
 def test_sinks_import_their_library_lazily(monkeypatch: pytest.MonkeyPatch,
@@ -198,7 +193,8 @@ def test_tensorboard_sink_writes_the_records_figures(tmp_path: Path) -> None:
     for step in record.recorded:
         for tag, value in step_scalars(TrainingRecord(
                 every=record.every, horizon=record.horizon, optimizer=record.optimizer,
-                lr=record.lr), step).items():
+                lr=record.lr, losses=record.losses[:step.step + 1],
+                grad_norms=record.grad_norms[:step.step + 1]), step).items():
             expected.setdefault(tag, {})[step.step] = value
     assert tags == set(expected)
     assert f"{PREFIX}/0/grad_rms" in tags and f"{PREFIX}/1/dead_fraction" in tags

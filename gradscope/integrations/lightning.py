@@ -12,12 +12,11 @@ How it meets Lightning (2.x, read from its fit loop and automatic optimization):
 
 - ``on_train_start``: the watch goes on the torch optimizer of ``trainer.optimizers[0]``
   and on the ``LightningModule`` (its per-module figures are relative to the gradient at
-  the module's own output: ``training_step`` should call ``self(x)``, not only a submodule).
+  the module's own output; where ``training_step`` calls a submodule, ``self.net(x)``,
+  instead of ``self(x)``, the last module that ran stands for the output).
 - Automatic optimization calls ``optimizer.step(closure)``, and the closure runs the
-  step's forward and backward *inside* the step, after torch's step pre-hooks: the watch's
-  pre-step work (gradient norm, weights copied) is moved to the end of the closure
-  (:class:`gradscope.integrations._common.AfterClosure`), else it would read the previous
-  step's gradients and miss every module figure.
+  step's forward and backward *inside* the step, after torch's step pre-hooks: the watch
+  moves its pre-step work (gradient norm, weights copied) to the end of the closure.
 - ``on_train_batch_end`` comes after the optimizer step: the batch's loss
   (``outputs["loss"]``) goes to ``watch.step - 1``. Over gradient accumulation a step's
   loss is the sum of its batches' (Lightning has divided each by the accumulation count).
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -43,7 +42,6 @@ except ImportError:  # pragma: no cover - the standalone package, where lightnin
                           "pip install 'gradscope[lightning]'") from exc
 
 from gradscope.integrations._common import (
-    AfterClosure,
     check_formats,
     check_watch_args,
     torch_optimizer,
@@ -74,7 +72,6 @@ class GradscopeLightningCallback(Callback):
         self.watch: Watch | None = None
         self.report: Any = None
         self.paths: list[Path] = []
-        self._steps: AfterClosure | None = None
         self._folder: Path | None = None
         self._summed = True
         self._step_before = 0
@@ -92,10 +89,6 @@ class GradscopeLightningCallback(Callback):
         optimizer = torch_optimizer(trainer.optimizers[0])
         watch = Watch(pl_module, optimizer, every=self.every, horizon=self.horizon,
                       name=self.name, sinks=self.sinks)
-        # The watch installs its step hooks through ``watch.optimizer`` when it starts;
-        # its record already names the real optimizer and its learning rate.
-        self._steps = AfterClosure(optimizer)
-        watch.optimizer = cast(torch.optim.Optimizer, self._steps)
         self._summed = bool(getattr(pl_module, "automatic_optimization", True))
         self._loss_sum, self._loss_count = None, 0
         self.watch = watch.start()
@@ -135,9 +128,6 @@ class GradscopeLightningCallback(Callback):
         if watch is None:
             return
         watch.close()
-        if self._steps is not None:
-            self._steps.remove()
-            self._steps = None
         self.report = watch.report()
         if self._folder is not None and self.formats:
             self.paths = write_report(self.report, self._folder, self.formats)
