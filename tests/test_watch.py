@@ -402,3 +402,31 @@ def test_model_forward_never_called_falls_back_to_the_last_module() -> None:
     assert step.output_grad_rms is not None
     assert step.layers["net.4"].grad_rms == pytest.approx(1.0)  # the last module: the output
     assert all(layer.grad_rms is not None for name, layer in step.layers.items())
+
+
+def test_grad_scaler_steps_are_the_unscaled_ones() -> None:
+    """GradScaler.step unscales before the optimizer's step: the same gradient norms and
+    health ratios as without it (a power-of-two scale is exact in float32)."""
+    records = []
+    for scaled in (False, True):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        with gradscope.watch(model, opt, every=2, horizon=4) as watch:
+            for x, y in _batches(4):
+                loss = nn.functional.cross_entropy(model(x), y)
+                watch.loss(loss)
+                opt.zero_grad()
+                if scaled:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+        records.append(watch.record)
+    plain, scaled_record = records
+    assert scaled_record.grad_norms == pytest.approx(plain.grad_norms, rel=1e-6)
+    for a, b in zip(plain.recorded, scaled_record.recorded, strict=True):
+        for name in a.layers:
+            assert b.layers[name].grad_rms == pytest.approx(a.layers[name].grad_rms, rel=1e-5)
