@@ -76,6 +76,8 @@ class TrainingRecord:
     modules: dict[str, str] = field(default_factory=dict)
     #: Modules that own trainable parameters (their weight and update figures exist).
     trainable: tuple[str, ...] = ()
+    #: Watched modules in the order their forward first ran at the first recorded step.
+    order: tuple[str, ...] = ()
     #: ReLU-like modules (dead share) and sigmoid/tanh-like ones (saturated share).
     rectifiers: tuple[str, ...] = ()
     squashers: tuple[str, ...] = ()
@@ -116,6 +118,7 @@ class TrainingRecord:
         return {"every": self.every, "horizon": self.horizon, "steps": self.steps,
                 "optimizer": self.optimizer, "lr": self.lr,
                 "modules": dict(self.modules), "trainable": list(self.trainable),
+                "order": list(self.order),
                 "rectifiers": list(self.rectifiers), "squashers": list(self.squashers),
                 "notes": list(self.notes),
                 "losses": list(self.losses), "grad_norms": list(self.grad_norms),
@@ -136,6 +139,7 @@ class TrainingRecord:
                    optimizer=str(doc["optimizer"]), lr=num(doc.get("lr")),
                    modules=dict(doc.get("modules", {})),
                    trainable=tuple(doc.get("trainable", ())),
+                   order=tuple(doc.get("order", ())),
                    rectifiers=tuple(doc.get("rectifiers", ())),
                    squashers=tuple(doc.get("squashers", ())),
                    losses=[num(v) for v in doc.get("losses", [])],
@@ -176,12 +180,23 @@ def loss_trend(record: TrainingRecord) -> tuple[float, float, int] | None:
 MIN_TREND_POINTS = 20
 
 
-def weakest_health(record: TrainingRecord, index: int) -> tuple[str, float] | None:
-    """The trainable module with the smallest gradient health at recorded step ``index``."""
+def health(record: TrainingRecord, index: int, name: str) -> float | None:
+    """Module ``name``'s finite gradient health at recorded step ``index``, else None."""
+    layer = record.recorded[index].layers.get(name)
+    value = layer.grad_rms if layer is not None else None
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def input_layer(record: TrainingRecord) -> str | None:
+    """The trainable module nearest the input: the first to run in the forward pass (the
+    recorded order; registration order for a record without one) with a gradient figure.
+
+    Where the before-training rules judge vanishing (the first trainable layer on each
+    path): side branches whose gradient is small by design (attention's query and key
+    projections before the attention sharpens, a gate) are not the input end.
+    """
     if not record.recorded:
         return None
-    layers = record.recorded[index].layers
-    known = [(name, layers[name].grad_rms) for name in record.trainable
-             if name in layers and layers[name].grad_rms is not None]
-    finite = [(n, float(v)) for n, v in known if v is not None and math.isfinite(v)]
-    return min(finite, key=lambda item: item[1]) if finite else None
+    trainable = set(record.trainable)
+    order = [n for n in (record.order or tuple(record.modules)) if n in trainable]
+    return next((n for n in order if health(record, 0, n) is not None), None)

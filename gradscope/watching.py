@@ -92,6 +92,8 @@ class _Pending:
         #: The last leaf module whose output needed a gradient: the output's stand-in when
         #: the model's own forward never ran (a Lightning module calling ``self.net(x)``).
         self.last: str | None = None
+        #: Modules in the order their forward first ran (a dict as an ordered set).
+        self.order: dict[str, None] = {}
         self.before: dict[str, list[torch.Tensor]] = {}
 
 
@@ -259,6 +261,8 @@ class Watch:
         key = self._keys[path]
 
         def hook(_module: nn.Module, _args: Any, out: Any) -> None:
+            if path not in pending.order:
+                pending.order[path] = None
             y = _first_float(out)
             if y is None:
                 return
@@ -363,6 +367,8 @@ class Watch:
             last_sq = sum(float(t) for t in pending.grad_sq.get(last, []))
             out_rms = math.sqrt(last_sq / pending.numel[last]) if last_sq > 0 else None
         rec = StepRecord(step=pending.step, output_grad_rms=out_rms)
+        if not self.record.order:
+            self.record.order = tuple(pending.order)
         for path in self._modules:
             layer = LayerStep()
             seen = False

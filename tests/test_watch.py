@@ -430,3 +430,71 @@ def test_grad_scaler_steps_are_the_unscaled_ones() -> None:
     for a, b in zip(plain.recorded, scaled_record.recorded, strict=True):
         for name in a.layers:
             assert b.layers[name].grad_rms == pytest.approx(a.layers[name].grad_rms, rel=1e-5)
+
+
+def test_order_is_the_forward_order() -> None:
+    class Backwards(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(16, 4)   # registered first, runs last
+            self.body = nn.Linear(12, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x)))
+
+    model = Backwards()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, every=1, horizon=1) as watch:
+        _train(model, opt, _batches(1), watch)
+    assert watch.record.order == ("body", "head")
+    from gradscope.steps import input_layer
+
+    assert input_layer(watch.record) == "body"
+
+
+@pytest.mark.slow
+def test_healthy_hugging_face_training_raises_no_warning() -> None:
+    """Real architectures trained briefly and healthily (BERT MLM, Llama, AdamW on text):
+    no warning or error from the rules over steps."""
+    import inspect
+    import json as json_module
+
+    transformers = pytest.importorskip("transformers")
+    text = inspect.getsource(json_module.decoder) + inspect.getsource(json_module.encoder)
+    vocab = {c: i + 1 for i, c in enumerate(sorted(set(text)))}
+    ids = torch.tensor([vocab[c] for c in text])
+    size = len(vocab) + 2
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128, max_position_embeddings=64)
+    builds = {
+        "bert": lambda: transformers.BertForMaskedLM(
+            transformers.BertConfig(vocab_size=size, **small)),
+        "llama": lambda: transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(vocab_size=size, **small)),
+    }
+    for name, build in builds.items():
+        torch.manual_seed(0)
+        model = build()
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+        gen = torch.Generator().manual_seed(1)
+        with gradscope.watch(model, opt, every=10, horizon=40, name=name) as watch:
+            for _ in range(40):
+                starts = torch.randint(0, len(ids) - 33, (8,), generator=gen)
+                x = torch.stack([ids[s:s + 32] for s in starts])
+                if name == "bert":
+                    labels = x.clone()
+                    mask = torch.rand(x.shape, generator=gen) < 0.15
+                    labels[~mask] = -100
+                    x = x.masked_fill(mask, size - 1)
+                    out = model(input_ids=x, labels=labels)
+                else:
+                    out = model(input_ids=x, labels=x)
+                watch.loss(out.loss)
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
+        losses = [v for v in watch.record.losses if v is not None]
+        assert losses[-1] < losses[0]
+        flagged = [f.rule for f in watch.findings() if f.severity in ("error", "warning")]
+        assert flagged == [], (name, flagged)

@@ -138,3 +138,22 @@ def test_gs606_spikes_are_information() -> None:
     assert "step 30" in findings[0].message
     noisy = [2.3 * math.exp(-i / 20) * (1.3 if i % 2 else 0.8) for i in range(50)]
     assert "GS606" not in _codes(_record(losses=noisy))  # minibatch noise, not a spike
+
+
+def test_small_by_design_side_layers_are_not_vanishing() -> None:
+    """Attention's query/key projections get a tiny gradient while the attention is still
+    uniform: neither the input end (GS106) nor the healthy floor (GS105) is about them."""
+    side = {s: {"q": {"grad_rms": 3e-4 / (1 + s / 10)}} for s in range(0, 50, 10)}
+    record = _record(layers=side, modules={"fc1": "Linear", "q": "Linear", "act1": "ReLU",
+                                           "fc2": "Linear"},
+                     trainable=("fc1", "q", "fc2"))
+    assert _codes(record) == []
+    # the same figures at the input end are vanishing
+    assert _codes(_record(layers=side, modules={"q": "Linear", "fc1": "Linear",
+                                                 "act1": "ReLU", "fc2": "Linear"},
+                          trainable=("q", "fc1", "fc2"))) == ["GS106"]
+
+
+def test_a_fall_from_a_large_start_to_a_normal_level_is_not_a_collapse() -> None:
+    large = {0: {"fc1": {"grad_rms": 60.0}}, 40: {"fc1": {"grad_rms": 0.3}}}
+    assert _codes(_record(layers=large)) == []

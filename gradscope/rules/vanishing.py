@@ -34,7 +34,7 @@ from gradscope.rules.optimizers import (
     gradient_scale,
     scale_words,
 )
-from gradscope.steps import TrainingRecord, weakest_health
+from gradscope.steps import TrainingRecord, health, input_layer
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -401,9 +401,12 @@ GS105 = Rule(
     category="vanishing_gradient",
     severity="warning",
     summary="During training, the gradient reaching some layer fell by an order of magnitude.",
-    what="Watching the first steps of a training run (gradscope.watch): the smallest "
-    "gradient health over the trainable layers (RMS of dLoss/d(layer output) over the "
-    "output's) at the last recorded step is at most a tenth of what it was at step 0.",
+    what="Watching the first steps of a training run (gradscope.watch): among the "
+    "trainable layers whose gradient health (RMS of dLoss/d(layer output) over the "
+    "output's) was at least the vanishing warning threshold (1e-2) at step 0, the "
+    "smallest figure at the last recorded step is at most a tenth of the smallest at "
+    "step 0. Layers small by design from the start (attention's query and key "
+    "projections) are not among them.",
     why="The updates themselves are pushing the network into a regime where the gradient "
     "no longer reaches its early layers (units dying behind a normalisation, saturating "
     "pre-activations, a residual stream dwarfing its branches): the layers that still "
@@ -416,28 +419,36 @@ GS105 = Rule(
     references=(PASCANU, HE),
 )
 
-#: An order of magnitude: the weakest layer's health at the last recorded step against step 0.
+#: An order of magnitude: the floor of the healthy layers, last recorded step against step 0.
 COLLAPSE_FACTOR = 0.1
 
 
 def check_step_collapse(record: TrainingRecord) -> list[Finding]:
     if len(record.recorded) < 2:
         return []
-    first, last = weakest_health(record, 0), weakest_health(record, -1)
-    if first is None or last is None or first[1] <= 0:
+    healthy = Thresholds().vanishing_warning
+    pairs = [(name, health(record, 0, name), health(record, -1, name))
+             for name in record.trainable]
+    # The floor of the layers that were healthy at step 0, then and now: one layer's fall
+    # from an unusually large start to a normal level is not the gradient stopping.
+    kept = [(n, a, b) for n, a, b in pairs if a is not None and b is not None and a >= healthy]
+    if not kept:
         return []
-    ratio = last[1] / first[1]
+    first = min(kept, key=lambda item: item[1])
+    name, _, end = min(kept, key=lambda item: item[2])
+    start = first[1]
+    ratio = end / start
     if ratio > COLLAPSE_FACTOR:
         return []
     step = record.recorded[-1].step
     return [GS105.finding(
-        f"By step {step} the weakest layer, {last[0]}, receives {last[1]:.2g} of the "
-        f"output's gradient (RMS), {ratio:.2g} times what the weakest layer received at "
-        f"step 0 ({first[0]}: {first[1]:.2g}): the gradient stopped reaching it during "
-        "training.",
-        Location(module=last[0]),
-        evidence={"step": step, "health": last[1], "health_step0": first[1],
-                  "ratio": ratio, "layer_step0": first[0]})]
+        f"By step {step} {name} receives {end:.2g} of the output's gradient (RMS), "
+        f"{ratio:.2g} times the smallest figure among the layers healthy at step 0 "
+        f"({first[0]}: {start:.2g}): the gradient stopped reaching it during training.",
+        Location(module=name),
+        evidence={"step": step, "health": end, "health_step0": start, "ratio": ratio,
+                  "layer_step0": first[0]})]
+
 
 GS106 = Rule(
     code="GS106",
@@ -446,9 +457,9 @@ GS106 = Rule(
     severity="warning",
     summary="During training, some layer's gradient stayed below the vanishing threshold.",
     what="Watching the first steps of a training run (gradscope.watch): at every recorded "
-    "step, the weakest trainable layer's gradient health (RMS of dLoss/d(layer output) "
-    "over the output's) is below the vanishing error threshold (1e-3 by default, the one "
-    "GS101/GS102 judge with).",
+    "step, the gradient health (RMS of dLoss/d(layer output) over the output's) of the "
+    "trainable layer nearest the input, the first to run in the forward pass, is below "
+    "the vanishing error threshold (1e-3 by default, the one GS101/GS102 judge with).",
     why="The before-training verdict under Adam is information only, because Adam "
     "rescales each parameter's step; measured over real steps, a gradient that stays "
     "this small is mostly noise, and the layers behind it do not learn what the output "
@@ -461,21 +472,20 @@ GS106 = Rule(
 
 
 def check_step_vanishing(record: TrainingRecord) -> list[Finding]:
-    if not record.recorded:
+    name = input_layer(record)
+    if name is None:
         return []
     threshold = Thresholds().vanishing_error
-    weakest = [weakest_health(record, i) for i in range(len(record.recorded))]
-    if any(w is None or w[1] >= threshold for w in weakest):
+    figures = [health(record, i, name) for i in range(len(record.recorded))]
+    if any(v is None or v >= threshold for v in figures):
         return []
-    last = weakest[-1]
-    assert last is not None
-    worst = max(w[1] for w in weakest if w is not None)
+    known = [v for v in figures if v is not None]
     return [GS106.finding(
-        f"At each of the {len(weakest)} recorded steps the weakest layer received less than "
-        f"{threshold:.0e} of the output's gradient (RMS; at most {worst:.2g}); at step "
-        f"{record.recorded[-1].step} it is {last[0]} with {last[1]:.2g}.",
-        Location(module=last[0]),
-        evidence={"steps": len(weakest), "health": last[1], "health_max": worst,
+        f"At each of the {len(figures)} recorded steps the layer nearest the input, {name}, "
+        f"received less than {threshold:.0e} of the output's gradient (RMS; at most "
+        f"{max(known):.2g}, {known[-1]:.2g} at step {record.recorded[-1].step}).",
+        Location(module=name),
+        evidence={"steps": len(figures), "health": known[-1], "health_max": max(known),
                   "threshold": threshold})]
 
 
