@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from gradscope.watching import StepSink, Watch
 
 #: The report formats a callback writes, and their file name: ``gradscope-watch.<ext>``.
 FORMATS = ("html", "json")
@@ -69,3 +72,22 @@ def write_report(report: Any, output_dir: str | Path, formats: Sequence[str]) ->
 def check_watch_args(every: int, horizon: int) -> None:
     if every < 1 or horizon < 1:
         raise ValueError("every and horizon must be at least 1")
+
+
+class WatchSettings:
+    """What both callbacks are given and hand back: the watch's ``every`` and ``horizon``,
+    where and in which formats the report is written, the report's ``name``, the ``sinks``;
+    after training, ``report`` and the ``paths`` written."""
+
+    def __init__(self, every: int, horizon: int, output_dir: str | Path | None,
+                 formats: Iterable[str], name: str | None, sinks: Sequence[StepSink]) -> None:
+        check_watch_args(every, horizon)
+        self.every = every
+        self.horizon = horizon
+        self.output_dir = output_dir
+        self.formats = check_formats(formats)
+        self.name = name
+        self.sinks = tuple(sinks)
+        self.watch: Watch | None = None
+        self.report: Any = None
+        self.paths: list[Path] = []

@@ -42,15 +42,14 @@ except ImportError:  # pragma: no cover - the standalone package, where lightnin
                           "pip install 'gradscope[lightning]'") from exc
 
 from gradscope.integrations._common import (
-    check_formats,
-    check_watch_args,
+    WatchSettings,
     torch_optimizer,
     write_report,
 )
 from gradscope.watching import StepSink, Watch
 
 
-class GradscopeLightningCallback(Callback):
+class GradscopeLightningCallback(WatchSettings, Callback):
     """Watch the first ``horizon`` optimizer steps of a Lightning run and write the report.
 
     ``every`` and ``horizon`` are the watch's; ``output_dir`` defaults to the Trainer's
@@ -62,16 +61,7 @@ class GradscopeLightningCallback(Callback):
     def __init__(self, every: int = 10, horizon: int = 50, output_dir: str | Path | None = None,
                  formats: Iterable[str] = ("html", "json"), *, name: str | None = None,
                  sinks: Sequence[StepSink] = ()) -> None:
-        check_watch_args(every, horizon)
-        self.every = every
-        self.horizon = horizon
-        self.output_dir = output_dir
-        self.formats = check_formats(formats)
-        self.name = name
-        self.sinks = tuple(sinks)
-        self.watch: Watch | None = None
-        self.report: Any = None
-        self.paths: list[Path] = []
+        WatchSettings.__init__(self, every, horizon, output_dir, formats, name, sinks)
         self._folder: Path | None = None
         self._summed = True
         self._step_before = 0
