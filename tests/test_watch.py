@@ -498,3 +498,21 @@ def test_healthy_hugging_face_training_raises_no_warning() -> None:
         assert losses[-1] < losses[0]
         flagged = [f.rule for f in watch.findings() if f.severity in ("error", "warning")]
         assert flagged == [], (name, flagged)
+
+
+def test_example_script_writes_its_report(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/watch_training.py runs as documented and writes both files."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "watch_training.py"
+    spec = importlib.util.spec_from_file_location("watch_training", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    module.main()
+    doc = json.loads((tmp_path / "watch.json").read_text())
+    assert doc["steps"]["steps"] == 50 and (tmp_path / "watch.html").exists()
+    assert doc["status"] == "healthy"  # the example's rate trains; LR = 2.0 does not
