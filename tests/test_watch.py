@@ -274,6 +274,8 @@ def test_report_json_and_renderers(tmp_path: Any) -> None:
     html = (tmp_path / "w.html").read_text()
     assert "Training steps" in html and "Loss per step" in html
     assert "Depth profile" not in html  # no before-training layers to plot
+    assert "Op coverage" not in html and "static analysis only" not in html
+    assert "6 optimizer step(s) of sgd" in html
     from gradscope.render.terminal import render_terminal
 
     text = render_terminal(doc, False)

@@ -979,6 +979,17 @@ def _facts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         params += f" ({fmt_count(model['num_trainable_parameters'])} trainable)"
     facts.append(_fact("Parameters", params))
     facts.append(_fact("Device", str(model.get("device", ""))))
+    steps = doc.get("steps")
+    if isinstance(steps, Mapping):  # a watched training run: no trace, no probe of its own
+        facts.append(_fact("Watched", f"{fmt_count(steps.get('steps'))} optimizer step(s) "
+                           f"of {steps.get('optimizer')} at learning rate "
+                           f"{fmt_num(steps.get('lr'))}; modules every "
+                           f"{fmt_count(steps.get('every'))}th step up to step "
+                           f"{fmt_count(steps.get('horizon'))}"))
+        facts.append(_fact("Modules watched", fmt_count(len(steps.get("modules") or {}))))
+        facts.append(_fact("gradscope version", str(doc.get("gradscope_version", ""))))
+        facts.append(_fact("Schema version", doc.get("schema_version")))
+        return facts
     method = str(trace.get("method", ""))
     facts.append(_fact("Trace method", method + ("" if trace.get("ok", True) else " (failed)")))
     if trace.get("message"):
