@@ -29,6 +29,7 @@ from torch import nn
 from gradscope.outputs import select_output
 from gradscope.resources import Deadline
 from gradscope.tracing.graph import to_device
+from gradscope.tracing.runtime import is_float_tensor
 
 #: Factors of the given learning rate tried, ascending; all within [1/100, 100] so that
 #: no advice leaves [lr / 100, lr * 100] (issue 14). Half-decade steps: a margin of one
@@ -176,14 +177,10 @@ def choose_factor(runs: Sequence[RangeRun]) -> float | None:
     return max(picks) if picks else None
 
 
-def _is_float_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
-
-
 def output_picker(key: str | None) -> Callable[[Any], Any]:
     """The tensor the loss reads from the model's output: the probe's output entry."""
     def pick(out: Any) -> Any:
-        return select_output(out, key, _is_float_tensor)[0]
+        return select_output(out, key, is_float_tensor)[0]
 
     return pick
 

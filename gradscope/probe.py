@@ -142,17 +142,12 @@ class _Accumulator:
         # The checks are not the model's ops: the runtime recorder (a TorchFunctionMode)
         # must not see them, or its replayed node names (sum, sum_1, ...) would shift.
         with torch.no_grad(), torch._C.DisableTorchFunction():
-            first = leaves[0].detach()
-            bad = self.bad_fwd[name] = _nonfinite(first)
-            if key in DEAD_KEYS and first.dim() >= 1 and first.shape[0] > 0:
-                # Units active on some sample. On the CPU, for a finite output, "max > 0"
-                # is the same test and an order of magnitude faster than any(y > 0).
-                if first.device.type == "cpu" and not bool(bad):
-                    self.dead[name] = first.amax(dim=0) > 0
-                else:
-                    self.dead[name] = (first > 0).any(dim=0)
-            elif key in SATURATION_KEYS:
-                self.saturated[name] = _saturated(key, first)
+            bad, active, saturated = forward_checks(key, leaves[0].detach())
+            self.bad_fwd[name] = bad
+            if active is not None:
+                self.dead[name] = active
+            if saturated is not None:
+                self.saturated[name] = saturated
         self.numel[name] = sum(t.numel() for t in leaves)
         for leaf in leaves:
             seen = self.outputs.get(id(leaf))
@@ -216,6 +211,24 @@ def sq_sum(t: torch.Tensor) -> torch.Tensor:
         c64 = chunk.to(torch.float64)
         parts.append(torch.dot(c64, c64))
     return torch.stack(parts).sum()
+
+
+def forward_checks(key: str, y: torch.Tensor,
+                   ) -> tuple[Flag, torch.Tensor | None, torch.Tensor | None]:
+    """One output's forward checks, for the probe and the watch (``gradscope.watching``):
+    whether it has a non-finite element; for a ReLU-like op (``key``), which units are
+    active on some sample (a bool tensor over the units); for a sigmoid/tanh-like one,
+    the share of outputs in the flat tails. Call under ``torch.no_grad()``."""
+    bad = _nonfinite(y)
+    if key in DEAD_KEYS and y.dim() >= 1 and y.shape[0] > 0:
+        # On the CPU, for a finite output, "max > 0" is the same test and an order of
+        # magnitude faster than any(y > 0).
+        if y.device.type == "cpu" and not bool(bad):
+            return bad, y.amax(dim=0) > 0, None
+        return bad, (y > 0).any(dim=0), None
+    if key in SATURATION_KEYS:
+        return bad, None, _saturated(key, y)
+    return bad, None, None
 
 
 def _nonfinite(t: torch.Tensor) -> Flag:

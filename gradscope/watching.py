@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradscope.probe import DEAD_KEYS, SATURATION_KEYS, _saturated, sq_sum
+from gradscope.errors import OutputError
+from gradscope.lr_range import output_picker
+from gradscope.probe import DEAD_KEYS, SATURATION_KEYS, forward_checks, sq_sum
 from gradscope.steps import LayerStep, StepRecord, TrainingRecord
 from gradscope.tracing.graph import op_naming
 
@@ -48,29 +50,17 @@ from gradscope.tracing.graph import op_naming
 StepSink = Callable[[TrainingRecord, StepRecord], None]
 
 
-def _first_float(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else None
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            found = _first_float(item)
-            if found is not None:
-                return found
-    if isinstance(value, Mapping) or hasattr(value, "to_tuple"):
-        # A Hugging Face ModelOutput is a Mapping: its "loss" comes first, but the output
-        # the probe measures against is the logits (the loss is a scalar of them).
-        items = dict(value.items()) if hasattr(value, "items") else {}
-        if "logits" in items:
-            found = _first_float(items["logits"])
-            if found is not None:
-                return found
-        for key, item in items.items():
-            if key == "loss" or (isinstance(item, torch.Tensor) and item.dim() == 0):
-                continue
-            found = _first_float(item)
-            if found is not None:
-                return found
-    return None
+def _output_of(value: Any) -> torch.Tensor | None:
+    """The floating tensor of a module's or the model's output that the probe would
+    differentiate (``lr_range.output_picker``: a ``ModelOutput``'s logits, not its loss;
+    a tuple's first), or None."""
+    try:
+        return _PICK(value)  # type: ignore[no-any-return]
+    except OutputError:
+        return None
+
+
+_PICK = output_picker(None)
 
 
 def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
@@ -86,7 +76,7 @@ class _Pending:
         self.numel: dict[str, int] = {}
         self.dead: dict[str, torch.Tensor] = {}
         self.saturated: dict[str, torch.Tensor] = {}
-        self.bad_forward: dict[str, torch.Tensor] = {}
+        self.bad_forward: dict[str, bool | torch.Tensor] = {}
         self.output: torch.Tensor | None = None
         self.output_sq: list[torch.Tensor] = []
         #: The last leaf module whose output needed a gradient: the output's stand-in when
@@ -250,7 +240,7 @@ class Watch:
 
     def _model_hook(self, pending: _Pending) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, out: Any) -> None:
-            y = _first_float(out)
+            y = _output_of(out)
             if y is None or not y.requires_grad or pending.output is not None:
                 return
             pending.output = y
@@ -263,16 +253,16 @@ class Watch:
         def hook(_module: nn.Module, _args: Any, out: Any) -> None:
             if path not in pending.order:
                 pending.order[path] = None
-            y = _first_float(out)
+            y = _output_of(out)
             if y is None:
                 return
             with torch.no_grad():
-                first = y.detach()
-                pending.bad_forward[path] = ~torch.isfinite(first).all()
-                if key in DEAD_KEYS and first.dim() >= 1 and first.shape[0] > 0:
-                    pending.dead[path] = (first > 0).any(dim=0).float().mean()
-                elif key in SATURATION_KEYS:
-                    pending.saturated[path] = _saturated(key, first)
+                bad, active, saturated = forward_checks(key, y.detach())
+                pending.bad_forward[path] = bad
+                if active is not None:
+                    pending.dead[path] = active.float().mean()
+                if saturated is not None:
+                    pending.saturated[path] = saturated
             if y.requires_grad:
                 pending.last = path
                 pending.numel[path] = pending.numel.get(path, 0) + y.numel()
@@ -400,27 +390,27 @@ class Watch:
                 rec.layers[path] = layer
         return rec
 
-    def _series_so_far(self) -> None:
-        """The per-step loss and gradient norm up to now, for the sinks (a recorded step has
-        synchronised with the device already); ``_finish`` writes the final series."""
-        record = self.record
-        record.grad_norms = [float(n) for n in self._norms]
-        record.losses = [None if t is None else float(t.cpu()[0])
-                         for t in self._losses[:len(self._norms)]]
+    def _series_so_far(self, losses_past_steps: bool = False) -> None:
+        """The per-step gradient norms and losses read back from the device in bulk.
 
-    def _finish(self) -> None:
-        """Per-step series read back in bulk; the first non-finite step and its modules."""
+        During the run (for the sinks; a recorded step has synchronised already) the losses
+        of the steps taken; at the end (``losses_past_steps``) also a loss handed over
+        without an optimizer step: a loop that stops at a non-finite loss does that.
+        """
         record = self.record
         steps = len(self._norms)
-        norms = torch.stack([n.detach().float().cpu() for n in self._norms]).tolist() \
-            if self._norms else []
-        record.grad_norms = [float(v) for v in norms]
-        # A loop that stops at a non-finite loss hands it over without an optimizer step.
-        losses: list[float | None] = []
-        for i in range(min(max(steps, len(self._losses)), self.horizon)):
-            t = self._losses[i] if i < len(self._losses) else None
-            losses.append(float(t.cpu()[0]) if t is not None else None)
-        record.losses = losses
+        record.grad_norms = torch.stack([n.detach().float().cpu() for n in self._norms]
+                                        ).tolist() if self._norms else []
+        count = min(max(steps, len(self._losses)), self.horizon) if losses_past_steps \
+            else steps
+        kept = [self._losses[i] if i < len(self._losses) else None for i in range(count)]
+        record.losses = [None if t is None else float(t.cpu()[0]) for t in kept]
+
+    def _finish(self) -> None:
+        """The final per-step series; the first non-finite step and its modules."""
+        record = self.record
+        self._series_so_far(losses_past_steps=True)
+        steps, losses = len(record.grad_norms), record.losses
         for i in range(len(losses)):
             loss = losses[i]
             norm = record.grad_norms[i] if i < steps else 0.0
@@ -437,7 +427,7 @@ class Watch:
                                 f"watch's horizon of {self.horizon}")
         if not any(v is not None for v in losses):
             record.notes.append("no loss was handed to the watch (watch.loss(loss)): the "
-                                "loss rules (GS604, GS605) did not run")
+                                "loss rules (GS604-GS606) did not run")
         self._norms, self._bad, self._losses = [], [], []
 
     # -- the verdict ---------------------------------------------------------------------

@@ -436,11 +436,12 @@ class RuntimeRunner(Runner):
             # The recorder holds this frame, which holds the output and its autograd
             # graph: without this the cycle keeps them until the next collection.
             recorder.stop = None
-        selected, _ = select_output(out, self.output_key, _is_float_tensor)
+        selected, _ = select_output(out, self.output_key, is_float_tensor)
         return selected  # type: ignore[no-any-return]
 
 
-def _is_float_tensor(value: Any) -> bool:
+def is_float_tensor(value: Any) -> bool:
+    """A floating-point tensor: what an output entry must be to be differentiated."""
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
@@ -454,7 +455,7 @@ def trace_runtime(model: nn.Module, inputs: tuple[Any, ...], output_key: str | N
             out = model(*inputs)
         except Exception as exc:
             raise ModelForwardError(exc, recorder.running()) from exc
-    selected, desc = select_output(out, output_key, _is_float_tensor)
+    selected, desc = select_output(out, output_key, is_float_tensor)
     output_node = recorder.producer.get(id(selected))
     if output_node is None:
         raise RuntimeError("the selected output tensor was not produced by a recorded op")
