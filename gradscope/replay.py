@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gradscope.records import Finding, Recommendation, Verification
-from gradscope.steps import TrainingRecord
+from gradscope.steps import TrainingRecord, start_norm
 
 #: ``replay(model, step)``: the loss of watched step ``step`` computed on ``model``.
 Replay = Callable[[nn.Module, int], torch.Tensor]
@@ -62,9 +62,8 @@ def candidates(record: TrainingRecord) -> list[Change]:
         out.append(Change("learning_rate", f"lower the learning rate to {lr / 10:.3g} (from "
                           f"{lr:.3g})", {"op": "learning_rate", "lr": lr / 10},
                           lr_factor=0.1))
-    norms = [v for v in record.grad_norms[:5] if v is not None and math.isfinite(v) and v > 0]
-    if norms:
-        clip = sorted(norms)[len(norms) // 2]
+    clip = start_norm(record)
+    if clip is not None and clip > 0:
         out.append(Change("gradient_clipping", f"clip the gradient norm at {clip:.3g} (the "
                           "median of the first five steps' norms): "
                           f"torch.nn.utils.clip_grad_norm_(model.parameters(), {clip:.3g})",

@@ -17,6 +17,7 @@ Two cadences, because their costs differ by orders of magnitude:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,31 @@ def loss_trend(record: TrainingRecord) -> tuple[float, float, int] | None:
 
 #: Fewest finite losses a trend is fitted to: below, two windows of noise decide nothing.
 MIN_TREND_POINTS = 20
+
+#: How many steps a run's start (and its end) is read from.
+EDGE = 5
+
+
+def start_norm(record: TrainingRecord) -> float | None:
+    """The gradient norm a run starts at: the median of its first ``EDGE`` finite norms
+    before any non-finite step (GS203 measures growth from it, ``gradscope.replay`` clips
+    at it); None without that many."""
+    end = record.first_nonfinite_step if record.first_nonfinite_step is not None \
+        else len(record.grad_norms)
+    norms = [v for v in record.grad_norms[:end] if v is not None and math.isfinite(v)]
+    return float(statistics.median_high(norms[:EDGE])) if len(norms) >= EDGE else None
+
+
+def loss_start(record: TrainingRecord) -> float | None:
+    """The mean of the first ``EDGE`` finite losses (before any non-finite step), or None."""
+    losses = [v for _, v in record.finite_losses()]
+    return sum(losses[:EDGE]) / EDGE if len(losses) >= EDGE else None
+
+
+def loss_end(record: TrainingRecord) -> float | None:
+    """The mean of the last ``EDGE`` finite losses (before any non-finite step), or None."""
+    losses = [v for _, v in record.finite_losses()]
+    return sum(losses[-EDGE:]) / EDGE if len(losses) >= EDGE else None
 
 
 def health(record: TrainingRecord, index: int, name: str) -> float | None:

@@ -21,7 +21,7 @@ from gradscope.rules.base import (
     op_of,
 )
 from gradscope.rules.optimizers import adaptive
-from gradscope.steps import TrainingRecord
+from gradscope.steps import EDGE, TrainingRecord, loss_start, start_norm
 
 if TYPE_CHECKING:
     from gradscope.rules.base import Analysis
@@ -203,11 +203,10 @@ def check_step_growth(record: TrainingRecord) -> list[Finding]:
     norms = [(i, v) for i, v in enumerate(record.grad_norms[:end])
              if v is not None and math.isfinite(v)]
     losses = dict(record.finite_losses())
-    if len(norms) < 6 or len(losses) < 5:
+    start, base = start_norm(record), loss_start(record)
+    if start is None or base is None or len(norms) <= EDGE:
         return []
-    start = sorted(v for _, v in norms[:5])[2]
-    base = sum(v for i, v in sorted(losses.items())[:5]) / 5
-    grown = [(i, v) for i, v in norms[5:] if start > 0 and v >= GROWTH_FACTOR * start
+    grown = [(i, v) for i, v in norms[EDGE:] if start > 0 and v >= GROWTH_FACTOR * start
              and i in losses and losses[i] >= base]
     if not grown:
         return []

@@ -16,12 +16,13 @@ Warmup advice (here and in GS703) is a share of the planned run (``--steps``, at
 from __future__ import annotations
 
 import math
+import statistics
 from typing import TYPE_CHECKING
 
 from gradscope.records import Finding, Location, Recommendation
 from gradscope.rules.base import NOWHERE, Check, Rule, RuleFamily, location, op_of
 from gradscope.rules.optimizers import UPDATE_RATIO_BAND, UPDATE_RATIO_TARGET
-from gradscope.steps import TrainingRecord, loss_trend
+from gradscope.steps import EDGE, TrainingRecord, loss_end, loss_start, loss_trend
 
 if TYPE_CHECKING:
     from gradscope.lr_range import RangeTest
@@ -338,16 +339,23 @@ def check_step_update_band(record: TrainingRecord) -> list[Finding]:
         evidence={"modules": len(out), "above": len(big), "update_ratio": worst[1]})]
 
 
+def _risen(record: TrainingRecord) -> tuple[float, float] | None:
+    """(start, end) loss means when the loss rose by RISE_FACTOR over at least two edges
+    of steps: GS604's finding, which GS605 leaves to it."""
+    start, end = loss_start(record), loss_end(record)
+    if len(record.finite_losses()) < 2 * EDGE or start is None or end is None:
+        return None
+    return (start, end) if start > 0 and end > RISE_FACTOR * start else None
+
+
 def check_step_loss_rising(record: TrainingRecord) -> list[Finding]:
-    losses = [v for _, v in record.finite_losses()]
-    if len(losses) < 10:
+    risen = _risen(record)
+    if risen is None:
         return []
-    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    if not (start > 0 and end > RISE_FACTOR * start):
-        return []
+    start, end = risen
     return [GS604.finding(
         f"The loss rose from {start:.4g} (mean of the first five steps) to {end:.4g} (the "
-        f"last five of {len(losses)}).",
+        f"last five of {len(record.finite_losses())}).",
         evidence={"loss_start": start, "loss_end": end})]
 
 
@@ -355,10 +363,9 @@ def check_step_loss_spikes(record: TrainingRecord) -> list[Finding]:
     points = record.finite_losses()
     spikes = []
     for k in range(SPIKE_WINDOW, len(points)):
-        before = sorted(v for _, v in points[k - SPIKE_WINDOW:k])
-        med = (before[SPIKE_WINDOW // 2 - 1] + before[SPIKE_WINDOW // 2]) / 2
-        mad = sorted(abs(v - med) for v in before)
-        spread = (mad[SPIKE_WINDOW // 2 - 1] + mad[SPIKE_WINDOW // 2]) / 2
+        before = [v for _, v in points[k - SPIKE_WINDOW:k]]
+        med = statistics.median(before)
+        spread = statistics.median(abs(v - med) for v in before)
         step, value = points[k]
         if med > 0 and value > SPIKE_FACTOR * med and value - med > SPIKE_MADS * spread:
             spikes.append((step, value, med))
@@ -377,7 +384,7 @@ def check_step_loss_stalled(record: TrainingRecord) -> list[Finding]:
         return []
     slope, t, n = trend
     losses = [v for _, v in record.finite_losses()]
-    if t <= STALL_T or sum(losses[-5:]) / 5 > RISE_FACTOR * sum(losses[:5]) / 5:
+    if t <= STALL_T or _risen(record) is not None:
         return []  # decreasing; or rising, which GS604 reports
     return [GS605.finding(
         f"Over {n} steps the loss went from {losses[0]:.4g} to {losses[-1]:.4g}: its trend "
