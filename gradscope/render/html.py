@@ -548,62 +548,26 @@ def weight_grad_chart(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | N
 _TH = 200.0
 
 
-def time_charts(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """For each recurrent layer, its predicted input gradient per time step (relative to
-    the largest step's, log scale): how far back in the sequence the gradient reaches."""
-    charts = []
-    for layer in layers:
-        profile = layer.get("time_profile")
-        if not isinstance(profile, list) or len(profile) < 2:
-            continue
-        logs = [_positive_log10(v) for v in profile]
-        known = [v for v in logs if v is not None]
-        if not known:
-            continue
-        lo, hi = min(math.floor(min(known)), -3), 0
-        n = len(profile)
-        plot_w = _W - _LEFT - _RIGHT
-        plot_h = _TH - _TOP - _BOTTOM
-
-        def x_of(t: int, n: int = n, plot_w: float = plot_w) -> float:
-            return _LEFT + plot_w * t / (n - 1)
-
-        def y_of(v: float, lo: int = lo, plot_h: float = plot_h) -> float:
-            return _TOP + plot_h * (0 - v) / (0 - lo)
-
-        points = [(x_of(t), y_of(v)) for t, v in enumerate(logs) if v is not None]
-        step = max(1, math.ceil(-lo / 6))
-        charts.append({
-            "name": str(layer.get("module") or layer.get("name")),
-            "op": str(layer.get("op", "")),
-            "steps": n,
-            "first": fmt_num(profile[0]),
-            "width": int(_W), "height": int(_TH),
-            "path": "M" + "L".join(f"{x:.1f},{y:.1f}" for x, y in points),
-            "yticks": [{"y": f"{y_of(k):.1f}", "label": _decade_label(k)}
-                       for k in range(lo, hi + 1) if (k - lo) % step == 0],
-            "xticks": [{"x": f"{x_of(t):.1f}", "label": str(t)}
-                       for t in range(0, n, max(1, math.ceil(n / 10)))],
-            "left": f"{_LEFT:.1f}", "right": f"{_W - _RIGHT:.1f}",
-            "top": f"{_TOP:.1f}", "bottom": f"{_TH - _BOTTOM:.1f}",
-            "xmid": f"{_LEFT + plot_w / 2:.1f}", "xlabel_y": f"{_TH - 6:.1f}",
-            "ylabel_x": "14", "ylabel_y": f"{_TOP + plot_h / 2:.1f}",
-        })
-    return charts
-
-
-def _step_chart(values: Sequence[Any], log: bool, label: str) -> dict[str, Any] | None:
-    """One per-step series as an SVG line (a watched run's loss or gradient norm)."""
+def _line_chart(values: Sequence[Any], log: bool, bounds: tuple[int, int] | None = None,
+                min_points: int = 2) -> dict[str, Any] | None:
+    """One series over 0..len-1 as an SVG line in the charts' frame: on decades (``log``;
+    ``bounds`` fixes them) or on a linear axis spanning the values. None with fewer than
+    ``min_points`` plottable values."""
     points = [(i, float(v)) for i, v in enumerate(values) if _is_real(v)
               and (not log or float(v) > 0)]
-    if len(points) < 2:
+    if len(points) < min_points:
         return None
     ys = [math.log10(v) if log else v for _, v in points]
-    lo, hi = min(ys), max(ys)
-    if log:
-        lo, hi = math.floor(lo), max(math.ceil(hi), math.floor(lo) + 1)
-    elif hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
+    lo: float
+    hi: float
+    if bounds is not None:
+        lo, hi = bounds
+    elif log:
+        lo, hi = math.floor(min(ys)), max(math.ceil(max(ys)), math.floor(min(ys)) + 1)
+    else:
+        lo, hi = min(ys), max(ys)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
     n = max(len(values) - 1, 1)
     plot_w, plot_h = _W - _LEFT - _RIGHT, _TH - _TOP - _BOTTOM
 
@@ -613,8 +577,6 @@ def _step_chart(values: Sequence[Any], log: bool, label: str) -> dict[str, Any] 
     def y_of(v: float) -> float:
         return _TOP + plot_h * (hi - v) / (hi - lo)
 
-    path = "M" + "L".join(f"{x_of(i):.1f},{y_of(y):.1f}"
-                          for (i, _), y in zip(points, ys, strict=True))
     if log:
         step = max(1, math.ceil((hi - lo) / 6))
         yticks = [{"y": f"{y_of(k):.1f}", "label": _decade_label(k)}
@@ -622,13 +584,46 @@ def _step_chart(values: Sequence[Any], log: bool, label: str) -> dict[str, Any] 
     else:
         yticks = [{"y": f"{y_of(lo + (hi - lo) * k / 4):.1f}",
                    "label": fmt_num(lo + (hi - lo) * k / 4)} for k in range(5)]
-    return {"label": label, "width": int(_W), "height": int(_TH), "path": path,
+    return {"width": int(_W), "height": int(_TH),
+            "path": "M" + "L".join(f"{x_of(i):.1f},{y_of(y):.1f}"
+                                   for (i, _), y in zip(points, ys, strict=True)),
             "yticks": yticks,
             "xticks": [{"x": f"{x_of(t):.1f}", "label": str(t)}
                        for t in range(0, n + 1, max(1, math.ceil((n + 1) / 10)))],
             "left": f"{_LEFT:.1f}", "right": f"{_W - _RIGHT:.1f}",
             "top": f"{_TOP:.1f}", "bottom": f"{_TH - _BOTTOM:.1f}",
-            "xmid": f"{_LEFT + plot_w / 2:.1f}", "xlabel_y": f"{_TH - 6:.1f}"}
+            "xmid": f"{_LEFT + plot_w / 2:.1f}", "xlabel_y": f"{_TH - 6:.1f}",
+            "ylabel_x": "14", "ylabel_y": f"{_TOP + plot_h / 2:.1f}"}
+
+
+def time_charts(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each recurrent layer, its predicted input gradient per time step (relative to
+    the largest step's, log scale): how far back in the sequence the gradient reaches."""
+    charts = []
+    for layer in layers:
+        profile = layer.get("time_profile")
+        if not isinstance(profile, list) or len(profile) < 2:
+            continue
+        known = [v for v in (_positive_log10(v) for v in profile) if v is not None]
+        if not known:
+            continue
+        chart = _line_chart(profile, True, bounds=(min(math.floor(min(known)), -3), 0),
+                            min_points=1)
+        if chart is None:
+            continue
+        chart.update(name=str(layer.get("module") or layer.get("name")),
+                     op=str(layer.get("op", "")), steps=len(profile),
+                     first=fmt_num(profile[0]))
+        charts.append(chart)
+    return charts
+
+
+def _step_chart(values: Sequence[Any], log: bool, label: str) -> dict[str, Any] | None:
+    """One per-step series of a watched run (its loss, its gradient norm)."""
+    chart = _line_chart(values, log)
+    if chart is not None:
+        chart["label"] = label
+    return chart
 
 
 #: The per-module figures of a watched run's table: (field, column title, as percent).
@@ -987,9 +982,20 @@ def _facts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                            f"{fmt_count(steps.get('every'))}th step up to step "
                            f"{fmt_count(steps.get('horizon'))}"))
         facts.append(_fact("Modules watched", fmt_count(len(steps.get("modules") or {}))))
-        facts.append(_fact("gradscope version", str(doc.get("gradscope_version", ""))))
-        facts.append(_fact("Schema version", doc.get("schema_version")))
-        return facts
+    else:
+        facts.extend(_analysis_facts(model, trace, probe))
+    facts.append(_fact("gradscope version", str(doc.get("gradscope_version", ""))))
+    torch_version = _torch_version(doc)
+    if torch_version:
+        facts.append(_fact("PyTorch version", torch_version))
+    facts.append(_fact("Schema version", doc.get("schema_version")))
+    return facts
+
+
+def _analysis_facts(model: Mapping[str, Any], trace: Mapping[str, Any],
+                    probe: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """How a before-training analysis traced and probed the model."""
+    facts = []
     method = str(trace.get("method", ""))
     facts.append(_fact("Trace method", method + ("" if trace.get("ok", True) else " (failed)")))
     if trace.get("message"):
@@ -1034,11 +1040,6 @@ def _facts(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                            ("nonfinite_backward", "Non-finite backward")):
             if probe.get(key):
                 facts.append(_fact(label, str(probe[key])))
-    facts.append(_fact("gradscope version", str(doc.get("gradscope_version", ""))))
-    torch_version = _torch_version(doc)
-    if torch_version:
-        facts.append(_fact("PyTorch version", torch_version))
-    facts.append(_fact("Schema version", doc.get("schema_version")))
     return facts
 
 
