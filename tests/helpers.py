@@ -1,9 +1,16 @@
-"""Shared by several test modules: where the sample models are, and a CLI runner."""
+"""Shared by several test modules: where the sample models are, a CLI runner, and the
+trainability benchmark's modules."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 from click.testing import CliRunner
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_models"
@@ -33,3 +40,27 @@ def cli_runner() -> CliRunner:
         return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
     except TypeError:
         return CliRunner()
+
+
+#: The trainability benchmark (benchmarks/trainability/): its modules import each other by
+#: bare name (``import train``), so a test imports them with the folder on the path.
+TRAINABILITY = Path(__file__).resolve().parent.parent / "benchmarks" / "trainability"
+_BENCH_MODULES = ("run", "watch_runs", "train", "models", "data")
+
+
+@contextmanager
+def trainability_module(name: str, env: dict[str, str] | None = None) -> Iterator[ModuleType]:
+    """``benchmarks/trainability/<name>.py`` imported fresh (with ``env`` set), and the
+    bare-named modules it brought in forgotten afterwards."""
+    mp = pytest.MonkeyPatch()
+    for key, value in (env or {}).items():
+        mp.setenv(key, value)
+    mp.syspath_prepend(str(TRAINABILITY))
+    for module in _BENCH_MODULES:
+        sys.modules.pop(module, None)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        mp.undo()
+        for module in _BENCH_MODULES:
+            sys.modules.pop(module, None)

@@ -191,18 +191,30 @@ def test_gradient_hook_flags_exactly_the_nonfinite_gradients(dtype: torch.dtype)
 
 
 @pytest.mark.parametrize("loss", ["dot", "mse", "cross_entropy", "sum"])
-def test_loss_draw_kept_across_batches_is_the_same_draw(loss: str) -> None:
+def test_loss_draw_kept_across_batches_is_the_same_draw(loss: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Every batch's loss is what a fresh draw gives, and the draw is made once."""
     from gradscope.probe import _loss
 
     torch.manual_seed(0)
     outs = [torch.randn(4, 5, 7) for _ in range(3)]
+    fresh = [_loss(out, (), loss, 3) for out in outs]
+    draws = {"randn": 0, "randint": 0}
+    for fn in draws:
+        real = getattr(torch, fn)
+
+        def counted(*args: Any, _real: Any = real, _fn: str = fn, **kwargs: Any) -> Any:
+            draws[_fn] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, fn, counted)
     drawn: dict[Any, torch.Tensor] = {}
-    for out in outs:
-        fresh, text = _loss(out, (), loss, 3)
+    for out, (value, text) in zip(outs, fresh, strict=True):
         kept, kept_text = _loss(out, (), loss, 3, drawn=drawn)
         assert kept_text == text
-        assert torch.equal(kept, fresh)
+        assert torch.equal(kept, value)
+    monkeypatch.undo()
+    assert sum(draws.values()) == (0 if loss == "sum" else 1)  # drawn once for 3 batches
     assert len(drawn) == (0 if loss == "sum" else 1)
     # Another seed or shape is another draw, not the kept one.
     other, _ = _loss(outs[0], (), loss, 4, drawn=drawn)

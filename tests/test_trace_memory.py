@@ -43,6 +43,11 @@ def _models() -> list[tuple[str, nn.Module, str]]:
             ("encoder", encoder, "runtime")]
 
 
+def _input(name: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(8, 6, 32) if name == "encoder" else torch.randn(8, 32)
+
+
 @pytest.fixture
 def no_gc() -> Iterator[None]:
     gc.collect()
@@ -57,8 +62,7 @@ def no_gc() -> Iterator[None]:
                          else "")
 def test_trace_keeps_no_activation(name: str, model: nn.Module, method: str,
                                    no_gc: None) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(8, 6, 32) if name == "encoder" else torch.randn(8, 32)
+    x = _input(name)
     outputs: list[weakref.ref[torch.Tensor]] = []
 
     def grab(_module: nn.Module, _args: object, out: object) -> None:
@@ -82,8 +86,7 @@ def test_trace_keeps_no_activation(name: str, model: nn.Module, method: str,
 def test_probe_run_keeps_no_activation(name: str, model: nn.Module, method: str,
                                        no_gc: None) -> None:
     """A probe batch's replay lets the model's output go with the caller's reference."""
-    torch.manual_seed(0)
-    x = torch.randn(8, 6, 32) if name == "encoder" else torch.randn(8, 32)
+    x = _input(name)
     traced = trace_model(model, (x,), method=method)
     seen: list[str] = []
     out = traced.runner.run((x.clone().requires_grad_(True),),

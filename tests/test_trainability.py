@@ -9,30 +9,18 @@ and its figures are in docs/trainability.md.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sklearn.datasets  # noqa: F401 - the test extra: a missing install fails, never skips
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "trainability"
+from helpers import trainability_module
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Any:
     cache = tmp_path_factory.mktemp("trainability-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GRADSCOPE_TRAINABILITY_CACHE", str(cache))
-    mp.syspath_prepend(str(BENCH))
-    for name in ("run", "train", "models", "data"):
-        sys.modules.pop(name, None)
-    module = importlib.import_module("run")
-    yield module
-    mp.undo()
-    for name in ("run", "train", "models", "data"):
-        sys.modules.pop(name, None)
+    with trainability_module("run", {"GRADSCOPE_TRAINABILITY_CACHE": str(cache)}) as module:
+        yield module
 
 
 #: (architecture, recipe): whether the run fails, measured on seeds 0 and 1 (docs/trainability.md).

@@ -8,15 +8,11 @@ be flagged (a warning or error finding), runs that trained must not. The full sc
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sklearn.datasets  # noqa: F401 - the test extra: a missing install fails, never skips
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "trainability"
+from helpers import trainability_module
 
 #: Real training runs (a 30-layer MLP, a ResNet): seconds each, more on a loaded machine.
 pytestmark = pytest.mark.slow
@@ -24,15 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def watch_runs() -> Any:
-    mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(BENCH))
-    for name in ("watch_runs", "train", "models", "data"):
-        sys.modules.pop(name, None)
-    module = importlib.import_module("watch_runs")
-    yield module
-    mp.undo()
-    for name in ("watch_runs", "train", "models", "data"):
-        sys.modules.pop(name, None)
+    with trainability_module("watch_runs") as module:
+        yield module
 
 
 #: (architecture, recipe, seed, the rule that must flag it or None for a run that trained),
