@@ -414,6 +414,10 @@ def _recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+        # The recorder holds its caller's frame (``stop``), which holds the model's output
+        # and its autograd graph: a cycle that kept them alive until the next collection,
+        # a whole forward's activations beside the probe's own (issue 15).
+        recorder.stop = None
 
 
 class RuntimeRunner(Runner):
@@ -428,14 +432,9 @@ class RuntimeRunner(Runner):
 
     def run(self, inputs: tuple[Any, ...], observe: Observer) -> torch.Tensor:
         recorder = _Recorder(self.model, self.graph, observe, self.skip_distributed)
-        try:
-            with _recording(self.model, recorder):
-                recorder.add_inputs(inputs)
-                out = self.model(*inputs)
-        finally:
-            # The recorder holds this frame, which holds the output and its autograd
-            # graph: without this the cycle keeps them until the next collection.
-            recorder.stop = None
+        with _recording(self.model, recorder):
+            recorder.add_inputs(inputs)
+            out = self.model(*inputs)
         selected, _ = select_output(out, self.output_key, is_float_tensor)
         return selected  # type: ignore[no-any-return]
 
@@ -464,7 +463,6 @@ def trace_runtime(model: nn.Module, inputs: tuple[Any, ...], output_key: str | N
     # probe's own activations must take fresh pages beside a whole forward's (issue 15).
     recorder.keep.clear()
     recorder.producer.clear()
-    recorder.stop = None  # this frame, which holds the output: a cycle through the recorder
     compute_depths(recorder.graph)
     attempts.append(TraceAttempt("runtime", True, None))
     return TracedModel(
