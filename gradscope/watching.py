@@ -63,6 +63,12 @@ def _output_of(value: Any) -> torch.Tensor | None:
 _PICK = output_picker(None)
 
 
+def check_cadence(every: int, horizon: int) -> None:
+    """``every`` and ``horizon`` of a watch: both at least 1."""
+    if every < 1 or horizon < 1:
+        raise ValueError("every and horizon must be at least 1")
+
+
 def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return type(optimizer).__name__.lower()
 
@@ -100,8 +106,7 @@ class Watch:
                  every: int = 10, horizon: int = 50, name: str | None = None,
                  sinks: Sequence[StepSink] = (),
                  replay: Callable[[nn.Module, int], torch.Tensor] | None = None) -> None:
-        if every < 1 or horizon < 1:
-            raise ValueError("every and horizon must be at least 1")
+        check_cadence(every, horizon)
         self.model = model
         self.optimizer = optimizer
         self.every = every

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradscope.watching import check_cadence
+
 if TYPE_CHECKING:
     from gradscope.watching import StepSink, Watch
 
@@ -69,11 +71,6 @@ def write_report(report: Any, output_dir: str | Path, formats: Sequence[str]) ->
     return paths
 
 
-def check_watch_args(every: int, horizon: int) -> None:
-    if every < 1 or horizon < 1:
-        raise ValueError("every and horizon must be at least 1")
-
-
 class WatchSettings:
     """What both callbacks are given and hand back: the watch's ``every`` and ``horizon``,
     where and in which formats the report is written, the report's ``name``, the ``sinks``;
@@ -81,7 +78,7 @@ class WatchSettings:
 
     def __init__(self, every: int, horizon: int, output_dir: str | Path | None,
                  formats: Iterable[str], name: str | None, sinks: Sequence[StepSink]) -> None:
-        check_watch_args(every, horizon)
+        check_cadence(every, horizon)  # at construction, before any training starts
         self.every = every
         self.horizon = horizon
         self.output_dir = output_dir
