@@ -144,7 +144,7 @@ class Sharded:
             grad = p.grad
             if grad is None:
                 continue
-            g, w = _local(grad), _local(p)
+            g, w = local_tensor(grad), local_tensor(p)
             local[i, 0], local[i, 1] = _param_stats(g, w, update) if g.numel() else (0.0, 0.0)
             local[i, 2] = 1.0
         for p in wanted:
@@ -185,9 +185,27 @@ def sharded_footprint(model: nn.Module, blocks: list[str]) -> tuple[int, int]:
     return total // world + largest, grads // world + largest
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: a DTensor's local shard (FSDP2), else ``t`` itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def is_shard(t: torch.Tensor) -> bool:
+    """Whether each process holds only a part of ``t`` (a DTensor placed as a shard or a
+    partial sum, FSDP2's parameters and gradients), so that its sums over elements are sums
+    over processes; a plain or replicated tensor is whole on every process (DDP)."""
+    placements = getattr(t, "placements", None)
+    return placements is not None and any(not p.is_replicate() for p in placements)
+
+
+def process_group() -> tuple[Any, int] | None:
+    """The default process group and its size where torch.distributed runs more than one
+    process (torchrun, DDP, FSDP); None in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    return (dist.group.WORLD, world) if world > 1 else None
 
 
 def shard(model: nn.Module, traced: TracedModel, blocks: list[str], device: str,
@@ -215,7 +233,7 @@ def shard(model: nn.Module, traced: TracedModel, blocks: list[str], device: str,
                                       "initialise it with torch.nn.init, or probe without "
                                       "--distributed")
                 full = _full(name, source, device, seed)
-                target = _local(tensor)
+                target = local_tensor(tensor)
                 if kind == "param" and getattr(tensor, "placements", None):
                     part = full.chunk(world, dim=0)
                     piece = part[me] if me < len(part) else full[:0]

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.distributed import is_shard, local_tensor, process_group
 from gradscope.errors import OutputError
 from gradscope.lr_range import output_picker
 from gradscope.probe import DEAD_KEYS, SATURATION_KEYS, forward_checks, sq_sum
@@ -62,6 +63,9 @@ def _output_of(value: Any) -> torch.Tensor | None:
 
 _PICK = output_picker(None)
 
+#: Figures per module in a recorded step's flat list (``Watch._local_sums``).
+_FIELDS = 15
+
 
 def check_cadence(every: int, horizon: int) -> None:
     """``every`` and ``horizon`` of a watch: both at least 1."""
@@ -82,6 +86,10 @@ class _Pending:
         self.numel: dict[str, int] = {}
         self.dead: dict[str, torch.Tensor] = {}
         self.saturated: dict[str, torch.Tensor] = {}
+        self.saturated_numel: dict[str, int] = {}
+        #: Across processes only: each ReLU-like module's units active on some sample of
+        #: this process's batch (a unit is dead where it is inactive on every process).
+        self.active: dict[str, torch.Tensor] = {}
         self.bad_forward: dict[str, bool | torch.Tensor] = {}
         self.output: torch.Tensor | None = None
         self.output_sq: list[torch.Tensor] = []
@@ -107,6 +115,15 @@ class Watch:
                  sinks: Sequence[StepSink] = (),
                  replay: Callable[[nn.Module, int], torch.Tensor] | None = None) -> None:
         check_cadence(every, horizon)
+        group = process_group()
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+            raise ValueError("FSDP1 (FullyShardedDataParallel) flattens the weights into "
+                             "shards the watch cannot give back to their modules: shard with "
+                             "FSDP2 (torch.distributed.fsdp.fully_shard), which it reads")
+        if replay is not None and group is not None:
+            raise ValueError("replay trains copies of the run in one process; it is not "
+                             "available across processes (torch.distributed): watch without "
+                             "replay, or replay in a single-process run")
         self.model = model
         self.optimizer = optimizer
         self.every = every
@@ -132,6 +149,23 @@ class Watch:
             for p in params:
                 owner.setdefault(id(p), path)
         self._owner = [owner.get(id(p)) for p in self._all_params]
+        # Across processes (torchrun): a figure summed over elements is summed over the
+        # processes too, where each holds a part (FSDP2 shards, each process's batch). A
+        # replicated parameter (DDP: the same all-reduced gradient everywhere) enters each
+        # process's sum at 1/world of its weight, so that the sum over processes counts it
+        # once. Without a shard, every process already has the whole norms: no collective.
+        self._group = group
+        world = group[1] if group is not None else 1
+        self._sharded = any(is_shard(p) for p in self._all_params)
+        self._share = [1.0 if is_shard(p) or not self._sharded else 1.0 / world
+                       for p in self._all_params]
+        self._world = world
+        self._in_flight: list[Any] = []  # the per-step norms' all-reduces under way
+        self._sums_device = (local_tensor(self._all_params[0]).device if self._all_params
+                             else torch.device("cpu"))
+        #: Closed by an error: no collective any more (another process may be gone); the
+        #: record keeps this process's own figures from then on.
+        self._abandoned = False
         keys = {path: op_naming("call_module", type(m).__name__, m)[1]
                 for path, m in self._modules.items()}
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
@@ -161,7 +195,7 @@ class Watch:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
+        self.close(error=exc is not None)
 
     def start(self) -> Watch:
         """Install the optimizer hooks and arm the first recorded step."""
@@ -175,10 +209,18 @@ class Watch:
         self._arm()
         return self
 
-    def close(self) -> TrainingRecord:
-        """Remove every hook (the model and optimizer as found) and finish the record."""
+    def close(self, *, error: bool = False) -> TrainingRecord:
+        """Remove every hook (the model and optimizer as found) and finish the record.
+
+        ``error``: the run stopped on an exception; across processes, the losses are then
+        this process's own (no collective: the other processes may be gone)."""
         if self._closed:
             return self.record
+        if error and self._group is not None:
+            self._abandoned = True
+            self.record.notes.append("the run stopped on an error: the losses and non-finite "
+                                     "flags are this process's own, not summed over the "
+                                     f"{self._world} processes")
         self._stop_recording()
         self._closed = True
         for handle in self._handles:
@@ -266,8 +308,11 @@ class Watch:
                 pending.bad_forward[path] = bad
                 if active is not None:
                     pending.dead[path] = active.float().mean()
+                    if self._group is not None:
+                        pending.active[path] = active
                 if saturated is not None:
                     pending.saturated[path] = saturated
+                    pending.saturated_numel[path] = y.numel()
             if y.requires_grad:
                 pending.last = path
                 pending.numel[path] = pending.numel.get(path, 0) + y.numel()
@@ -309,8 +354,9 @@ class Watch:
         return args, {**kwargs, "closure": after_closure}
 
     def _before_update(self) -> None:
-        grads = [p.grad for p in self._all_params if p.grad is not None]
-        if grads:
+        at = [i for i, p in enumerate(self._all_params) if p.grad is not None]
+        if at:
+            grads = [local_tensor(self._all_params[i].grad) for i in at]  # type: ignore[arg-type]
             norms: Sequence[torch.Tensor]
             try:
                 norms = torch._foreach_norm(grads)
@@ -318,21 +364,29 @@ class Watch:
                 norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
                          for g in grads]
             stacked = torch.stack([n.float() for n in norms])
-            self._norms.append(stacked.square().sum().sqrt())
+            squares = stacked.square()
+            if self._sharded:
+                squares = squares * torch.tensor([self._share[i] for i in at],
+                                                 device=squares.device)
+            total = squares.sum()
             # per parameter: which module's gradient went non-finite first
-            index = [i for i, p in enumerate(self._all_params) if p.grad is not None]
             bad = torch.zeros(len(self._all_params), dtype=torch.bool, device=stacked.device)
-            bad[torch.tensor(index, device=stacked.device)] = ~torch.isfinite(stacked)
-            self._bad.append(bad)
+            bad[torch.tensor(at, device=stacked.device)] = ~torch.isfinite(stacked)
         else:
-            self._norms.append(torch.tensor(0.0))
-            self._bad.append(torch.zeros(len(self._all_params), dtype=torch.bool))
+            total = torch.zeros((), device=self._sums_device)
+            bad = torch.zeros(len(self._all_params), dtype=torch.bool)
+        if self._sharded and self._group is not None:  # every process sums its shards' part
+            import torch.distributed as dist
+
+            self._in_flight.append(dist.all_reduce(total, group=self._group[0], async_op=True))
+        self._norms.append(total)  # the squared norm, its root taken when read back
+        self._bad.append(bad)
         pending = self._pending
         if pending is not None:
             self._disarm()
             for path, params in self._params.items():
                 if params:
-                    pending.before[path] = [p.detach().clone() for p in params]
+                    pending.before[path] = [local_tensor(p.detach()).clone() for p in params]
 
     def _post_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
         if not self.active:
@@ -352,48 +406,134 @@ class Watch:
         self._arm()
 
     def _read(self, pending: _Pending) -> StepRecord:
-        """The recorded step's figures, read back from the device once."""
-        out_sq = sum(float(t) for t in pending.output_sq) if pending.output_sq else None
-        out_rms = (math.sqrt(out_sq / pending.output.numel())
-                   if out_sq is not None and pending.output is not None
-                   and pending.output.numel() else None)
-        last = pending.last
-        if out_rms is None and last is not None and pending.numel.get(last):
-            last_sq = sum(float(t) for t in pending.grad_sq.get(last, []))
-            out_rms = math.sqrt(last_sq / pending.numel[last]) if last_sq > 0 else None
+        """The recorded step's figures, read back from the device once (and, across
+        processes, summed over them in one collective)."""
+        sums = self._local_sums(pending)
+        dead: dict[str, float] = {}
+        if self._group is not None and not self._abandoned:
+            sums = self._over_processes(sums)
+            dead = self._dead_over_processes(pending, sums)
+            # Data parallelism trains on the mean of the processes' losses, so the whole
+            # batch's dLoss/d(output) is each process's over the number of processes: the
+            # summed squares of the output's and each module's are world^2 too large.
+            scale = 1.0 / self._world ** 2
+            sums[1] *= scale
+            for k in range(len(self._modules)):
+                sums[3 + k * _FIELDS + 1] *= scale
+        out_n, out_sq, out_size = sums[0:3]
+        out_rms = math.sqrt(out_sq / out_size) if out_n and out_size else None
         rec = StepRecord(step=pending.step, output_grad_rms=out_rms)
+        figures = {path: sums[3 + k * _FIELDS:3 + (k + 1) * _FIELDS]
+                   for k, path in enumerate(self._modules)}
+        last = pending.last
+        if out_rms is None and last is not None:
+            has, sq, size = figures[last][0:3]
+            out_rms = math.sqrt(sq / size) if has and size and sq > 0 else None
+            rec.output_grad_rms = out_rms
         if not self.record.order:
             self.record.order = tuple(pending.order)
         for path in self._modules:
+            (has_grad, g_sq, size, has_fwd, bad_fwd, has_dead, dead_sum, sat_numel, sat,
+             has_w, w_sq, gw_sq, u_sq, _, _) = figures[path]
             layer = LayerStep()
             seen = False
-            if path in pending.bad_forward:
-                layer.nonfinite_forward = bool(pending.bad_forward[path])
+            if has_fwd:
+                layer.nonfinite_forward = bad_fwd > 0
                 seen = True
-            if path in pending.grad_sq and pending.numel.get(path):
-                sq = sum(float(t) for t in pending.grad_sq[path])
-                layer.nonfinite_grad = not math.isfinite(sq)
-                rms = math.sqrt(sq / pending.numel[path]) if math.isfinite(sq) else math.inf
+            if has_grad and size:
+                layer.nonfinite_grad = not math.isfinite(g_sq)
+                rms = math.sqrt(g_sq / size) if math.isfinite(g_sq) else math.inf
                 layer.grad_rms = rms / out_rms if out_rms else None
                 seen = True
-            if path in pending.dead:
-                layer.dead_fraction = 1.0 - float(pending.dead[path])
-            if path in pending.saturated:
-                layer.saturated_fraction = float(pending.saturated[path])
-            before = pending.before.get(path)
-            if before:
-                params = self._params[path]
-                w_sq = sum(float(sq_sum(b)) for b in before)
-                g_sq = sum(float(sq_sum(p.grad)) for p in params if p.grad is not None)
-                u_sq = sum(float(sq_sum(p.detach() - b)) for p, b in zip(params, before,
-                                                                         strict=True))
+            if path in dead:
+                layer.dead_fraction = dead[path]
+            elif has_dead:  # a mean over processes where their unit counts differ
+                layer.dead_fraction = dead_sum / has_dead
+            if sat_numel:
+                layer.saturated_fraction = sat / sat_numel
+            if has_w:
                 layer.weight_norm = math.sqrt(w_sq)
-                layer.weight_grad_norm = math.sqrt(g_sq) if math.isfinite(g_sq) else math.inf
+                layer.weight_grad_norm = math.sqrt(gw_sq) if math.isfinite(gw_sq) else math.inf
                 layer.update_ratio = (math.sqrt(u_sq) / math.sqrt(w_sq)) if w_sq > 0 else None
                 seen = True
             if seen:
                 rec.layers[path] = layer
         return rec
+
+    def _local_sums(self, pending: _Pending) -> list[float]:
+        """This process's figures of a recorded step as one flat list: for the output, then
+        for each module (in ``self._modules`` order, ``_FIELDS`` each), a count of the
+        processes that saw it followed by sums over elements, so that summing the lists
+        over processes gives the figures of the whole batch and of whole weights."""
+        out: list[float] = [0.0, 0.0, 0.0]
+        if pending.output_sq and pending.output is not None:
+            out = [1.0, sum(float(t) for t in pending.output_sq), float(pending.output.numel())]
+        for path in self._modules:
+            row = [0.0] * _FIELDS
+            if path in pending.grad_sq and pending.numel.get(path):
+                row[0:3] = [1.0, sum(float(t) for t in pending.grad_sq[path]),
+                            float(pending.numel[path])]
+            if path in pending.bad_forward:
+                row[3:5] = [1.0, float(bool(pending.bad_forward[path]))]
+            if path in pending.dead:
+                row[5:7] = [1.0, 1.0 - float(pending.dead[path])]
+            if path in pending.saturated:
+                size = float(pending.saturated_numel[path])
+                row[7:9] = [size, float(pending.saturated[path]) * size]
+            before = pending.before.get(path)
+            if before:
+                params = self._params[path]
+                parts = [self._part(p) for p in params]
+                row[9] = 1.0
+                row[10] = sum(w * float(sq_sum(b)) for w, b in zip(parts, before, strict=True))
+                row[11] = sum(w * float(sq_sum(local_tensor(p.grad)))
+                              for w, p in zip(parts, params, strict=True) if p.grad is not None)
+                row[12] = sum(w * float(sq_sum(local_tensor(p.detach()) - b))
+                              for w, p, b in zip(parts, params, before, strict=True))
+            mask = pending.active.get(path)
+            if mask is not None:  # its size and squared size: equal on every process?
+                row[13:15] = [float(mask.numel()), float(mask.numel()) ** 2]
+            out.extend(row)
+        return out
+
+    def _dead_over_processes(self, pending: _Pending, sums: list[float]) -> dict[str, float]:
+        """Per ReLU-like module, the share of units inactive on every sample of every
+        process's batch: the processes' activity masks combined in one collective (MAX),
+        for the modules every process saw with the same number of units (which ``sums``,
+        already summed over processes, tells alike on every process)."""
+        import torch.distributed as dist
+
+        world, chosen = self._world, []
+        for k, path in enumerate(self._modules):
+            row = sums[3 + k * _FIELDS:3 + (k + 1) * _FIELDS]
+            size, size_sq = row[13], row[14]
+            if row[5] == world and size > 0 and size_sq * world == size * size:
+                chosen.append((path, int(size / world)))
+        if not chosen:
+            return {}
+        masks = [pending.active[path].reshape(-1).to(torch.float32) for path, _ in chosen]
+        flat = torch.cat(masks).to(self._sums_device)
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self._group[0] if self._group
+                        else None)
+        out, at = {}, 0
+        for path, size in chosen:
+            out[path] = 1.0 - float(flat[at:at + size].mean())
+            at += size
+        return out
+
+    def _part(self, p: torch.Tensor) -> float:
+        """The share of ``p``'s sums over elements this process adds to the sum over
+        processes: all of its shard's, 1/world of a parameter every process holds whole."""
+        return 1.0 if self._group is None or is_shard(p) else 1.0 / self._world
+
+    def _over_processes(self, values: list[float]) -> list[float]:
+        """``values`` summed over the processes (one all-reduce, float64)."""
+        import torch.distributed as dist
+
+        assert self._group is not None
+        t = torch.tensor(values, dtype=torch.float64, device=self._sums_device)
+        dist.all_reduce(t, group=self._group[0])
+        return [float(v) for v in t.cpu().tolist()]
 
     def _series_so_far(self, losses_past_steps: bool = False) -> None:
         """The per-step gradient norms and losses read back from the device in bulk.
@@ -404,12 +544,40 @@ class Watch:
         """
         record = self.record
         steps = len(self._norms)
+        for work in self._in_flight:
+            work.wait()
+        self._in_flight = []
         record.grad_norms = torch.stack([n.detach().float().cpu() for n in self._norms]
-                                        ).tolist() if self._norms else []
+                                        ).sqrt().tolist() if self._norms else []
         count = min(max(steps, len(self._losses)), self.horizon) if losses_past_steps \
             else steps
         kept = [self._losses[i] if i < len(self._losses) else None for i in range(count)]
         record.losses = [None if t is None else float(t.cpu()[0]) for t in kept]
+        if losses_past_steps and self._group is not None and not self._abandoned:
+            self._losses_over_processes()
+
+    def _losses_over_processes(self) -> None:
+        """At the end, across processes: each step's loss is the mean of the processes'
+        (each hands over its own batch's loss), and a parameter's gradient is non-finite
+        where it is on some process. One collective over ``horizon``-long lists, the same
+        length on every process."""
+        record, size = self.record, self.horizon
+        flat = [0.0] * (2 * size)
+        for i, v in enumerate(record.losses[:size]):
+            if v is not None:
+                flat[i], flat[size + i] = v, 1.0
+        flags = [0.0] * (size * len(self._all_params))
+        for i, bad in enumerate(self._bad[:size]):
+            for j, b in enumerate(bad.cpu().tolist()):
+                flags[i * len(self._all_params) + j] = float(b)
+        summed = self._over_processes(flat + flags)
+        count = max(len(record.losses), max((i + 1 for i in range(size)
+                                             if summed[size + i] > 0), default=0))
+        record.losses = [summed[i] / summed[size + i] if summed[size + i] else None
+                         for i in range(count)]
+        n = len(self._all_params)
+        self._bad = [torch.tensor([summed[2 * size + i * n + j] > 0 for j in range(n)])
+                     for i in range(len(self._bad))]
 
     def _finish(self) -> None:
         """The final per-step series; the first non-finite step and its modules."""

@@ -391,3 +391,58 @@ def test_lightning_run_writes_the_watch_report(tmp_path: Path) -> None:
     assert any("ended after 15 optimizer step(s)" in note for note in record["notes"])
     _no_hooks(module, torch_optimizer(trainer.optimizers[0]))
     assert callback.watch is None and callback.report is not None
+
+
+def _callback_run(zero: bool, tmp_path: Path, model: nn.Module | None = None) -> Any:
+    """A Trainer callback driven by hand, as a process of a distributed run would see it."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from gradscope.integrations.huggingface import GradscopeCallback
+
+    model = model if model is not None else _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = GradscopeCallback(every=2, horizon=4)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(is_world_process_zero=zero)
+    callback.on_train_begin(args, state, None, model=model, optimizer=opt)
+    x = torch.randn(16, 64)
+    for _ in range(4):
+        callback.on_step_begin(args, state, None, model=model, optimizer=opt)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        callback.on_step_end(args, state, None)
+    callback.on_train_end(args, state, None)
+    return callback
+
+
+def test_every_process_watches_and_process_zero_alone_writes(tmp_path: Path) -> None:
+    """Across processes the watch's figures are summed in collectives every process must
+    join: a process other than zero watches too (its report exists) but writes nothing."""
+    other = _callback_run(False, tmp_path / "other")
+    assert other.report is not None and other.report.steps is not None
+    assert other.paths == [] and not (tmp_path / "other").exists()
+    zero = _callback_run(True, tmp_path / "zero")
+    assert zero.report is not None and [p.name for p in zero.paths] == [
+        "gradscope-watch.html", "gradscope-watch.json"]
+
+
+def test_a_setup_the_watch_cannot_read_is_refused_and_the_callback_trains_on(
+        tmp_path: Path) -> None:
+    class FullyShardedDataParallel(nn.Module):  # FSDP1's wrapper, by its name
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)  # type: ignore[no-any-return]
+
+    model = FullyShardedDataParallel()
+    with pytest.raises(ValueError, match="fully_shard"):
+        gradscope.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(UserWarning, match="not watching this run"):
+        callback = _callback_run(True, tmp_path, model=model)
+    assert callback.report is None and callback.paths == []
+    _no_hooks(model, torch.optim.SGD(model.parameters(), lr=0.1))

@@ -17,12 +17,15 @@ How it meets the ``Trainer`` (transformers 5, read from its ``_inner_training_lo
   training forwards only. Over gradient accumulation, a step's loss is the mean of its
   micro-batches' (their sum where the ``Trainer`` passes ``num_items_in_batch``: each
   micro-batch's loss is then already divided by the whole step's token count).
-- The report is written on world process zero when training ends or when the watch
-  reaches its horizon (``on_step_end``), whichever comes first; every hook is removed then.
+- Across processes (DDP, FSDP2) every process watches, since the figures are summed over
+  the processes in collectives every process takes part in; world process zero alone
+  writes the report, when training ends or when the watch reaches its horizon
+  (``on_step_end``), whichever comes first; every hook is removed then.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
                  sinks: Sequence[StepSink] = ()) -> None:
         WatchSettings.__init__(self, every, horizon, output_dir, formats, name, sinks)
         self._armed = False
+        self._writer = True
         self._folder: Path | None = None
         self._model: torch.nn.Module | None = None
         self._hook: Any = None
@@ -63,9 +67,8 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
         self._finish()  # a callback reused by a second train() starts over
-        self._armed = bool(getattr(state, "is_world_process_zero", True))
-        if not self._armed:
-            return
+        self._armed = True
+        self._writer = bool(getattr(state, "is_world_process_zero", True))
         self._folder = Path(self.output_dir if self.output_dir is not None else args.output_dir)
         self.report, self.paths = None, []
         self._model = model
@@ -88,8 +91,13 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
     def _start(self, model: Any, optimizer: Any) -> None:
         if model is None:
             return
-        self.watch = Watch(model, torch_optimizer(optimizer), every=self.every,
-                           horizon=self.horizon, name=self.name, sinks=self.sinks)
+        try:
+            self.watch = Watch(model, torch_optimizer(optimizer), every=self.every,
+                               horizon=self.horizon, name=self.name, sinks=self.sinks)
+        except ValueError as exc:  # a set-up the watch cannot read: train on, unwatched
+            warnings.warn(f"gradscope: not watching this run: {exc}", stacklevel=2)
+            self._armed = False
+            return
         self._loss_step, self._loss_sum, self._loss_count = -1, None, 0
         self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
         self.watch.start()
@@ -119,7 +127,7 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
             return
         watch.close()
         self.report = watch.report()
-        if self._folder is not None and self.formats:
+        if self._writer and self._folder is not None and self.formats:
             self.paths = write_report(self.report, self._folder, self.formats)
         self._armed = False
 

@@ -20,12 +20,16 @@ How it meets Lightning (2.x, read from its fit loop and automatic optimization):
 - ``on_train_batch_end`` comes after the optimizer step: the batch's loss
   (``outputs["loss"]``) goes to ``watch.step - 1``. Over gradient accumulation a step's
   loss is the sum of its batches' (Lightning has divided each by the accumulation count).
-- The report is written on global rank zero when training ends, when the watch reaches
-  its horizon, or when training fails (``on_exception``); every hook is removed then.
+- Across processes (DDP, FSDP2) every process watches, since the figures are summed over
+  the processes in collectives every process takes part in; global rank zero alone writes
+  the report, when training ends, when the watch reaches its horizon, or when training
+  fails (``on_exception``: then without a collective, this process's own losses); every
+  hook is removed then.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ class GradscopeLightningCallback(WatchSettings, Callback):
                  sinks: Sequence[StepSink] = ()) -> None:
         WatchSettings.__init__(self, every, horizon, output_dir, formats, name, sinks)
         self._folder: Path | None = None
+        self._writer = True
         self._summed = True
         self._step_before = 0
         self._loss_sum: torch.Tensor | None = None
@@ -71,14 +76,21 @@ class GradscopeLightningCallback(WatchSettings, Callback):
     # -- Lightning hooks -----------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._finish()  # a callback reused by a second fit() starts over
-        if not getattr(trainer, "is_global_zero", True) or not trainer.optimizers:
+        if not trainer.optimizers:
             return
+        # every process watches (the figures are summed over processes in collectives);
+        # global rank zero alone writes
+        self._writer = bool(getattr(trainer, "is_global_zero", True))
         self._folder = Path(self.output_dir if self.output_dir is not None
                             else trainer.default_root_dir)
         self.report, self.paths = None, []
         optimizer = torch_optimizer(trainer.optimizers[0])
-        watch = Watch(pl_module, optimizer, every=self.every, horizon=self.horizon,
-                      name=self.name, sinks=self.sinks)
+        try:
+            watch = Watch(pl_module, optimizer, every=self.every, horizon=self.horizon,
+                          name=self.name, sinks=self.sinks)
+        except ValueError as exc:  # a set-up the watch cannot read: train on, unwatched
+            warnings.warn(f"gradscope: not watching this run: {exc}", stacklevel=2)
+            return
         self._summed = bool(getattr(pl_module, "automatic_optimization", True))
         self._loss_sum, self._loss_count = None, 0
         self.watch = watch.start()
@@ -110,16 +122,16 @@ class GradscopeLightningCallback(WatchSettings, Callback):
         self._finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._finish()
+        self._finish(error=True)
 
     # -- the watch -----------------------------------------------------------------------
-    def _finish(self) -> None:
+    def _finish(self, error: bool = False) -> None:
         watch, self.watch = self.watch, None
         if watch is None:
             return
-        watch.close()
+        watch.close(error=error)
         self.report = watch.report()
-        if self._folder is not None and self.formats:
+        if self._writer and self._folder is not None and self.formats:
             self.paths = write_report(self.report, self._folder, self.formats)
 
 

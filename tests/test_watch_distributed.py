@@ -1,0 +1,49 @@
+"""``gradscope.watch`` across processes: DDP and FSDP2 over 2 gloo processes record the
+figures of the same run in one process on the whole batch.
+
+The run goes under ``torchrun --nproc-per-node 2`` (``tests/workers/distributed_watch.py``):
+each process trains its half of every batch; data parallelism averages the halves'
+gradients into the whole batch's, so the losses (the processes' mean), gradient norms
+(FSDP2: summed over the shards), per-module gradient health, weight and update figures and
+dead shares (a unit dead on every process's samples) must all be the one-process figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "workers" / "distributed_watch.py"
+pytestmark = pytest.mark.slow
+
+KINDS = ("loss", "grad_norm", "output_grad_rms", "grad_rms", "weight_grad_norm",
+         "weight_norm", "update_ratio", "dead_fraction", "saturated_fraction")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_watch_across_processes_records_the_one_process_figures(mode: str,
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(28500 + (os.getpid() + len(mode)) % 1000), str(WORKER),
+           mode, str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["steps"] == [6, 6]
+    for kind in KINDS:  # every kind of figure was compared, and agrees
+        assert kind in doc["worst"], kind
+        assert doc["worst"][kind] < 1e-5, (kind, doc["worst"][kind], doc["where"][kind])
+    # the made-up model has units dead on part of the batch only: the dead share is the
+    # whole batch's, not a mean of the halves'
+    assert any(0 < d < 1 for d in doc["dead"]), doc["dead"]
+    assert "not available across processes" in doc["replay"]
+    assert any("this process's own" in note for note in doc["error_notes"]), doc["error_notes"]
