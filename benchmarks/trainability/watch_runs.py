@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--dump", type=Path, default=None, help="write every record here")
+    parser.add_argument("--judge", type=Path, default=None,
+                        help="judge the records of an earlier --dump again (no training)")
     parser.add_argument("--replay", action="store_true",
                         help="verify the watch's loop advice on copies, then train each "
                         "flagged failed run for its full 300 steps with the first advice "
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     table = outcomes()
     rows = []
-    for (arch, recipe, seed), known in table.items():
+    if args.judge:
+        rows = judged(args.judge)
+    for (arch, recipe, seed), known in ([] if args.judge else table.items()):
         if (args.archs and arch not in args.archs) or seed >= args.seeds:
             continue
         result = watched_run(arch, recipe, seed, args.horizon, args.every, args.replay)
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     alarms = [r for r in trained if r["flags"]]
     print(f"missed by the before-training analysis: {len(missed)}, caught by the watch: "
           f"{len(caught)}; runs that trained: {len(trained)}, flagged: {len(alarms)}")
+    print(frontier_line(rows))
     if args.replay:
         advised = [r for r in rows if r["failed"] and r["retrained"] is not None]
         rescued = [r for r in advised if not r["retrained"].get("failed", True)]
@@ -154,6 +159,76 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(markdown(rows, args))
     return 0
+
+
+def judged(path: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier ``--dump``, their findings judged again by the rules as they are
+    now (``gradscope.rules.steps.run_step_rules`` on each saved record)."""
+    from gradscope.rules.steps import run_step_rules
+    from gradscope.steps import TrainingRecord
+
+    rows = json.loads(path.read_text())
+    for row in rows:
+        findings = run_step_rules(TrainingRecord.from_dict(row["record"]))
+        row["flags"] = [f"{f.rule}{f.severity[0].upper()}" for f in findings
+                        if f.severity in ("error", "warning")]
+        row["all"] = [f"{f.rule}{f.severity[0].upper()}" for f in findings]
+    return rows
+
+
+#: The done-when's recall target over the failures the before-training analysis missed.
+RECALL_TARGET = 0.9
+
+
+def pace(row: dict[str, Any]) -> tuple[float, float] | None:
+    """(relative loss fall over the watched steps, t statistic of the loss trend) of one
+    run, from the figures the loss rules read (``gradscope.steps``); None without them."""
+    from gradscope.steps import TrainingRecord, loss_end, loss_start, loss_trend
+
+    record = TrainingRecord.from_dict(row["record"])
+    start, end, trend = loss_start(record), loss_end(record), loss_trend(record)
+    if start is None or end is None or trend is None or start == 0:
+        return None
+    return (start - end) / abs(start), trend[1]
+
+
+def frontier(rows: list[dict[str, Any]]) -> tuple[int, int, int] | None:
+    """The fewest false alarms any loss-pace rule could have while the watch reaches the
+    recall target: (missed failures it would need to catch, trained runs flagged then, runs
+    that trained); None when the watch already reaches the target or no choice is small
+    enough to enumerate.
+
+    A loss-pace rule flags a run whose loss fell by no more than some amount with a trend
+    no more significant than some t: any such rule (any staircase in the (fall, t) plane,
+    its thresholds fitted here with hindsight) that flags a missed failure also flags
+    every trained run that fell less with a weaker trend. So the least false alarms for a
+    set of missed failures is the union of the runs they so dominate, with the watch's own
+    false alarms; the minimum over every large enough set is a bound no rule over the loss
+    alone can beat on this benchmark.
+    """
+    import itertools
+
+    missed = [r for r in rows if r["failed"] and r["status"] != "unhealthy"]
+    need = math.ceil(RECALL_TARGET * len(missed)) - sum(1 for r in missed if r["flags"])
+    uncaught = [p for p in (pace(r) for r in missed if not r["flags"]) if p is not None]
+    if need <= 0 or need > len(uncaught) or math.comb(len(uncaught), need) > 100_000:
+        return None
+    trained = [(r, pace(r)) for r in rows if not r["failed"]]
+    best = len(trained)
+    for chosen in itertools.combinations(uncaught, need):
+        alarms = sum(1 for r, p in trained if r["flags"] or (
+            p is not None and any(p[0] <= f and p[1] >= t for f, t in chosen)))
+        best = min(best, alarms)
+    return need, best, len(trained)
+
+
+def frontier_line(rows: list[dict[str, Any]]) -> str:
+    bound = frontier(rows)
+    if bound is None:
+        return "loss-pace bound: not needed (target reached) or not enumerable"
+    need, alarms, trained = bound
+    return (f"loss-pace bound: catching {need} more missed failures by the loss's pace alone "
+            f"flags at least {alarms} of {trained} trained runs ({alarms / trained:.1%})")
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
