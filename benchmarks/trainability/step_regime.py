@@ -29,16 +29,11 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 def regime(arch: str, recipe_name: str, seed: int, steps: int) -> tuple[float | None, int]:
     """(median realised / predicted decrease, steps whose own batch's loss rose)."""
-    import models
     import torch
     import train
+    from watch_runs import start_run
 
-    spec = models.BY_NAME[arch]
-    recipe = {r.name: r for r in train.recipes(spec.task)}[recipe_name]
-    torch.manual_seed(seed)
-    model = spec.build()
-    model.train()
-    opt = train.make_optimizer(recipe, model, recipe.lr)
+    spec, model, opt = start_run(arch, recipe_name, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     ratios, rose = [], 0
     for x, y in train.batches(spec.task, seed, steps):

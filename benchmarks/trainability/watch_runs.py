@@ -52,23 +52,31 @@ def outcomes(path: Path = TABLE) -> dict[tuple[str, str, int], dict[str, Any]]:
     return out
 
 
-def watched_run(arch: str, recipe_name: str, seed: int, horizon: int, every: int,
-                replay: bool = False) -> dict[str, Any]:
-    """Train the run's first ``horizon`` steps under the watch; the record as a dict.
-
-    ``replay``: the watch tries its loop advice on copies trained on the same batches."""
+def start_run(arch: str, recipe_name: str, seed: int) -> tuple[Any, Any, Any]:
+    """(the architecture's spec, its model, its optimizer) as ``train.train`` starts the run."""
     import models
     import torch
     import train
-
-    import gradscope
 
     spec = models.BY_NAME[arch]
     recipe = {r.name: r for r in train.recipes(spec.task)}[recipe_name]
     torch.manual_seed(seed)
     model = spec.build()
     model.train()
-    opt = train.make_optimizer(recipe, model, recipe.lr)
+    return spec, model, train.make_optimizer(recipe, model, recipe.lr)
+
+
+def watched_run(arch: str, recipe_name: str, seed: int, horizon: int, every: int,
+                replay: bool = False) -> dict[str, Any]:
+    """Train the run's first ``horizon`` steps under the watch; the record as a dict.
+
+    ``replay``: the watch tries its loop advice on copies trained on the same batches."""
+    import torch
+    import train
+
+    import gradscope
+
+    spec, model, opt = start_run(arch, recipe_name, seed)
     batches = train.batches(spec.task, seed, horizon)
 
     def again(copy: torch.nn.Module, step: int) -> torch.Tensor:
