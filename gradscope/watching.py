@@ -108,14 +108,18 @@ class Watch:
     stop recording after this many optimizer steps (the model and optimizer are then left
     as found, even if the ``with`` block goes on). ``sinks`` are called with each recorded
     step (``gradscope.sinks``: TensorBoard, Weights & Biases). ``name`` is the report's.
+    ``across_processes``: under torch.distributed, sum the figures over the processes
+    (every process must then watch, in step); False keeps this process's own figures, for a
+    watch on one process only (``if rank == 0``), which would otherwise wait for the others.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  every: int = 10, horizon: int = 50, name: str | None = None,
                  sinks: Sequence[StepSink] = (),
-                 replay: Callable[[nn.Module, int], torch.Tensor] | None = None) -> None:
+                 replay: Callable[[nn.Module, int], torch.Tensor] | None = None,
+                 across_processes: bool = True) -> None:
         check_cadence(every, horizon)
-        group = process_group()
+        group = process_group() if across_processes else None
         if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
             raise ValueError("FSDP1 (FullyShardedDataParallel) flattens the weights into "
                              "shards the watch cannot give back to their modules: shard with "
@@ -637,7 +641,8 @@ class Watch:
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, every: int = 10,
           horizon: int = 50, name: str | None = None, sinks: Iterable[StepSink] = (),
-          replay: Callable[[nn.Module, int], torch.Tensor] | None = None) -> Watch:
+          replay: Callable[[nn.Module, int], torch.Tensor] | None = None,
+          across_processes: bool = True) -> Watch:
     """Watch the first ``horizon`` optimizer steps of a training run (a context manager).
 
     ``replay(model, step)``, when given, computes watched step ``step``'s loss on another
@@ -645,6 +650,10 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, every: int = 10
     rate, clipping, a warmup) is then trained on copies of the run and offered only where it
     ended the watched steps lower (``gradscope.replay``). It costs one copy of the model at
     the start and, for a run with findings, three more short runs of the watched steps.
+
+    Under torch.distributed (DDP, FSDP2) every process watches and the figures are the
+    whole run's, summed over the processes in collectives; a watch on one process only
+    passes ``across_processes=False`` (this process's figures) or it waits for the others.
     """
     return Watch(model, optimizer, every=every, horizon=horizon, name=name,
-                 sinks=tuple(sinks), replay=replay)
+                 sinks=tuple(sinks), replay=replay, across_processes=across_processes)

@@ -120,7 +120,24 @@ def _across_processes(mode: str, reference: TrainingRecord) -> dict[str, Any]:
     doc = differences(reference, _unwrapped(record, mode))
     doc["replay"] = _replay_refused(watched)
     doc["error_notes"] = _closed_by_error(watched)
+    doc["alone"] = _watched_alone(rank)
     return doc
+
+
+def _watched_alone(rank: int) -> int | None:
+    """A watch on process zero only, told so: no collective, so no wait for the others."""
+    if rank != 0:
+        return None
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, every=1, horizon=3, across_processes=False) as watch:
+        for x, y in batches()[:3]:
+            loss = nn.functional.cross_entropy(model(x), y)
+            watch.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return len(watch.record.recorded)
 
 
 def _replay_refused(model: nn.Module) -> str:
