@@ -48,3 +48,30 @@ def test_watch_across_processes_records_the_one_process_figures(mode: str,
     assert "not available across processes" in doc["replay"]
     assert any("this process's own" in note for note in doc["error_notes"]), doc["error_notes"]
     assert doc["alone"] == 3  # process zero watched alone and did not wait for the other
+
+
+def test_trainer_callback_across_processes(tmp_path: Path) -> None:
+    """A real ``Trainer`` run on 2 CPU processes (DDP over gloo) with the callback: both
+    processes watch and finish (no collective left waiting), process zero alone writes,
+    and each step's loss is the one the Trainer logs (its mean over the processes; each
+    process's model loss is a part of it, divided by every process's tokens)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(27500 + os.getpid() % 1000),
+           str(HERE / "workers" / "distributed_trainer.py"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["world"] == one["world"] == 2 and "DISTRIBUTED" in zero["parallel"]
+    assert zero["paths"] == ["gradscope-watch.html", "gradscope-watch.json"]
+    assert one["paths"] == []
+    assert zero["steps"] == one["steps"] == 12
+    assert len(zero["losses"]) == 9  # the horizon
+    assert zero["losses"] == pytest.approx(zero["logged"][:9], rel=1e-5)
+    assert one["losses"] == zero["losses"] and one["grad_norms"] == zero["grad_norms"]
+    written = json.loads((tmp_path / "gradscope-watch.json").read_text())
+    assert written["steps"]["losses"] == pytest.approx(zero["losses"], rel=1e-9)

@@ -16,7 +16,9 @@ How it meets the ``Trainer`` (transformers 5, read from its ``_inner_training_lo
   reads ``output.loss`` (what a Hugging Face model returns when the batch has labels) on
   training forwards only. Over gradient accumulation, a step's loss is the mean of its
   micro-batches' (their sum where the ``Trainer`` passes ``num_items_in_batch``: each
-  micro-batch's loss is then already divided by the whole step's token count).
+  micro-batch's loss is then already divided by the whole step's token count; across
+  processes that count is all processes' and the Trainer multiplies the loss by their
+  number, as the watch does, which then averages over the processes).
 - Across processes (DDP, FSDP2) every process watches, since the figures are summed over
   the processes in collectives every process takes part in; world process zero alone
   writes the report, when training ends or when the watch reaches its horizon
@@ -62,6 +64,7 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
         self._loss_step = -1
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+        self._parts = 1
 
     # -- Trainer events ------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
@@ -70,6 +73,11 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
         self._armed = True
         self._writer = bool(getattr(state, "is_world_process_zero", True))
         self._folder = Path(self.output_dir if self.output_dir is not None else args.output_dir)
+        # Averaging tokens across processes, the Trainer divides each process's loss by the
+        # whole step's token count and multiplies it by the number of processes (DDP then
+        # averages); the model's ``output.loss`` comes before that product.
+        world = int(getattr(args, "world_size", 1) or 1)
+        self._parts = world if getattr(args, "average_tokens_across_devices", False) else 1
         self.report, self.paths = None, []
         self._model = model
         if model is not None and optimizer is not None:
@@ -116,7 +124,8 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_count += 1
         summed = kwargs.get("num_items_in_batch") is not None
-        watch.loss(self._loss_sum if summed else self._loss_sum / self._loss_count)
+        watch.loss(self._loss_sum * self._parts if summed
+                   else self._loss_sum / self._loss_count)
 
     def _finish(self) -> None:
         if self._hook is not None:

@@ -1,0 +1,62 @@
+"""Run under torchrun by tests/test_watch_distributed.py: the Trainer callback across processes.
+
+    torchrun --nproc-per-node 2 tests/workers/distributed_trainer.py OUT_DIR
+
+A tiny GPT-2 trained by the ``transformers`` ``Trainer`` on two CPU processes (DDP over
+gloo) with ``GradscopeCallback``: every process watches, world process zero alone writes.
+Each process writes ``rank<N>.json``: what its callback wrote, the steps' losses the watch
+recorded and the losses the Trainer logged (the mean over the processes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from gradscope.integrations.huggingface import GradscopeCallback  # noqa: E402
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    text = inspect.getsource(json.decoder)
+    ids = [min(ord(c), 127) for c in text]
+    width = 32
+    data = [{"input_ids": torch.tensor(ids[i:i + width]),
+             "labels": torch.tensor(ids[i:i + width])}
+            for i in range(0, len(ids) - width, width)]
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=128, n_positions=width, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0))
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="steps",
+        logging_steps=1, disable_tqdm=True, seed=0)
+    callback = GradscopeCallback(every=3, horizon=9)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   callbacks=[callback])
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    report = callback.report
+    doc = {"world": int(os.environ.get("WORLD_SIZE", "1")),
+           "parallel": str(trainer.args.parallel_mode),
+           "paths": [p.name for p in callback.paths],
+           "losses": report.steps.losses if report is not None and report.steps else None,
+           "grad_norms": report.steps.grad_norms if report and report.steps else None,
+           "logged": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+           "steps": trainer.state.global_step}
+    (out / f"rank{rank}.json").write_text(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    main()
