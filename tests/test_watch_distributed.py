@@ -75,3 +75,30 @@ def test_trainer_callback_across_processes(tmp_path: Path) -> None:
     assert one["losses"] == zero["losses"] and one["grad_norms"] == zero["grad_norms"]
     written = json.loads((tmp_path / "gradscope-watch.json").read_text())
     assert written["steps"]["losses"] == pytest.approx(zero["losses"], rel=1e-9)
+
+
+def test_lightning_callback_across_processes(tmp_path: Path) -> None:
+    """Lightning's DDP strategy on 2 CPU processes with the callback: both processes watch
+    and finish, global rank zero alone writes, each step's loss is the mean of the two
+    processes' batch losses and its gradient norm the step's (the same on both)."""
+    pytest.importorskip("sklearn")
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        pytest.importorskip("pytorch_lightning")
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(26500 + os.getpid() % 1000),
+           str(HERE / "workers" / "distributed_lightning.py"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["world"] == 2 and zero["steps"] == one["steps"] == 12
+    assert zero["paths"] == ["gradscope-watch.html", "gradscope-watch.json"]
+    assert one["paths"] == []
+    means = [(a + b) / 2 for a, b in zip(zero["batch_losses"], one["batch_losses"],
+                                         strict=True)][:9]
+    assert zero["losses"] == pytest.approx(means, rel=1e-6)
+    assert zero["grad_norms"] == pytest.approx(zero["step_norms"][:9], rel=1e-5)
+    assert one["losses"] == zero["losses"] and one["grad_norms"] == zero["grad_norms"]
