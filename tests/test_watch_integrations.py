@@ -8,7 +8,6 @@ are read back. The optional libraries are skipped where not installed.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import struct
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from training_parts import digits_module, stdlib_lm
 
 import gradscope
 from gradscope.integrations._common import torch_optimizer
@@ -281,17 +281,7 @@ def test_huggingface_trainer_writes_the_watch_report(tmp_path: Path,
     pytest.importorskip("accelerate")
     from gradscope.integrations.huggingface import GradscopeCallback
 
-    # characters of a standard-library source file, as a tiny language-modelling set
-    text = inspect.getsource(json.decoder)
-    ids = [min(ord(c), 127) for c in text]
-    width = 32
-    data = [{"input_ids": torch.tensor(ids[i:i + width]),
-             "labels": torch.tensor(ids[i:i + width])}
-            for i in range(0, len(ids) - width, width)]
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_positions=width, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0))
+    model, data = stdlib_lm()  # a tiny GPT-2 on a standard-library source file's text
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8,
         gradient_accumulation_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
@@ -341,31 +331,9 @@ def test_lightning_run_writes_the_watch_report(tmp_path: Path) -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64,
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
 
-    class Digits(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _mlp()
-            self.batch_losses: list[float] = []
-            self.step_norms: list[float] = []
-
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            return self.net(inputs)  # type: ignore[no-any-return]
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
-            self.batch_losses.append(float(loss.detach()))
-            return loss
-
-        def on_before_optimizer_step(self, optimizer: Any) -> None:
-            # the step's gradients, seen by Lightning between the backward and the update
-            norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
-            self.step_norms.append(float(torch.linalg.vector_norm(torch.stack(norms))))
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
     torch.manual_seed(0)
-    module = Digits()
+    module = digits_module(pl, _mlp(), lambda params: torch.optim.SGD(
+        params, lr=0.1, momentum=0.9))
     callback = GradscopeLightningCallback(every=4, horizon=50)
     trainer = pl.Trainer(max_steps=15, accumulate_grad_batches=2, logger=False,
                          enable_checkpointing=False, accelerator="cpu", devices=1,

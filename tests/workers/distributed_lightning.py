@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
@@ -28,30 +28,9 @@ try:
 except ImportError:  # the standalone package
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
+from training_parts import digits_module  # noqa: E402
+
 from gradscope.integrations.lightning import GradscopeLightningCallback  # noqa: E402
-
-
-class Digits(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-        self.batch_losses: list[float] = []
-        self.step_norms: list[float] = []
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.net(inputs)  # type: ignore[no-any-return]
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
-        self.batch_losses.append(float(loss.detach()))
-        return loss
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
-        self.step_norms.append(float(torch.linalg.vector_norm(torch.stack(norms))))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def main() -> None:
@@ -61,7 +40,8 @@ def main() -> None:
     y = torch.tensor(digits.target)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
     torch.manual_seed(0)
-    module = Digits()
+    module = digits_module(pl, nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+                           lambda params: torch.optim.SGD(params, lr=0.1))
     callback = GradscopeLightningCallback(every=3, horizon=9)
     trainer = pl.Trainer(max_steps=12, logger=False, enable_checkpointing=False,
                          accelerator="cpu", devices=2, strategy="ddp",

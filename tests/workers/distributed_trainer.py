@@ -10,7 +10,6 @@ recorded and the losses the Trainer logged (the mean over the processes).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -18,26 +17,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 import transformers  # noqa: E402
+from training_parts import stdlib_lm  # noqa: E402
 
 from gradscope.integrations.huggingface import GradscopeCallback  # noqa: E402
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    text = inspect.getsource(json.decoder)
-    ids = [min(ord(c), 127) for c in text]
-    width = 32
-    data = [{"input_ids": torch.tensor(ids[i:i + width]),
-             "labels": torch.tensor(ids[i:i + width])}
-            for i in range(0, len(ids) - width, width)]
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_positions=width, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0))
+    model, data = stdlib_lm()
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-3,
         report_to=[], use_cpu=True, save_strategy="no", logging_strategy="steps",
