@@ -12,6 +12,7 @@ import json
 import math
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,8 @@ def _wandb_records(path: Path) -> list[Any]:
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if pos + 7 + length > len(raw):  # a chunk still being written
+            break
         chunk += raw[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -255,7 +258,14 @@ def test_wandb_sink_offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert len(runs) == 1
     files = list(runs[0].glob("run-*.wandb"))
     assert len(files) == 1
+    # W&B's writer is a separate process: on a loaded machine the file can still be
+    # growing when finish() returns. Its last record is the run's exit record.
+    deadline = time.monotonic() + 60
     records = _wandb_records(files[0])
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = _wandb_records(files[0])
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
                 for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
