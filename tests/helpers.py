@@ -1,9 +1,11 @@
-"""Shared by several test modules: where the sample models are, a CLI runner, and the
-trainability benchmark's modules."""
+"""Shared by several test modules: where the sample models are, a CLI runner, the
+trainability benchmark's modules, and torchrun."""
 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,3 +66,19 @@ def trainability_module(name: str, env: dict[str, str] | None = None) -> Iterato
         mp.undo()
         for module in _BENCH_MODULES:
             sys.modules.pop(module, None)
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def torchrun(args: list[str], cwd: Path, *, port: int = 29500,
+             timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``args`` on 2 processes under torchrun (gloo on the CPU), the repository and the
+    tests importable; ``port`` + this process's id picks the rendezvous port, so tests run
+    one after another do not meet a port still closing."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(port + os.getpid() % 1000), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=cwd)

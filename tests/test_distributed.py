@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SAMPLE_DIR, SAMPLES
+from helpers import SAMPLE_DIR, SAMPLES, torchrun
 from hypothesis import HealthCheck, given, settings
 from strategies import build, model_specs
 from test_stream import NO_BLOCKS, NOT_ON_META
@@ -29,15 +27,6 @@ from gradscope.streaming import find_blocks, materialise_all
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "workers" / "distributed_probe.py"
 pytestmark = pytest.mark.slow
-
-
-def _torchrun(args: list[str], tmp: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(29500 + os.getpid() % 1000), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=tmp)
 
 
 def _generated_specs(count: int = 10) -> list[str]:
@@ -67,7 +56,7 @@ def test_distributed_probe_matches_in_memory_probe(tmp_path: Path) -> None:
                                    if s not in NO_BLOCKS + NOT_ON_META]
     cases += [{"spec": spec} for spec in _generated_specs()]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = _torchrun([str(WORKER), "cases.json", "out.json"], tmp_path)
+    proc = torchrun([str(WORKER), "cases.json", "out.json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "out.json").read_text())
     assert len(results) == len(cases)
@@ -79,7 +68,7 @@ def test_distributed_probe_matches_in_memory_probe(tmp_path: Path) -> None:
 
 def test_cli_under_torchrun_writes_one_report(tmp_path: Path) -> None:
     sample = SAMPLE_DIR / "pre_ln_transformer.py"
-    proc = _torchrun(["-m", "gradscope", "analyze", str(sample), "--distributed",
+    proc = torchrun(["-m", "gradscope", "analyze", str(sample), "--distributed",
                       "--json", "report.json", "--fail-on", "never", "--quiet"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())

@@ -11,27 +11,17 @@ dead shares (a unit dead on every process's samples) must all be the one-process
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import torchrun
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "workers" / "distributed_watch.py"
 pytestmark = pytest.mark.slow
 
-def _torchrun(worker: str, args: list[str], tmp_path: Path, port: int,
-              env: dict[str, str] | None = None) -> None:
-    """``worker`` (tests/workers/) on 2 processes under torchrun; fails with its stderr."""
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(port + os.getpid() % 1000), str(HERE / "workers" / worker),
-           *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp_path)
+def _run(worker: str, args: list[str], tmp_path: Path, port: int) -> None:
+    """``tests/workers/<worker>`` on 2 processes; fails with its stderr."""
+    done = torchrun([str(HERE / "workers" / worker), *args], tmp_path, port=port, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -43,7 +33,7 @@ KINDS = ("loss", "grad_norm", "output_grad_rms", "grad_rms", "weight_grad_norm",
 def test_watch_across_processes_records_the_one_process_figures(mode: str,
                                                                 tmp_path: Path) -> None:
     out = tmp_path / "out.json"
-    _torchrun("distributed_watch.py", [mode, str(out)], tmp_path, 28500 + 7 * len(mode))
+    _run("distributed_watch.py", [mode, str(out)], tmp_path, 28500 + 7 * len(mode))
     doc = json.loads(out.read_text())
     assert doc["steps"] == [6, 6]
     for kind in KINDS:  # every kind of figure was compared, and agrees
@@ -64,7 +54,7 @@ def test_trainer_callback_across_processes(tmp_path: Path) -> None:
     process's model loss is a part of it, divided by every process's tokens)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    _torchrun("distributed_trainer.py", [str(tmp_path)], tmp_path, 27500)
+    _run("distributed_trainer.py", [str(tmp_path)], tmp_path, 27500)
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert zero["world"] == one["world"] == 2 and "DISTRIBUTED" in zero["parallel"]
     assert zero["paths"] == ["gradscope-watch.html", "gradscope-watch.json"]
@@ -86,7 +76,7 @@ def test_lightning_callback_across_processes(tmp_path: Path) -> None:
         import lightning  # noqa: F401
     except ImportError:
         pytest.importorskip("pytorch_lightning")
-    _torchrun("distributed_lightning.py", [str(tmp_path)], tmp_path, 26500)
+    _run("distributed_lightning.py", [str(tmp_path)], tmp_path, 26500)
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert zero["world"] == 2 and zero["steps"] == one["steps"] == 12
     assert zero["paths"] == ["gradscope-watch.html", "gradscope-watch.json"]

@@ -5,16 +5,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradscope.watching import check_cadence
+from gradscope.watching import Watch, check_cadence
 
 if TYPE_CHECKING:
-    from gradscope.watching import StepSink, Watch
+    from gradscope.watching import StepSink
 
 #: The report formats a callback writes, and their file name: ``gradscope-watch.<ext>``.
 FORMATS = ("html", "json")
@@ -88,3 +89,35 @@ class WatchSettings:
         self.watch: Watch | None = None
         self.report: Any = None
         self.paths: list[Path] = []
+        self._folder: Path | None = None
+        self._writer = True
+
+    def _begin(self, default_dir: str | Path, writer: bool) -> None:
+        """A training run starts: where its report goes, and whether this process writes
+        it (every process watches, since across processes the figures are summed in
+        collectives all of them join; one writes)."""
+        self._folder = Path(self.output_dir if self.output_dir is not None else default_dir)
+        self._writer = writer
+        self.report, self.paths = None, []
+
+    def _open(self, model: Any, optimizer: Any) -> Watch | None:
+        """The watch on ``model`` and the torch optimizer under ``optimizer``, started; None
+        (with a warning) for a set-up the watch cannot read: the run trains on, unwatched."""
+        try:
+            watch = Watch(model, torch_optimizer(optimizer), every=self.every,
+                          horizon=self.horizon, name=self.name, sinks=self.sinks)
+        except ValueError as exc:
+            warnings.warn(f"gradscope: not watching this run: {exc}", stacklevel=3)
+            return None
+        return watch.start()
+
+    def _end(self, error: bool = False) -> None:
+        """Close the watch (every hook removed), keep its report, and write it where this
+        process is the writer. ``error``: training failed (no collective then)."""
+        watch, self.watch = self.watch, None
+        if watch is None:
+            return
+        watch.close(error=error)
+        self.report = watch.report()
+        if self._writer and self._folder is not None and self.formats:
+            self.paths = write_report(self.report, self._folder, self.formats)

@@ -27,7 +27,6 @@ How it meets the ``Trainer`` (transformers 5, read from its ``_inner_training_lo
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,8 @@ from transformers import TrainerCallback
 
 from gradscope.integrations._common import (
     WatchSettings,
-    torch_optimizer,
-    write_report,
 )
-from gradscope.watching import StepSink, Watch
+from gradscope.watching import StepSink
 
 
 class GradscopeCallback(WatchSettings, TrainerCallback):
@@ -57,8 +54,6 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
                  sinks: Sequence[StepSink] = ()) -> None:
         WatchSettings.__init__(self, every, horizon, output_dir, formats, name, sinks)
         self._armed = False
-        self._writer = True
-        self._folder: Path | None = None
         self._model: torch.nn.Module | None = None
         self._hook: Any = None
         self._loss_step = -1
@@ -71,14 +66,12 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
                        optimizer: Any = None, **kwargs: Any) -> None:
         self._finish()  # a callback reused by a second train() starts over
         self._armed = True
-        self._writer = bool(getattr(state, "is_world_process_zero", True))
-        self._folder = Path(self.output_dir if self.output_dir is not None else args.output_dir)
+        self._begin(args.output_dir, bool(getattr(state, "is_world_process_zero", True)))
         # Averaging tokens across processes, the Trainer divides each process's loss by the
         # whole step's token count and multiplies it by the number of processes (DDP then
         # averages); the model's ``output.loss`` comes before that product.
         world = int(getattr(args, "world_size", 1) or 1)
         self._parts = world if getattr(args, "average_tokens_across_devices", False) else 1
-        self.report, self.paths = None, []
         self._model = model
         if model is not None and optimizer is not None:
             self._start(model, optimizer)
@@ -99,16 +92,12 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
     def _start(self, model: Any, optimizer: Any) -> None:
         if model is None:
             return
-        try:
-            self.watch = Watch(model, torch_optimizer(optimizer), every=self.every,
-                               horizon=self.horizon, name=self.name, sinks=self.sinks)
-        except ValueError as exc:  # a set-up the watch cannot read: train on, unwatched
-            warnings.warn(f"gradscope: not watching this run: {exc}", stacklevel=2)
+        self.watch = self._open(model, optimizer)
+        if self.watch is None:
             self._armed = False
             return
         self._loss_step, self._loss_sum, self._loss_count = -1, None, 0
         self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
-        self.watch.start()
 
     def _read_loss(self, module: torch.nn.Module, args: Any, kwargs: Mapping[str, Any],
                    output: Any) -> None:
@@ -131,14 +120,9 @@ class GradscopeCallback(WatchSettings, TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        watch, self.watch = self.watch, None
-        if watch is None:
-            return
-        watch.close()
-        self.report = watch.report()
-        if self._writer and self._folder is not None and self.formats:
-            self.paths = write_report(self.report, self._folder, self.formats)
-        self._armed = False
+        if self.watch is not None:
+            self._end()
+            self._armed = False
 
 
 def _loss_of(output: Any, kwargs: Mapping[str, Any]) -> torch.Tensor | None:

@@ -29,7 +29,6 @@ How it meets Lightning (2.x, read from its fit loop and automatic optimization):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,10 +46,8 @@ except ImportError:  # pragma: no cover - the standalone package, where lightnin
 
 from gradscope.integrations._common import (
     WatchSettings,
-    torch_optimizer,
-    write_report,
 )
-from gradscope.watching import StepSink, Watch
+from gradscope.watching import StepSink
 
 
 class GradscopeLightningCallback(WatchSettings, Callback):
@@ -66,8 +63,6 @@ class GradscopeLightningCallback(WatchSettings, Callback):
                  formats: Iterable[str] = ("html", "json"), *, name: str | None = None,
                  sinks: Sequence[StepSink] = ()) -> None:
         WatchSettings.__init__(self, every, horizon, output_dir, formats, name, sinks)
-        self._folder: Path | None = None
-        self._writer = True
         self._summed = True
         self._step_before = 0
         self._loss_sum: torch.Tensor | None = None
@@ -75,25 +70,13 @@ class GradscopeLightningCallback(WatchSettings, Callback):
 
     # -- Lightning hooks -----------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._finish()  # a callback reused by a second fit() starts over
+        self._end()  # a callback reused by a second fit() starts over
         if not trainer.optimizers:
             return
-        # every process watches (the figures are summed over processes in collectives);
-        # global rank zero alone writes
-        self._writer = bool(getattr(trainer, "is_global_zero", True))
-        self._folder = Path(self.output_dir if self.output_dir is not None
-                            else trainer.default_root_dir)
-        self.report, self.paths = None, []
-        optimizer = torch_optimizer(trainer.optimizers[0])
-        try:
-            watch = Watch(pl_module, optimizer, every=self.every, horizon=self.horizon,
-                          name=self.name, sinks=self.sinks)
-        except ValueError as exc:  # a set-up the watch cannot read: train on, unwatched
-            warnings.warn(f"gradscope: not watching this run: {exc}", stacklevel=2)
-            return
+        self._begin(trainer.default_root_dir, bool(getattr(trainer, "is_global_zero", True)))
         self._summed = bool(getattr(pl_module, "automatic_optimization", True))
         self._loss_sum, self._loss_count = None, 0
-        self.watch = watch.start()
+        self.watch = self._open(pl_module, trainer.optimizers[0])
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
@@ -116,23 +99,13 @@ class GradscopeLightningCallback(WatchSettings, Callback):
                            step=watch.step - 1)
             self._loss_sum, self._loss_count = None, 0
         if watch.step >= self.horizon:
-            self._finish()
+            self._end()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish()
+        self._end()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._finish(error=True)
-
-    # -- the watch -----------------------------------------------------------------------
-    def _finish(self, error: bool = False) -> None:
-        watch, self.watch = self.watch, None
-        if watch is None:
-            return
-        watch.close(error=error)
-        self.report = watch.report()
-        if self._writer and self._folder is not None and self.formats:
-            self.paths = write_report(self.report, self._folder, self.formats)
+        self._end(error=True)
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
