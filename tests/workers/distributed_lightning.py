@@ -11,6 +11,7 @@ recorded losses and gradient norms, and its own batches' losses and step gradien
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -60,3 +62,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # The frameworks leave the process group to the interpreter's exit, where gloo's
+    # threads can be torn down before the models holding it (an abort, now and then):
+    # free the models first, then end the group.
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

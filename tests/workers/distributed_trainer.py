@@ -10,6 +10,7 @@ recorded and the losses the Trainer logged (the mean over the processes).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from training_parts import stdlib_lm  # noqa: E402
 
@@ -51,3 +53,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # The frameworks leave the process group to the interpreter's exit, where gloo's
+    # threads can be torn down before the models holding it (an abort, now and then):
+    # free the models first, then end the group.
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
