@@ -63,8 +63,14 @@ def _output_of(value: Any) -> torch.Tensor | None:
 
 _PICK = output_picker(None)
 
-#: Figures per module in a recorded step's flat list (``Watch._local_sums``).
-_FIELDS = 15
+#: A recorded step's sums (``Watch._local_sums``): for the model output, and for each
+#: module, counts of the processes (or elements) that saw a figure and sums over elements,
+#: so that summing them over processes gives the whole batch's and whole weights' figures.
+_OUTPUT = ("seen", "grad_sq", "numel")
+_MODULE = ("grad_seen", "grad_sq", "numel", "forward_seen", "nonfinite", "dead_seen", "dead",
+           "saturated_numel", "saturated", "weights_seen", "weight_sq", "weight_grad_sq",
+           "update_sq", "units", "units_sq")
+Sums = dict[str, float]
 
 
 def check_cadence(every: int, horizon: int) -> None:
@@ -160,10 +166,9 @@ class Watch:
         # once. Without a shard, every process already has the whole norms: no collective.
         self._group = group
         world = group[1] if group is not None else 1
-        self._sharded = any(is_shard(p) for p in self._all_params)
-        self._share = [1.0 if is_shard(p) or not self._sharded else 1.0 / world
-                       for p in self._all_params]
         self._world = world
+        self._sharded = any(is_shard(p) for p in self._all_params)
+        self._share = [self._part(p) for p in self._all_params]
         self._in_flight: list[Any] = []  # the per-step norms' all-reduces under way
         self._sums_device = (local_tensor(self._all_params[0]).device if self._all_params
                              else torch.device("cpu"))
@@ -412,113 +417,120 @@ class Watch:
     def _read(self, pending: _Pending) -> StepRecord:
         """The recorded step's figures, read back from the device once (and, across
         processes, summed over them in one collective)."""
-        sums = self._local_sums(pending)
+        out, rows = self._local_sums(pending)
         dead: dict[str, float] = {}
         if self._group is not None and not self._abandoned:
-            sums = self._over_processes(sums)
-            dead = self._dead_over_processes(pending, sums)
+            out, rows = self._over_processes(out, rows)
+            dead = self._dead_over_processes(pending, rows)
             # Data parallelism trains on the mean of the processes' losses, so the whole
             # batch's dLoss/d(output) is each process's over the number of processes: the
             # summed squares of the output's and each module's are world^2 too large.
             scale = 1.0 / self._world ** 2
-            sums[1] *= scale
-            for k in range(len(self._modules)):
-                sums[3 + k * _FIELDS + 1] *= scale
-        out_n, out_sq, out_size = sums[0:3]
-        out_rms = math.sqrt(out_sq / out_size) if out_n and out_size else None
-        rec = StepRecord(step=pending.step, output_grad_rms=out_rms)
-        figures = {path: sums[3 + k * _FIELDS:3 + (k + 1) * _FIELDS]
-                   for k, path in enumerate(self._modules)}
+            out["grad_sq"] *= scale
+            for row in rows.values():
+                row["grad_sq"] *= scale
+        out_rms = (math.sqrt(out["grad_sq"] / out["numel"]) if out["seen"] and out["numel"]
+                   else None)
         last = pending.last
         if out_rms is None and last is not None:
-            has, sq, size = figures[last][0:3]
-            out_rms = math.sqrt(sq / size) if has and size and sq > 0 else None
-            rec.output_grad_rms = out_rms
+            row = rows[last]
+            if row["grad_seen"] and row["numel"] and row["grad_sq"] > 0:
+                out_rms = math.sqrt(row["grad_sq"] / row["numel"])
+        rec = StepRecord(step=pending.step, output_grad_rms=out_rms)
         if not self.record.order:
             self.record.order = tuple(pending.order)
-        for path in self._modules:
-            (has_grad, g_sq, size, has_fwd, bad_fwd, has_dead, dead_sum, sat_numel, sat,
-             has_w, w_sq, gw_sq, u_sq, _, _) = figures[path]
+        for path, row in rows.items():
             layer = LayerStep()
             seen = False
-            if has_fwd:
-                layer.nonfinite_forward = bad_fwd > 0
+            if row["forward_seen"]:
+                layer.nonfinite_forward = row["nonfinite"] > 0
                 seen = True
-            if has_grad and size:
+            if row["grad_seen"] and row["numel"]:
+                g_sq = row["grad_sq"]
                 layer.nonfinite_grad = not math.isfinite(g_sq)
-                rms = math.sqrt(g_sq / size) if math.isfinite(g_sq) else math.inf
+                rms = math.sqrt(g_sq / row["numel"]) if math.isfinite(g_sq) else math.inf
                 layer.grad_rms = rms / out_rms if out_rms else None
                 seen = True
             if path in dead:
                 layer.dead_fraction = dead[path]
-            elif has_dead:  # a mean over processes where their unit counts differ
-                layer.dead_fraction = dead_sum / has_dead
-            if sat_numel:
-                layer.saturated_fraction = sat / sat_numel
-            if has_w:
+            elif row["dead_seen"]:  # a mean over processes where their unit counts differ
+                layer.dead_fraction = row["dead"] / row["dead_seen"]
+            if row["saturated_numel"]:
+                layer.saturated_fraction = row["saturated"] / row["saturated_numel"]
+            if row["weights_seen"]:
+                w_sq, gw_sq = row["weight_sq"], row["weight_grad_sq"]
                 layer.weight_norm = math.sqrt(w_sq)
                 layer.weight_grad_norm = math.sqrt(gw_sq) if math.isfinite(gw_sq) else math.inf
-                layer.update_ratio = (math.sqrt(u_sq) / math.sqrt(w_sq)) if w_sq > 0 else None
+                layer.update_ratio = (math.sqrt(row["update_sq"]) / math.sqrt(w_sq)
+                                      if w_sq > 0 else None)
                 seen = True
             if seen:
                 rec.layers[path] = layer
         return rec
 
-    def _local_sums(self, pending: _Pending) -> list[float]:
-        """This process's figures of a recorded step as one flat list: for the output, then
-        for each module (in ``self._modules`` order, ``_FIELDS`` each), a count of the
-        processes that saw it followed by sums over elements, so that summing the lists
-        over processes gives the figures of the whole batch and of whole weights."""
-        out: list[float] = [0.0, 0.0, 0.0]
+    def _local_sums(self, pending: _Pending) -> tuple[Sums, dict[str, Sums]]:
+        """This process's sums of a recorded step (``_OUTPUT``, and ``_MODULE`` for each
+        module in ``self._modules`` order)."""
+        out = dict.fromkeys(_OUTPUT, 0.0)
         if pending.output_sq and pending.output is not None:
-            out = [1.0, sum(float(t) for t in pending.output_sq), float(pending.output.numel())]
+            out.update(seen=1.0, grad_sq=sum(float(t) for t in pending.output_sq),
+                       numel=float(pending.output.numel()))
+        rows: dict[str, Sums] = {}
         for path in self._modules:
-            row = [0.0] * _FIELDS
+            row = rows[path] = dict.fromkeys(_MODULE, 0.0)
             if path in pending.grad_sq and pending.numel.get(path):
-                row[0:3] = [1.0, sum(float(t) for t in pending.grad_sq[path]),
-                            float(pending.numel[path])]
+                row.update(grad_seen=1.0, grad_sq=sum(float(t) for t in pending.grad_sq[path]),
+                           numel=float(pending.numel[path]))
             if path in pending.bad_forward:
-                row[3:5] = [1.0, float(bool(pending.bad_forward[path]))]
+                row.update(forward_seen=1.0, nonfinite=float(bool(pending.bad_forward[path])))
             if path in pending.dead:
-                row[5:7] = [1.0, 1.0 - float(pending.dead[path])]
+                row.update(dead_seen=1.0, dead=1.0 - float(pending.dead[path]))
             if path in pending.saturated:
                 size = float(pending.saturated_numel[path])
-                row[7:9] = [size, float(pending.saturated[path]) * size]
+                row.update(saturated_numel=size, saturated=float(pending.saturated[path]) * size)
             before = pending.before.get(path)
             if before:
                 params = self._params[path]
                 parts = [self._part(p) for p in params]
-                row[9] = 1.0
-                row[10] = sum(w * float(sq_sum(b)) for w, b in zip(parts, before, strict=True))
-                row[11] = sum(w * float(sq_sum(local_tensor(p.grad)))
-                              for w, p in zip(parts, params, strict=True) if p.grad is not None)
-                row[12] = sum(w * float(sq_sum(local_tensor(p.detach()) - b))
-                              for w, p, b in zip(parts, params, before, strict=True))
+                row["weights_seen"] = 1.0
+                row["weight_sq"] = sum(w * float(sq_sum(b))
+                                       for w, b in zip(parts, before, strict=True))
+                row["weight_grad_sq"] = sum(w * float(sq_sum(local_tensor(p.grad)))
+                                            for w, p in zip(parts, params, strict=True)
+                                            if p.grad is not None)
+                row["update_sq"] = sum(w * float(sq_sum(local_tensor(p.detach()) - b))
+                                       for w, p, b in zip(parts, params, before, strict=True))
             mask = pending.active.get(path)
             if mask is not None:  # its size and squared size: equal on every process?
-                row[13:15] = [float(mask.numel()), float(mask.numel()) ** 2]
-            out.extend(row)
-        return out
+                row.update(units=float(mask.numel()), units_sq=float(mask.numel()) ** 2)
+        return out, rows
 
-    def _dead_over_processes(self, pending: _Pending, sums: list[float]) -> dict[str, float]:
+    def _over_processes(self, out: Sums, rows: dict[str, Sums]
+                        ) -> tuple[Sums, dict[str, Sums]]:
+        """The sums added over the processes: one all-reduce of them all, in float64."""
+        flat = [out[k] for k in _OUTPUT] + [row[k] for row in rows.values() for k in _MODULE]
+        summed = iter(self._sum_over_processes(flat))
+        return ({k: next(summed) for k in _OUTPUT},
+                {path: {k: next(summed) for k in _MODULE} for path in rows})
+
+    def _dead_over_processes(self, pending: _Pending, rows: dict[str, Sums]
+                             ) -> dict[str, float]:
         """Per ReLU-like module, the share of units inactive on every sample of every
         process's batch: the processes' activity masks combined in one collective (MAX),
-        for the modules every process saw with the same number of units (which ``sums``,
+        for the modules every process saw with the same number of units (which ``rows``,
         already summed over processes, tells alike on every process)."""
         import torch.distributed as dist
 
-        world, chosen = self._world, []
-        for k, path in enumerate(self._modules):
-            row = sums[3 + k * _FIELDS:3 + (k + 1) * _FIELDS]
-            size, size_sq = row[13], row[14]
-            if row[5] == world and size > 0 and size_sq * world == size * size:
-                chosen.append((path, int(size / world)))
+        assert self._group is not None
+        world = self._world
+        chosen = [(path, int(row["units"] / world)) for path, row in rows.items()
+                  if row["dead_seen"] == world and row["units"] > 0
+                  and row["units_sq"] * world == row["units"] ** 2]
         if not chosen:
             return {}
         masks = [pending.active[path].reshape(-1).to(torch.float32) for path, _ in chosen]
         flat = torch.cat(masks).to(self._sums_device)
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self._group[0] if self._group
-                        else None)
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self._group[0])
         out, at = {}, 0
         for path, size in chosen:
             out[path] = 1.0 - float(flat[at:at + size].mean())
@@ -530,7 +542,7 @@ class Watch:
         processes: all of its shard's, 1/world of a parameter every process holds whole."""
         return 1.0 if self._group is None or is_shard(p) else 1.0 / self._world
 
-    def _over_processes(self, values: list[float]) -> list[float]:
+    def _sum_over_processes(self, values: list[float]) -> list[float]:
         """``values`` summed over the processes (one all-reduce, float64)."""
         import torch.distributed as dist
 
@@ -574,7 +586,7 @@ class Watch:
         for i, bad in enumerate(self._bad[:size]):
             for j, b in enumerate(bad.cpu().tolist()):
                 flags[i * len(self._all_params) + j] = float(b)
-        summed = self._over_processes(flat + flags)
+        summed = self._sum_over_processes(flat + flags)
         count = max(len(record.losses), max((i + 1 for i in range(size)
                                              if summed[size + i] > 0), default=0))
         record.losses = [summed[i] / summed[size + i] if summed[size + i] else None
